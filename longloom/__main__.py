@@ -1,0 +1,3 @@
+from longloom.cli import main
+
+raise SystemExit(main())

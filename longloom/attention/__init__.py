@@ -1,0 +1,1 @@
+"""Single-device attention compute with log-sum-exp, used by parallel/."""

@@ -1,0 +1,190 @@
+"""Attention over one block of keys, returning (out, lse), and its backward given the final lse.
+
+Ring-style SP computes attention as a sum over key blocks: the forward keeps each block's output
+and log-sum-exp and merges them (attention/merge.py); the backward of a block only needs the
+*final* output and lse, so it is the standard flash-attention backward with those plugged in.
+
+Backends, chosen per call by `select_backend`:
+- "cudnn" / "flash": aten's fused kernels (`_scaled_dot_product_{cudnn,flash}_attention` and their
+  backwards), the fastest on Hopper; they take [B, H, S, D] and K/V with the full head count.
+- "torch": the plain math path of attention/reference.py, used on CPU (and for fp64).
+
+Shapes: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]; out like q; lse [B, Hq, Sq] fp32.
+Causal masks are aligned top-left and need Sq == Sk (ring schedules only use diagonal blocks causally).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from longloom.attention.reference import attention_scores, check_heads, expand_kv_heads
+
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def select_backend(q: torch.Tensor) -> str:
+    if q.is_cuda and q.dtype in _CUDA_DTYPES:
+        return "cudnn" if torch.backends.cudnn.is_available() and _cudnn_works() else "flash"
+    return "torch"
+
+
+_cudnn_state: dict[str, bool] = {}
+
+
+def _cudnn_works() -> bool:
+    """cuDNN SDPA is only in some builds and GPUs; probe once rather than fail mid-training."""
+    if "ok" not in _cudnn_state:
+        try:
+            x = torch.zeros(1, 1, 128, 64, device="cuda", dtype=torch.bfloat16)
+            torch.ops.aten._scaled_dot_product_cudnn_attention(
+                x, x, x, None, True, 0.0, True, False, scale=0.125
+            )
+            _cudnn_state["ok"] = True
+        except (RuntimeError, AttributeError):
+            _cudnn_state["ok"] = False
+    return _cudnn_state["ok"]
+
+
+def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
+    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.size(-1))
+
+
+def _to_bhsd(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)
+
+
+def _lse_bhs(lse: torch.Tensor, q_len: int) -> torch.Tensor:
+    # cuDNN returns [B, H, S, 1] on some versions; flash [B, H, S]. Keep [B, H, S] fp32.
+    return lse.reshape(lse.size(0), lse.size(1), q_len).float()
+
+
+def block_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    softmax_scale: float | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Sq, Hq, D] in q's dtype, lse [B, Hq, Sq] fp32). Not differentiable by autograd."""
+    group_size = check_heads(q, k, v)
+    scale = _scale(q, softmax_scale)
+    backend = backend or select_backend(q)
+    if backend == "torch":
+        with torch.no_grad():
+            scores = attention_scores(q, k, causal, scale)
+            lse = torch.logsumexp(scores, dim=-1)
+            probs = torch.exp(scores - lse.unsqueeze(-1))
+            out = torch.einsum("bhqk,bkhd->bqhd", probs, expand_kv_heads(v, group_size).to(probs.dtype))
+        return out.to(q.dtype), lse if q.dtype == torch.float64 else lse.float()
+    qh, kh, vh = (
+        _to_bhsd(q),
+        _to_bhsd(expand_kv_heads(k, group_size)),
+        _to_bhsd(expand_kv_heads(v, group_size)),
+    )
+    if backend == "cudnn":
+        result = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            qh, kh, vh, None, True, 0.0, causal, False, scale=scale
+        )
+    elif backend == "flash":
+        result = torch.ops.aten._scaled_dot_product_flash_attention(
+            qh, kh, vh, 0.0, causal, False, scale=scale
+        )
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}: use cudnn, flash or torch")
+    out, lse = result[0], result[1]
+    return out.transpose(1, 2), _lse_bhs(lse, q.size(1))
+
+
+def block_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    softmax_scale: float | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of this block's share, given the *final* out and lse over all blocks.
+
+    dq is [B, Sq, Hq, D]; dk/dv are [B, Sk, Hkv, D] (summed over each kv head's query heads),
+    all in fp32 on the torch path and in q's dtype on the fused ones.
+    """
+    group_size = check_heads(q, k, v)
+    scale = _scale(q, softmax_scale)
+    backend = backend or select_backend(q)
+    if backend == "torch":
+        with torch.no_grad():
+            scores = attention_scores(q, k, causal, scale)
+            compute = scores.dtype
+            probs = torch.exp(scores - lse.to(compute).unsqueeze(-1))  # [B, H, Sq, Sk]
+            dout_c, out_c = dout.to(compute), out.to(compute)
+            v_full = expand_kv_heads(v, group_size).to(compute)
+            k_full = expand_kv_heads(k, group_size).to(compute)
+            dv = torch.einsum("bhqk,bqhd->bkhd", probs, dout_c)
+            dprobs = torch.einsum("bqhd,bkhd->bhqk", dout_c, v_full)
+            delta = (dout_c * out_c).sum(-1).transpose(1, 2).unsqueeze(-1)  # [B, H, Sq, 1]
+            dscores = probs * (dprobs - delta) * scale
+            dq = torch.einsum("bhqk,bkhd->bqhd", dscores, k_full)
+            dk = torch.einsum("bhqk,bqhd->bkhd", dscores, q.to(compute))
+        return dq, _sum_groups(dk, group_size), _sum_groups(dv, group_size)
+    qh = _to_bhsd(q)
+    kh = _to_bhsd(expand_kv_heads(k, group_size))
+    vh = _to_bhsd(expand_kv_heads(v, group_size))
+    oh, doh = _to_bhsd(out.to(q.dtype)), _to_bhsd(dout.to(q.dtype))
+    seq_q, seq_k = q.size(1), k.size(1)
+    empty = torch.empty(0, device=q.device)
+    zero = torch.zeros((), dtype=torch.int64, device=q.device)
+    if backend == "cudnn":
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            doh,
+            qh,
+            kh,
+            vh,
+            oh,
+            lse.unsqueeze(-1).contiguous(),
+            zero,
+            zero,
+            None,
+            empty,
+            empty,
+            seq_q,
+            seq_k,
+            0.0,
+            causal,
+            scale=scale,
+        )
+    elif backend == "flash":
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            doh,
+            qh,
+            kh,
+            vh,
+            oh,
+            lse.contiguous(),
+            empty,
+            empty,
+            seq_q,
+            seq_k,
+            0.0,
+            causal,
+            zero,
+            zero,
+            scale=scale,
+        )
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}: use cudnn, flash or torch")
+    dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    return dq, _sum_groups(dk, group_size), _sum_groups(dv, group_size)
+
+
+def _sum_groups(grad: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B, S, Hkv * g, D] -> [B, S, Hkv, D], summing each kv head's query-head copies."""
+    if group_size == 1:
+        return grad
+    b, s, h, d = grad.shape
+    return grad.view(b, s, h // group_size, group_size, d).sum(3)
