@@ -1,0 +1,181 @@
+"""The training loop: one `run_training(cfg)` used by every launcher (in-process, torchrun, Ray).
+
+Per step: the loader gives this data-parallel rank its micro batch of the global batch, ParallelDims
+cuts tokens / position ids / labels over the SP group, the model runs SP attention inside, the
+token-weighted loss is normalised by the count of valid labels over the whole dp x sp world, and
+DeepSpeed averages gradients over that world (ZeRO partitions over it too). Since every rank holds
+the same parameters, averaging over dp x sp of `local_sum / global_count * world` is exactly the
+gradient of the global mean loss, whatever the split.
+
+Checkpoints: the lazy asynchronous checkpointer snapshots right after a step and only makes the next
+optimizer step wait; re-running the same command resumes from the newest committed step, on any split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from longloom.checkpointing.lazy_async import LazyAsyncCheckpointer, find_latest_committed
+from longloom.config import LongloomConfig, validate_layout
+from longloom.data.loader import GlobalBatchLoader
+from longloom.data.synthetic import build_dataset
+from longloom.launch.env import device_for_rank, init_distributed
+from longloom.models.llama import LlamaModel, plain_checkpoint
+from longloom.offload.activations import ActivationOffloader
+from longloom.offload.optimizer import optimizer_settings
+from longloom.parallel.dims import ParallelDims
+from longloom.parallel.loss import sequence_parallel_cross_entropy
+from longloom.training.metrics import MetricsLogger
+
+logger = logging.getLogger("longloom")
+
+
+def resolve_dtype(cfg: LongloomConfig, device: torch.device) -> torch.dtype:
+    if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def lr_lambda(cfg: LongloomConfig):
+    """Linear warmup to lr, then cosine down to lr * min_lr_ratio at the last step."""
+    warmup, total, floor = cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def deepspeed_config(cfg: LongloomConfig, dtype: torch.dtype) -> dict[str, Any]:
+    t = cfg.train
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    config.update(optimizer_settings(cfg))
+    return config
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def attempt_number() -> int:
+    """Which (re)start this is: set by the Ray launcher, or torchrun's restart count."""
+    return int(os.environ.get("LONGLOOM_ATTEMPT", os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+
+
+def _setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[rank {rank}] %(message)s", force=True)
+
+
+def run_training(cfg: LongloomConfig) -> dict[str, Any]:
+    """Trains according to `cfg` on this process's rank; returns a summary (meaningful on rank 0)."""
+    import deepspeed  # heavy import, kept out of module import time for the CLI's `check`
+
+    rank, world_size = init_distributed(timeout_s=cfg.launch.collective_timeout_s)
+    _setup_logging(rank)
+    dp, ulysses, ring = validate_layout(cfg, world_size)
+    dims = ParallelDims.build(dp=dp, ulysses=ulysses, ring=ring)
+    device = device_for_rank()
+    dtype = resolve_dtype(cfg, device)
+    output_dir = Path(cfg.train.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(cfg.to_yaml())
+        logger.info("split: dp=%d ulysses=%d ring=%d (%d workers, %s, %s)", dp, ulysses, ring, world_size, device.type, dtype)
+
+    # Same seed on every rank before construction: identical initial weights whatever the split.
+    torch.manual_seed(cfg.train.seed)
+    offloader = ActivationOffloader(cfg.offload.activation_share, device) if cfg.offload.activation_share > 0 else None
+    model = LlamaModel(cfg.model, dims, checkpoint_fn=offloader.checkpoint if offloader else plain_checkpoint)
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    if rank == 0:
+        logger.info("model: %.2fM parameters, layers %s", model.num_parameters() / 1e6, "".join(cfg.model.layer_kinds()))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=model.parameters(),
+        config=deepspeed_config(cfg, dtype),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)),
+        dist_init_required=False,
+    )
+
+    dataset = build_dataset(cfg.data, seed=cfg.train.seed)
+    loader = GlobalBatchLoader(dataset, cfg.train.micro_batch_size, dims.dp_rank, dp, seed=cfg.train.seed)
+    checkpointer = LazyAsyncCheckpointer(
+        root=output_dir / "checkpoints", keep=cfg.checkpoint.keep, asynchronous=cfg.checkpoint.async_
+    )
+    start_step = 0
+    latest = find_latest_committed(output_dir / "checkpoints") if cfg.checkpoint.resume else None
+    if latest is not None:
+        extra = checkpointer.load(latest, engine)
+        loader.load_state_dict(extra["loader"])
+        start_step = int(extra["step"])
+        rng = extra.get("rng", {}).get(str(rank))
+        if rng is not None:
+            _set_rng_state(rng)
+        if rank == 0:
+            logger.info("resumed from %s (step %d)", latest, start_step)
+
+    metrics = MetricsLogger(output_dir, rank == 0, cfg.train.steps, start_step, device)
+    global_tokens = dp * cfg.train.micro_batch_size * cfg.data.seq_len
+    losses: list[float] = []
+    try:
+        for step in range(start_step + 1, cfg.train.steps + 1):
+            metrics.step_started()
+            if cfg.debug.fail_at_step == step and attempt_number() == 0 and rank == world_size - 1:
+                raise RuntimeError(f"debug.fail_at_step={step}: injected failure on rank {rank} (first attempt only)")
+            batch = dims.shard_batch(loader.batch(step - 1))
+            batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+            logits = engine(batch["tokens"], batch["position_ids"])
+            loss, stats = sequence_parallel_cross_entropy(logits, batch["labels"], group=None)
+            engine.backward(loss)
+            checkpointer.wait_for_snapshot()  # the lazy snapshot of the last save overlapped fwd/bwd
+            engine.step()
+            grad_norm = engine.get_global_grad_norm()
+            values = {
+                "loss": float(stats["loss"]),
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "lr": scheduler.get_last_lr()[0],
+                "valid_tokens": int(stats["tokens"]),
+            }
+            losses.append(values["loss"])
+            write = step % cfg.train.log_every == 0 or step == cfg.train.steps
+            metrics.log(step, values, global_tokens, flops_per_token, world_size, write)
+            if cfg.checkpoint.interval and (step % cfg.checkpoint.interval == 0 or step == cfg.train.steps):
+                extra = {"step": step, "loader": loader.state_dict(), "rng": {str(rank): _rng_state()}}
+                checkpointer.save(step=step, engine=engine, extra=extra)
+        checkpointer.close()
+    except BaseException:
+        checkpointer.close(abort=True)
+        raise
+    finally:
+        metrics.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return {"rank": rank, "losses": losses, "steps": cfg.train.steps, "output_dir": str(output_dir)}
