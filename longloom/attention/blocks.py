@@ -137,7 +137,9 @@ def block_attention_backward(
     vh = _to_bhsd(expand_kv_heads(v, group_size))
     oh, doh = _to_bhsd(out.to(q.dtype)), _to_bhsd(dout.to(q.dtype))
     seq_q, seq_k = q.size(1), k.size(1)
-    empty = torch.empty(0, device=q.device)
+    # No dropout: the philox state is an unused placeholder. Cumulative lengths must be undefined
+    # (None), not empty: a defined one switches the kernels to their variable-length path.
+    undefined = None
     zero = torch.zeros((), dtype=torch.int64, device=q.device)
     if backend == "cudnn":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
@@ -150,8 +152,8 @@ def block_attention_backward(
             zero,
             zero,
             None,
-            empty,
-            empty,
+            undefined,
+            undefined,
             seq_q,
             seq_k,
             0.0,
@@ -166,8 +168,8 @@ def block_attention_backward(
             vh,
             oh,
             lse.contiguous(),
-            empty,
-            empty,
+            undefined,
+            undefined,
             seq_q,
             seq_k,
             0.0,
