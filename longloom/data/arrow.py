@@ -1,0 +1,190 @@
+"""Arrow IPC token shards: the on-disk format of prepared data, written in pieces, read memory-mapped.
+
+A prepared folder holds `index.json` and `shard-00000.arrow`, `shard-00001.arrow`, ... Each shard is an
+Arrow IPC file with one column `tokens: large_list<int32>`, one row per document, every document ending
+with EOS. The list's values buffer is the flat token stream and its offsets are the document
+boundaries, so a memory-mapped read (`pyarrow.memory_map` + `pyarrow.ipc.open_file`) hands out numpy
+views of the file without copying or loading it: a multi-terabyte corpus costs page cache, not RAM.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc
+
+FORMAT = "longloom-token-shards"
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+TOKENS_COLUMN = "tokens"
+SCHEMA = pa.schema([pa.field(TOKENS_COLUMN, pa.large_list(pa.int32()))])
+# A record batch bounds the writer's memory; a shard bounds the size of one file.
+DEFAULT_BATCH_TOKENS = 1 << 20
+DEFAULT_SHARD_TOKENS = 1 << 26
+
+
+def _prepare_hint(folder: Path) -> str:
+    return f"run `longloom data prepare SOURCE {folder}` to turn .txt / .jsonl / .parquet files into shards"
+
+
+class ShardWriter:
+    """Appends documents to shards of about `shard_tokens` tokens (a document is never split)."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    ):
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens={shard_tokens} must be positive (e.g. {DEFAULT_SHARD_TOKENS})")
+        self.folder = Path(folder)
+        self.shard_tokens = shard_tokens
+        self.batch_tokens = min(batch_tokens, shard_tokens)
+        self.shards: list[dict[str, Any]] = []
+        self._pending: list[np.ndarray] = []
+        self._pending_tokens = 0
+        self._sink: pa.NativeFile | None = None
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+
+    def add(self, document: np.ndarray) -> None:
+        """One document of int32 token ids (EOS already appended)."""
+        if self._writer is None:
+            self._open_shard()
+        self._pending.append(np.asarray(document, dtype=np.int32))
+        self._pending_tokens += len(document)
+        shard = self.shards[-1]
+        if shard["tokens"] + self._pending_tokens >= self.shard_tokens:
+            self._close_shard()
+        elif self._pending_tokens >= self.batch_tokens:
+            self._flush()
+
+    def close(self) -> list[dict[str, Any]]:
+        """Finishes the open shard; returns one entry per shard: file, documents, tokens."""
+        if self._writer is not None:
+            self._close_shard()
+        return self.shards
+
+    def _open_shard(self) -> None:
+        name = f"shard-{len(self.shards):05d}.arrow"
+        self._sink = pa.OSFile(str(self.folder / name), "wb")
+        self._writer = pa.ipc.new_file(self._sink, SCHEMA)
+        self.shards.append({"file": name, "documents": 0, "tokens": 0})
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        lengths = np.fromiter((len(d) for d in self._pending), dtype=np.int64, count=len(self._pending))
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        column = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(self._pending)))
+        self._writer.write_batch(pa.record_batch([column], schema=SCHEMA))
+        self.shards[-1]["documents"] += len(self._pending)
+        self.shards[-1]["tokens"] += int(offsets[-1])
+        self._pending, self._pending_tokens = [], 0
+
+    def _close_shard(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+        self._writer = self._sink = None
+
+
+def write_index(folder: str | Path, metadata: dict[str, Any]) -> None:
+    (Path(folder) / INDEX_FILE).write_text(
+        json.dumps({"format": FORMAT, "version": FORMAT_VERSION, **metadata}, indent=2)
+    )
+
+
+def read_index(folder: str | Path) -> dict[str, Any]:
+    """The metadata of a prepared folder; ValueError with the fix if it is not one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"data folder {str(folder)!r} does not exist: {_prepare_hint(folder)}")
+    index_path = folder / INDEX_FILE
+    if not index_path.is_file():
+        raise ValueError(
+            f"data folder {str(folder)!r} holds no {INDEX_FILE} (no shards): {_prepare_hint(folder)}"
+        )
+    index = json.loads(index_path.read_text())
+    if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{index_path} is format {index.get('format')!r} version {index.get('version')!r}, expected "
+            f"{FORMAT!r} version {FORMAT_VERSION}: prepare the data again ({_prepare_hint(folder)})"
+        )
+    return index
+
+
+class TokenShards:
+    """Every shard of a prepared folder as one memory-mapped token stream (documents back to back)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.metadata = read_index(self.folder)
+        self.eos_id: int = self.metadata["eos_id"]
+        self.vocab_size: int = self.metadata["vocab_size"]
+        # One segment per record batch: a contiguous int32 view of the file and its document offsets.
+        self._values: list[np.ndarray] = []
+        self._document_offsets: list[np.ndarray] = []
+        for shard in self.metadata["shards"]:
+            self._map_shard(shard)
+        lengths = [len(values) for values in self._values]
+        self._token_starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths, dtype=np.int64)])
+        counts = [len(offsets) - 1 for offsets in self._document_offsets]
+        self._document_starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(counts, dtype=np.int64)])
+        self.num_tokens = int(self._token_starts[-1])
+        self.num_documents = int(self._document_starts[-1])
+
+    def _map_shard(self, shard: dict[str, Any]) -> None:
+        path = self.folder / shard["file"]
+        if not path.is_file():
+            raise ValueError(
+                f"shard {str(path)!r} listed in {INDEX_FILE} is missing: the folder is incomplete, "
+                f"prepare it again ({_prepare_hint(self.folder)})"
+            )
+        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        if not reader.schema.equals(SCHEMA):
+            raise ValueError(f"shard {str(path)!r} has schema {reader.schema}, expected {SCHEMA}")
+        tokens = 0
+        for i in range(reader.num_record_batches):
+            column = reader.get_batch(i).column(0)
+            offsets = column.offsets.to_numpy()
+            # Slice by the offsets: a list array's values buffer may extend past its own rows.
+            values = column.values.to_numpy(zero_copy_only=True)[offsets[0] : offsets[-1]]
+            self._values.append(values)
+            self._document_offsets.append(offsets - offsets[0])
+            tokens += len(values)
+        if tokens != shard["tokens"]:
+            raise ValueError(
+                f"shard {str(path)!r} holds {tokens} tokens but {INDEX_FILE} says {shard['tokens']}: "
+                f"the folder is corrupt, prepare it again ({_prepare_hint(self.folder)})"
+            )
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the whole stream as int64 (a copy; crosses batch and shard ends)."""
+        if not 0 <= start <= stop <= self.num_tokens:
+            raise IndexError(
+                f"token range [{start}, {stop}) is outside the stream of {self.num_tokens} tokens"
+            )
+        pieces = []
+        segment = int(np.searchsorted(self._token_starts, start, side="right")) - 1
+        position = start
+        while position < stop:
+            local = position - self._token_starts[segment]
+            take = min(stop - position, len(self._values[segment]) - local)
+            pieces.append(self._values[segment][local : local + take])
+            position += take
+            segment += 1
+        return np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, dtype=np.int64)
+
+    def document(self, index: int) -> np.ndarray:
+        """Document `index` (ending with EOS) as an int32 view of the file."""
+        if not 0 <= index < self.num_documents:
+            raise IndexError(f"document {index} is outside the {self.num_documents} documents")
+        segment = int(np.searchsorted(self._document_starts, index, side="right")) - 1
+        offsets = self._document_offsets[segment]
+        local = index - self._document_starts[segment]
+        return self._values[segment][offsets[local] : offsets[local + 1]]

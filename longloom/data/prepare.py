@@ -1,0 +1,255 @@
+"""`longloom data prepare`: text, JSONL or Parquet files -> Arrow IPC token shards plus `index.json`.
+
+Inputs, a file or a folder searched recursively in sorted path order (so the output is reproducible):
+- `.txt`: one document per file. A book or a source file stays whole, which is what long-context
+  training wants; split text into several files to get several documents. Read as UTF-8, byte-exact
+  (no newline translation), so decoding the tokens gives the file back.
+- `.jsonl`: one JSON object per line; the document is its field `text_column`.
+- `.parquet`: the column `text_column`, streamed in record batches with pyarrow.
+Empty documents (and nulls) are skipped and counted. A document is stored as its tokens followed by EOS.
+
+Everything is written to a temporary sibling of `out_dir` that is renamed to `out_dir` only at the end:
+a failure or an interrupt never leaves a half-written dataset where training would read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from longloom.data.arrow import DEFAULT_SHARD_TOKENS, ShardWriter, write_index
+from longloom.data.tokenize import load_tokenizer
+
+TEXT_SUFFIXES = (".txt",)
+JSONL_SUFFIXES = (".jsonl",)
+PARQUET_SUFFIXES = (".parquet",)
+INPUT_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+
+
+def find_input_files(source: str | Path) -> list[Path]:
+    """The input files of `source` (a file, or a folder searched recursively), sorted."""
+    source = Path(source)
+    if not source.exists():
+        raise ValueError(f"data source {str(source)!r} does not exist: pass a file or folder of {_kinds()}")
+    if source.is_file():
+        if source.suffix.lower() not in INPUT_SUFFIXES:
+            raise ValueError(f"data source {str(source)!r} is not one of {_kinds()}: convert it or rename it")
+        return [source]
+    files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
+    if not files:
+        raise ValueError(
+            f"data source folder {str(source)!r} holds no {_kinds()} files: add some or fix the path"
+        )
+    return files
+
+
+def _kinds() -> str:
+    return ", ".join(INPUT_SUFFIXES)
+
+
+def _text_documents(path: Path) -> Iterator[tuple[str | None, int]]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {error.start}): convert it, e.g. `iconv -t utf-8`"
+        ) from None
+    yield text, len(data)
+
+
+def _jsonl_documents(path: Path, text_column: str) -> Iterator[tuple[str | None, int]]:
+    with path.open("rb") as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                yield None, len(line)
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number} is not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or text_column not in record:
+                keys = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(
+                    f"{path}:{line_number} has no field {text_column!r} (it has: {keys}): "
+                    "pass the field with the text as --text-column / text_column"
+                )
+            text = record[text_column]
+            if text is not None and not isinstance(text, str):
+                raise ValueError(
+                    f"{path}:{line_number} field {text_column!r} is {type(text).__name__}, not text: "
+                    "pass the field with the text as --text-column / text_column"
+                )
+            yield text, len(line)
+
+
+def _parquet_documents(path: Path, text_column: str) -> Iterator[tuple[str | None, int]]:
+    parquet = pq.ParquetFile(path)
+    names = parquet.schema_arrow.names
+    if text_column not in names:
+        raise ValueError(
+            f"Parquet file {str(path)!r} has no column {text_column!r} (columns: {', '.join(names)}): "
+            "pass one of them as --text-column / text_column"
+        )
+    column_type = parquet.schema_arrow.field(text_column).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise ValueError(
+            f"Parquet column {text_column!r} of {str(path)!r} is {column_type}, not text: "
+            f"pass a string column as --text-column / text_column (columns: {', '.join(names)})"
+        )
+    rows = max(parquet.metadata.num_rows, 1)
+    bytes_per_row = path.stat().st_size / rows  # for the progress bar only
+    for batch in parquet.iter_batches(columns=[text_column], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            yield text, bytes_per_row
+
+
+def iter_documents(path: Path, text_column: str = "text") -> Iterator[tuple[str | None, float]]:
+    """(document text or None when empty/null, input bytes it covers) for one input file."""
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        return _text_documents(path)
+    if suffix in JSONL_SUFFIXES:
+        return _jsonl_documents(path, text_column)
+    return _parquet_documents(path, text_column)
+
+
+def prepare_dataset(
+    source: str | Path,
+    out_dir: str | Path,
+    text_column: str = "text",
+    tokenizer: str = "bytes",
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Tokenizes `source` into Arrow shards under `out_dir`; returns a summary (also in index.json).
+
+    `progress` shows a bar only when stderr is a terminal. An existing non-empty `out_dir` is
+    replaced only with `overwrite=True`.
+    """
+    started = time.perf_counter()
+    files = find_input_files(source)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(
+            f"output folder {str(out_dir)!r} already exists and is not empty: remove it, choose another "
+            "folder, or pass overwrite=True (--overwrite)"
+        )
+    text_tokenizer = load_tokenizer(tokenizer)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        writer = ShardWriter(temporary, shard_tokens=shard_tokens)
+        documents = tokens = skipped = 0
+        total_bytes = sum(path.stat().st_size for path in files)
+        bar = tqdm(
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc="prepare",
+            disable=not (progress and sys.stderr.isatty()),
+        )
+        with bar:
+            for path in files:
+                for text, size in iter_documents(path, text_column):
+                    bar.update(size)
+                    if not text:
+                        skipped += 1
+                        continue
+                    ids = text_tokenizer.encode(text)
+                    writer.add(_with_eos(ids, text_tokenizer.eos_id))
+                    documents += 1
+                    tokens += len(ids) + 1
+                    if documents % 1000 == 0:
+                        bar.set_postfix(documents=documents, tokens=tokens, refresh=False)
+        shards = writer.close()
+        if documents == 0:
+            raise ValueError(
+                f"data source {str(source)!r} holds no non-empty documents ({len(files)} files, {skipped} empty "
+                f"documents skipped): check the files, or --text-column / text_column={text_column!r}"
+            )
+        summary = {
+            "out_dir": str(out_dir),
+            "source": str(source),
+            "files": len(files),
+            "documents": documents,
+            "tokens": tokens,
+            "skipped_empty": skipped,
+            "shards": len(shards),
+            "tokenizer": text_tokenizer.name,
+            "vocab_size": text_tokenizer.vocab_size,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        write_index(
+            temporary,
+            {
+                **summary,
+                "eos_id": text_tokenizer.eos_id,
+                "bos_id": getattr(text_tokenizer, "bos_id", None),
+                "pad_id": getattr(text_tokenizer, "pad_id", None),
+                "text_column": text_column,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "shards": shards,
+            },
+        )
+        _replace_folder(temporary, out_dir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return summary
+
+
+def _with_eos(ids: np.ndarray, eos_id: int) -> np.ndarray:
+    return np.append(ids, np.int32(eos_id)).astype(np.int32)
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Moves `new` to `target`; an old `target` is moved aside first and deleted only after the swap."""
+    if not target.exists():
+        new.rename(target)
+        return
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `longloom data prepare`; `prepare_from_args` runs it."""
+    parser.add_argument("source", help=f"a file or folder of {_kinds()} (.txt: one document per file)")
+    parser.add_argument("out", help="output folder of Arrow IPC token shards and index.json")
+    parser.add_argument("--text-column", default="text", help="JSONL field / Parquet column with the text")
+    parser.add_argument(
+        "--tokenizer", default="bytes", help="'bytes' or a local Hugging Face tokenizer folder"
+    )
+    parser.add_argument(
+        "--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def prepare_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return prepare_dataset(
+        args.source,
+        args.out,
+        text_column=args.text_column,
+        tokenizer=args.tokenizer,
+        shard_tokens=args.shard_tokens,
+        progress=True,
+        overwrite=args.overwrite,
+    )
