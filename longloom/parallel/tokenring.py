@@ -1,0 +1,280 @@
+"""TokenRing: ring attention where queries travel and partial outputs come back, using both directions.
+
+Paper: "TokenRing: An Efficient Parallelism Framework for Infinite-Context LLMs via Bidirectional
+Communication" (Wang et al., 2024). Idea: K and V never move; at step t rank r attends the Q block
+of rank r - t to its own K/V while, at the same time, that Q block goes on to rank r + 1 and the
+partial (out, lse) of the previous step goes back to its Q's owner, so both directions of the links
+carry data and the transfers overlap the block attention. The owner merges partials in fp32.
+
+Schedule on rank r of P (every rank posts the same pattern, so no step can deadlock):
+
+    step t < P:   compute  attn(Q[r-t], K[r], V[r]) -> partial for owner r-t
+                  send     Q[r-t] -> r+1,   partial of step t-1 -> owner r-t+1   (while computing)
+                  receive  Q[r-t-1] <- r-1, my partial of step t-1 <- r+t-1
+    step P:       send the last partial (to r+1) and receive mine (from r-1)
+
+The partial of step t goes straight to its owner r - t (a direct NVLink/NVSwitch transfer, "the
+other way round the ring"). Backward follows the same schedule with (Q, dO, O, lse) travelling
+instead of Q and dQ partials coming back; dK and dV never leave the rank and accumulate in fp32.
+
+Causal load balance: with the zigzag layout (rank r holds chunks r and 2P-1-r of 2P, see
+parallel/sharding.py) each off-diagonal step is either the second half of Q on all of K/V (Q's
+owner is before r) or all of Q on the first half of K/V (Q's owner is after r): the same work on
+every rank at every step. `plan_block` derives this from the chunk ids, so the contiguous layout
+(correct, unbalanced) and non-causal attention come out of the same rule.
+
+Shapes: q [B, S/P, Hq, D], k/v [B, S/P, Hkv, D] (GQA: Hq % Hkv == 0); out like q; lse [B, Hq, S/P].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from longloom.attention import merge
+from longloom.attention.blocks import block_attention_backward, block_attention_forward
+from longloom.parallel import sharding
+from longloom.parallel.p2p import RingComm
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Which rows of a Q block attend to which rows of a K/V block, and whether with a causal mask."""
+
+    q_rows: slice
+    kv_rows: slice
+    causal: bool
+
+
+def plan_block(
+    q_owner: int, kv_owner: int, world_size: int, layout: str, causal: bool, local_len: int
+) -> BlockPlan | None:
+    """The attention between the Q of ring rank `q_owner` and the K/V of `kv_owner`; None if fully masked.
+
+    Rows are in the owners' local order (`sharding.local_chunk_ids`). Both the rank that computes a
+    block and the rank that receives its result call this with the same arguments, so they agree on
+    whether a message exists and on its size.
+    """
+    q_chunks = sharding.local_chunk_ids(layout, q_owner, world_size)
+    kv_chunks = sharding.local_chunk_ids(layout, kv_owner, world_size)
+    everything = slice(0, local_len)
+    if not causal:
+        return BlockPlan(everything, everything, False)
+    if q_owner == kv_owner:
+        # Local chunk ids increase, so a top-left causal mask over the concatenated chunks is exact.
+        return BlockPlan(everything, everything, True)
+    visible = [(i, j) for i, qc in enumerate(q_chunks) for j, kc in enumerate(kv_chunks) if qc > kc]
+    if not visible:
+        return None
+    rows = sorted({i for i, _ in visible})
+    cols = sorted({j for _, j in visible})
+    # Zigzag and contiguous only produce full rectangles of chunks; anything else is a layout bug.
+    assert len(visible) == len(rows) * len(cols) and rows[-1] - rows[0] == len(rows) - 1
+    assert cols[-1] - cols[0] == len(cols) - 1
+    chunk = local_len // len(q_chunks)
+    return BlockPlan(
+        slice(rows[0] * chunk, (rows[-1] + 1) * chunk), slice(cols[0] * chunk, (cols[-1] + 1) * chunk), False
+    )
+
+
+def check_ring_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world_size: int, layout: str
+) -> None:
+    """Sizes a ring schedule needs; the message names the config keys to change."""
+    per_rank = sharding.chunks_per_rank(layout)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be [batch, seq, heads, head_dim]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    if q.size(1) != k.size(1) or k.size(1) != v.size(1):
+        raise ValueError(
+            f"q holds {q.size(1)} tokens but k/v hold {k.size(1)}/{v.size(1)} on this rank: shard q, k and v "
+            f"over the same group with the same layout (parallel.ring={world_size})"
+        )
+    if q.size(1) % per_rank:
+        raise ValueError(
+            f"sequence length {q.size(1) * world_size} ({q.size(1)} tokens on each of parallel.ring="
+            f"{world_size} ranks) is not divisible by {per_rank * world_size} ({layout} layout): change "
+            f"data.seq_len to a multiple of {per_rank * world_size} or parallel.ring"
+        )
+
+
+def merge_into(
+    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> None:
+    """Merges a partial into fp32 accumulator views in place (Triton kernel on CUDA)."""
+    if out.is_cuda:
+        from longloom.attention.triton_merge import merge_attention_partials_triton_
+
+        merge_attention_partials_triton_(out, lse, block_out, block_lse)
+    else:
+        merge.merge_attention_partials_(out, lse, block_out, block_lse)
+
+
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    comm: RingComm,
+    causal: bool,
+    layout: str,
+    scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, S/P, Hq, D] fp32, lse [B, Hq, S/P] fp32) for this rank's queries."""
+    world, rank, local_len = comm.size, comm.rank, q.size(1)
+    q_buffers = [torch.empty_like(q) for _ in range(2 if world > 1 else 0)]
+    q_current = q
+    out = lse = None
+    outgoing: tuple[torch.Tensor, torch.Tensor, int] | None = None  # last step's partial, for its owner
+    for step in range(world + 1):
+        sends: list[tuple[torch.Tensor, int]] = []
+        recvs: list[tuple[torch.Tensor, int]] = []
+        q_next = None
+        if step + 1 < world:
+            q_next = q_buffers[step % 2]  # double buffer: the other one is being computed on
+            sends.append((q_current, comm.next_rank))
+            recvs.append((q_next, comm.prev_rank))
+        if outgoing is not None:
+            block_out, block_lse, owner = outgoing
+            sends += [(block_out, comm.global_rank(owner)), (block_lse, comm.global_rank(owner))]
+        incoming = None
+        if step >= 2:  # the rank that held my Q during the previous step sends its partial back now
+            source = (rank + step - 1) % world
+            plan = plan_block(rank, source, world, layout, causal, local_len)
+            if plan is not None:
+                rows = plan.q_rows.stop - plan.q_rows.start
+                incoming = (
+                    plan.q_rows,
+                    q.new_empty(q.size(0), rows, q.size(2), q.size(3)),
+                    torch.empty(q.size(0), q.size(2), rows, dtype=torch.float32, device=q.device),
+                )
+                recvs += [(incoming[1], comm.global_rank(source)), (incoming[2], comm.global_rank(source))]
+        exchange = comm.start(sends, recvs, f"TokenRing forward step {step}")
+        outgoing = None
+        if step < world:
+            owner = (rank - step) % world
+            plan = plan_block(owner, rank, world, layout, causal, local_len)
+            if plan is not None:
+                block_out, block_lse = block_attention_forward(
+                    q_current[:, plan.q_rows], k[:, plan.kv_rows], v[:, plan.kv_rows], plan.causal, scale
+                )
+                if step == 0:  # own block: always every row (diagonal or full), starts the accumulator
+                    out, lse = block_out.float(), block_lse.float().contiguous()
+                else:
+                    outgoing = (block_out.contiguous(), block_lse.float().contiguous(), owner)
+        exchange.wait()
+        if incoming is not None:
+            rows, block_out, block_lse = incoming
+            merge_into(out[:, rows], lse[:, :, rows], block_out, block_lse)
+        if q_next is not None:
+            q_current = q_next
+    return out, lse
+
+
+def _backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    comm: RingComm,
+    causal: bool,
+    layout: str,
+    scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in fp32; (q, dO, O) travel as one [3, B, S/P, Hq, D] message plus lse."""
+    world, rank, local_len = comm.size, comm.rank, q.size(1)
+    bundle = torch.stack((q, dout.to(q.dtype), out.to(q.dtype)))
+    current = (bundle, lse.contiguous())
+    buffers = [(torch.empty_like(bundle), torch.empty_like(current[1])) for _ in range(2 if world > 1 else 0)]
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    outgoing: tuple[torch.Tensor, int] | None = None  # last step's dq partial, for its owner
+    for step in range(world + 1):
+        sends: list[tuple[torch.Tensor, int]] = []
+        recvs: list[tuple[torch.Tensor, int]] = []
+        following = None
+        if step + 1 < world:
+            following = buffers[step % 2]
+            sends += [(current[0], comm.next_rank), (current[1], comm.next_rank)]
+            recvs += [(following[0], comm.prev_rank), (following[1], comm.prev_rank)]
+        if outgoing is not None:
+            sends.append((outgoing[0], comm.global_rank(outgoing[1])))
+        incoming = None
+        if step >= 2:
+            source = (rank + step - 1) % world
+            plan = plan_block(rank, source, world, layout, causal, local_len)
+            if plan is not None:
+                rows = plan.q_rows.stop - plan.q_rows.start
+                incoming = (plan.q_rows, q.new_empty(q.size(0), rows, q.size(2), q.size(3)))
+                recvs.append((incoming[1], comm.global_rank(source)))
+        exchange = comm.start(sends, recvs, f"TokenRing backward step {step}")
+        outgoing = None
+        if step < world:
+            owner = (rank - step) % world
+            plan = plan_block(owner, rank, world, layout, causal, local_len)
+            if plan is not None:
+                q_block, dout_block, out_block = current[0][:, :, plan.q_rows].unbind(0)
+                dq_part, dk_part, dv_part = block_attention_backward(
+                    dout_block,
+                    q_block,
+                    k[:, plan.kv_rows],
+                    v[:, plan.kv_rows],
+                    out_block,
+                    current[1][:, :, plan.q_rows],
+                    plan.causal,
+                    scale,
+                )
+                dk[:, plan.kv_rows] += dk_part
+                dv[:, plan.kv_rows] += dv_part
+                if step == 0:
+                    dq[:, plan.q_rows] += dq_part
+                else:
+                    outgoing = (dq_part.to(q.dtype).contiguous(), owner)
+        exchange.wait()
+        if incoming is not None:
+            dq[:, incoming[0]] += incoming[1]
+        if following is not None:
+            current = following
+    return dq, dk, dv
+
+
+class _TokenRingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, comm: RingComm, causal: bool, layout: str, scale: float | None):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse = _forward(q, k, v, comm, causal, layout, scale)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.comm, ctx.causal, ctx.layout, ctx.scale = comm, causal, layout, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(dout, q, k, v, out, lse, ctx.comm, ctx.causal, ctx.layout, ctx.scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def tokenring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: dist.ProcessGroup,
+    causal: bool = True,
+    layout: str = "zigzag",
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Exact attention over the sequence sharded across `group` in `layout`; differentiable in q, k, v.
+
+    q: [B, S/P, Hq, D]; k, v: [B, S/P, Hkv, D]; returns [B, S/P, Hq, D] in this rank's layout.
+    A peer that stops answering fails the call after the process group's timeout (see parallel/p2p.py).
+    """
+    comm = RingComm(group)
+    check_ring_inputs(q, k, v, comm.size, layout)
+    return _TokenRingAttention.apply(q, k, v, comm, causal, layout, softmax_scale)
