@@ -15,13 +15,16 @@ import sys
 from pathlib import Path
 
 from longloom.config import ConfigError, LongloomConfig, load_config, validate_layout
+from longloom.data.prepare import add_prepare_arguments
 
 USER_ERROR = 2
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 parallel.ulysses=2")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 parallel.ulysses=2"
+    )
 
 
 def _load(args: argparse.Namespace, extra: list[str] | None = None) -> LongloomConfig:
@@ -56,12 +59,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from longloom.data.prepare import prepare_dataset
+    from longloom.data.prepare import prepare_from_args
 
-    summary = prepare_dataset(
-        args.source, args.out, text_column=args.text_column, tokenizer=args.tokenizer, progress=True
-    )
-    print(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(prepare_from_args(args), indent=2, default=str))
     return 0
 
 
@@ -101,19 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(launch)
     launch.set_defaults(handler=cmd_launch)
 
-    check = commands.add_parser("check", help="validate a config and estimate memory without starting workers")
+    check = commands.add_parser(
+        "check", help="validate a config and estimate memory without starting workers"
+    )
     _add_config_arguments(check)
     check.set_defaults(handler=cmd_check)
 
     data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     prepare = data.add_parser("prepare", help="text / JSONL / Parquet -> Arrow token shards")
-    prepare.add_argument("source", help="a file or folder of .txt, .jsonl or .parquet")
-    prepare.add_argument("out", help="output folder of Arrow IPC shards")
-    prepare.add_argument("--text-column", default="text", help="JSONL field / Parquet column with the text")
-    prepare.add_argument("--tokenizer", default="bytes", help="'bytes' or a local Hugging Face tokenizer path")
+    add_prepare_arguments(prepare)
     prepare.set_defaults(handler=cmd_data_prepare)
 
-    ckpt = commands.add_parser("ckpt", help="checkpoint tools").add_subparsers(dest="ckpt_command", required=True)
+    ckpt = commands.add_parser("ckpt", help="checkpoint tools").add_subparsers(
+        dest="ckpt_command", required=True
+    )
     inspect = ckpt.add_parser("inspect", help="step, layout, tensors, sizes, committed or not")
     inspect.add_argument("path")
     inspect.set_defaults(handler=cmd_ckpt_inspect)
@@ -123,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=["universal", "deepspeed-universal", "hf"])
     convert.set_defaults(handler=cmd_ckpt_convert)
 
-    bench = commands.add_parser("bench", help="run a GPU benchmark from bench/ (attention, ring, linear, ...)")
+    bench = commands.add_parser(
+        "bench", help="run a GPU benchmark from bench/ (attention, ring, linear, ...)"
+    )
     bench.add_argument("name")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(handler=cmd_bench)

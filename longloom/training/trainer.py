@@ -108,15 +108,31 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(cfg.to_yaml())
-        logger.info("split: dp=%d ulysses=%d ring=%d (%d workers, %s, %s)", dp, ulysses, ring, world_size, device.type, dtype)
+        logger.info(
+            "split: dp=%d ulysses=%d ring=%d (%d workers, %s, %s)",
+            dp,
+            ulysses,
+            ring,
+            world_size,
+            device.type,
+            dtype,
+        )
 
     # Same seed on every rank before construction: identical initial weights whatever the split.
     torch.manual_seed(cfg.train.seed)
-    offloader = ActivationOffloader(cfg.offload.activation_share, device) if cfg.offload.activation_share > 0 else None
+    offloader = (
+        ActivationOffloader(cfg.offload.activation_share, device)
+        if cfg.offload.activation_share > 0
+        else None
+    )
     model = LlamaModel(cfg.model, dims, checkpoint_fn=offloader.checkpoint if offloader else plain_checkpoint)
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
     if rank == 0:
-        logger.info("model: %.2fM parameters, layers %s", model.num_parameters() / 1e6, "".join(cfg.model.layer_kinds()))
+        logger.info(
+            "model: %.2fM parameters, layers %s",
+            model.num_parameters() / 1e6,
+            "".join(cfg.model.layer_kinds()),
+        )
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=model.parameters(),
@@ -125,7 +141,7 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
         dist_init_required=False,
     )
 
-    dataset = build_dataset(cfg.data, seed=cfg.train.seed)
+    dataset = build_dataset(cfg.data, seed=cfg.train.seed, vocab_size=cfg.model.vocab_size)
     loader = GlobalBatchLoader(dataset, cfg.train.micro_batch_size, dims.dp_rank, dp, seed=cfg.train.seed)
     checkpointer = LazyAsyncCheckpointer(
         root=output_dir / "checkpoints", keep=cfg.checkpoint.keep, asynchronous=cfg.checkpoint.async_
@@ -149,7 +165,9 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
         for step in range(start_step + 1, cfg.train.steps + 1):
             metrics.step_started()
             if cfg.debug.fail_at_step == step and attempt_number() == 0 and rank == world_size - 1:
-                raise RuntimeError(f"debug.fail_at_step={step}: injected failure on rank {rank} (first attempt only)")
+                raise RuntimeError(
+                    f"debug.fail_at_step={step}: injected failure on rank {rank} (first attempt only)"
+                )
             batch = dims.shard_batch(loader.batch(step - 1))
             batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
             logits = engine(batch["tokens"], batch["position_ids"])
