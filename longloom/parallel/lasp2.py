@@ -1,0 +1,280 @@
+"""LASP-2: sequence parallelism for causal linear attention with ONE all-gather of d_k x d_v states.
+
+Paper: Sun et al., "LASP-2: Rethinking Sequence Parallelism for Linear Attention and Its Hybrid" (2025).
+Idea: linear attention summarises a whole chunk of the sequence in a memory state M = K^T V
+(d_k x d_v, decayed), so each rank computes the state of its chunk, one all-gather shares every
+rank's state (its size does not depend on the sequence length), and each rank adds up the decayed
+states of the chunks before its own: that prefix is the incoming state of its local scan
+(attention/linear_chunked.py), which gives the intra-chunk causal term plus Q times the prefix.
+The backward mirrors it with one all-gather of dM = Q^T dO and a suffix sum over the later chunks.
+
+    o_t = sum_{s <= t} decay[h] ** (t - s) * (q_t . k_s) * v_s      (no softmax, no normalisation)
+
+Layouts: "contiguous" (rank r holds chunk r of P) and "zigzag" (rank r holds chunks r and 2P-1-r of
+2P; both chunks' states travel in the same all-gather and each chunk's prefix is taken in global
+chunk order). `lasp1_linear_attention` is the ring-style baseline (LASP-1: the state is passed rank to
+rank, P sequential hops), kept for bench/linear.py.
+
+Local compute: the Triton scan (attention/triton_linear.py) on CUDA, the chunked torch scan on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from longloom.attention.linear_chunked import (
+    Scan,
+    chunked_linear_scan,
+    compute_dtype,
+    decay_powers,
+    linear_attention_backward,
+    log_decay_of,
+)
+from longloom.parallel.sharding import chunks_per_rank, local_chunk_ids
+
+BACKENDS = ("torch", "triton")
+
+
+def select_scan(q: torch.Tensor, backend: str | None = None) -> Scan:
+    """The local scan: Triton on CUDA (when importable), chunked torch otherwise or when asked."""
+    if backend is None:
+        backend = "triton" if q.is_cuda and _triton_available() else "torch"
+    if backend == "torch":
+        return chunked_linear_scan
+    if backend == "triton":
+        from longloom.attention.triton_linear import triton_linear_scan
+
+        return triton_linear_scan
+    raise ValueError(f"unknown linear attention backend {backend!r}: use one of {BACKENDS}")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_linear_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None, chunks: int, layout: str
+) -> None:
+    """Raises ValueError naming the sizes and the config key to change."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be [batch, seq_local, heads, head_dim]; got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape != k.shape:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape (linear attention has no "
+            "GQA: model.kv_heads must equal model.heads for linear layers)"
+        )
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"v {tuple(v.shape)} must match q {tuple(q.shape)} in batch, sequence and heads "
+            "(model.kv_heads must equal model.heads for linear layers)"
+        )
+    if q.size(1) % chunks:
+        raise ValueError(
+            f"local sequence length {q.size(1)} is not divisible by {chunks} ({layout} layout holds "
+            f"{chunks} chunks per rank): change data.seq_len to a multiple of {chunks} x the SP degree"
+        )
+    if decay is not None:
+        if decay.shape != (q.size(2),):
+            raise ValueError(
+                f"decay must be [heads] = [{q.size(2)}]; got {tuple(decay.shape)} (model.heads = {q.size(2)})"
+            )
+        # Checking values reads the tensor back to the host: a stall on CUDA; the model's decay is a
+        # fixed buffer made once, so only the CPU path (tests, demos) checks it per call.
+        if not decay.is_cuda and not bool(((decay > 0) & (decay <= 1)).all()):
+            raise ValueError(f"decay values must lie in (0, 1]; got {decay.tolist()}")
+
+
+def _group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if group is None:
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _to_chunks(x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """[B, L, H, D] -> [B * chunks, L / chunks, H, D]: each local chunk becomes its own batch entry."""
+    return x.reshape(x.size(0) * chunks, x.size(1) // chunks, *x.shape[2:])
+
+
+def _from_chunks(x: torch.Tensor, batch: int) -> torch.Tensor:
+    return x.reshape(batch, -1, *x.shape[2:])
+
+
+def _all_gather(states: torch.Tensor, group: dist.ProcessGroup | None, world_size: int) -> torch.Tensor:
+    """[*shape] -> [P, *shape]: THE one collective of each direction (its size is d_k x d_v per head)."""
+    if world_size == 1:
+        return states.unsqueeze(0)
+    flat = states.contiguous().view(-1)
+    gathered = torch.empty(world_size * flat.numel(), dtype=flat.dtype, device=flat.device)
+    # torch >= 2.13 names it all_gather_single (the old name warns); both take a flat [P * N] output.
+    all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    all_gather_single(gathered, flat, group=group)
+    return gathered.view(world_size, *states.shape)
+
+
+def carried_states(
+    gathered: torch.Tensor,
+    layout: str,
+    rank: int,
+    chunk_len: int,
+    log_decay: torch.Tensor | None,
+    reverse: bool,
+) -> torch.Tensor:
+    """The state entering each of this rank's chunks, from every rank's chunk states.
+
+    gathered: [P, B, n, H, d_k, d_v], rank-major, local chunk order. Walks the 2P (zigzag) or P
+    (contiguous) chunks in global order (from the end when `reverse`, for the backward's suffix):
+    incoming[c] = sum over earlier chunks c' of lam^((|c - c'| - 1) * chunk_len) state[c'].
+    Returns [B, n, H, d_k, d_v] for this rank's chunks.
+    """
+    world_size = gathered.size(0)
+    by_chunk: dict[int, torch.Tensor] = {}
+    for owner in range(world_size):
+        for index, chunk_id in enumerate(local_chunk_ids(layout, owner, world_size)):
+            by_chunk[chunk_id] = gathered[owner, :, index]
+    chunk_decay = decay_powers(log_decay, torch.tensor(chunk_len, device=gathered.device))
+    order = sorted(by_chunk, reverse=reverse)
+    running = torch.zeros_like(by_chunk[0])
+    incoming: dict[int, torch.Tensor] = {}
+    for chunk_id in order:
+        incoming[chunk_id] = running
+        decayed = running if chunk_decay is None else running * chunk_decay.view(-1, 1, 1)
+        running = decayed + by_chunk[chunk_id]
+    return torch.stack([incoming[c] for c in local_chunk_ids(layout, rank, world_size)], dim=1)
+
+
+class _LASP2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, decay, group, layout, backend):
+        world_size, rank = _group_size_rank(group)
+        chunks = chunks_per_rank(layout)
+        check_linear_inputs(q, k, v, decay, chunks, layout)
+        scan = select_scan(q, backend)
+        log_decay = log_decay_of(decay, compute_dtype(q.dtype))
+        batch, chunk_len = q.size(0), q.size(1) // chunks
+        qc, kc, vc = _to_chunks(q, chunks), _to_chunks(k, chunks), _to_chunks(v, chunks)
+
+        # M of each local chunk (a zero-state scan without outputs), all-gathered, prefix-summed.
+        _, states = scan(None, kc, vc, log_decay)
+        gathered = _all_gather(states.view(batch, chunks, *states.shape[1:]), group, world_size)
+        incoming = carried_states(gathered, layout, rank, chunk_len, log_decay, reverse=False).flatten(0, 1)
+        out, _ = scan(qc, kc, vc, log_decay, incoming)
+
+        ctx.save_for_backward(q, k, v, decay, incoming)
+        ctx.group, ctx.layout, ctx.backend = group, layout, backend
+        return _from_chunks(out, batch).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, decay, incoming = ctx.saved_tensors
+        world_size, rank = _group_size_rank(ctx.group)
+        chunks = chunks_per_rank(ctx.layout)
+        scan = select_scan(q, ctx.backend)
+        log_decay = log_decay_of(decay, compute_dtype(q.dtype))
+        batch, chunk_len = q.size(0), q.size(1) // chunks
+        qc, kc, vc = _to_chunks(q, chunks), _to_chunks(k, chunks), _to_chunks(v, chunks)
+        doc = _to_chunks(grad_out.contiguous(), chunks)
+
+        # dM = sum_t lam^(t+1) q_t^T dO_t of each local chunk (a reverse zero-state scan), all-gathered,
+        # suffix-summed: the gradient reaching this chunk's final state from every later chunk.
+        _, dual = scan(None, qc, doc, log_decay, reverse=True)
+        gathered = _all_gather(dual.view(batch, chunks, *dual.shape[1:]), ctx.group, world_size)
+        outgoing = carried_states(gathered, ctx.layout, rank, chunk_len, log_decay, reverse=True).flatten(
+            0, 1
+        )
+        dq, dk, dv, _ = linear_attention_backward(scan, qc, kc, vc, doc, log_decay, incoming, outgoing)
+        return (
+            _from_chunks(dq, batch).to(q.dtype),
+            _from_chunks(dk, batch).to(k.dtype),
+            _from_chunks(dv, batch).to(v.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def lasp2_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    decay: torch.Tensor | None = None,
+    layout: str = "contiguous",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Causal linear attention over a sequence sharded on `group`; out [B, S/P, H, d_v] in q's dtype.
+
+    q, k: [B, S/P, H, d_k]; v: [B, S/P, H, d_v]; decay: [H] in (0, 1] or None (no decay), a fixed
+    buffer (no gradient). `group=None` (or size 1) runs on one device. `layout` must be the one the
+    sequence was sharded with (parallel/sharding.py). `backend`: None (Triton on CUDA, torch on
+    CPU), "torch" or "triton". Differentiable in q, k, v.
+    """
+    return _LASP2.apply(q, k, v, decay, group, layout, backend)
+
+
+class _LASP1(torch.autograd.Function):
+    """Ring-style baseline: rank r waits for the state of ranks < r from rank r-1, forwards
+    lam^L * state + M_r to rank r+1, then computes its output. The backward runs the ring backwards."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, decay, group, backend):
+        check_linear_inputs(q, k, v, decay, 1, "contiguous")
+        scan = select_scan(q, backend)
+        log_decay = log_decay_of(decay, compute_dtype(q.dtype))
+        _, state = scan(None, k, v, log_decay)
+        incoming = _pass_along_ring(state, group, q.size(1), log_decay, reverse=False)
+        out, _ = scan(q, k, v, log_decay, incoming)
+        ctx.save_for_backward(q, k, v, decay, incoming)
+        ctx.group, ctx.backend = group, backend
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, decay, incoming = ctx.saved_tensors
+        scan = select_scan(q, ctx.backend)
+        log_decay = log_decay_of(decay, compute_dtype(q.dtype))
+        grad_out = grad_out.contiguous()
+        _, dual = scan(None, q, grad_out, log_decay, reverse=True)
+        outgoing = _pass_along_ring(dual, ctx.group, q.size(1), log_decay, reverse=True)
+        dq, dk, dv, _ = linear_attention_backward(scan, q, k, v, grad_out, log_decay, incoming, outgoing)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def _pass_along_ring(
+    state: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    chunk_len: int,
+    log_decay: torch.Tensor | None,
+    reverse: bool,
+) -> torch.Tensor:
+    """Receives the carried state from the previous rank (next when `reverse`) and sends on its own."""
+    world_size, rank = _group_size_rank(group)
+    incoming = torch.zeros_like(state)
+    previous, following = (rank + 1, rank - 1) if reverse else (rank - 1, rank + 1)
+    if 0 <= previous < world_size:
+        dist.recv(incoming, src=dist.get_global_rank(group, previous), group=group)
+    if 0 <= following < world_size:
+        chunk_decay = decay_powers(log_decay, torch.tensor(chunk_len, device=state.device))
+        carried = incoming if chunk_decay is None else incoming * chunk_decay.view(-1, 1, 1)
+        dist.send((carried + state).contiguous(), dst=dist.get_global_rank(group, following), group=group)
+    return incoming
+
+
+def lasp1_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    decay: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """LASP-1 baseline (contiguous layout only): same result as LASP-2, P - 1 sequential hops."""
+    return _LASP1.apply(q, k, v, decay, group, backend)
