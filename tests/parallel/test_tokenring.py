@@ -43,8 +43,8 @@ def assert_matches_reference(results, q, k, v, dout, causal, layout, stride=1):
             )
 
 
-def ring_worker(seed, kv_heads, causal, layout, stride=1):
-    """Runs TokenRing on rings of ranks {i, i + stride, ...}; returns this rank's fp32 shards."""
+def ring_worker(seed, kv_heads, causal, layout, stride=1, attention=tokenring_attention):
+    """Runs `attention` on rings of ranks {i, i + stride, ...}; returns this rank's fp32 shards."""
     world, rank = dist.get_world_size(), dist.get_rank()
     group = dist.group.WORLD
     if stride > 1:
@@ -56,7 +56,7 @@ def ring_worker(seed, kv_heads, causal, layout, stride=1):
     ring_size, ring_rank = dist.get_world_size(group), dist.get_rank(group)
     q, k, v, dout = make_inputs(seed, kv_heads)
     local = [shard_tensor(t.float(), 1, ring_rank, ring_size, layout).requires_grad_() for t in (q, k, v)]
-    out = tokenring_attention(*local, group=group, causal=causal, layout=layout)
+    out = attention(*local, group=group, causal=causal, layout=layout)
     out.backward(shard_tensor(dout.float(), 1, ring_rank, ring_size, layout))
     return out.detach(), local[0].grad, local[1].grad, local[2].grad
 
