@@ -1,0 +1,331 @@
+"""Lazy asynchronous checkpoints of a DeepSpeed engine, committed atomically, loadable anywhere.
+
+DataStates-LLM (Maurya et al., "DataStates-LLM: Lazy Asynchronous Checkpointing for Large
+Language Models", HPDC 2024): model and optimizer shards do not change between one optimizer
+step and the next, so copy them to pinned host memory in the background while the next
+forward/backward runs, block only right before the next optimizer step, and flush the host copy
+to storage in the background. The saved form is the universal one (universal.py), so a run
+resumes on any number of ranks, ZeRO stage or dp/sp split.
+
+Usage (every rank, same order of calls)::
+
+    ckpt = LazyAsyncCheckpointer(root=out / "checkpoints", keep=3, asynchronous=True)
+    path = find_latest_committed(root)                  # None if nothing committed
+    extra = ckpt.load(path, engine) if path else None   # collective; returns this rank's extra
+    for step in ...:
+        ckpt.wait_for_snapshot()     # before engine.step(): the previous snapshot must be taken
+        engine.step()
+        if step % interval == 0:
+            ckpt.save(step=step, engine=engine, extra={"loader": ..., "rng": ..., "config": ...})
+    ckpt.close()                     # waits for the last flush + commit; close(abort=True) on errors
+
+`extra` is per rank (RNG states differ per rank; pass the global loader state on every rank):
+JSON values and torch tensors. `load` returns the extra saved by the same rank, or rank 0's when
+the checkpoint had fewer ranks. After `load`, `engine.global_steps` is the saved step.
+
+On disk: `<root>/step-N/rank-RRRRR-<token>.safetensors` (each rank's share of fp32 masters and
+Adam moments, 1-D pieces, plus its extra tensors) and `commit.json` (commit.py), written by rank 0
+once every rank has fsynced its file and published a small manifest. The host pool is one uint8
+buffer laid out like the data section of the rank's file, so flushing is a single write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from longloom.checkpointing.commit import (
+    COMMIT_FILE,
+    atomic_write_json,
+    find_latest_committed,
+    prune,
+    step_directory,
+)
+from longloom.checkpointing.engine_state import EngineState, FlatRange, jsonable
+from longloom.checkpointing.tensor_file import TensorFileLayout, write_tensor_file
+from longloom.checkpointing.universal import build_commit, encode_extra, load_into_engine
+
+__all__ = ["LazyAsyncCheckpointer", "find_latest_committed"]
+
+logger = logging.getLogger(__name__)
+POLL_S = 0.005
+
+
+@dataclass
+class _Job:
+    """One checkpoint in flight on this rank."""
+
+    step: int
+    directory: Path
+    layout: TensorFileLayout
+    pool: torch.Tensor
+    host_copies: list[tuple[torch.Tensor, torch.Tensor]]  # (source, pool view) copied by the writer
+    cuda_event: torch.cuda.Event | None
+    manifest: dict
+    commit_fields: dict | None  # rank 0 only: what the marker needs beyond the manifests
+    snapshot_done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    seconds: dict = field(default_factory=dict)
+
+
+class LazyAsyncCheckpointer:
+    """Saves engine state lazily (snapshot overlaps the next fwd/bwd), flushes and commits in the background."""
+
+    def __init__(
+        self, root: str | Path, keep: int = 3, asynchronous: bool = True, commit_timeout_s: float = 600.0
+    ):
+        if keep < 1:
+            raise ValueError(f"checkpoint.keep={keep} must be >= 1 (the newest checkpoint is never pruned)")
+        self.root = Path(root)
+        self.keep = keep
+        self.asynchronous = asynchronous
+        self.commit_timeout_s = commit_timeout_s
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            self.rank, self.world_size = 0, 1
+        # One token per run, agreed by all ranks, names this run's files: leftovers of a crashed
+        # attempt at the same step can then never be mistaken for this run's.
+        token = [secrets.token_hex(4)]
+        if self.world_size > 1:
+            dist.broadcast_object_list(token, src=0)
+        self.token: str = token[0]
+        self._owned: dict[int, set[tuple[str, int, int]]] = {}  # id(engine) -> ranges this rank writes
+        self._pool: torch.Tensor | None = None
+        self._stream = None
+        self._job: _Job | None = None
+        self._thread: threading.Thread | None = None
+        self._abort = threading.Event()
+        self.last_timings: dict = {}
+
+    # ------------------------------------------------------------------ public API
+    def save(self, step: int, engine, extra: dict | None = None) -> None:
+        """Starts checkpoint `step` (call right after engine.step()); returns before any I/O."""
+        self._finish_previous()
+        started = time.perf_counter()
+        state = EngineState(engine)
+        share = self._share(engine, state)
+        directory = step_directory(self.root, step)
+        data_file = f"rank-{self.rank:05d}-{self.token}.safetensors"
+
+        extra_tensors: dict[str, torch.Tensor] = {}
+        extra_json = encode_extra(extra if extra is not None else {}, "extra", extra_tensors)
+        entries, sources, pieces = [], [], []
+        for flat_range, views in share:
+            for key_state, view in views.items():
+                key = f"{flat_range.name}:{key_state}:{flat_range.start}"
+                entries.append((key, torch.float32, (flat_range.numel,)))
+                sources.append((key, view))
+                pieces.append([flat_range.name, key_state, key, flat_range.start, flat_range.numel])
+        entries += [(key, t.dtype, tuple(t.shape)) for key, t in extra_tensors.items()]
+        sources += list(extra_tensors.items())
+        layout = TensorFileLayout(entries, metadata={"step": step, "rank": self.rank, "token": self.token})
+        pool = self._pool_for(layout.data_bytes, pinned=any(v.is_cuda for _, v in sources))
+
+        host_copies, cuda_event = [], None
+        device_sources = [(view, layout.view(pool, key).view(-1)) for key, view in sources if view.is_cuda]
+        host_copies = [
+            (view.reshape(-1), layout.view(pool, key).view(-1)) for key, view in sources if not view.is_cuda
+        ]
+        if device_sources:
+            # Side stream: the copy starts after this step's optimizer update and overlaps the
+            # next forward/backward, which do not touch master weights or moments.
+            if self._stream is None:
+                self._stream = torch.cuda.Stream()
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
+                for view, target in device_sources:
+                    target.copy_(view.reshape(-1), non_blocking=True)
+                cuda_event = torch.cuda.Event()
+                cuda_event.record(self._stream)
+
+        manifest = {
+            "token": self.token,
+            "rank": self.rank,
+            "file": data_file,
+            "bytes": layout.file_bytes,
+            "pieces": pieces,
+            "extra": extra_json,
+        }
+        commit_fields = None
+        if self.rank == 0:
+            # Captured now: the next optimizer step changes them before the flush would read them.
+            commit_fields = {
+                "specs": state.specs(),
+                "optimizer": {"step": state.optimizer_step(), "param_groups": state.param_groups()},
+                "lr_scheduler": _scheduler_state(engine),
+                "engine": {
+                    "global_steps": int(engine.global_steps),
+                    "global_samples": int(engine.global_samples),
+                    "skipped_steps": int(engine.skipped_steps),
+                },
+                "source": {
+                    "zero_stage": int(engine.zero_optimization_stage()),
+                    "world_size": self.world_size,
+                    "kind": state.kind,
+                },
+            }
+        job = _Job(step, directory, layout, pool, host_copies, cuda_event, manifest, commit_fields)
+        job.seconds["save_call"] = time.perf_counter() - started
+        self._job = job
+        if self.asynchronous:
+            self._thread = threading.Thread(
+                target=self._run, args=(job,), name=f"ckpt-step-{step}", daemon=True
+            )
+            self._thread.start()
+        else:
+            self._run(job)
+            self._finish_previous()
+
+    def wait_for_snapshot(self) -> None:
+        """Blocks until the last save's host copy is complete (call before the next engine.step())."""
+        job = self._job
+        if job is None:
+            return
+        if job.cuda_event is not None and not job.host_copies:
+            # Only device sources: the GPU's next optimizer step waits for the copy, the host does not.
+            torch.cuda.current_stream().wait_event(job.cuda_event)
+            return
+        job.snapshot_done.wait()
+        if job.error is not None and "snapshot" not in job.seconds:
+            raise RuntimeError(
+                f"checkpoint step {job.step}: snapshot failed on rank {self.rank}"
+            ) from job.error
+
+    def close(self, abort: bool = False) -> None:
+        """Waits for the background flush and commit; abort=True stops before committing instead."""
+        if abort:
+            self._abort.set()
+        try:
+            self._finish_previous()
+        except Exception:
+            if not abort:
+                raise
+            logger.exception("checkpoint aborted")
+
+    def load(self, path: str | Path, engine) -> dict | None:
+        """Restores `path` onto `engine` (collective, any layout it was saved from); returns this rank's extra."""
+        self._finish_previous()
+        return load_into_engine(path, engine)
+
+    # ------------------------------------------------------------------ internals
+    def _share(self, engine, state: EngineState) -> list[tuple[FlatRange, dict[str, torch.Tensor]]]:
+        # Which ranges this rank writes is decided once per engine (a collective); the views are
+        # taken fresh at every save because loading or a first step may re-link optimizer state.
+        owned = self._owned.get(id(engine))
+        if owned is None:
+            share = state.saved_share()
+            self._owned[id(engine)] = {(r.name, r.start, r.numel) for r, _ in share}
+            return share
+        if state.kind == "replicated":
+            return state.saved_share()
+        return [(r, views) for r, views in state.held() if (r.name, r.start, r.numel) in owned]
+
+    def _pool_for(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        # The pool is reused across saves (pinning is slow); it only grows when the layout does.
+        if self._pool is None or self._pool.numel() != nbytes or self._pool.is_pinned() != pinned:
+            self._pool = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        return self._pool
+
+    def _finish_previous(self) -> None:
+        thread, job = self._thread, self._job
+        if thread is not None:
+            thread.join()
+        self._thread = None
+        self._job = None
+        if job is not None:
+            self.last_timings = dict(job.seconds)
+            if job.error is not None:
+                raise RuntimeError(
+                    f"checkpoint step {job.step} failed on rank {self.rank}: {job.error}"
+                ) from job.error
+
+    def _run(self, job: _Job) -> None:
+        try:
+            begin = time.perf_counter()
+            for source, target in job.host_copies:
+                target.copy_(source)
+            if job.cuda_event is not None:
+                job.cuda_event.synchronize()
+            job.seconds["snapshot"] = time.perf_counter() - begin
+            job.snapshot_done.set()
+            begin = time.perf_counter()
+            job.directory.mkdir(parents=True, exist_ok=True)
+            write_tensor_file(job.directory / job.manifest["file"], job.layout, job.pool)
+            atomic_write_json(job.directory / _manifest_name(self.rank, self.token), job.manifest)
+            job.seconds["write"] = time.perf_counter() - begin
+            if self.rank == 0:
+                begin = time.perf_counter()
+                self._commit(job)
+                job.seconds["commit"] = time.perf_counter() - begin
+        except BaseException as error:  # noqa: BLE001 - surfaced to the training thread
+            job.error = error
+        finally:
+            job.snapshot_done.set()
+
+    def _commit(self, job: _Job) -> None:
+        manifests = self._wait_for_manifests(job)
+        fields = job.commit_fields
+        pieces: dict[str, dict[str, list]] = {name: {} for name in fields["specs"]}
+        for manifest in manifests:
+            for name, state, key, start, numel in manifest["pieces"]:
+                pieces[name].setdefault(state, []).append([manifest["file"], key, start, numel])
+        commit = build_commit(
+            step=job.step,
+            layout="distributed",
+            token=self.token,
+            world_size=self.world_size,
+            files={m["file"]: m["bytes"] for m in manifests},
+            specs=fields["specs"],
+            pieces=pieces,
+            optimizer=fields["optimizer"],
+            lr_scheduler=fields["lr_scheduler"],
+            engine=fields["engine"],
+            extras=[{"file": m["file"], "value": m["extra"]} for m in manifests],
+            source=fields["source"],
+        )
+        atomic_write_json(job.directory / COMMIT_FILE, commit)
+        removed = prune(self.root, self.keep, job.step)
+        logger.info("committed %s (pruned %d older)", job.directory, len(removed))
+
+    def _wait_for_manifests(self, job: _Job) -> list[dict]:
+        deadline = time.monotonic() + self.commit_timeout_s
+        manifests: dict[int, dict] = {}
+        while len(manifests) < self.world_size:
+            for rank in range(self.world_size):
+                if rank in manifests:
+                    continue
+                path = job.directory / _manifest_name(rank, self.token)
+                if path.is_file():
+                    manifests[rank] = json.loads(path.read_text())
+            if len(manifests) == self.world_size:
+                break
+            if self._abort.is_set():
+                raise RuntimeError(f"checkpoint step {job.step} aborted before commit")
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(self.world_size)) - set(manifests))
+                raise TimeoutError(
+                    f"checkpoint step {job.step}: ranks {missing} did not finish writing within "
+                    f"{self.commit_timeout_s:.0f} s; not committing"
+                )
+            time.sleep(POLL_S)
+        return [manifests[rank] for rank in range(self.world_size)]
+
+
+def _manifest_name(rank: int, token: str) -> str:
+    return f"rank-{rank:05d}-{token}.json"
+
+
+def _scheduler_state(engine) -> dict | None:
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is None:
+        return None
+    return jsonable(scheduler.state_dict())
