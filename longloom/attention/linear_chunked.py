@@ -75,6 +75,27 @@ def sequence_state(
     return torch.einsum("bshk,bshv->bhkv", k, v)
 
 
+def chain_states(
+    states: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    length: int,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chains zero-state scans of consecutive pieces of `length` tokens, given in scan order.
+
+    states: [N, B, H, d_k, d_v], piece n's own final state. Returns (incoming [N, B, H, d_k, d_v]:
+    the state entering piece n, final: the state after the last piece), using
+    incoming[n + 1] = lam^length * incoming[n] + states[n] and incoming[0] = initial_state (or 0).
+    """
+    piece_decay = decay_powers(log_decay, torch.tensor(length, device=states.device))
+    running = torch.zeros_like(states[0]) if initial_state is None else initial_state.to(states.dtype)
+    incoming = torch.empty_like(states)
+    for n in range(states.size(0)):
+        incoming[n] = running
+        running = states[n] + (running if piece_decay is None else running * piece_decay.view(-1, 1, 1))
+    return incoming, running
+
+
 def _scan_blocks(
     q: torch.Tensor,
     k: torch.Tensor,

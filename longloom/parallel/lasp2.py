@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from longloom.attention.linear_chunked import (
     Scan,
+    chain_states,
     chunked_linear_scan,
     compute_dtype,
     decay_powers,
@@ -131,7 +132,7 @@ def carried_states(
 
     gathered: [P, B, n, H, d_k, d_v], rank-major, local chunk order. Walks the 2P (zigzag) or P
     (contiguous) chunks in global order (from the end when `reverse`, for the backward's suffix):
-    incoming[c] = sum over earlier chunks c' of lam^((|c - c'| - 1) * chunk_len) state[c'].
+    incoming[c] = sum over the chunks c' walked before c of lam^((|c - c'| - 1) * chunk_len) state[c'].
     Returns [B, n, H, d_k, d_v] for this rank's chunks.
     """
     world_size = gathered.size(0)
@@ -139,15 +140,10 @@ def carried_states(
     for owner in range(world_size):
         for index, chunk_id in enumerate(local_chunk_ids(layout, owner, world_size)):
             by_chunk[chunk_id] = gathered[owner, :, index]
-    chunk_decay = decay_powers(log_decay, torch.tensor(chunk_len, device=gathered.device))
     order = sorted(by_chunk, reverse=reverse)
-    running = torch.zeros_like(by_chunk[0])
-    incoming: dict[int, torch.Tensor] = {}
-    for chunk_id in order:
-        incoming[chunk_id] = running
-        decayed = running if chunk_decay is None else running * chunk_decay.view(-1, 1, 1)
-        running = decayed + by_chunk[chunk_id]
-    return torch.stack([incoming[c] for c in local_chunk_ids(layout, rank, world_size)], dim=1)
+    incoming, _ = chain_states(torch.stack([by_chunk[c] for c in order]), log_decay, chunk_len)
+    position = {chunk_id: n for n, chunk_id in enumerate(order)}
+    return torch.stack([incoming[position[c]] for c in local_chunk_ids(layout, rank, world_size)], dim=1)
 
 
 class _LASP2(torch.autograd.Function):

@@ -1,0 +1,279 @@
+"""Triton chunked causal linear attention with per-head decay: the scan of attention/linear_chunked.py.
+
+Idea (the "fused chunk" form of Lightning Attention / GLA): one program owns one (batch, head,
+d_v tile) and walks the sequence block by block with the d_k x d_v state in registers (fp32). Per
+block of c tokens it computes the intra-block causal term (q k^T masked by lam^(i-j), times v), adds
+Q times the incoming state (scaled by lam^(i+1)), and accumulates the state (lam^c S + K^T V with
+keys scaled by lam^(c-1-j)). The reverse flag walks from the end with the mirrored weights, which
+makes dq, dk, dv scans too (linear_chunked.linear_attention_backward), so one kernel serves forward
+and backward. Without outputs the same kernel only accumulates states (LASP-2's M and dM).
+
+Long local sequences give few programs (B * H * d_v / BV); `segments` cuts the sequence into pieces
+that run in parallel from zero states, chains their states in torch (a few d_k x d_v adds), and runs
+again from the chained states: the LASP-2 idea applied inside one GPU.
+
+Dots take the inputs' dtype (bf16 on GPU) with fp32 accumulation; fp32 inputs use exact fp32 dots.
+Runs on CPU under TRITON_INTERPRET=1 (the tests); tensors are [B, S, H, D], states [B, H, d_k, d_v].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from longloom.attention.linear_chunked import DEFAULT_BLOCK_SIZE, chain_states, compute_dtype
+
+
+@triton.jit
+def _linear_scan_kernel(
+    Q,
+    K,
+    V,
+    O,
+    STATE_IN,
+    STATE_OUT,
+    LOG_DECAY,
+    seq_len,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_ib,
+    stride_ih,
+    stride_ik,
+    stride_iv,
+    HEADS: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
+    HAS_INITIAL: tl.constexpr,
+    STORE_OUTPUT: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    REVERSE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HEADS).to(tl.int64)
+    h = (pid_bh % HEADS).to(tl.int64)
+    offs_i = tl.arange(0, BLOCK)
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    mask_k = offs_k < DK
+    mask_v = offs_v < DV
+    state_mask = mask_k[:, None] & mask_v[None, :]
+    log_decay = 0.0
+    if HAS_DECAY:
+        log_decay = tl.load(LOG_DECAY + h).to(tl.float32)
+
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INITIAL:
+        state_in = STATE_IN + b * stride_ib + h * stride_ih
+        state_in += offs_k[:, None] * stride_ik + offs_v[None, :] * stride_iv
+        state = tl.load(state_in, mask=state_mask, other=0.0).to(tl.float32)
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    o_base = O + b * stride_ob + h * stride_oh
+    # Within a block: out row i reads key column j when j <= i (j >= i reversed), weight lam^|i-j|.
+    if REVERSE:
+        distance = offs_i[None, :] - offs_i[:, None]
+    else:
+        distance = offs_i[:, None] - offs_i[None, :]
+    causal = distance >= 0
+    if HAS_DECAY:
+        intra_weight = tl.where(causal, tl.exp(log_decay * tl.maximum(distance, 0).to(tl.float32)), 0.0)
+    else:
+        intra_weight = tl.where(causal, 1.0, 0.0)
+    position = offs_i.to(tl.float32)
+
+    num_blocks = tl.cdiv(seq_len, BLOCK)
+    for step in range(num_blocks):
+        if REVERSE:
+            block = num_blocks - 1 - step
+        else:
+            block = step
+        start = block * BLOCK
+        length = tl.minimum(seq_len - start, BLOCK)
+        rows = (start + offs_i).to(tl.int64)
+        row_mask = offs_i < length
+        k = tl.load(
+            k_base + rows[:, None] * stride_ks + offs_k[None, :],
+            mask=row_mask[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + rows[:, None] * stride_vs + offs_v[None, :],
+            mask=row_mask[:, None] & mask_v[None, :],
+            other=0.0,
+        )
+        length_f = length.to(tl.float32)
+        if STORE_OUTPUT:
+            q = tl.load(
+                q_base + rows[:, None] * stride_qs + offs_k[None, :],
+                mask=row_mask[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * intra_weight
+            out = tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
+            # Q times the incoming state: lam^(i+1) from where the state entered (lam^(c-1-i) reversed).
+            if HAS_DECAY:
+                if REVERSE:
+                    query_weight = tl.exp(log_decay * (length_f - 1.0 - position))
+                else:
+                    query_weight = tl.exp(log_decay * (position + 1.0))
+                q = (q * query_weight[:, None]).to(k.dtype)
+            out += tl.dot(q, state.to(k.dtype), input_precision=PRECISION)
+            tl.store(
+                o_base + rows[:, None] * stride_os + offs_v[None, :],
+                out.to(O.dtype.element_ty),
+                mask=row_mask[:, None] & mask_v[None, :],
+            )
+        # State update: lam^length S + sum_j w_j k_j^T v_j, w_j = lam^(length-1-j) (lam^(j+1) reversed).
+        if HAS_DECAY:
+            if REVERSE:
+                key_weight = tl.exp(log_decay * (position + 1.0))
+            else:
+                key_weight = tl.exp(log_decay * tl.maximum(length_f - 1.0 - position, 0.0))
+            k = (k * tl.where(row_mask, key_weight, 0.0)[:, None]).to(v.dtype)
+            state = state * tl.exp(log_decay * length_f)
+        state += tl.dot(tl.trans(k), v, input_precision=PRECISION)
+
+    if STORE_FINAL:
+        state_out = STATE_OUT + (b * HEADS + h) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+        tl.store(state_out, state, mask=state_mask)
+
+
+def _launch(
+    q: torch.Tensor | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    reverse: bool,
+    block_size: int,
+    store_final: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    batch, seq, heads, dim_k = k.shape
+    dim_v = v.size(-1)
+    state_dtype = compute_dtype(k.dtype)
+    out = None if q is None else torch.empty(batch, seq, heads, dim_v, dtype=q.dtype, device=q.device)
+    final = (
+        torch.empty(batch, heads, dim_k, dim_v, dtype=state_dtype, device=k.device) if store_final else None
+    )
+    block_v = max(16, min(64, triton.next_power_of_2(dim_v)))
+    dummy = k  # never read or written when its flag is off
+    state_in = dummy if initial_state is None else initial_state
+    state_strides = (0, 0, 0, 0) if initial_state is None else initial_state.stride()
+    q_ = dummy if q is None else q
+    o_ = dummy if out is None else out
+    grid = (triton.cdiv(dim_v, block_v), batch * heads)
+    _linear_scan_kernel[grid](
+        q_,
+        k,
+        v,
+        o_,
+        state_in,
+        dummy if final is None else final,
+        dummy if log_decay is None else log_decay,
+        seq,
+        q_.stride(0),
+        q_.stride(1),
+        q_.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        o_.stride(0),
+        o_.stride(1),
+        o_.stride(2),
+        *state_strides,
+        HEADS=heads,
+        DK=dim_k,
+        DV=dim_v,
+        BLOCK=block_size,
+        BK=max(16, triton.next_power_of_2(dim_k)),
+        BV=block_v,
+        HAS_DECAY=log_decay is not None,
+        HAS_INITIAL=initial_state is not None,
+        STORE_OUTPUT=q is not None,
+        STORE_FINAL=store_final,
+        REVERSE=reverse,
+        PRECISION="ieee" if k.dtype in (torch.float32, torch.float64) else None,
+        num_warps=4,
+    )
+    return out, final
+
+
+def auto_segments(batch: int, seq: int, heads: int, dim_v: int, device: torch.device) -> int:
+    """Pieces to cut each sequence into so that the GPU has ~2 programs per SM; 1 on CPU."""
+    if device.type != "cuda":
+        return 1
+    programs = batch * heads * triton.cdiv(dim_v, max(16, min(64, triton.next_power_of_2(dim_v))))
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    segments = 1
+    while programs * segments * 2 <= target and seq % (segments * 2) == 0 and seq // (segments * 2) >= 2048:
+        segments *= 2
+    return segments
+
+
+def triton_linear_scan(
+    q: torch.Tensor | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    initial_state: torch.Tensor | None = None,
+    reverse: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    segments: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Same contract as linear_chunked.chunked_linear_scan; out in q's dtype, final state fp32.
+
+    `segments` (None: chosen by `auto_segments`) must divide the sequence length.
+    """
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"Triton block_size must be a power of two >= 16; got {block_size}")
+    dtype = k.dtype
+    q, v = (None if q is None else q.to(dtype)), v.to(dtype)
+    # Kernels read rows with a unit stride along head_dim; projections already give that.
+    q, k, v = (None if x is None else (x if x.stride(-1) == 1 else x.contiguous()) for x in (q, k, v))
+    log_decay = None if log_decay is None else log_decay.float().contiguous()
+    batch, seq, heads, _ = k.shape
+    if segments is None:
+        segments = auto_segments(batch, seq, heads, v.size(-1), k.device)
+    if seq % segments:
+        raise ValueError(f"segments {segments} must divide the sequence length {seq}")
+    if segments == 1:
+        out, final = _launch(q, k, v, log_decay, initial_state, reverse, block_size, store_final=True)
+        return out, final  # type: ignore[return-value]
+
+    def pieces(x: torch.Tensor) -> torch.Tensor:  # [B, S, H, D] -> [B * G, S / G, H, D], a view
+        return x.reshape(batch * segments, seq // segments, *x.shape[2:])
+
+    _, piece_states = _launch(None, pieces(k), pieces(v), log_decay, None, reverse, block_size, True)
+    piece_states = piece_states.view(batch, segments, *piece_states.shape[1:]).transpose(0, 1)  # type: ignore[union-attr]
+    if reverse:  # chain in scan order: a reverse scan starts from the last piece
+        piece_states = piece_states.flip(0)
+    incoming, final = chain_states(piece_states, log_decay, seq // segments, initial_state)
+    if q is None:
+        return None, final
+    if reverse:
+        incoming = incoming.flip(0)
+    incoming = incoming.transpose(0, 1).reshape(batch * segments, *incoming.shape[2:])
+    out, _ = _launch(pieces(q), pieces(k), pieces(v), log_decay, incoming, reverse, block_size, False)
+    return out.view(batch, seq, heads, -1), final  # type: ignore[union-attr]
