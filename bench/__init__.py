@@ -1,0 +1,1 @@
+"""GPU benchmarks: each script prints a table and, with --record, appends a block to BENCHMARKS.md."""
