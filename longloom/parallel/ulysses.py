@@ -14,6 +14,9 @@ The backward is the same two all-to-alls in the opposite direction. q, k and v t
 collective (concatenated along heads) through one autograd.Function, so the order of collectives
 is fixed by the graph and cannot be reordered by autograd on some ranks and not others.
 
+Cost per direction: one copy packing the tensors into the send buffer, the collective (each rank
+sends (P-1)/P of its q/k/v), and at most one copy unpacking (none for B == 1 on the q/k/v side).
+
 GQA: K/V heads are sent unexpanded when Hkv % P == 0. When Hkv < P (and P % Hkv == 0) each K/V head
 is replicated P / Hkv times, to exactly P heads, so every rank receives the one K/V head its query
 heads read. Anything else raises ValueError.
@@ -211,9 +214,9 @@ def qkv_seq_to_heads(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [B, S/P, Hq, D], k/v [B, S/P, Hkv, D] -> [B, S, Hq/P, D], [B, S, max(Hkv, P)/P, D] x 2, one all-to-all.
 
-    K/V heads are replicated (P / Hkv copies each) only when Hkv < P; query head h of rank r reads
-    local K/V head (h // (Hq / Hkv)) - r * Hkv' / P as in single-device GQA, so SDPA with enable_gqa
-    on the local tensors is exactly the global GQA attention restricted to this rank's heads.
+    Rank r gets query heads [r*Hq/P, (r+1)*Hq/P) and exactly the K/V heads those read (replicated,
+    P / Hkv copies each, only when Hkv < P), in the same GQA grouping: SDPA with enable_gqa on the
+    local tensors is the global GQA attention restricted to rank r's query heads.
     """
     world_size = _world_size(group)
     check_heads(q, k, v)
@@ -260,7 +263,6 @@ def ulysses_attention(
     (q [B, S, Hq/P, D], k/v [B, S, max(Hkv, P)/P, D]); it then owns the mask and the scale, and
     `causal` / `softmax_scale` are not used. `group=None` means one rank (plain attention).
     """
-    check_heads(q, k, v)
     q_heads, k_heads, v_heads = qkv_seq_to_heads(q, k, v, group)
     if local_attention is None:
         out_heads = sdpa_attention(q_heads, k_heads, v_heads, causal, softmax_scale)
