@@ -24,6 +24,7 @@ from longloom.config import ModelConfig
 from longloom.parallel.dims import ParallelDims
 from longloom.parallel.hybrid import sequence_parallel_attention
 from longloom.parallel.lasp2 import lasp2_linear_attention
+from longloom.parallel.ulysses import sdpa_attention
 
 # checkpoint_fn(layer, hidden, cos, sin, is_last_layer=...) -> hidden
 CheckpointFn = Callable[..., torch.Tensor]
@@ -35,7 +36,9 @@ def plain_checkpoint(layer: nn.Module, *inputs: torch.Tensor, is_last_layer: boo
 
 def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin as [B, S, 1, head_dim/2] in fp32 from (global) position ids [B, S]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    )
     angles = position_ids.float().unsqueeze(-1) * inv_freq  # [B, S, D/2]
     return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
 
@@ -62,7 +65,10 @@ class SoftmaxAttention(nn.Module):
         q = apply_rope(self.q_proj(x).view(b, s, self.heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(b, s, self.kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)
-        out = sequence_parallel_attention(q, k, v, dims=self.dims, causal=True)
+        if self.dims is None:
+            out = sdpa_attention(q, k, v, causal=True)
+        else:
+            out = sequence_parallel_attention(q, k, v, dims=self.dims, causal=True)
         return self.o_proj(out.reshape(b, s, self.heads * self.head_dim))
 
 
@@ -82,7 +88,9 @@ class LinearAttention(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden, inner, bias=False)
         self.out_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
         self.o_proj = nn.Linear(inner, cfg.hidden, bias=False)
-        self.register_buffer("decay", retention_decays(self.heads).float() if cfg.linear_decay else None, persistent=False)
+        self.register_buffer(
+            "decay", retention_decays(self.heads).float() if cfg.linear_decay else None, persistent=False
+        )
         self.dims = dims
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -171,16 +171,18 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
             batch = dims.shard_batch(loader.batch(step - 1))
             batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
             logits = engine(batch["tokens"], batch["position_ids"])
-            loss, stats = sequence_parallel_cross_entropy(logits, batch["labels"], group=None)
+            # Normalised by the valid-label count over the whole dp x sp world, matching DeepSpeed's
+            # gradient averaging over that world (see the module docstring).
+            loss, stats = sequence_parallel_cross_entropy(logits, batch["labels"], group=dist.group.WORLD)
             engine.backward(loss)
             checkpointer.wait_for_snapshot()  # the lazy snapshot of the last save overlapped fwd/bwd
             engine.step()
             grad_norm = engine.get_global_grad_norm()
             values = {
-                "loss": float(stats["loss"]),
+                "loss": stats.loss.item(),
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "lr": scheduler.get_last_lr()[0],
-                "valid_tokens": int(stats["tokens"]),
+                "valid_tokens": int(stats.tokens.item()),
             }
             losses.append(values["loss"])
             write = step % cfg.train.log_every == 0 or step == cfg.train.steps

@@ -10,8 +10,15 @@ from longloom.parallel.loss import sequence_parallel_cross_entropy
 
 
 def _model_config(pattern: str, checkpointing: bool = True) -> ModelConfig:
-    return ModelConfig(vocab_size=61, hidden=32, layers=len(pattern), heads=4, kv_heads=2, layer_pattern=pattern,
-                       activation_checkpointing=checkpointing)
+    return ModelConfig(
+        vocab_size=61,
+        hidden=32,
+        layers=len(pattern),
+        heads=4,
+        kv_heads=2,
+        layer_pattern=pattern,
+        activation_checkpointing=checkpointing,
+    )
 
 
 def _batch(seq: int = 32, batch: int = 2):
@@ -31,7 +38,9 @@ def _single_device(pattern: str, checkpointing: bool = True):
     model = LlamaModel(_model_config(pattern, checkpointing))
     batch = _batch()
     logits = model(batch["tokens"], batch["position_ids"])
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+    loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100
+    )
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -72,12 +81,20 @@ def _sharded_worker(pattern: str, dp: int, ulysses: int, ring: int):
     for name, p in model.named_parameters():
         torch.distributed.all_reduce(p.grad, group=dims.sp_group)
         grads[name] = p.grad / dims.sp  # what DeepSpeed's averaging over the SP ranks gives
-    return float(stats["loss"]), grads
+    return float(stats.loss), grads
 
 
 @pytest.mark.parametrize(
     "pattern,world,ulysses,ring",
-    [("S", 2, 2, 1), ("S", 4, 4, 1), ("S", 2, 1, 2), ("S", 4, 2, 2), ("LS", 2, 2, 1), ("LS", 4, 2, 2), ("L", 4, 1, 4)],
+    [
+        ("S", 2, 2, 1),
+        ("S", 4, 4, 1),
+        ("S", 2, 1, 2),
+        ("S", 4, 2, 2),
+        ("LS", 2, 2, 1),
+        ("LS", 4, 2, 2),
+        ("L", 4, 1, 4),
+    ],
 )
 def test_sequence_parallel_model_equals_single_device(distributed, pattern, world, ulysses, ring):
     loss, grads = _single_device(pattern)
