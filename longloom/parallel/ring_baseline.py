@@ -31,7 +31,8 @@ def _forward(
     """(out fp32, lse fp32) of this rank's Q over every rank's K/V."""
     world, rank, local_len = comm.size, comm.rank, q.size(1)
     kv_current = torch.stack((k, v))  # [2, B, S/P, Hkv, D]: one message per step
-    buffers = [torch.empty_like(kv_current) for _ in range(2 if world > 1 else 0)]
+    # Double buffers; the stacked copy is free once sent at step 0, so it is the second one.
+    buffers = [torch.empty_like(kv_current), kv_current] if world > 1 else []
     out = lse = None
     for step in range(world):
         kv_next = None
@@ -61,7 +62,7 @@ def _backward(dout, q, k, v, out, lse, comm: RingComm, causal: bool, layout: str
     """(dq, dk, dv) in fp32."""
     world, rank, local_len = comm.size, comm.rank, q.size(1)
     kv_current = torch.stack((k, v))
-    kv_buffers = [torch.empty_like(kv_current) for _ in range(2 if world > 1 else 0)]
+    kv_buffers = [torch.empty_like(kv_current), kv_current] if world > 1 else []
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dout = dout.to(q.dtype)
     # dkv accumulators: the one finished last step goes out while this step's arrives.

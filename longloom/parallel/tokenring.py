@@ -190,7 +190,12 @@ def _backward(
     world, rank, local_len = comm.size, comm.rank, q.size(1)
     bundle = torch.stack((q, dout.to(q.dtype), out.to(q.dtype)))
     current = (bundle, lse.contiguous())
-    buffers = [(torch.empty_like(bundle), torch.empty_like(current[1])) for _ in range(2 if world > 1 else 0)]
+    # Double buffers; the bundle is our own copy, free once sent at step 0, so it is the second one.
+    # The saved lse is never written (a retained graph may run backward again).
+    buffers = []
+    if world > 1:
+        buffers = [(torch.empty_like(bundle), torch.empty_like(lse)), (bundle, torch.empty_like(lse))]
+    del bundle
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)

@@ -128,3 +128,23 @@ def hung_peer_worker():
 def test_hung_peer_becomes_an_error(distributed):
     # A fresh group: a gloo timeout closes that group's connections, the pool's default group lives on.
     assert all(distributed(2, hung_peer_worker))
+
+
+def retained_graph_worker(attention):
+    """Backward twice through a retained graph: saved tensors must survive the first backward."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    q, k, v, dout = (shard_tensor(t.float(), 1, rank, world, "zigzag") for t in make_inputs(3, 2))
+    q.requires_grad_()
+    out = attention(q, k, v, dist.group.WORLD)
+    out.backward(dout, retain_graph=True)
+    first = q.grad.clone()
+    out.backward(dout)
+    return torch.equal(q.grad, 2 * first)
+
+
+@pytest.mark.parametrize("attention", ["tokenring", "ring-kv"])
+def test_backward_through_a_retained_graph(distributed, attention):
+    from longloom.parallel.ring_baseline import ring_attention
+
+    function = tokenring_attention if attention == "tokenring" else ring_attention
+    assert all(distributed(4, retained_graph_worker, function))
