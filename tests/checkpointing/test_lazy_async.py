@@ -8,36 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from longloom.checkpointing.commit import COMMIT_FILE, CheckpointError, validate_checkpoint
 from longloom.checkpointing.lazy_async import LazyAsyncCheckpointer, find_latest_committed
 from longloom.checkpointing.universal import CheckpointReader
-from tests.checkpointing.toy import assert_states_equal, batch, build_engine, full_state
-
-
-def _rank_extra(step: int) -> dict:
-    rank = dist.get_rank()
-    generator = torch.Generator().manual_seed(rank)
-    return {
-        "loader": {"position": step * 4, "epoch": 0},
-        "rng": {str(rank): {"cpu": torch.get_rng_state(), "numbers": torch.rand(3, generator=generator)}},
-        "config": {"train": {"zero_stage": 1}, "name": "toy"},
-    }
-
-
-def _save_worker(root: str, stage: int, asynchronous: bool, steps: int, keep: int = 3) -> dict:
-    engine = build_engine(stage)
-    checkpointer = LazyAsyncCheckpointer(root, keep=keep, asynchronous=asynchronous)
-
-    for step in range(1, steps + 1):
-        loss = engine(batch(step))
-        engine.backward(loss)
-        checkpointer.wait_for_snapshot()
-        engine.step()
-        checkpointer.save(step=step, engine=engine, extra=_rank_extra(step))
-    checkpointer.close()
-    return full_state(engine)
+from tests.checkpointing.toy import assert_states_equal, build_engine, full_state, save_run
 
 
 def _load_worker(root: str, stage: int) -> tuple[dict, dict]:
@@ -55,7 +30,7 @@ def test_reshard_on_load_restores_params_and_optimizer_state(
     distributed, tmp_path, save_world, save_stage, load_world, load_stage
 ):
     root = str(tmp_path / "checkpoints")
-    saved = distributed(save_world, _save_worker, root, save_stage, True, 3)[0]
+    saved = distributed(save_world, save_run, root, save_stage, True, 3)[0]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1", "step-2", "step-3"]
     results = distributed(load_world, _load_worker, root, load_stage)
     for rank, (state, extra) in enumerate(results):
@@ -70,8 +45,8 @@ def test_reshard_on_load_restores_params_and_optimizer_state(
 
 
 def test_sync_mode_writes_the_same_format(distributed, tmp_path):
-    async_state = distributed(2, _save_worker, str(tmp_path / "a"), 1, True, 2)[0]
-    sync_state = distributed(2, _save_worker, str(tmp_path / "s"), 1, False, 2)[0]
+    async_state = distributed(2, save_run, str(tmp_path / "a"), 1, True, 2)[0]
+    sync_state = distributed(2, save_run, str(tmp_path / "s"), 1, False, 2)[0]
     assert_states_equal(sync_state, async_state)
     with CheckpointReader(tmp_path / "a" / "step-2") as a, CheckpointReader(tmp_path / "s" / "step-2") as s:
         assert a.meta["layout"] == s.meta["layout"] == "distributed"
@@ -83,7 +58,7 @@ def test_sync_mode_writes_the_same_format(distributed, tmp_path):
 
 def test_keep_prunes_older_checkpoints_and_each_rank_writes_a_share(distributed, tmp_path):
     root = tmp_path / "checkpoints"
-    distributed(2, _save_worker, str(root), 0, True, 4, 2)
+    distributed(2, save_run, str(root), 0, True, 4, 2)
     assert sorted(p.name for p in root.iterdir()) == ["step-3", "step-4"]
     meta = validate_checkpoint(root / "step-4")
     assert meta["step"] == 4 and meta["world_size"] == 2 and meta["source"]["zero_stage"] == 0
@@ -98,7 +73,7 @@ def test_keep_prunes_older_checkpoints_and_each_rank_writes_a_share(distributed,
 
 def test_uncommitted_and_corrupt_checkpoints_fall_back_with_clear_errors(distributed, tmp_path):
     root = tmp_path / "checkpoints"
-    distributed(2, _save_worker, str(root), 2, True, 3)
+    distributed(2, save_run, str(root), 2, True, 3)
     assert find_latest_committed(root) == root / "step-3"
 
     # A data file cut short (e.g. a disk-full during a copy) invalidates step 3: fall back to 2.
@@ -123,7 +98,7 @@ def test_uncommitted_and_corrupt_checkpoints_fall_back_with_clear_errors(distrib
 
 def test_marker_is_the_index_and_holds_no_pickles(distributed, tmp_path):
     root = tmp_path / "checkpoints"
-    distributed(2, _save_worker, str(root), 3, True, 1)
+    distributed(2, save_run, str(root), 3, True, 1)
     meta = json.loads((root / "step-1" / COMMIT_FILE).read_text())
     assert meta["layout"] == "distributed" and meta["optimizer"]["step"] >= 1
     assert meta["params"]["up.weight"]["shape"] == [13, 12]

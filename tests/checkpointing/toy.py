@@ -126,3 +126,30 @@ def assert_states_equal(actual: dict, expected: dict) -> None:
             continue
         for key, value in entry.items():
             torch.testing.assert_close(actual[name][key], value, rtol=0, atol=0, msg=f"{name}/{key}")
+
+
+def rank_extra(step: int) -> dict:
+    rank = dist.get_rank()
+    generator = torch.Generator().manual_seed(rank)
+    return {
+        "loader": {"position": step * 4, "epoch": 0},
+        "rng": {str(rank): {"cpu": torch.get_rng_state(), "numbers": torch.rand(3, generator=generator)}},
+        "config": {"train": {"zero_stage": 1}, "name": "toy"},
+    }
+
+
+def save_run(root: str, stage: int, asynchronous: bool, steps: int, keep: int = 3) -> dict:
+    """Trains `steps` steps with a lazy checkpoint after each; returns the final full state."""
+    from longloom.checkpointing.lazy_async import LazyAsyncCheckpointer
+
+    engine = build_engine(stage)
+    checkpointer = LazyAsyncCheckpointer(root, keep=keep, asynchronous=asynchronous)
+
+    for step in range(1, steps + 1):
+        loss = engine(batch(step))
+        engine.backward(loss)
+        checkpointer.wait_for_snapshot()
+        engine.step()
+        checkpointer.save(step=step, engine=engine, extra=rank_extra(step))
+    checkpointer.close()
+    return full_state(engine)

@@ -1,0 +1,274 @@
+"""DeepSpeed's checkpoint layouts: read ZeRO 1/2/3 checkpoints, write its universal layout.
+
+Reading (`DeepSpeedCheckpointReader`): a checkpoint written by `engine.save_checkpoint` holds one
+`*_optim_states.pt` per ZeRO rank with that rank's flat fp32 partition and Adam moments, and a
+model-states file with the parameter shapes. ZeRO-1/2 record where each parameter's fragment
+sits in the flat partition (`param_slice_mappings`); ZeRO-3 pads every parameter to a multiple of
+the rank count and gives rank r the slice [r * ceil(n / R), ...). Either way each fragment is a
+flat range of a parameter, which is all our universal reader interface needs, so the converters
+treat a DeepSpeed checkpoint like one of ours. Files are opened with `torch.load(weights_only=True,
+mmap=True)` (DeepSpeed's three small helper classes allow-listed): nothing executes, and a
+converter touches only the pages of the fragments it reads.
+
+Writing (`write_deepspeed_universal`): the layout `python -m deepspeed.checkpoint.ds_to_universal`
+produces and `load_checkpoint` reads with `"checkpoint": {"load_universal": true}`:
+`zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt`, `zero/optimizer_state.pt`, model-states files,
+and `latest_universal` next to the output folder. Tensors are saved as `{"param": full tensor,
+"cat_dim": 0}` for every stage (DeepSpeed's own ZeRO-3 conversion writes bare flat tensors, which
+only a ZeRO-3 engine reads; the dict form loads into stages 1-3 alike).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from longloom.checkpointing.engine_state import STATE_KEYS, ParamSpec
+
+_RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+
+def _safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_deepspeed_file(path: Path) -> dict:
+    """torch.load of a DeepSpeed checkpoint file without executing pickled code (weights_only)."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    path = Path(path)
+    return bool(glob.glob(str(path / "*_optim_states.pt"))) or (path / "latest").is_file()
+
+
+class DeepSpeedCheckpointReader:
+    """A DeepSpeed ZeRO 1/2/3 checkpoint (one tag folder) seen as flat ranges of full parameters."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not glob.glob(str(path / "*_optim_states.pt")) and (path / "latest").is_file():
+            path = path / (path / "latest").read_text().strip()
+        files = {}
+        for file in glob.glob(str(path / "*_optim_states.pt")):
+            match = _RANK_FILE.search(file)
+            if match and int(match.group(2)) == 0:
+                files[int(match.group(1))] = Path(file)
+        if not files:
+            raise ValueError(
+                f"{path} holds no DeepSpeed ZeRO optimizer files (*zero_pp_rank_*_optim_states.pt)"
+            )
+        if int(max(files)) + 1 != len(files):
+            raise ValueError(
+                f"{path}: ZeRO rank files {sorted(files)} are not 0..{len(files) - 1}; checkpoint incomplete"
+            )
+        if any(
+            int(m.group(2)) > 0
+            for m in map(_RANK_FILE.search, glob.glob(str(path / "*_optim_states.pt")))
+            if m
+        ):
+            raise ValueError(
+                f"{path} was written with tensor/pipeline parallelism (mp_rank > 0), which is not supported"
+            )
+        self.path = path
+        self.rank_files = [files[r] for r in range(len(files))]
+        self.world_size = len(files)
+        self._loaded: dict[int, dict] = {}
+        self._lock = threading.Lock()
+        first = self._optim(0)
+        self.zero_stage = int(first.get("zero_stage", 1))
+        model_file = path / (
+            "zero_pp_rank_0_mp_rank_00_model_states.pt"
+            if self.zero_stage == 3
+            else "mp_rank_00_model_states.pt"
+        )
+        if not model_file.is_file():
+            raise ValueError(f"{path}: model states file {model_file.name} is missing; checkpoint incomplete")
+        self.model_states = load_deepspeed_file(model_file)
+        module = self.model_states.get("module") or {}
+        shapes = OrderedDict()
+        for group in self.model_states["param_shapes"]:
+            shapes.update(group)
+        self.specs = {
+            name: ParamSpec(name, tuple(shape), module[name].dtype if name in module else torch.float32)
+            for name, shape in shapes.items()
+        }
+        self.pieces: dict[str, dict[str, list]] = {name: {} for name in self.specs}
+        self._index()
+        self.step = int(self.model_states.get("global_steps", 0))
+        self.lr_scheduler = self.model_states.get("lr_scheduler")
+        self.engine_counters = {
+            "global_steps": self.step,
+            "global_samples": int(self.model_states.get("global_samples", 0)),
+            "skipped_steps": int(self.model_states.get("skipped_steps", 0)),
+        }
+        self.meta = {
+            "layout": f"deepspeed-zero{self.zero_stage}",
+            "world_size": self.world_size,
+            "step": self.step,
+        }
+
+    def _optim(self, rank: int) -> dict:
+        with self._lock:
+            if rank not in self._loaded:
+                self._loaded[rank] = load_deepspeed_file(self.rank_files[rank])["optimizer_state_dict"]
+            return self._loaded[rank]
+
+    def _flat(self, rank: int, group: int, state: str) -> torch.Tensor:
+        optim = self._optim(rank)
+        if self.zero_stage == 3:
+            if state == "fp32":
+                return optim["fp32_flat_groups"][group]
+            return optim["optimizer_state_dict"]["state"][group][state]
+        if state == "fp32":
+            return optim["single_partition_of_fp32_groups"][group]
+        return optim["base_optimizer_state"]["state"][group][state]
+
+    def _index(self) -> None:
+        # pieces[name][state] = [(rank, group, offset in the rank's flat group, start in param, numel)]
+        if self.zero_stage == 3:
+            for rank in range(self.world_size):
+                for group, shapes in enumerate(self.model_states["param_shapes"]):
+                    offset = 0
+                    for name, shape in shapes.items():
+                        numel = math.prod(shape)
+                        part = -(-numel // self.world_size)
+                        own = max(0, min(part, numel - rank * part))
+                        if own:
+                            for state in STATE_KEYS:
+                                self.pieces[name].setdefault(state, []).append(
+                                    (rank, group, offset, rank * part, own)
+                                )
+                        offset += part
+        else:
+            seen = {name: 0 for name in self.specs}
+            for rank in range(self.world_size):
+                for group, mapping in enumerate(self._optim(rank)["param_slice_mappings"]):
+                    for name, address in mapping.items():
+                        for state in STATE_KEYS:
+                            self.pieces[name].setdefault(state, []).append(
+                                (rank, group, address.start, seen[name], address.numel)
+                            )
+                        seen[name] += address.numel
+        for name, spec in self.specs.items():
+            covered = sum(piece[4] for piece in self.pieces[name].get("fp32", []))
+            if covered != spec.numel:
+                raise ValueError(f"{self.path}: fragments of {name} cover {covered} of {spec.numel} elements")
+
+    @property
+    def optimizer_step(self) -> int:
+        optim = self._optim(0)
+        states = (
+            optim["optimizer_state_dict"]["state"]
+            if self.zero_stage == 3
+            else optim["base_optimizer_state"]["state"]
+        )
+        return max(int(s["step"]) for s in states.values() if "step" in s)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        optim = self._optim(0)
+        groups = (optim["optimizer_state_dict"] if self.zero_stage == 3 else optim["base_optimizer_state"])[
+            "param_groups"
+        ]
+        return [{k: v for k, v in group.items() if k != "params"} for group in groups]
+
+    def states(self, name: str) -> list[str]:
+        return [state for state in STATE_KEYS if state in self.pieces[name]]
+
+    def read(self, name: str, state: str, start: int, numel: int) -> torch.Tensor:
+        out = torch.empty(numel, dtype=torch.float32)
+        for rank, group, offset, piece_start, piece_numel in self.pieces[name][state]:
+            a, b = max(start, piece_start), min(start + numel, piece_start + piece_numel)
+            if a < b:
+                flat = self._flat(rank, group, state)
+                out[a - start : b - start] = flat[offset + a - piece_start : offset + b - piece_start]
+        return out
+
+    def read_full(self, name: str, state: str) -> torch.Tensor:
+        spec = self.specs[name]
+        return self.read(name, state, 0, spec.numel).view(spec.shape)
+
+    def extra(self, rank: int) -> dict | None:
+        return None
+
+    def close(self) -> None:
+        self._loaded.clear()
+
+
+def write_deepspeed_universal(source, dst: Path, run_parallel) -> None:
+    """Writes `source` (any reader) in DeepSpeed's universal layout under `dst`.
+
+    `run_parallel(fn, items)` applies fn to every item (the converter's thread pool + progress).
+    """
+    import deepspeed
+
+    dst = Path(dst)
+    zero = dst / "zero"
+    zero.mkdir(parents=True, exist_ok=True)
+    step = int(source.optimizer_step)
+
+    def convert(name: str) -> None:
+        folder = zero / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for state in source.states(name):
+            torch.save({"param": source.read_full(name, state), "cat_dim": 0}, folder / f"{state}.pt")
+        torch.save(step, folder / "step.pt")
+
+    run_parallel(convert, list(source.specs))
+    param_groups = [dict(group, params=[]) for group in source.param_groups]
+    torch.save(
+        {
+            "ds_version": deepspeed.__version__,
+            "zero_stage": _zero_stage(source),
+            "dynamic_loss_scale": False,
+            "overflow": False,
+            "param_groups": param_groups,
+            # ZeRO-3's universal loader reads the step and hyper-parameters from here.
+            "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": param_groups},
+        },
+        zero / "optimizer_state.pt",
+    )
+    counters = source.engine_counters
+    model_states = {
+        # In universal mode DeepSpeed restores module weights from zero/<param>/fp32.pt, so the
+        # module dict stays empty (a full copy would need the whole model in memory at once).
+        "module": {},
+        "buffer_names": [],
+        "optimizer": None,
+        "param_shapes": [OrderedDict((name, torch.Size(spec.shape)) for name, spec in source.specs.items())],
+        "frozen_param_shapes": None,
+        "shared_params": {},
+        "frozen_param_fragments": None,
+        "lr_scheduler": source.lr_scheduler,
+        "data_sampler": None,
+        "random_ltd": None,
+        "skipped_steps": int(counters.get("skipped_steps", 0)),
+        "global_steps": int(counters.get("global_steps", source.step)),
+        "global_samples": int(counters.get("global_samples", 0)),
+        "dp_world_size": int(source.meta.get("world_size", 1)),
+        "mp_world_size": 1,
+        "ds_version": deepspeed.__version__,
+    }
+    # Stage 1/2 engines read mp_rank_00_model_states.pt, stage 3 engines zero_pp_rank_0_mp_rank_00_....
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        torch.save(model_states, dst / name)
+    (dst.parent / "latest_universal").write_text(dst.name)
+
+
+def _zero_stage(source) -> int:
+    stage = getattr(source, "zero_stage", None)
+    if stage is None:
+        stage = source.meta.get("source", {}).get("zero_stage")
+    return max(1, int(stage or 1))

@@ -1,0 +1,193 @@
+"""Conversions: DeepSpeed ZeRO 1/2/3 -> universal (vs ds_to_universal), ours -> DeepSpeed load_universal,
+universal round trips, Hugging Face export, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from longloom.checkpointing.commit import COMMIT_FILE
+from longloom.checkpointing.convert import convert_checkpoint, format_inspection, hf_name, inspect_checkpoint
+from longloom.checkpointing.lazy_async import LazyAsyncCheckpointer
+from longloom.checkpointing.universal import CheckpointReader
+from tests.checkpointing.toy import assert_states_equal, build_engine, full_state, save_run, train
+
+STATES = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def _deepspeed_save_worker(folder: str, stage: int) -> dict:
+    engine = build_engine(stage)
+    train(engine, 1, 3)
+    engine.save_checkpoint(folder, tag="global_step3")
+    return full_state(engine)
+
+
+def _load_ours_worker(path: str, stage: int) -> dict:
+    engine = build_engine(stage, seed=77)
+    LazyAsyncCheckpointer(Path(path).parent).load(path, engine)
+    return full_state(engine)
+
+
+def _deepspeed_load_universal_worker(folder: str, tag: str, stage: int) -> dict:
+    engine = build_engine(stage, seed=55, load_universal=True)
+    engine.load_checkpoint(folder, tag=tag)
+    return full_state(engine)
+
+
+def _ds_to_universal(src: Path, dst: Path) -> None:
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    args = argparse.Namespace(
+        input_folder=str(src),
+        output_folder=str(dst),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # a plain nn.Module records no universal-checkpoint info
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(args)
+
+
+def _tensor(path: Path) -> torch.Tensor:
+    value = torch.load(path, map_location="cpu", weights_only=False)
+    return value["param"] if isinstance(value, dict) else value
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_checkpoint_converts_like_ds_to_universal(distributed, tmp_path, stage):
+    trained = distributed(2, _deepspeed_save_worker, str(tmp_path / "ds"), stage)[0]
+    source = tmp_path / "ds" / "global_step3"
+    _ds_to_universal(source, tmp_path / "theirs" / "global_step3")
+    convert_checkpoint(source, tmp_path / "ours" / "global_step3", to="deepspeed-universal", progress=False)
+
+    theirs, ours = tmp_path / "theirs" / "global_step3" / "zero", tmp_path / "ours" / "global_step3" / "zero"
+    names = sorted(p.name for p in theirs.iterdir() if p.is_dir())
+    assert (
+        names
+        == sorted(p.name for p in ours.iterdir() if p.is_dir())
+        == sorted(k for k in trained if k != "__scalars__")
+    )
+    for name in names:
+        for state in STATES:
+            expected = _tensor(theirs / name / f"{state}.pt")
+            actual = _tensor(ours / name / f"{state}.pt")
+            assert actual.shape == trained[name][state].shape
+            torch.testing.assert_close(actual.flatten(), expected.flatten(), rtol=0, atol=0)
+            torch.testing.assert_close(actual, trained[name][state], rtol=0, atol=0)
+        if stage < 3:  # DeepSpeed's ZeRO-3 conversion writes no step.pt
+            assert torch.load(ours / name / "step.pt") == torch.load(
+                theirs / name / "step.pt", weights_only=False
+            )
+    groups = torch.load(theirs / "optimizer_state.pt", weights_only=False)["param_groups"]
+    ours_groups = torch.load(ours / "optimizer_state.pt", weights_only=False)["param_groups"]
+    assert [{k: v for k, v in g.items() if k != "params"} for g in ours_groups] == [
+        {k: v for k, v in g.items() if k != "params"} for g in groups
+    ]
+
+    # The same DeepSpeed checkpoint through our universal layout resumes on 4 ranks, ZeRO-2.
+    convert_checkpoint(source, tmp_path / "universal", to="universal", progress=False)
+    for state in distributed(4, _load_ours_worker, str(tmp_path / "universal"), 2):
+        assert_states_equal(state, trained)
+
+
+@pytest.mark.parametrize("load_world,load_stage", [(4, 3), (2, 1)])
+def test_deepspeed_loads_our_checkpoint_as_universal(distributed, tmp_path, load_world, load_stage):
+    saved = distributed(2, save_run, str(tmp_path / "ckpt"), 2, True, 3)[0]
+    convert_checkpoint(
+        tmp_path / "ckpt" / "step-3",
+        tmp_path / "ds" / "global_step3",
+        to="deepspeed-universal",
+        progress=False,
+    )
+    assert (tmp_path / "ds" / "latest_universal").read_text() == "global_step3"
+    for state in distributed(
+        load_world, _deepspeed_load_universal_worker, str(tmp_path / "ds"), "global_step3", load_stage
+    ):
+        assert_states_equal(state, saved)
+
+
+def test_universal_round_trip_and_inspect(distributed, tmp_path):
+    saved = distributed(2, save_run, str(tmp_path / "ckpt"), 3, True, 2)[0]
+    distributed_ckpt = tmp_path / "ckpt" / "step-2"
+    convert_checkpoint(
+        tmp_path / "ckpt", tmp_path / "u1", to="universal", progress=False
+    )  # root -> newest step
+    convert_checkpoint(
+        tmp_path / "u1", tmp_path / "u2", to="universal", progress=False
+    )  # universal -> universal
+    with CheckpointReader(distributed_ckpt) as a, CheckpointReader(tmp_path / "u2") as b:
+        assert b.meta["layout"] == "universal" and b.step == a.step == 2
+        assert (
+            b.specs == a.specs and b.optimizer_step == a.optimizer_step and b.param_groups == a.param_groups
+        )
+        assert b.lr_scheduler == a.lr_scheduler and b.engine_counters == a.engine_counters
+        for name in a.specs:
+            for state in STATES:
+                torch.testing.assert_close(b.read_full(name, state), a.read_full(name, state), rtol=0, atol=0)
+        for rank in (0, 1):
+            extra_a, extra_b = a.extra(rank), b.extra(rank)
+            assert extra_b["loader"] == extra_a["loader"]
+            torch.testing.assert_close(
+                extra_b["rng"][str(rank)]["cpu"], extra_a["rng"][str(rank)]["cpu"], rtol=0, atol=0
+            )
+    # One consolidated tensor per parameter and state.
+    meta = json.loads((tmp_path / "u2" / COMMIT_FILE).read_text())
+    assert all(len(p) == 1 for entry in meta["params"].values() for p in entry["pieces"].values())
+    for state in distributed(1, _load_ours_worker, str(tmp_path / "u2"), 0):
+        assert_states_equal(state, saved)
+
+    report = inspect_checkpoint(distributed_ckpt)
+    assert (
+        report["committed"] and report["valid"] and report["step"] == 2 and report["layout"] == "distributed"
+    )
+    assert report["world_size"] == 2 and report["zero_stage"] == 3 and report["num_params"] == 6
+    assert report["numel"] == 37 * 12 + 13 * 12 + 13 * 3 + 7 * 13
+    assert report["tensors"] == 6 * 3 * 2  # ZeRO-3 on 2 ranks: two pieces per parameter and state
+    text = format_inspection(report)
+    assert "committed" in text and "up.weight" in text and "(13, 12)" in text
+    assert inspect_checkpoint(tmp_path / "u2")["layout"] == "universal"
+    root = inspect_checkpoint(tmp_path / "ckpt")
+    assert [s["step"] for s in root["steps"]] == [2, 1] and root["latest_committed"].endswith("step-2")
+
+    broken = tmp_path / "broken"
+    shutil.copytree(distributed_ckpt, broken)
+    (broken / COMMIT_FILE).unlink()
+    report = inspect_checkpoint(broken)
+    assert report["committed"] is False and report["valid"] is False and "never committed" in report["error"]
+    assert "NOT committed" in format_inspection(report)
+
+
+def test_inspect_deepspeed_checkpoint(distributed, tmp_path):
+    distributed(2, _deepspeed_save_worker, str(tmp_path / "ds"), 2)
+    report = inspect_checkpoint(tmp_path / "ds")  # root with `latest`
+    assert report["format"] == "deepspeed" and report["zero_stage"] == 2 and report["step"] == 3
+    assert report["world_size"] == 2 and report["optimizer_step"] == 3 and report["num_params"] == 6
+
+
+def test_convert_rejects_bad_targets_and_unknown_sources(tmp_path):
+    with pytest.raises(ValueError, match="--to"):
+        convert_checkpoint(tmp_path, tmp_path / "out", to="gguf")
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        convert_checkpoint(tmp_path / "junk", tmp_path / "out2", to="universal")
+
+
+def test_hf_names():
+    assert hf_name("embed_tokens.weight") == "model.embed_tokens.weight"
+    assert hf_name("layers.3.self_attn.k_proj.weight") == "model.layers.3.self_attn.k_proj.weight"
+    assert (
+        hf_name("layers.0.post_attention_layernorm.weight")
+        == "model.layers.0.post_attention_layernorm.weight"
+    )
+    assert hf_name("norm.weight") == "model.norm.weight" and hf_name("lm_head.weight") == "lm_head.weight"
+    with pytest.raises(ValueError, match="layer_pattern"):
+        hf_name("layers.0.self_attn.gate_proj.weight")  # linear-attention layers have no HF Llama form
