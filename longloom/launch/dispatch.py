@@ -1,0 +1,143 @@
+"""Which launcher runs a training job: `launch(cfg)` picks one from `launch.backend` and runs it.
+
+- auto: already inside a worker (torchrun set LOCAL_RANK / TORCHELASTIC_RUN_ID, or this is a Ray
+  worker): run here; one worker: run here; more: the Ray launcher (embedded cluster by default).
+- local: one worker in this process (launch.workers must be 1).
+- torchrun: torchrun starts the workers itself; outside torchrun this says how to call it.
+- ray: the Ray launcher, also for one worker.
+In-process runs restart in-process after a failure (launch.max_failures) except under torchrun,
+whose agent restarts the group (`torchrun --max-restarts`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import traceback
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch.distributed as dist
+
+from longloom.config import ConfigError, LongloomConfig, validate_layout
+from longloom.launch.env import ATTEMPT_ENV, under_torchrun
+from longloom.launch.supervisor import RunFailed, WorkerFailure, run_with_restarts
+
+logger = logging.getLogger(__name__)
+
+Entry = Callable[[LongloomConfig], Any]
+
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def _inside_worker() -> bool:
+    if under_torchrun() or "LOCAL_RANK" in os.environ:
+        return True
+    import sys
+
+    # Only a process that already imported Ray can be a Ray worker; importing it here costs a second.
+    if "ray" not in sys.modules:
+        return False
+    from longloom.launch.ray import _inside_ray_worker
+
+    return _inside_ray_worker()
+
+
+def choose_launcher(cfg: LongloomConfig) -> Literal["in_process", "ray"]:
+    """Where the workers of this run come from; raises ConfigError for a combination that cannot work."""
+    backend = cfg.launch.backend
+    workers = cfg.launch.workers
+    if backend == "auto":
+        return "in_process" if _inside_worker() or workers == 1 else "ray"
+    if backend == "local":
+        if workers != 1:
+            raise ConfigError(
+                f"launch.backend=local runs one worker in this process but launch.workers={workers}: "
+                "set launch.workers=1, or launch.backend=auto (Ray) for several workers"
+            )
+        return "in_process"
+    if backend == "torchrun":
+        if under_torchrun():
+            return "in_process"
+        raise ConfigError(
+            "launch.backend=torchrun: torchrun starts the workers, so run "
+            f"`torchrun --nproc-per-node {workers} -m longloom.launch.torchrun CONFIG [overrides]` "
+            "(add --max-restarts N to restart after failures), or set launch.backend=auto"
+        )
+    return "ray"
+
+
+def _default_entry(cfg: LongloomConfig) -> Any:
+    from longloom.training.trainer import run_training
+
+    return run_training(cfg)
+
+
+def _run_in_process(cfg: LongloomConfig, entry: Entry, attempt: int) -> Any:
+    if not under_torchrun():
+        os.environ[ATTEMPT_ENV] = str(attempt)
+    try:
+        return entry(cfg)
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception:  # noqa: BLE001 - any error of the entry is a failed attempt, restarted or reported
+        detail = traceback.format_exc()
+        if not under_torchrun() and dist.is_initialized():
+            # The next attempt starts like a fresh process would: with no process group.
+            dist.destroy_process_group()
+        raise WorkerFailure(int(os.environ.get("RANK", "0")), detail) from None
+
+
+def run_workers(cfg: LongloomConfig, entry: Entry | None = None) -> Any:
+    """Runs `entry(cfg)` (default `run_training`) on every worker; returns rank 0's result.
+
+    Raises RunFailed when the run fails for good, ConfigError for a configuration to fix.
+    """
+    launcher = choose_launcher(cfg)
+    if launcher == "in_process":
+        entry = entry or _default_entry
+        # torchrun restarts its own workers; a second loop here would multiply the restarts.
+        max_failures = 0 if under_torchrun() else cfg.launch.max_failures
+        return run_with_restarts(lambda attempt: _run_in_process(cfg, entry, attempt), max_failures)
+
+    from longloom.launch.ray import RayLauncher
+
+    validate_layout(cfg, cfg.launch.workers)
+    # Relative paths mean "relative to where the command ran", as for an in-process run; Ray
+    # workers of an embedded cluster share this machine but not necessarily this directory.
+    if not (cfg.launch.address or "").startswith(("http://", "https://")):
+        cfg = cfg.model_copy(deep=True)
+        cfg.train.output_dir = os.path.abspath(cfg.train.output_dir)
+    return RayLauncher(cfg, entry).run()
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def launch(cfg: LongloomConfig, entry: Entry | None = None) -> int:
+    """Runs the job the config describes; the exit code for the command line (0 on success).
+
+    A failure is logged with the rank and traceback of the worker that failed; Ctrl-C (or SIGTERM,
+    as `ray job stop` sends) stops every worker and the Ray cluster we started.
+    ConfigError is left to the caller, which prints it as a short message.
+    """
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    except ValueError:
+        pass  # not the main thread: signals stay with whoever owns it
+    try:
+        run_workers(cfg, entry)
+        return 0
+    except RunFailed as failure:
+        logger.error("%s", failure)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        logger.error("interrupted: every worker was stopped")
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,113 @@
+"""Small worker entries for the launcher tests: real collectives, a checkpoint to resume from.
+
+`counting_run(cfg)` is a stand-in for `run_training` with the same contract: it initialises
+torch.distributed from the launcher's environment, resumes from the newest committed checkpoint in
+`<output_dir>/checkpoints`, raises at `debug.fail_at_step` on the last rank of the first attempt, and
+writes `<output_dir>/metrics.jsonl`. Each step all-reduces (rank + 1) * step, so the running total
+after step n is n (n + 1) / 2 * W (W + 1) / 2 only if every rank took part in every step.
+
+Run as a module it is also the driver of the job-submission and torchrun tests:
+    python -m tests.launch.entries launch CONFIG [overrides]     (what `longloom train` does)
+    torchrun ... -m tests.launch.entries torchrun CONFIG [overrides]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from longloom.config import LongloomConfig
+from longloom.launch.env import attempt_number, init_distributed
+
+
+def expected_totals(steps: int, world_size: int) -> list[float]:
+    """The running total after each step of an uninterrupted run."""
+    ranks = world_size * (world_size + 1) / 2
+    return [step * (step + 1) / 2 * ranks for step in range(1, steps + 1)]
+
+
+def _newest_checkpoint(folder: Path) -> tuple[int, float]:
+    committed = sorted(folder.glob("step-*.json"), key=lambda path: int(path.stem.split("-")[1]))
+    if not committed:
+        return 0, 0.0
+    state = json.loads(committed[-1].read_text())
+    return state["step"], state["total"]
+
+
+def _commit(folder: Path, step: int, total: float) -> None:
+    # Written aside and renamed: a worker killed mid-write leaves the previous step as the newest.
+    partial = folder / f".step-{step}.json.partial"
+    partial.write_text(json.dumps({"step": step, "total": total}))
+    os.replace(partial, folder / f"step-{step}.json")
+
+
+def _counting(cfg: LongloomConfig, crash_on_second_attempt: bool) -> dict:
+    rank, world_size = init_distributed(timeout_s=cfg.launch.collective_timeout_s)
+    attempt = attempt_number()
+    output = Path(cfg.train.output_dir)
+    checkpoints = output / "checkpoints"
+    if rank == 0:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+    # Rank 0 reads the checkpoint and broadcasts it, so every rank resumes from the same step.
+    resume = torch.tensor(_newest_checkpoint(checkpoints) if rank == 0 else (0, 0.0), dtype=torch.float64)
+    dist.broadcast(resume, src=0)
+    start_step, total = int(resume[0]), float(resume[1])
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        if cfg.debug.fail_at_step == step and attempt == 0 and rank == world_size - 1:
+            raise RuntimeError(f"debug.fail_at_step={step}: injected failure on rank {rank}")
+        crash_now = cfg.debug.fail_at_step is not None and step == cfg.debug.fail_at_step + 1
+        if crash_on_second_attempt and crash_now and attempt == 1 and rank == 0:
+            os._exit(13)  # a process that dies without a Python exception (OOM kill, segfault)
+        contribution = torch.tensor([float((rank + 1) * step)], dtype=torch.float64)
+        dist.all_reduce(contribution)
+        total += float(contribution)
+        if rank == 0:
+            print(f"counting step {step} total {total}", flush=True)
+            with open(output / "metrics.jsonl", "a") as metrics:
+                metrics.write(json.dumps({"step": step, "loss": total, "attempt": attempt}) + "\n")
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                _commit(checkpoints, step, total)
+    environments = [None] * world_size
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LONGLOOM_ATTEMPT")
+    dist.all_gather_object(environments, {key: os.environ.get(key) for key in keys})
+    dist.destroy_process_group()
+    return {"total": total, "start_step": start_step, "attempt": attempt, "environments": environments}
+
+
+def counting_run(cfg: LongloomConfig) -> dict:
+    return _counting(cfg, crash_on_second_attempt=False)
+
+
+def counting_run_then_crash(cfg: LongloomConfig) -> dict:
+    """Like counting_run; on the second attempt rank 0's process also dies one step later."""
+    return _counting(cfg, crash_on_second_attempt=True)
+
+
+def read_metrics(output_dir: str | Path) -> dict[int, dict]:
+    """metrics.jsonl as {step: last record}: a step re-run after a restart replaces the earlier one."""
+    records = {}
+    for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return records
+
+
+def _main(argv: list[str]) -> int:
+    mode, rest = argv[0], argv[1:]
+    if mode == "torchrun":
+        from longloom.launch.torchrun import main
+
+        return main(rest, entry=counting_run)
+    from longloom.config import load_config
+    from longloom.launch.dispatch import launch
+
+    return launch(load_config(rest[0], rest[1:]), entry=counting_run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
