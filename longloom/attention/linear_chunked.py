@@ -80,17 +80,19 @@ def chain_states(
     log_decay: torch.Tensor | None,
     length: int,
     initial_state: torch.Tensor | None = None,
+    reverse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chains zero-state scans of consecutive pieces of `length` tokens, given in scan order.
+    """Chains zero-state scans of consecutive pieces of `length` tokens into one scan's states.
 
-    states: [N, B, H, d_k, d_v], piece n's own final state. Returns (incoming [N, B, H, d_k, d_v]:
-    the state entering piece n, final: the state after the last piece), using
-    incoming[n + 1] = lam^length * incoming[n] + states[n] and incoming[0] = initial_state (or 0).
+    states: [N, B, H, d_k, d_v], piece n's own final state, pieces in sequence order. Returns
+    (incoming [N, B, H, d_k, d_v]: the state entering each piece, final: the state after the last
+    piece walked), walking from the first piece (from the last when `reverse`) with
+    incoming[next] = lam^length * incoming[previous] + states[previous], starting at initial_state or 0.
     """
     piece_decay = decay_powers(log_decay, torch.tensor(length, device=states.device))
     running = torch.zeros_like(states[0]) if initial_state is None else initial_state.to(states.dtype)
     incoming = torch.empty_like(states)
-    for n in range(states.size(0)):
+    for n in reversed(range(states.size(0))) if reverse else range(states.size(0)):
         incoming[n] = running
         running = states[n] + (running if piece_decay is None else running * piece_decay.view(-1, 1, 1))
     return incoming, running
@@ -129,13 +131,9 @@ def _scan_blocks(
     if key_weight is not None:
         kb = kb * key_weight[None, :, None, :, None]
         qb = qb * query_weight[None, :, None, :, None]
-    block_states = torch.einsum("bhnjk,bhnjv->bhnkv", kb, vb)  # [B, H, N, d_k, d_v]
-    block_decay = decay_powers(log_decay, torch.tensor(c, device=q.device))  # [H]
-    incoming = torch.empty_like(block_states)
-    for n in reversed(range(blocks)) if reverse else range(blocks):
-        incoming[:, :, n] = state
-        state = block_states[:, :, n] + (state if block_decay is None else state * block_decay.view(-1, 1, 1))
-    out = out + torch.einsum("bhnik,bhnkv->bhniv", qb, incoming)
+    block_states = torch.einsum("bhnjk,bhnjv->nbhkv", kb, vb)  # [N, B, H, d_k, d_v]
+    incoming, state = chain_states(block_states, log_decay, c, state, reverse)
+    out = out + torch.einsum("bhnik,nbhkv->bhniv", qb, incoming)
     return out.permute(0, 2, 3, 1, 4).reshape(batch, seq, heads, v.size(-1)), state
 
 

@@ -267,13 +267,9 @@ def triton_linear_scan(
 
     _, piece_states = _launch(None, pieces(k), pieces(v), log_decay, None, reverse, block_size, True)
     piece_states = piece_states.view(batch, segments, *piece_states.shape[1:]).transpose(0, 1)  # type: ignore[union-attr]
-    if reverse:  # chain in scan order: a reverse scan starts from the last piece
-        piece_states = piece_states.flip(0)
-    incoming, final = chain_states(piece_states, log_decay, seq // segments, initial_state)
+    incoming, final = chain_states(piece_states, log_decay, seq // segments, initial_state, reverse)
     if q is None:
         return None, final
-    if reverse:
-        incoming = incoming.flip(0)
     incoming = incoming.transpose(0, 1).reshape(batch * segments, *incoming.shape[2:])
     out, _ = _launch(pieces(q), pieces(k), pieces(v), log_decay, incoming, reverse, block_size, False)
     return out.view(batch, seq, heads, -1), final  # type: ignore[union-attr]

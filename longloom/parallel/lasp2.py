@@ -140,10 +140,9 @@ def carried_states(
     for owner in range(world_size):
         for index, chunk_id in enumerate(local_chunk_ids(layout, owner, world_size)):
             by_chunk[chunk_id] = gathered[owner, :, index]
-    order = sorted(by_chunk, reverse=reverse)
-    incoming, _ = chain_states(torch.stack([by_chunk[c] for c in order]), log_decay, chunk_len)
-    position = {chunk_id: n for n, chunk_id in enumerate(order)}
-    return torch.stack([incoming[position[c]] for c in local_chunk_ids(layout, rank, world_size)], dim=1)
+    in_order = torch.stack([by_chunk[chunk_id] for chunk_id in range(len(by_chunk))])
+    incoming, _ = chain_states(in_order, log_decay, chunk_len, reverse=reverse)
+    return torch.stack([incoming[chunk_id] for chunk_id in local_chunk_ids(layout, rank, world_size)], dim=1)
 
 
 class _LASP2(torch.autograd.Function):
@@ -159,7 +158,7 @@ class _LASP2(torch.autograd.Function):
 
         # M of each local chunk (a zero-state scan without outputs), all-gathered, prefix-summed.
         _, states = scan(None, kc, vc, log_decay)
-        gathered = _all_gather(states.view(batch, chunks, *states.shape[1:]), group, world_size)
+        gathered = _all_gather(states.reshape(batch, chunks, *states.shape[1:]), group, world_size)
         incoming = carried_states(gathered, layout, rank, chunk_len, log_decay, reverse=False).flatten(0, 1)
         out, _ = scan(qc, kc, vc, log_decay, incoming)
 
@@ -181,7 +180,7 @@ class _LASP2(torch.autograd.Function):
         # dM = sum_t lam^(t+1) q_t^T dO_t of each local chunk (a reverse zero-state scan), all-gathered,
         # suffix-summed: the gradient reaching this chunk's final state from every later chunk.
         _, dual = scan(None, qc, doc, log_decay, reverse=True)
-        gathered = _all_gather(dual.view(batch, chunks, *dual.shape[1:]), ctx.group, world_size)
+        gathered = _all_gather(dual.reshape(batch, chunks, *dual.shape[1:]), ctx.group, world_size)
         outgoing = carried_states(gathered, ctx.layout, rank, chunk_len, log_decay, reverse=True).flatten(
             0, 1
         )
