@@ -88,10 +88,20 @@ class LinearAttention(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden, inner, bias=False)
         self.out_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
         self.o_proj = nn.Linear(inner, cfg.hidden, bias=False)
-        self.register_buffer(
-            "decay", retention_decays(self.heads).float() if cfg.linear_decay else None, persistent=False
-        )
+        # Kept out of the module's buffers: a bf16 cast of the model would round 1 - 2^-13 to 1.0
+        # and silently switch off the decay of the slow heads. Made per device, in fp32, on first use.
+        self.decay_values = retention_decays(self.heads).tolist() if cfg.linear_decay else None
+        self._decay_by_device: dict[torch.device, torch.Tensor] = {}
         self.dims = dims
+
+    def decay(self, device: torch.device) -> torch.Tensor | None:
+        if self.decay_values is None:
+            return None
+        if device not in self._decay_by_device:
+            self._decay_by_device[device] = torch.tensor(
+                self.decay_values, dtype=torch.float32, device=device
+            )
+        return self._decay_by_device[device]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -102,7 +112,7 @@ class LinearAttention(nn.Module):
         v = self.v_proj(x).view(shape)
         group = self.dims.sp_group if self.dims is not None and self.dims.sp > 1 else None
         layout = self.dims.layout if self.dims is not None else "contiguous"
-        out = lasp2_linear_attention(q, k, v, group=group, decay=self.decay, layout=layout)
+        out = lasp2_linear_attention(q, k, v, group=group, decay=self.decay(x.device), layout=layout)
         out = self.out_norm(out) * F.silu(self.gate_proj(x).view(shape))
         return self.o_proj(out.reshape(b, s, -1))
 
