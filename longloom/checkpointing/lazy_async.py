@@ -57,6 +57,7 @@ __all__ = ["LazyAsyncCheckpointer", "find_latest_committed"]
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.005
+EXTRA_PREFIX = "extra/"
 
 
 @dataclass
@@ -66,14 +67,21 @@ class _Job:
     step: int
     directory: Path
     layout: TensorFileLayout
-    pool: torch.Tensor
-    host_copies: list[tuple[torch.Tensor, torch.Tensor]]  # (source, pool view) copied by the writer
-    cuda_event: torch.cuda.Event | None
+    sources: list[tuple[str, torch.Tensor]]  # (key in the file, live tensor) to snapshot
+    ready: torch.cuda.Event | None  # recorded after the optimizer step, on the training stream
+    device: torch.device | None
     manifest: dict
     commit_fields: dict | None  # rank 0 only: what the marker needs beyond the manifests
+    copied: torch.cuda.Event | None = None  # device -> pool copies done (side stream)
+    copies_issued: threading.Event = field(default_factory=threading.Event)
     snapshot_done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     seconds: dict = field(default_factory=dict)
+
+    @property
+    def device_only(self) -> bool:
+        """True when all engine state is on the GPU (extras were cloned at save time and never change)."""
+        return all(tensor.is_cuda for key, tensor in self.sources if not key.startswith(EXTRA_PREFIX))
 
 
 class LazyAsyncCheckpointer:
@@ -117,7 +125,7 @@ class LazyAsyncCheckpointer:
         data_file = f"rank-{self.rank:05d}-{self.token}.safetensors"
 
         extra_tensors: dict[str, torch.Tensor] = {}
-        extra_json = encode_extra(extra if extra is not None else {}, "extra", extra_tensors)
+        extra_json = encode_extra(extra if extra is not None else {}, EXTRA_PREFIX.rstrip("/"), extra_tensors)
         entries, sources, pieces = [], [], []
         for flat_range, views in share:
             for key_state, view in views.items():
@@ -128,24 +136,12 @@ class LazyAsyncCheckpointer:
         entries += [(key, t.dtype, tuple(t.shape)) for key, t in extra_tensors.items()]
         sources += list(extra_tensors.items())
         layout = TensorFileLayout(entries, metadata={"step": step, "rank": self.rank, "token": self.token})
-        pool = self._pool_for(layout.data_bytes, pinned=any(v.is_cuda for _, v in sources))
-
-        host_copies, cuda_event = [], None
-        device_sources = [(view, layout.view(pool, key).view(-1)) for key, view in sources if view.is_cuda]
-        host_copies = [
-            (view.reshape(-1), layout.view(pool, key).view(-1)) for key, view in sources if not view.is_cuda
-        ]
-        if device_sources:
-            # Side stream: the copy starts after this step's optimizer update and overlaps the
-            # next forward/backward, which do not touch master weights or moments.
-            if self._stream is None:
-                self._stream = torch.cuda.Stream()
-            self._stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self._stream):
-                for view, target in device_sources:
-                    target.copy_(view.reshape(-1), non_blocking=True)
-                cuda_event = torch.cuda.Event()
-                cuda_event.record(self._stream)
+        ready, device = None, None
+        if any(view.is_cuda for _, view in sources):
+            # The snapshot may start once this step's optimizer update is done on the GPU.
+            device = next(view.device for _, view in sources if view.is_cuda)
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(device))
 
         manifest = {
             "token": self.token,
@@ -173,7 +169,7 @@ class LazyAsyncCheckpointer:
                     "kind": state.kind,
                 },
             }
-        job = _Job(step, directory, layout, pool, host_copies, cuda_event, manifest, commit_fields)
+        job = _Job(step, directory, layout, sources, ready, device, manifest, commit_fields)
         job.seconds["save_call"] = time.perf_counter() - started
         self._job = job
         if self.asynchronous:
@@ -186,15 +182,21 @@ class LazyAsyncCheckpointer:
             self._finish_previous()
 
     def wait_for_snapshot(self) -> None:
-        """Blocks until the last save's host copy is complete (call before the next engine.step())."""
+        """Makes sure the last save's snapshot is taken before the next optimizer step changes the state.
+
+        Call right before engine.step(). When everything lives on the GPU the host does not block:
+        the training stream waits for the side stream's copy.
+        """
         job = self._job
         if job is None:
             return
-        if job.cuda_event is not None and not job.host_copies:
-            # Only device sources: the GPU's next optimizer step waits for the copy, the host does not.
-            torch.cuda.current_stream().wait_event(job.cuda_event)
-            return
-        job.snapshot_done.wait()
+        started = time.perf_counter()
+        job.copies_issued.wait()
+        if job.copied is not None and job.device_only and job.error is None:
+            torch.cuda.current_stream(job.device).wait_event(job.copied)
+        else:
+            job.snapshot_done.wait()
+        job.seconds["wait_for_snapshot"] = time.perf_counter() - started
         if job.error is not None and "snapshot" not in job.seconds:
             raise RuntimeError(
                 f"checkpoint step {job.step}: snapshot failed on rank {self.rank}"
@@ -248,18 +250,37 @@ class LazyAsyncCheckpointer:
                     f"checkpoint step {job.step} failed on rank {self.rank}: {job.error}"
                 ) from job.error
 
+    def _snapshot(self, job: _Job) -> torch.Tensor:
+        """Copies every source into the host pool (device tensors on a side stream)."""
+        pool = self._pool_for(job.layout.data_bytes, pinned=job.device is not None)
+        on_device = [(key, t) for key, t in job.sources if t.is_cuda]
+        if on_device:
+            torch.cuda.set_device(job.device)  # the current device is per thread
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(job.device)
+            with torch.cuda.stream(self._stream):
+                self._stream.wait_event(job.ready)
+                for key, tensor in on_device:
+                    job.layout.view(pool, key).view(-1).copy_(tensor.reshape(-1), non_blocking=True)
+                job.copied = torch.cuda.Event()
+                job.copied.record(self._stream)
+        job.copies_issued.set()
+        for key, tensor in job.sources:
+            if not tensor.is_cuda:
+                job.layout.view(pool, key).view(-1).copy_(tensor.reshape(-1))
+        if job.copied is not None:
+            job.copied.synchronize()
+        return pool
+
     def _run(self, job: _Job) -> None:
         try:
             begin = time.perf_counter()
-            for source, target in job.host_copies:
-                target.copy_(source)
-            if job.cuda_event is not None:
-                job.cuda_event.synchronize()
+            pool = self._snapshot(job)
             job.seconds["snapshot"] = time.perf_counter() - begin
             job.snapshot_done.set()
             begin = time.perf_counter()
             job.directory.mkdir(parents=True, exist_ok=True)
-            write_tensor_file(job.directory / job.manifest["file"], job.layout, job.pool)
+            write_tensor_file(job.directory / job.manifest["file"], job.layout, pool)
             atomic_write_json(job.directory / _manifest_name(self.rank, self.token), job.manifest)
             job.seconds["write"] = time.perf_counter() - begin
             if self.rank == 0:
@@ -269,6 +290,7 @@ class LazyAsyncCheckpointer:
         except BaseException as error:  # noqa: BLE001 - surfaced to the training thread
             job.error = error
         finally:
+            job.copies_issued.set()
             job.snapshot_done.set()
 
     def _commit(self, job: _Job) -> None:
