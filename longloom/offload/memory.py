@@ -1,0 +1,227 @@
+"""Memory estimate per GPU and per host for a config, with ZeRO partitioning and offload taken into account.
+
+Used by `longloom check` (printed, and a config whose pinned host memory cannot fit is refused) and by
+the interleaved optimizer (how much GPU memory is left for Adam moments). The numbers follow what the
+trainer builds: DeepSpeed partitions ZeRO state over all dp x sp workers; every layer is checkpointed,
+so a layer keeps only its input [B, S/sp, hidden] between forward and backward, and backward holds one
+layer's recomputed activations at a time (Korthikanti et al., "Reducing Activation Recomputation in
+Large Transformer Models", 2022, for what a layer saves; flash attention keeps no S x S matrix).
+Activation offload (offload/activations.py) moves a share of every layer input but the last to pinned
+host memory; optimizer offload moves master weights and moments (cpu) or a share of the moments
+(interleaved). These are estimates for planning: allocator fragmentation and communication buffers
+come on top.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from longloom.config import ConfigError, LongloomConfig, ModelConfig, resolve_split
+
+GIB = 1 << 30
+# Pinned memory cannot be swapped out; leave the rest of the host to the OS, data loading and Python.
+DEFAULT_PINNABLE_SHARE = 0.8
+# Share of the GPU the interleaved optimizer may plan to fill (allocator slack, NCCL buffers, kernels).
+DEVICE_USABLE_SHARE = 0.9
+
+
+def parameter_count(m: ModelConfig) -> int:
+    h, d, kv = m.hidden, m.head_dim, m.num_kv_heads
+    inner = m.heads * d
+    mlp = 3 * h * m.mlp_width
+    total = 2 * m.vocab_size * h + h  # embedding, lm_head, final norm
+    for kind in m.layer_kinds():
+        if kind == "S":
+            total += 2 * h * inner + 2 * h * kv * d + mlp + 2 * h
+        else:
+            total += 5 * h * inner + d + mlp + 2 * h
+    return total
+
+
+def _training_dtype_bytes(cfg: LongloomConfig) -> int:
+    """Bytes of a model weight / activation element: the trainer's dtype rule, for a GPU when one is here."""
+    bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and torch.cuda.is_available())
+    return 2 if bf16 else 4
+
+
+def _workers_per_host(cfg: LongloomConfig) -> int:
+    if torch.cuda.is_available():
+        return max(1, min(cfg.launch.workers, torch.cuda.device_count()))
+    return cfg.launch.workers
+
+
+def host_memory_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _optimizer_bytes(cfg: LongloomConfig, n: int, world: int, gpu_share: float) -> dict[str, float]:
+    """Per worker: device bytes of params / grads / fp32 master / moments, and pinned host bytes."""
+    stage, b = cfg.train.zero_stage, _training_dtype_bytes(cfg)
+    part = n / world  # one worker's ZeRO partition
+    states_n = part if stage >= 1 else n
+    device = {
+        "parameters": b * (part if stage == 3 else n),
+        "gradients": b * (part if stage >= 2 else n),
+        # bf16 keeps an fp32 master copy; fp32 under ZeRO keeps a separate fp32 partition as well.
+        "master_weights": 4 * states_n if (b == 2 or stage >= 1) else 0.0,
+        "optimizer_states": 8 * states_n,
+    }
+    host = 0.0
+    mode = cfg.offload.optimizer
+    if mode == "cpu":
+        # ZeRO-Offload: fp32 master, moments and the fp32 gradient partition on the host, plus the
+        # pinned low-precision copy of the partition that goes back to the GPU.
+        host = (4 + 8 + 4) * states_n + b * states_n
+        device["master_weights"] = 0.0
+        device["optimizer_states"] = 0.0
+    elif mode == "interleaved":
+        # Host subgroups: moments plus staging for the fp32 gradient and weights of each chunk.
+        host = (1.0 - gpu_share) * (8 + 8) * states_n
+        device["optimizer_states"] = 8 * states_n * gpu_share
+    return {**device, "host": host}
+
+
+def _activation_bytes(cfg: LongloomConfig, sp: int) -> dict[str, float]:
+    m, b = cfg.model, _training_dtype_bytes(cfg)
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len / sp  # this worker's tokens per step
+    layer_input = tokens * m.hidden * b
+    share = cfg.offload.activation_share if m.activation_checkpointing else 0.0
+    kv_width = 2 * m.num_kv_heads * m.head_dim
+    # One layer recomputed in backward: norms, q/k/v, attention output, MLP gate/up/product; the
+    # gradients of as much again are live while it runs backward.
+    layer_working = 2 * tokens * (6 * m.hidden + kv_width + 4 * m.mlp_width) * b
+    rope = tokens * m.head_dim * 4  # cos and sin tables, fp32, shared by all layers
+    logits = 2 * tokens * m.vocab_size * b  # logits and their gradient
+    if not m.activation_checkpointing:
+        inputs, host = m.layers * layer_working / 2, 0.0
+    else:
+        swapped = (m.layers - 1) * share * layer_input
+        prefetch = layer_input if share > 0 and m.layers > 1 else 0.0  # the next layer's input coming back
+        inputs, host = m.layers * layer_input - swapped + prefetch, swapped
+    return {
+        "checkpointed_inputs": inputs,
+        "layer_working": layer_working,
+        "logits": logits + rope,
+        "total": inputs + layer_working + logits + rope,
+        "host": host,
+    }
+
+
+def estimate_memory(cfg: LongloomConfig, world_size: int, gpu_share: float | None = None) -> dict[str, Any]:
+    """Bytes per GPU (by component) and pinned host bytes (per worker and per host) for `cfg`.
+
+    gpu_share: the interleaved optimizer's GPU share; None = offload.gpu_share, or for "auto" the most
+    the GPU memory allows (what the optimizer will pick at most), or 0.5 without a GPU here.
+    """
+    dp, ulysses, ring = resolve_split(cfg, world_size)
+    n = parameter_count(cfg.model)
+    if gpu_share is None:
+        gpu_share = _planned_gpu_share(cfg, world_size)
+    optimizer = _optimizer_bytes(cfg, n, world_size, gpu_share)
+    activations = _activation_bytes(cfg, ulysses * ring)
+    per_gpu = {
+        key: optimizer[key] for key in ("parameters", "gradients", "master_weights", "optimizer_states")
+    }
+    per_gpu["activations"] = activations["total"]
+    per_gpu["total"] = sum(per_gpu.values())
+    host_worker = {"activations": activations["host"], "optimizer": optimizer["host"]}
+    host_worker["total"] = host_worker["activations"] + host_worker["optimizer"]
+    workers_per_host = _workers_per_host(cfg)
+    return {
+        "parameters_count": n,
+        "world_size": world_size,
+        "split": {"dp": dp, "ulysses": ulysses, "ring": ring},
+        "dtype_bytes": _training_dtype_bytes(cfg),
+        "gpu_share": gpu_share if cfg.offload.optimizer == "interleaved" else None,
+        "per_gpu": {key: int(value) for key, value in per_gpu.items()},
+        "activation_detail": {key: int(v) for key, v in activations.items() if key not in ("total", "host")},
+        "host_pinned_per_worker": {key: int(value) for key, value in host_worker.items()},
+        "workers_per_host": workers_per_host,
+        "host_pinned_per_host": int(host_worker["total"] * workers_per_host),
+    }
+
+
+def interleaved_share_memory_cap(cfg: LongloomConfig, world_size: int, device_bytes: int | None) -> float:
+    """The largest GPU share of moments that fits next to everything else; 1.0 without a separate device."""
+    if device_bytes is None:
+        return 1.0
+    without = estimate_memory(cfg, world_size, gpu_share=0.0)["per_gpu"]["total"]
+    states_n = parameter_count(cfg.model) / (world_size if cfg.train.zero_stage >= 1 else 1)
+    room = DEVICE_USABLE_SHARE * device_bytes - without
+    return float(min(1.0, max(0.0, room / (8 * states_n))))
+
+
+def _planned_gpu_share(cfg: LongloomConfig, world_size: int) -> float:
+    if cfg.offload.gpu_share != "auto":
+        return float(cfg.offload.gpu_share)
+    if torch.cuda.is_available():
+        return interleaved_share_memory_cap(cfg, world_size, torch.cuda.get_device_properties(0).total_memory)
+    return 0.5
+
+
+def host_pinned_limit(cfg: LongloomConfig) -> tuple[int, str]:
+    """(bytes that may be pinned on one host, where that number comes from)."""
+    if cfg.offload.host_memory_limit_gb is not None:
+        return int(cfg.offload.host_memory_limit_gb * GIB), "offload.host_memory_limit_gb"
+    total = host_memory_bytes()
+    return int(
+        total * DEFAULT_PINNABLE_SHARE
+    ), f"{DEFAULT_PINNABLE_SHARE:.0%} of this host's {human_bytes(total)}"
+
+
+def check_host_memory(cfg: LongloomConfig, estimate: dict[str, Any]) -> None:
+    """Raises ConfigError when the pinned host memory of one host's workers exceeds what may be pinned."""
+    needed = estimate["host_pinned_per_host"]
+    limit, source = host_pinned_limit(cfg)
+    if needed > limit:
+        worker = estimate["host_pinned_per_worker"]
+        raise ConfigError(
+            f"pinned host memory needed: {human_bytes(needed)} per host ({estimate['workers_per_host']} workers x "
+            f"{human_bytes(worker['total'])}: activations {human_bytes(worker['activations'])} "
+            f"(offload.activations={cfg.offload.activations}), optimizer {human_bytes(worker['optimizer'])} "
+            f"(offload.optimizer={cfg.offload.optimizer})) exceeds the {human_bytes(limit)} allowed "
+            f"({source}): lower offload.activations, use offload.optimizer=interleaved or raise offload.gpu_share, "
+            "spread the run over more hosts, or set offload.host_memory_limit_gb if this host has more to give"
+        )
+
+
+def human_bytes(value: float) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{int(value)} B"
+
+
+def format_estimate(estimate: dict[str, Any]) -> str:
+    gpu, host = estimate["per_gpu"], estimate["host_pinned_per_worker"]
+    gib = human_bytes
+
+    lines = [
+        (
+            f"# memory estimate: {estimate['parameters_count'] / 1e6:.1f}M parameters, "
+            f"{estimate['dtype_bytes']}-byte weights/activations, ZeRO over {estimate['world_size']} workers"
+        ),
+        "# per GPU: "
+        + ", ".join(f"{key.replace('_', ' ')} {gib(value)}" for key, value in gpu.items() if key != "total")
+        + f"; total {gib(gpu['total'])}",
+        "# activations: "
+        + ", ".join(
+            f"{key.replace('_', ' ')} {gib(value)}" for key, value in estimate["activation_detail"].items()
+        ),
+        (
+            f"# pinned host memory per worker: activations {gib(host['activations'])}, optimizer "
+            f"{gib(host['optimizer'])}; per host ({estimate['workers_per_host']} workers) "
+            f"{gib(estimate['host_pinned_per_host'])}"
+        ),
+    ]
+    if estimate["gpu_share"] is not None:
+        lines.append(f"# interleaved optimizer: GPU share of moments {estimate['gpu_share']:.2f} (planned)")
+    return "\n".join(lines)

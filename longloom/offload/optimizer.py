@@ -1,0 +1,432 @@
+"""Optimizer states in host memory: DeepSpeed ZeRO-Offload (CPU Adam) and GPU/CPU interleaving.
+
+`offload.optimizer=cpu` is ZeRO-Offload (Ren et al., "ZeRO-Offload: Democratizing Billion-Scale Model
+Training", 2021): fp32 master weights and Adam moments live in pinned host memory and DeepSpeed's
+vectorised CPU Adam updates them; configured entirely through the DeepSpeed config.
+
+`offload.optimizer=interleaved` follows "Deep Optimizer States: Towards Scalable Training of Transformer
+Models Using Interleaved Offloading" (Maurya et al., 2024). Idea: the parameters are split into
+subgroups; the moments of a share of them stay on the GPU and are updated there (fused AdamW, fast),
+the others live on the host and are updated by CPU Adam, at the same time: while the GPU kernels run,
+the CPU works through its subgroups chunk by chunk, each chunk's gradient and weights coming over PCIe
+on one stream and going back on another. The GPU share comes from a small performance model measured
+once at startup (GPU update rate, CPU update rate, PCIe bandwidth each way): the share that makes both
+sides finish together, capped by what the GPU memory estimate leaves free for moments.
+
+It plugs into DeepSpeed as a client optimizer (`deepspeed.initialize(optimizer=build_optimizer(...))`):
+each subgroup is one param group, so every ZeRO stage gives it one flat fp32 tensor per subgroup whose
+moments have that tensor's shape, on one device; DeepSpeed's fragment APIs (universal checkpoints) see
+the usual `exp_avg` / `exp_avg_sq`. Overlap depends on how DeepSpeed calls `step`: stage 0, the bf16
+optimizer and ZeRO-3 per sub-group pass work that can overlap; ZeRO-1/2 step one param group at a
+time and convert it to bf16 right after, so there the CPU subgroups overlap their PCIe copies but not
+the GPU subgroups' kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.optim.adam import adam as adam_functional
+
+from longloom.config import ConfigError, LongloomConfig
+
+logger = logging.getLogger("longloom")
+
+ADAM_EPS = 1e-8
+SUBGROUPS = 16  # parameter subgroups the interleaved optimizer splits the model into (whole parameters)
+CHUNK_ELEMENTS = 1 << 23  # 32 MiB of fp32: the unit of the PCIe <-> CPU Adam pipeline
+# Per element updated on the CPU: fp32 gradient and weight to the host, fp32 weight back.
+D2H_BYTES_PER_ELEMENT = 8
+H2D_BYTES_PER_ELEMENT = 4
+
+
+def adamw_hyperparameters(cfg: LongloomConfig) -> dict[str, Any]:
+    t = cfg.train
+    return {"lr": t.lr, "betas": list(t.betas), "eps": ADAM_EPS, "weight_decay": t.weight_decay}
+
+
+def optimizer_settings(cfg: LongloomConfig) -> dict[str, Any]:
+    """The DeepSpeed config sections for the optimizer: "optimizer" and the whole "zero_optimization".
+
+    none: DeepSpeed's AdamW. cpu: ZeRO-Offload with CPU Adam; it lives inside ZeRO, so zero_stage 0 is
+    refused (rather than silently promoted: stage 1 also partitions states over the ranks, which the
+    user did not ask for). interleaved: no "optimizer" section, the trainer passes `build_optimizer`'s
+    client optimizer, which ZeRO accepts with zero_allow_untested_optimizer.
+    """
+    stage = cfg.train.zero_stage
+    zero: dict[str, Any] = {"stage": stage}
+    mode = cfg.offload.optimizer
+    if mode == "interleaved":
+        return {"zero_optimization": zero, "zero_allow_untested_optimizer": True}
+    if mode == "cpu":
+        if stage == 0:
+            raise ConfigError(
+                "offload.optimizer=cpu needs ZeRO (DeepSpeed's optimizer offload is part of ZeRO) but "
+                "train.zero_stage=0: set train.zero_stage=1 (or 2, 3), or use offload.optimizer=interleaved"
+            )
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return {"optimizer": {"type": "AdamW", "params": adamw_hyperparameters(cfg)}, "zero_optimization": zero}
+
+
+# -- performance model ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdateRates:
+    """Measured once at startup on small buffers; elements are fp32 parameters."""
+
+    gpu_elements_per_s: float
+    cpu_elements_per_s: float
+    d2h_bytes_per_s: float
+    h2d_bytes_per_s: float
+
+    def describe(self) -> str:
+        return (
+            f"GPU AdamW {self.gpu_elements_per_s / 1e9:.2f} G elem/s, CPU Adam {self.cpu_elements_per_s / 1e9:.2f} "
+            f"G elem/s, PCIe {self.d2h_bytes_per_s / 1e9:.1f} GB/s to host, {self.h2d_bytes_per_s / 1e9:.1f} GB/s back"
+        )
+
+
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    """Best of `repeats` wall times of fn() after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return max(best, 1e-9)
+
+
+def measure_update_rates(device: torch.device, elements: int | None = None, repeats: int = 3) -> UpdateRates:
+    """GPU and CPU Adam update rates and PCIe bandwidth, on buffers of `elements` fp32 values."""
+    cuda = device.type == "cuda"
+    elements = elements or (1 << 24 if cuda else 1 << 18)
+    param, grad = torch.zeros(elements, device=device), torch.randn(elements, device=device)
+    moments = [torch.zeros(elements, device=device), torch.zeros(elements, device=device)]
+    step = torch.zeros((), device=device if cuda else "cpu")
+
+    def gpu_update() -> None:
+        adam_functional(
+            [param], [grad], [moments[0]], [moments[1]], [], [step], fused=cuda, foreach=False,
+            decoupled_weight_decay=True, amsgrad=False, beta1=0.9, beta2=0.95, lr=1e-4, weight_decay=0.0,
+            eps=ADAM_EPS, maximize=False,
+        )  # fmt: skip
+
+    host = [torch.zeros(elements, pin_memory=cuda) for _ in range(4)]
+    cpu_adam = _cpu_adam()
+
+    def cpu_update() -> None:
+        cpu_adam.update(1, 1e-4, (0.9, 0.95), ADAM_EPS, 0.0, host[0], host[1], host[2], host[3])
+
+    staging = torch.empty(elements, pin_memory=cuda)
+    d2h = _timed(lambda: staging.copy_(grad, non_blocking=cuda), device, repeats)
+    h2d = _timed(lambda: param.copy_(staging, non_blocking=cuda), device, repeats)
+    return UpdateRates(
+        gpu_elements_per_s=elements / _timed(gpu_update, device, repeats),
+        cpu_elements_per_s=elements / _timed(cpu_update, device, repeats),
+        d2h_bytes_per_s=elements * 4 / d2h,
+        h2d_bytes_per_s=elements * 4 / h2d,
+    )
+
+
+def balanced_gpu_share(rates: UpdateRates) -> float:
+    """The GPU share s at which both sides finish together: s * t_gpu = (1 - s) * t_cpu.
+
+    Per element, the GPU costs 1 / gpu rate; the CPU path is a pipeline (copy in, CPU Adam, copy out),
+    so it costs its slowest stage.
+    """
+    gpu_cost = 1.0 / rates.gpu_elements_per_s
+    cpu_cost = max(
+        1.0 / rates.cpu_elements_per_s,
+        D2H_BYTES_PER_ELEMENT / rates.d2h_bytes_per_s,
+        H2D_BYTES_PER_ELEMENT / rates.h2d_bytes_per_s,
+    )
+    return cpu_cost / (cpu_cost + gpu_cost)
+
+
+def _agreed_rates(rates: UpdateRates) -> UpdateRates:
+    """Rank 0's measurement on every rank, so all ranks place the same subgroups on the GPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [rates]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return rates
+
+
+def choose_gpu_share(cfg: LongloomConfig, device: torch.device, world_size: int) -> float:
+    """offload.gpu_share, or ("auto") the balanced share capped by the GPU memory left for moments."""
+    if cfg.offload.gpu_share != "auto":
+        share = float(cfg.offload.gpu_share)
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError(f"offload.gpu_share={share} must be 'auto' or a share in [0, 1]")
+        return share
+    from longloom.offload.memory import interleaved_share_memory_cap
+
+    rates = _agreed_rates(measure_update_rates(device))
+    balanced = balanced_gpu_share(rates)
+    device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    cap = interleaved_share_memory_cap(cfg, world_size, device_bytes)
+    share = min(balanced, cap)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.info(
+            "interleaved optimizer: %s -> balanced GPU share %.3f, GPU memory allows %.3f: GPU share %.3f",
+            rates.describe(), balanced, cap, share,
+        )  # fmt: skip
+    return share
+
+
+# -- the interleaved optimizer ----------------------------------------------------------------------
+
+
+class _CpuAdam:
+    """DeepSpeed's vectorised CPU Adam(W) kernel, applied to one chunk at a time.
+
+    DeepSpeedCPUAdam.step() walks all of its parameters; the pipeline needs chunk-sized calls, so this
+    holds one instance (which builds / loads the cpu_adam op and owns its C++ state) and calls its op.
+    Every call passes all hyperparameters, so one instance per process serves every optimizer.
+    """
+
+    def __init__(self):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        self._owner = DeepSpeedCPUAdam([torch.zeros(1)], adamw_mode=True)
+
+    def update(
+        self, step: int, lr: float, betas, eps: float, weight_decay: float, param, grad, exp_avg, exp_avg_sq
+    ):
+        self._owner.ds_opt_adam.adam_update(
+            self._owner.opt_id,
+            step,
+            lr,
+            betas[0],
+            betas[1],
+            eps,
+            weight_decay,
+            True,
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+        )
+
+
+@functools.cache
+def _cpu_adam() -> _CpuAdam:
+    return _CpuAdam()  # loading the op takes seconds (a compile check, a build the first time)
+
+
+def split_into_subgroups(params: list[torch.nn.Parameter], subgroups: int = SUBGROUPS) -> list[list]:
+    """Consecutive whole parameters, about total / subgroups elements each."""
+    total = sum(p.numel() for p in params)
+    target = max(1, -(-total // subgroups))
+    groups, current, size = [], [], 0
+    for p in params:
+        current.append(p)
+        size += p.numel()
+        if size >= target:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    return groups
+
+
+def interleave(sizes: list[int], gpu_share: float) -> list[bool]:
+    """on_cpu flags spreading the CPU subgroups evenly (every k-th), about (1 - share) of the elements."""
+    on_cpu, seen, on_gpu = [], 0, 0
+    for size in sizes:
+        seen += size
+        gpu = on_gpu + size / 2 <= gpu_share * seen
+        on_gpu += size if gpu else 0
+        on_cpu.append(not gpu)
+    return on_cpu
+
+
+class InterleavedAdamW(torch.optim.Optimizer):
+    """AdamW whose param groups carry `on_cpu`: moments on the host, updated by CPU Adam, or on the device.
+
+    Works on whatever tensors DeepSpeed hands it (flat fp32 partitions under ZeRO, the parameters at
+    stage 0) and on any device: on CPU the same pipeline runs with plain host buffers, which is what
+    the CPU tests exercise.
+    """
+
+    def __init__(self, param_groups: list[dict], lr: float, betas, eps: float, weight_decay: float):
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "on_cpu": False,
+        }
+        super().__init__(param_groups, defaults)
+        self._cpu_adam: _CpuAdam | None = None
+        # id(param) -> (weak ref to param, host weights, host gradient): staging for host subgroups.
+        self._staging: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
+        self._streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None
+        self._last_h2d: torch.cuda.Event | None = None
+        self._moved: set[int] = set()
+
+    @property
+    def gpu_share(self) -> float:
+        sizes = [(sum(p.numel() for p in g["params"]), g["on_cpu"]) for g in self.param_groups]
+        total = sum(size for size, _ in sizes)
+        return sum(size for size, on_cpu in sizes if not on_cpu) / max(total, 1)
+
+    def _state(self, p: torch.Tensor, on_cpu: bool) -> dict:
+        """Creates the moments where the group lives; moves them there if a checkpoint load did not."""
+        state = self.state[p]
+        home = torch.device("cpu") if on_cpu else p.device
+        pin = on_cpu and p.is_cuda
+        if not state:
+            fused = p.is_cuda and not on_cpu
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = torch.zeros(p.shape, dtype=torch.float32, device=home, pin_memory=pin)
+        elif state["exp_avg"].device != home:
+            # torch's load_state_dict (and DeepSpeed's universal loader) put states next to the param.
+            for key in ("exp_avg", "exp_avg_sq"):
+                moved = torch.empty(p.shape, dtype=torch.float32, device=home, pin_memory=pin)
+                state[key] = moved.copy_(state[key])
+            if not on_cpu and p.is_cuda:
+                state["step"] = state["step"].to(p.device)
+            if id(p) not in self._moved:
+                self._moved.add(id(p))
+                logger.info("optimizer state of a %d-element subgroup moved to %s", p.numel(), home)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise NotImplementedError("InterleavedAdamW does not take a closure")
+        device_groups, host_work = [], []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["on_cpu"]:
+                host_work += [(p, group, self._state(p, on_cpu=True)) for p in params]
+            else:
+                device_groups.append((group, params, [self._state(p, on_cpu=False) for p in params]))
+        copies = self._start_copies_to_host(host_work) if host_work else []
+        # Device subgroups: kernels queued now run while this thread does the CPU subgroups below.
+        for group, params, states in device_groups:
+            fused = params[0].is_cuda
+            adam_functional(
+                params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], fused=fused,
+                foreach=False, decoupled_weight_decay=True, amsgrad=False, beta1=group["betas"][0],
+                beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"],
+                eps=group["eps"], maximize=False,
+            )  # fmt: skip
+        if host_work:
+            self._update_on_host(host_work, copies)
+
+    def _host_buffers(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self._staging.get(id(p))
+        if entry is None or entry[0]() is not p:
+            buffers = [torch.empty(p.numel(), dtype=torch.float32, pin_memory=p.is_cuda) for _ in range(2)]
+            entry = self._staging[id(p)] = (weakref.ref(p), *buffers)
+        return entry[1], entry[2]
+
+    def _start_copies_to_host(self, host_work) -> list[tuple]:
+        """Queues each chunk's gradient and weights to the host; returns (work item, slice, event)."""
+        cuda = host_work[0][0].is_cuda
+        if cuda and self._streams is None:
+            device = host_work[0][0].device
+            self._streams = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        copies = []
+        if cuda:
+            to_host = self._streams[0]
+            to_host.wait_stream(torch.cuda.current_stream())  # gradients are finished on compute
+            if self._last_h2d is not None:
+                to_host.wait_event(self._last_h2d)  # last step's copies back read the staging buffers
+        for item in host_work:
+            p = item[0]
+            host_param, host_grad = self._host_buffers(p)
+            flat_param, flat_grad = p.view(-1), p.grad.view(-1)
+            for start in range(0, p.numel(), CHUNK_ELEMENTS):
+                chunk = slice(start, min(start + CHUNK_ELEMENTS, p.numel()))
+                event = None
+                if cuda:
+                    with torch.cuda.stream(to_host):
+                        host_grad[chunk].copy_(flat_grad[chunk], non_blocking=True)
+                        host_param[chunk].copy_(flat_param[chunk], non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record(to_host)
+                else:
+                    host_grad[chunk].copy_(flat_grad[chunk])
+                    host_param[chunk].copy_(flat_param[chunk])
+                copies.append((item, chunk, event))
+        # No record_stream for the gradients: _update_on_host waits for every copy before step returns.
+        return copies
+
+    def _update_on_host(self, host_work, copies) -> None:
+        if self._cpu_adam is None:
+            self._cpu_adam = _cpu_adam()
+        steps = {}
+        for p, _, state in host_work:
+            state["step"] += 1
+            steps[id(p)] = int(state["step"])
+        cuda = host_work[0][0].is_cuda
+        back = self._streams[1] if cuda else None
+        for (p, group, state), chunk, event in copies:
+            if event is not None:
+                event.synchronize()
+            host_param, host_grad = self._host_buffers(p)
+            self._cpu_adam.update(
+                steps[id(p)], group["lr"], group["betas"], group["eps"], group["weight_decay"], host_param[chunk],
+                host_grad[chunk], state["exp_avg"].view(-1)[chunk], state["exp_avg_sq"].view(-1)[chunk],
+            )  # fmt: skip
+            if cuda:
+                with torch.cuda.stream(back):
+                    p.view(-1)[chunk].copy_(host_param[chunk], non_blocking=True)
+            else:
+                p.view(-1)[chunk].copy_(host_param[chunk])
+        if cuda:
+            self._last_h2d = torch.cuda.Event()
+            self._last_h2d.record(back)
+            # Whatever DeepSpeed does next (bf16 copy, all-gather) is queued after the weights are back.
+            torch.cuda.current_stream().wait_event(self._last_h2d)
+
+
+def build_optimizer(
+    cfg: LongloomConfig, params, device: torch.device | None = None, world_size: int | None = None
+) -> torch.optim.Optimizer | None:
+    """The client optimizer for deepspeed.initialize(optimizer=...): InterleavedAdamW, or None otherwise."""
+    if cfg.offload.optimizer != "interleaved":
+        return None
+    if device is None:
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+    params = [p for p in params if p.requires_grad]
+    subgroups = split_into_subgroups(params)
+    share = choose_gpu_share(cfg, device, world_size)
+    on_cpu = interleave([sum(p.numel() for p in group) for group in subgroups], share)
+    hyper = adamw_hyperparameters(cfg)
+    optimizer = InterleavedAdamW(
+        [{"params": group, "on_cpu": flag} for group, flag in zip(subgroups, on_cpu)],
+        lr=hyper["lr"], betas=hyper["betas"], eps=hyper["eps"], weight_decay=hyper["weight_decay"],
+    )  # fmt: skip
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.info(
+            "interleaved optimizer: %d of %d parameter subgroups (%.1f%% of the elements) keep moments on the GPU",
+            on_cpu.count(False), len(on_cpu), 100 * optimizer.gpu_share,
+        )  # fmt: skip
+    return optimizer

@@ -1,0 +1,109 @@
+"""Memory estimate: parameter count of the real model, ZeRO / offload bookkeeping, the pinned-host check."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from longloom.config import ConfigError, load_config
+from longloom.models.llama import LlamaModel
+from longloom.offload.activations import ActivationOffloader
+from longloom.offload.memory import (
+    check_host_memory,
+    estimate_memory,
+    format_estimate,
+    interleaved_share_memory_cap,
+    parameter_count,
+)
+
+MODEL = ["model.hidden=64", "model.heads=8", "model.kv_heads=2", "model.layers=3", "train.dtype=fp32"]
+
+
+@pytest.mark.parametrize("pattern", ["S", "L", "LLS"])
+def test_parameter_count_matches_the_model(pattern):
+    cfg = load_config(None, [*MODEL, f"model.layer_pattern={pattern}"])
+    assert parameter_count(cfg.model) == LlamaModel(cfg.model).num_parameters()
+
+
+def test_zero_partitioning_and_optimizer_offload():
+    base = [*MODEL, "launch.workers=4", "parallel.ulysses=2"]
+    n = parameter_count(load_config(None, base).model)
+    stage0 = estimate_memory(load_config(None, [*base, "train.zero_stage=0"]), 4)["per_gpu"]
+    stage1 = estimate_memory(load_config(None, [*base, "train.zero_stage=1"]), 4)["per_gpu"]
+    stage3 = estimate_memory(load_config(None, [*base, "train.zero_stage=3"]), 4)["per_gpu"]
+    assert stage0["optimizer_states"] == 8 * n and stage1["optimizer_states"] == 8 * n // 4
+    assert stage1["parameters"] == 4 * n and stage3["parameters"] == 4 * n // 4
+
+    cpu = estimate_memory(load_config(None, [*base, "offload.optimizer=cpu"]), 4)
+    assert cpu["per_gpu"]["optimizer_states"] == 0 and cpu["per_gpu"]["master_weights"] == 0
+    assert cpu["host_pinned_per_worker"]["optimizer"] == int((16 + 4) * n / 4)
+
+    interleaved = estimate_memory(
+        load_config(None, [*base, "offload.optimizer=interleaved", "offload.gpu_share=0.25"]), 4
+    )
+    assert interleaved["per_gpu"]["optimizer_states"] == int(0.25 * 8 * n / 4)
+    assert interleaved["host_pinned_per_worker"]["optimizer"] == int(0.75 * 16 * n / 4)
+    assert interleaved["gpu_share"] == 0.25
+
+
+@pytest.mark.parametrize("activations,share", [("true", 1.0), ("0.5", 0.5)])
+def test_activation_host_bytes_match_what_the_offloader_moves(activations, share):
+    cfg = load_config(
+        None, [*MODEL, "data.seq_len=48", "train.micro_batch_size=2", f"offload.activations={activations}"]
+    )
+    estimate = estimate_memory(cfg, 1)
+    offloader = ActivationOffloader(cfg.offload.activation_share, torch.device("cpu"))
+    model = LlamaModel(cfg.model, checkpoint_fn=offloader.checkpoint)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 48))
+    model(tokens, torch.arange(48).expand(2, 48)).sum().backward()
+    assert offloader.swapped_bytes == estimate["host_pinned_per_worker"]["activations"] > 0
+    off = estimate_memory(load_config(None, [*MODEL, "data.seq_len=48", "train.micro_batch_size=2"]), 1)
+    assert off["host_pinned_per_worker"]["activations"] == 0
+    saved = (
+        off["activation_detail"]["checkpointed_inputs"] - estimate["activation_detail"]["checkpointed_inputs"]
+    )
+    layer_input = 2 * 48 * 64 * 4
+    assert saved == 2 * share * layer_input - layer_input  # two layers swapped, one prefetch buffer back
+
+
+def test_check_refuses_pinned_memory_that_does_not_fit():
+    cfg = load_config(None, [*MODEL, "offload.activations=true", "offload.host_memory_limit_gb=0.000001"])
+    estimate = estimate_memory(cfg, 1)
+    with pytest.raises(ConfigError, match=r"pinned host memory needed: .* exceeds the 1.05 KiB allowed"):
+        check_host_memory(cfg, estimate)
+    check_host_memory(load_config(None, [*MODEL, "offload.activations=true"]), estimate)  # the host has room
+
+
+def test_interleaved_memory_cap_follows_device_size():
+    cfg = load_config(None, [*MODEL, "offload.optimizer=interleaved"])
+    without = estimate_memory(cfg, 1, gpu_share=0.0)["per_gpu"]["total"]
+    states = 8 * parameter_count(cfg.model)
+    assert interleaved_share_memory_cap(cfg, 1, None) == 1.0
+    assert interleaved_share_memory_cap(cfg, 1, int(without / 0.9)) == 0.0
+    half = interleaved_share_memory_cap(cfg, 1, int((without + states / 2) / 0.9) + 1)
+    assert half == pytest.approx(0.5, abs=1e-3)
+    assert interleaved_share_memory_cap(cfg, 1, 10 * (without + states)) == 1.0
+
+
+def test_format_and_cli_check(tmp_path):
+    cfg = load_config(None, [*MODEL, "offload.optimizer=interleaved", "offload.gpu_share=0.5"])
+    text = format_estimate(estimate_memory(cfg, 1))
+    assert (
+        "per GPU:" in text and "pinned host memory per worker" in text and "GPU share of moments 0.50" in text
+    )
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {hidden: 64, heads: 8, layers: 3}\noffload: {activations: true}\n")
+    command = [sys.executable, "-m", "longloom", "check", str(config)]
+    ok = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "pinned host memory per worker: activations" in ok.stdout, ok.stderr
+    refused = subprocess.run(
+        [*command, "offload.host_memory_limit_gb=0.000001"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and "offload.host_memory_limit_gb" in refused.stderr

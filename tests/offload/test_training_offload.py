@@ -1,0 +1,101 @@
+"""End to end through the trainer: offloading activations or optimizer states does not change the losses.
+
+workers=2, ulysses=2, fp32. Each worker also reports what actually ran (bytes the activation offloader
+sent to the host, the optimizer class under DeepSpeed and its GPU share) so a silently ignored setting
+fails the test instead of passing it with the baseline's numbers.
+"""
+
+from __future__ import annotations
+
+import deepspeed
+import pytest
+
+from longloom.config import load_config
+from longloom.offload.activations import ActivationOffloader
+from longloom.training import trainer
+
+TINY = [
+    "model.hidden=32",
+    "model.layers=3",
+    "model.heads=4",
+    "model.kv_heads=2",
+    "data.seq_len=64",
+    "train.steps=3",
+    "train.lr=1e-2",
+    "train.warmup_steps=1",
+    "train.weight_decay=0.01",
+    "train.dtype=fp32",
+    "train.zero_stage=1",
+    "checkpoint.interval=0",
+    "launch.workers=2",
+    "parallel.ulysses=2",
+]
+
+
+def _train_worker(overrides: list[str]) -> dict:
+    seen: dict = {"swapped_bytes": 0, "pool_buffers": 0}
+    offloaders: list[ActivationOffloader] = []
+
+    class ObservedOffloader(ActivationOffloader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            offloaders.append(self)
+
+    real_initialize = deepspeed.initialize
+
+    def observed_initialize(*args, **kwargs):
+        engine, *rest = real_initialize(*args, **kwargs)
+        base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        seen["optimizer"] = type(base).__name__
+        seen["gpu_share"] = getattr(base, "gpu_share", None)
+        return (engine, *rest)
+
+    trainer.ActivationOffloader, deepspeed.initialize = ObservedOffloader, observed_initialize
+    try:
+        seen["losses"] = trainer.run_training(load_config(None, TINY + overrides))["losses"]
+    finally:
+        trainer.ActivationOffloader, deepspeed.initialize = ActivationOffloader, real_initialize
+    for offloader in offloaders:
+        seen["swapped_bytes"] += offloader.swapped_bytes
+        seen["pool_buffers"] += offloader.pool.num_buffers
+    return seen
+
+
+def _run(distributed, tmp_path, name: str, *overrides: str) -> dict:
+    results = distributed(2, _train_worker, [f"train.output_dir={tmp_path / name}", *overrides])
+    assert results[0]["losses"] == results[1]["losses"], "every rank reports the same global loss"
+    return results[0]
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    from tests.conftest import run_distributed
+
+    return _run(run_distributed, tmp_path_factory.mktemp("baseline"), "none")
+
+
+@pytest.mark.parametrize("activations", ["true", "0.5"])
+def test_activation_offload_keeps_losses(distributed, tmp_path, baseline, activations):
+    run = _run(distributed, tmp_path, "act", f"offload.activations={activations}")
+    # 3 layers, [1, 32 tokens per rank, 32] fp32 inputs; the last layer keeps its input on the device.
+    share = 1.0 if activations == "true" else 0.5
+    assert run["swapped_bytes"] == 2 * round(share * 32) * 32 * 4
+    assert run["pool_buffers"] == 2, "two swapped layers, one buffer each, reused over the steps"
+    assert run["losses"] == pytest.approx(baseline["losses"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides,optimizer",
+    [
+        (["offload.optimizer=cpu"], "DeepSpeedCPUAdam"),
+        (["offload.optimizer=interleaved", "offload.gpu_share=0.5"], "InterleavedAdamW"),
+        (["offload.optimizer=interleaved"], "InterleavedAdamW"),
+    ],
+    ids=["cpu", "interleaved-half", "interleaved-auto"],
+)
+def test_optimizer_offload_keeps_losses(distributed, tmp_path, baseline, overrides, optimizer):
+    run = _run(distributed, tmp_path, "opt", *overrides)
+    assert run["optimizer"] == optimizer
+    if "offload.gpu_share=0.5" in overrides:
+        assert 0.2 < run["gpu_share"] < 0.8, "both the device and the host update a real share"
+    assert run["losses"] == pytest.approx(baseline["losses"], rel=1e-4)
