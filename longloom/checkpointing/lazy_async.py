@@ -19,6 +19,10 @@ Usage (every rank, same order of calls)::
             ckpt.save(step=step, engine=engine, extra={"loader": ..., "rng": ..., "config": ...})
     ckpt.close()                     # waits for the last flush + commit; close(abort=True) on errors
 
+`ckpt.wait()` blocks until the checkpoint in flight is committed; `ckpt.last_timings` holds the
+seconds each phase of the last finished checkpoint took (save_call, snapshot, write, commit,
+wait_for_snapshot).
+
 `extra` is per rank (RNG states differ per rank; pass the global loader state on every rank):
 JSON values and torch tensors. `load` returns the extra saved by the same rank, or rank 0's when
 the checkpoint had fewer ranks. After `load`, `engine.global_steps` is the saved step.
@@ -201,6 +205,10 @@ class LazyAsyncCheckpointer:
             raise RuntimeError(
                 f"checkpoint step {job.step}: snapshot failed on rank {self.rank}"
             ) from job.error
+
+    def wait(self) -> None:
+        """Blocks until the checkpoint in flight is flushed (and, on rank 0, committed); raises its error."""
+        self._finish_previous()
 
     def close(self, abort: bool = False) -> None:
         """Waits for the background flush and commit; abort=True stops before committing instead."""

@@ -1,0 +1,346 @@
+"""Checkpoint cost on one GPU: time the training loop is blocked, step time, conversion time.
+
+    python bench/checkpoint.py [--record]                    # 1.1B Llama, bf16, ~4-5 minutes on one H100
+    python bench/checkpoint.py --preset tiny --dir /tmp/x    # CPU smoke run (timings meaningless)
+
+Setup: a longloom Llama (preset 1b: hidden 2048, 20 layers, 16 heads, 8 KV heads, SwiGLU 5632,
+vocab 32000 = 1.1B parameters) trained by DeepSpeed as the trainer does (bf16, ZeRO-1 on one rank,
+DeepSpeed AdamW: fp32 master weights and two fp32 moments), sequence 4096 x micro batch 2, files
+under --dir (local disk; everything is deleted afterwards). The state saved is the same for every
+method: bf16 weights (not for ours: they are the fp32 masters rounded) + fp32 masters + exp_avg +
+exp_avg_sq, about 14 bytes per parameter.
+
+Blocked time per checkpoint (the time training cannot proceed), one checkpoint at a time:
+- torch.save: synchronous `torch.save` of the state dict (GPU tensors, serialised via host).
+- dcp.save: `torch.distributed.checkpoint.save`, synchronous.
+- dcp.async_save: the time `async_save` takes to return (it stages the state to host memory
+  first); the upload finishes in the background.
+- deepspeed: `engine.save_checkpoint`, synchronous.
+- ours: `LazyAsyncCheckpointer.save()` plus how much longer the next training step takes than a
+  step without checkpoint (the snapshot copy overlaps forward/backward; the training stream only
+  waits for it before the optimizer step). The flush to disk (with fsync) overlaps later steps.
+  The first save pins the host pool (excluded: one-time).
+Step time (median) with a checkpoint after every step: none, ours, dcp.async_save (waiting for
+the previous upload before the next save, as required to bound memory). When the flush takes
+longer than a step, this is bound by the disk, for every method.
+Conversion of the same DeepSpeed checkpoint to DeepSpeed's universal layout: `python -m
+deepspeed.checkpoint.ds_to_universal` (--num_extract_workers 8 --num_merge_workers 4) vs
+`longloom ckpt convert --to deepspeed-universal` (8 threads); and ours -> our universal layout.
+
+Targets (issue 7): ours blocked <= 2% of torch.save; conversion >= 3x faster than ds_to_universal.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/checkpoint.py` finds longloom
+
+import argparse
+import logging
+import shutil
+import statistics
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import append_record, markdown_table
+from longloom.checkpointing.convert import convert_checkpoint
+from longloom.checkpointing.lazy_async import LazyAsyncCheckpointer
+from longloom.config import load_config
+from longloom.launch.env import device_for_rank, init_distributed
+from longloom.models.llama import LlamaModel
+from longloom.parallel import ParallelDims
+from longloom.training.trainer import deepspeed_config, lr_lambda, resolve_dtype
+
+PRESETS = {
+    "1b": ["model.vocab_size=32000", "model.hidden=2048", "model.layers=20", "model.heads=16", "model.kv_heads=8",
+           "model.intermediate=5632", "data.seq_len=4096", "train.micro_batch_size=2"],
+    "tiny": ["model.vocab_size=300", "model.hidden=64", "model.layers=2", "model.heads=4", "model.kv_heads=2",
+             "data.seq_len=128", "train.micro_batch_size=2", "train.dtype=fp32"],
+}  # fmt: skip
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Bench:
+    def __init__(self, preset: str, work: Path):
+        import deepspeed
+
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+        init_distributed()
+        self.device = device_for_rank()
+        self.cfg = load_config(
+            None, [*PRESETS[preset], "train.zero_stage=1", "model.activation_checkpointing=true"]
+        )
+        dtype = resolve_dtype(self.cfg, self.device)
+        torch.manual_seed(0)
+        model = LlamaModel(self.cfg.model, ParallelDims.build(dp=1, ulysses=1, ring=1))
+        self.params = model.num_parameters()
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=model.parameters(),
+            config=deepspeed_config(self.cfg, dtype),
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg)),
+            dist_init_required=False,
+        )
+        batch, seq = self.cfg.train.micro_batch_size, self.cfg.data.seq_len
+        self.tokens = torch.randint(0, self.cfg.model.vocab_size, (batch, seq + 1), device=self.device)
+        self.positions = torch.arange(seq, device=self.device).expand(batch, seq)
+        self.work = work
+        self.step_number = 0
+
+    def forward_backward(self) -> None:
+        logits = self.engine(self.tokens[:, :-1], self.positions)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), self.tokens[:, 1:].flatten())
+        self.engine.backward(loss)
+
+    def step(self, checkpointer: LazyAsyncCheckpointer | None = None) -> None:
+        self.forward_backward()
+        if checkpointer is not None:
+            checkpointer.wait_for_snapshot()
+        self.engine.step()
+        self.step_number += 1
+
+    def timed_steps(self, count: int, checkpointer: LazyAsyncCheckpointer | None = None) -> list[float]:
+        times = []
+        for _ in range(count):
+            sync()
+            begin = time.perf_counter()
+            self.step(checkpointer)
+            sync()
+            times.append(time.perf_counter() - begin)
+        return times
+
+    def state(self) -> dict:
+        """Module weights + fp32 masters + Adam moments, the tensors each baseline saves."""
+        base = getattr(self.engine.optimizer, "optimizer", None) or self.engine.optimizer
+        masters = [p for group in base.param_groups for p in group["params"]]
+        return {
+            "model": self.engine.module.state_dict(),
+            "master": {str(i): p.detach() for i, p in enumerate(masters)},
+            "optimizer": {
+                str(i): {k: v for k, v in base.state[p].items() if torch.is_tensor(v) and v.dim() > 0}
+                for i, p in enumerate(masters)
+            },
+        }
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def blocked_baselines(bench: Bench, rows: list, sizes: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    def measure(name: str, fn, out: Path) -> None:
+        sync()
+        begin = time.perf_counter()
+        pending = fn(out)
+        sync()
+        rows.append([name, time.perf_counter() - begin])
+        if pending is not None:  # async: the upload must finish before the files are counted
+            begin = time.perf_counter()
+            result = getattr(pending, "upload_completion", pending)
+            result.result()
+            rows[-1].append(f"upload finished {time.perf_counter() - begin:.1f} s later")
+        sizes[name] = folder_bytes(out)
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"  {name}: {rows[-1][1]:.2f} s blocked", flush=True)
+
+    def torch_save(out: Path) -> None:
+        torch.save(bench.state(), fresh(out) / "state.pt")
+
+    def dcp_save(out: Path) -> None:
+        dcp.save(bench.state(), checkpoint_id=fresh(out))
+
+    def dcp_async_save(out: Path):
+        return dcp.async_save(bench.state(), checkpoint_id=fresh(out))
+
+    def deepspeed_save(out: Path) -> None:
+        bench.engine.save_checkpoint(str(fresh(out)), tag="global_step1")
+
+    measure("torch.save", torch_save, bench.work / "torch")
+    measure("dcp.save", dcp_save, bench.work / "dcp")
+    measure("dcp.async_save", dcp_async_save, bench.work / "dcpa")
+    measure("deepspeed", deepspeed_save, bench.work / "ds")
+
+
+def ours_blocked(bench: Bench, rows: list, sizes: dict, baseline_step: float) -> None:
+    root = fresh(bench.work / "ours")
+    checkpointer = LazyAsyncCheckpointer(root, keep=1)
+    checkpointer.save(step=bench.step_number, engine=bench.engine)  # pins the host pool (one-time)
+    bench.step(checkpointer)
+    checkpointer.wait()
+    blocked = []
+    for _ in range(2):
+        sync()
+        begin = time.perf_counter()
+        checkpointer.save(step=bench.step_number, engine=bench.engine)
+        save_call = time.perf_counter() - begin
+        next_step = bench.timed_steps(1, checkpointer)[0]
+        blocked.append(save_call + max(0.0, next_step - baseline_step))
+        checkpointer.wait()
+    timings = checkpointer.last_timings
+    rows.append(
+        [
+            "ours (lazy async)",
+            statistics.median(blocked),
+            (
+                f"save() {timings['save_call'] * 1e3:.1f} ms; snapshot {timings['snapshot']:.2f} s and "
+                f"write+fsync {timings['write']:.1f} s in the background"
+            ),
+        ]
+    )
+    sizes[rows[-1][0]] = folder_bytes(root / f"step-{bench.step_number - 1}")
+    checkpointer.close()
+    shutil.rmtree(root, ignore_errors=True)
+    print(f"  ours: {rows[-1][1] * 1e3:.1f} ms blocked", flush=True)
+
+
+def every_step(bench: Bench, steps: int) -> list:
+    import torch.distributed.checkpoint as dcp
+
+    rows = [["no checkpoint", statistics.median(bench.timed_steps(steps))]]
+    root = fresh(bench.work / "ours-every")
+    checkpointer = LazyAsyncCheckpointer(root, keep=1)
+    times = []
+    for _ in range(steps):
+        sync()
+        begin = time.perf_counter()
+        bench.step(checkpointer)
+        checkpointer.save(step=bench.step_number, engine=bench.engine)
+        sync()
+        times.append(time.perf_counter() - begin)
+    checkpointer.close()
+    rows.append(["ours, checkpoint every step", statistics.median(times[1:])])
+    shutil.rmtree(root, ignore_errors=True)
+
+    pending, times = None, []
+    for index in range(steps):
+        sync()
+        begin = time.perf_counter()
+        bench.step()
+        if pending is not None:
+            getattr(pending, "upload_completion", pending).result()
+        pending = dcp.async_save(bench.state(), checkpoint_id=fresh(bench.work / f"dcp-every-{index % 2}"))
+        sync()
+        times.append(time.perf_counter() - begin)
+    getattr(pending, "upload_completion", pending).result()
+    rows.append(["dcp.async_save, checkpoint every step", statistics.median(times[1:])])
+    for index in range(2):
+        shutil.rmtree(bench.work / f"dcp-every-{index}", ignore_errors=True)
+    return rows
+
+
+def conversions(bench: Bench) -> list:
+    source_root = fresh(bench.work / "conv-ds")
+    bench.engine.save_checkpoint(str(source_root), tag="global_step1")
+    source = source_root / "global_step1"
+    rows = []
+    begin = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+         "--output_folder", str(bench.work / "conv-theirs" / "global_step1"), "--inject_missing_state",
+         "--num_extract_workers", "8", "--num_merge_workers", "4"],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    theirs = time.perf_counter() - begin
+    rows.append(["ds_to_universal (DeepSpeed ZeRO-1 -> DeepSpeed universal)", theirs, "1.0x"])
+    shutil.rmtree(bench.work / "conv-theirs", ignore_errors=True)
+    print(f"  ds_to_universal: {theirs:.1f} s", flush=True)
+    begin = time.perf_counter()
+    convert_checkpoint(
+        source, bench.work / "conv-ours" / "global_step1", to="deepspeed-universal", progress=False
+    )
+    ours = time.perf_counter() - begin
+    rows.append(["longloom convert --to deepspeed-universal (same source)", ours, f"{theirs / ours:.1f}x"])
+    shutil.rmtree(bench.work / "conv-ours", ignore_errors=True)
+    shutil.rmtree(source_root, ignore_errors=True)
+    print(f"  ours: {ours:.1f} s", flush=True)
+
+    root = fresh(bench.work / "conv-ours-src")
+    checkpointer = LazyAsyncCheckpointer(root, keep=1, asynchronous=False)
+    checkpointer.save(step=bench.step_number, engine=bench.engine)
+    checkpointer.close()
+    begin = time.perf_counter()
+    convert_checkpoint(root, bench.work / "conv-universal", to="universal", progress=False)
+    rows.append(["longloom convert --to universal (from our checkpoint)", time.perf_counter() - begin, ""])
+    shutil.rmtree(bench.work / "conv-universal", ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/longloom-checkpoint-bench"))
+    parser.add_argument("--steps", type=int, default=4, help="steps per step-time measurement")
+    parser.add_argument("--skip-conversion", action="store_true")
+    parser.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    bench = Bench(args.preset, fresh(args.dir))
+    print(
+        f"model: {bench.params / 1e9:.2f}B parameters, preset {args.preset}, files under {args.dir}",
+        flush=True,
+    )
+    try:
+        bench.timed_steps(2)  # warm-up
+        baseline = statistics.median(bench.timed_steps(args.steps))
+        print(f"step without checkpoint: {baseline:.3f} s", flush=True)
+        blocked, sizes = [], {}
+        blocked_baselines(bench, blocked, sizes)
+        ours_blocked(bench, blocked, sizes, baseline)
+        reference = blocked[0][1]
+        blocked_table = markdown_table(
+            ["method", "blocked per checkpoint", "% of torch.save", "written", "notes"],
+            [
+                [row[0], f"{row[1]:.3f} s", f"{100 * row[1] / reference:.2f}%", f"{sizes[row[0]] / 2**30:.1f} GiB",
+                 row[2] if len(row) > 2 else ""]
+                for row in blocked
+            ],
+        )  # fmt: skip
+        step_rows = every_step(bench, args.steps)
+        step_table = markdown_table(
+            ["training loop", "median step time", "vs no checkpoint"],
+            [[name, f"{value:.3f} s", f"{value / step_rows[0][1]:.2f}x"] for name, value in step_rows],
+        )
+        tables = [blocked_table, step_table]
+        if not args.skip_conversion:
+            conversion_rows = conversions(bench)
+            tables.append(
+                markdown_table(
+                    ["conversion", "time", "speed-up"], [[a, f"{b:.1f} s", c] for a, b, c in conversion_rows]
+                )
+            )
+    finally:
+        shutil.rmtree(args.dir, ignore_errors=True)
+    text = "\n\n".join(tables)
+    print(text)
+    print(f"total bench time {time.perf_counter() - started:.0f} s")
+    if args.record:
+        what = (
+            f"Checkpointing a {bench.params / 1e9:.2f}B-parameter Llama (preset {args.preset}, bf16, ZeRO-1 on one "
+            f"rank, seq {bench.cfg.data.seq_len} x micro {bench.cfg.train.micro_batch_size}) to local disk "
+            f"({args.dir}). Blocked = time the training loop cannot proceed; see bench/checkpoint.py."
+        )
+        append_record("Checkpoints: blocked time, step time, conversion", what, text, 1)
+
+
+if __name__ == "__main__":
+    main()
