@@ -277,6 +277,14 @@ class InterleavedAdamW(torch.optim.Optimizer):
         self._streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None
         self._last_h2d: torch.cuda.Event | None = None
         self._moved: set[int] = set()
+        # DeepSpeed ZeRO-1/2 steps one group at a time (param_groups swapped for [group]) and links its
+        # fragment views (universal checkpoints) to every group's state after the first call, so the
+        # states of all groups must exist by then: step() creates them from this full list.
+        self._all_groups = self.param_groups
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._all_groups = self.param_groups
 
     @property
     def gpu_share(self) -> float:
@@ -310,6 +318,9 @@ class InterleavedAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             raise NotImplementedError("InterleavedAdamW does not take a closure")
+        for group in self._all_groups:
+            for p in group["params"]:
+                self._state(p, on_cpu=group["on_cpu"])
         device_groups, host_work = [], []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]

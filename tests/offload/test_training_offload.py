@@ -7,6 +7,8 @@ fails the test instead of passing it with the baseline's numbers.
 
 from __future__ import annotations
 
+import shutil
+
 import deepspeed
 import pytest
 
@@ -99,3 +101,18 @@ def test_optimizer_offload_keeps_losses(distributed, tmp_path, baseline, overrid
     if "offload.gpu_share=0.5" in overrides:
         assert 0.2 < run["gpu_share"] < 0.8, "both the device and the host update a real share"
     assert run["losses"] == pytest.approx(baseline["losses"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["offload.optimizer=cpu"], ["offload.optimizer=interleaved", "offload.gpu_share=0.5"]],
+    ids=["cpu", "interleaved"],
+)
+def test_offloaded_optimizer_state_resumes(distributed, tmp_path, overrides):
+    """Moments in host memory are saved and restored: a resumed run continues with the same losses."""
+    checkpointed = [*overrides, "train.steps=4", "checkpoint.interval=2"]
+    uninterrupted = _run(distributed, tmp_path, "a", *checkpointed)["losses"]
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-2", tmp_path / "b" / "checkpoints" / "step-2")
+    resumed = _run(distributed, tmp_path, "b", *checkpointed)["losses"]
+    assert resumed == pytest.approx(uninterrupted[2:], rel=1e-4)
