@@ -43,8 +43,8 @@ def assert_matches_reference(results, q, k, v, dout, causal, layout, stride=1):
             )
 
 
-def ring_worker(seed, kv_heads, causal, layout, stride=1, attention=tokenring_attention):
-    """Runs `attention` on rings of ranks {i, i + stride, ...}; returns this rank's fp32 shards."""
+def ring_worker(seed, kv_heads, causal, layout, stride=1, attention=tokenring_attention, dtype=torch.float32):
+    """Runs `attention` on rings of ranks {i, i + stride, ...}; returns this rank's shards in `dtype`."""
     world, rank = dist.get_world_size(), dist.get_rank()
     group = dist.group.WORLD
     if stride > 1:
@@ -55,9 +55,10 @@ def ring_worker(seed, kv_heads, causal, layout, stride=1, attention=tokenring_at
                 group = created
     ring_size, ring_rank = dist.get_world_size(group), dist.get_rank(group)
     q, k, v, dout = make_inputs(seed, kv_heads)
-    local = [shard_tensor(t.float(), 1, ring_rank, ring_size, layout).requires_grad_() for t in (q, k, v)]
+    local = [shard_tensor(t.to(dtype), 1, ring_rank, ring_size, layout).requires_grad_() for t in (q, k, v)]
     out = attention(*local, group=group, causal=causal, layout=layout)
-    out.backward(shard_tensor(dout.float(), 1, ring_rank, ring_size, layout))
+    assert out.dtype == dtype
+    out.backward(shard_tensor(dout.to(dtype), 1, ring_rank, ring_size, layout))
     return out.detach(), local[0].grad, local[1].grad, local[2].grad
 
 
@@ -148,3 +149,23 @@ def test_backward_through_a_retained_graph(distributed, attention):
 
     function = tokenring_attention if attention == "tokenring" else ring_attention
     assert all(distributed(4, retained_graph_worker, function))
+
+
+@pytest.mark.parametrize("attention", ["tokenring", "ring-kv"])
+@pytest.mark.parametrize("world_size", [2, 8])
+def test_bf16_error_is_that_of_single_device_bf16(distributed, world_size, attention):
+    """DESIGN's bf16 rule: error vs fp64 at most 2x that of one device computing in bf16."""
+    from longloom.parallel.ring_baseline import ring_attention
+
+    function = tokenring_attention if attention == "tokenring" else ring_attention
+    inputs = make_inputs(11, 2)
+    want = reference_with_grads(*inputs, True)
+    single = reference_with_grads(*(t.bfloat16() for t in inputs), True)
+    results = distributed(world_size, ring_worker, 11, 2, True, "zigzag", 1, function, torch.bfloat16)
+    for index, (expected, one_device) in enumerate(zip(want, single)):
+        got = unshard_tensors([part[index] for part in results], 1, "zigzag").double()
+        error = (got - expected).abs().max().item()
+        single_error = (one_device.double() - expected).abs().max().item()
+        assert error <= 2 * single_error, (
+            f"tensor {index}: bf16 error {error} > 2 x single-device {single_error}"
+        )
