@@ -420,15 +420,15 @@ def _write_hf(source, dst: Path, run_parallel, dtype: str | None) -> None:
         raise ValueError(
             f"model.layer_pattern={cfg.layer_pattern!r}: --to hf exports softmax-attention models only"
         )
-    names = {name: hf_name(name) for name in source.specs}
+    renamed = {name: hf_name(name) for name in source.specs}
     out_dtype = dtype_from_name(dtype) if dtype else next(iter(source.specs.values())).dtype
-    entries = [(names[name], out_dtype, spec.shape, name) for name, spec in source.specs.items()]
+    entries = [(renamed[name], out_dtype, spec.shape, name) for name, spec in source.specs.items()]
 
     def produce(name: str):
-        return [(names[name], source.read_full(name, "fp32").to(out_dtype))]
+        return [(renamed[name], source.read_full(name, "fp32").to(out_dtype))]
 
-    names = ("model.safetensors", "model-{index:05d}-of-{count:05d}.safetensors")
-    where = _write_sharded(entries, SHARD_BYTES["hf"], names, dst, produce, run_parallel)
+    files = ("model.safetensors", "model-{index:05d}-of-{count:05d}.safetensors")
+    where = _write_sharded(entries, SHARD_BYTES["hf"], files, dst, produce, run_parallel)
     if len(set(where.values())) > 1:
         total = sum(math.prod(spec.shape) * out_dtype.itemsize for spec in source.specs.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(where.items()))}

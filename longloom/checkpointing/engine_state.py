@@ -181,25 +181,23 @@ class EngineState:
     # ----------------------------------------------------------------- load
     def load(self, read: RangeReader, step: int, param_groups: list[dict]) -> None:
         """Writes fp32 masters, model weights and Adam moments of every held range from `read`."""
-        if len(param_groups) != len(self.base.param_groups):
-            raise ValueError(
-                f"checkpoint has {len(param_groups)} optimizer param groups, this engine has "
-                f"{len(self.base.param_groups)}: the model or optimizer configuration changed"
-            )
+        groups = _restorable_groups(param_groups, len(self.base.param_groups))
         if self.kind == "zero3":
             self._load_zero3(read, step)
         elif self.kind == "fragments":
             self._load_fragments(read, step)
         else:
             self._load_replicated(read, step)
-        for group, saved in zip(self.base.param_groups, param_groups):
-            group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
+        for group, saved in zip(self.base.param_groups, groups):
+            group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k in group})
 
     def _step_value(self, existing, step: int):
         if torch.is_tensor(existing):
             return torch.full_like(existing, step)
-        if existing is None and type(self.base).__module__.startswith("torch.optim"):
-            return torch.tensor(float(step))  # torch.optim Adam(W) keeps `step` as a CPU fp32 tensor
+        if existing is None and not type(self.base).__module__.startswith("deepspeed."):
+            # torch-style optimizers (torch.optim Adam(W), longloom's interleaved AdamW) keep
+            # `step` as a 0-dim fp32 CPU tensor; DeepSpeed's Fused/CPU Adam count in Python ints.
+            return torch.tensor(float(step))
         return int(step)
 
     def _load_zero3(self, read: RangeReader, step: int) -> None:
@@ -262,6 +260,28 @@ class EngineState:
                     else:
                         state[key] = value
                 state["step"] = self._step_value(state.get("step"), step)
+
+
+# Param-group entries carried across optimizers; structural ones (params, on_cpu, fused, ...) belong
+# to the loading optimizer.
+HYPERPARAMETERS = ("lr", "initial_lr", "betas", "eps", "weight_decay", "bias_correction")
+
+
+def _restorable_groups(saved: list[dict], count: int) -> list[dict]:
+    """Saved hyper-parameters per param group of the loading optimizer.
+
+    Optimizers may split parameters into different numbers of groups (the interleaved optimizer
+    makes subgroups); that is fine when all saved groups agree on the hyper-parameters.
+    """
+    groups = [{k: g[k] for k in HYPERPARAMETERS if k in g} for g in saved]
+    if len(groups) == count:
+        return groups
+    if all(g == groups[0] for g in groups):
+        return [groups[0]] * count
+    raise ValueError(
+        f"checkpoint has {len(groups)} optimizer param groups with different hyper-parameters and this "
+        f"optimizer has {count}: the optimizer configuration changed (offload.optimizer, weight decay groups)"
+    )
 
 
 def _even_share(held, rank: int, world_size: int):

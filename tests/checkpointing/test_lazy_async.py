@@ -15,8 +15,8 @@ from longloom.checkpointing.universal import CheckpointReader
 from tests.checkpointing.toy import assert_states_equal, build_engine, full_state, save_run
 
 
-def _load_worker(root: str, stage: int) -> tuple[dict, dict]:
-    engine = build_engine(stage, seed=123)  # different initial weights: everything must come from disk
+def _load_worker(root: str, stage: int, interleaved: bool = False) -> tuple[dict, dict]:
+    engine = build_engine(stage, seed=123, interleaved=interleaved)  # different initial weights
     path = find_latest_committed(Path(root))
     extra = LazyAsyncCheckpointer(root).load(path, engine)
     return full_state(engine), extra
@@ -42,6 +42,18 @@ def test_reshard_on_load_restores_params_and_optimizer_state(
         expected = torch.rand(3, generator=torch.Generator().manual_seed(source_rank))
         torch.testing.assert_close(extra["rng"][str(source_rank)]["numbers"], expected, rtol=0, atol=0)
         assert extra["rng"][str(source_rank)]["cpu"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize(
+    "save_interleaved,save_stage,load_interleaved,load_stage", [(True, 0, False, 2), (False, 1, True, 0)]
+)
+def test_state_moves_between_deepspeed_adamw_and_interleaved_adamw(
+    distributed, tmp_path, save_interleaved, save_stage, load_interleaved, load_stage
+):
+    root = str(tmp_path / "checkpoints")
+    saved = distributed(2, save_run, root, save_stage, True, 2, 3, save_interleaved)[0]
+    for state, _ in distributed(2, _load_worker, root, load_stage, load_interleaved):
+        assert_states_equal(state, saved)
 
 
 def test_sync_mode_writes_the_same_format(distributed, tmp_path):

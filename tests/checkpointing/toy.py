@@ -31,7 +31,8 @@ def lr_factor(step: int) -> float:
     return min(1.0, (step + 1) / 3) * (0.9**step)
 
 
-def build_engine(zero_stage: int, seed: int = 0, load_universal: bool = False):
+def build_engine(zero_stage: int, seed: int = 0, load_universal: bool = False, interleaved: bool = False):
+    """DeepSpeed AdamW, or longloom's interleaved GPU/CPU AdamW as a client optimizer."""
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
@@ -46,11 +47,26 @@ def build_engine(zero_stage: int, seed: int = 0, load_universal: bool = False):
         "zero_optimization": {"stage": zero_stage},
         "steps_per_print": 2**31 - 1,
     }
+    client = None
+    if interleaved:
+        from longloom.config import load_config
+        from longloom.offload.optimizer import build_optimizer
+
+        settings = [
+            "offload.optimizer=interleaved",
+            "train.lr=1e-2",
+            "train.weight_decay=0.1",
+            "offload.gpu_share=0.5",
+        ]
+        client = build_optimizer(load_config(None, settings), model.parameters())
+        del config["optimizer"]
+        config["zero_allow_untested_optimizer"] = True
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=model.parameters(),
+        optimizer=client,
         config=config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor),
         dist_init_required=False,
@@ -111,7 +127,7 @@ def full_state(engine) -> dict:
     steps = [int(s["step"]) for s in base.state.values() if "step" in s]
     out["__scalars__"] = {
         "optimizer_step": max(steps),
-        "lr": [g["lr"] for g in base.param_groups],
+        "lr": sorted({g["lr"] for g in base.param_groups}),  # group counts differ between optimizers
         "scheduler_last_epoch": engine.lr_scheduler.last_epoch,
         "global_steps": engine.global_steps,
     }
@@ -138,11 +154,13 @@ def rank_extra(step: int) -> dict:
     }
 
 
-def save_run(root: str, stage: int, asynchronous: bool, steps: int, keep: int = 3) -> dict:
+def save_run(
+    root: str, stage: int, asynchronous: bool, steps: int, keep: int = 3, interleaved: bool = False
+) -> dict:
     """Trains `steps` steps with a lazy checkpoint after each; returns the final full state."""
     from longloom.checkpointing.lazy_async import LazyAsyncCheckpointer
 
-    engine = build_engine(stage)
+    engine = build_engine(stage, interleaved=interleaved)
     checkpointer = LazyAsyncCheckpointer(root, keep=keep, asynchronous=asynchronous)
 
     for step in range(1, steps + 1):
