@@ -116,8 +116,10 @@ def test_bad_inputs_raise_value_error(distributed):
 
 
 def hung_peer_worker():
-    """Rank 1 never joins: rank 0 must get an error after the group's 1 s timeout, not hang."""
-    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=1))
+    """Rank 1 never joins: rank 0 must get an error after the group's timeout, not hang.
+
+    3 s rather than 1 s leaves a loaded machine time to connect the new group."""
+    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=3))
     if dist.get_rank() == 1:
         return True
     q = torch.zeros(1, 4, 2, 8)
