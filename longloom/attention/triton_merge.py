@@ -44,7 +44,8 @@ def _merge_kernel(
     BLOCK_D: tl.constexpr,
 ):
     # One row = one (batch, position, head); heads vary fastest so a contiguous out is read linearly.
-    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    # int64: offsets pass 2^31 elements at a few hundred thousand tokens per rank.
+    row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = row < rows
     h = row % heads
     s = (row // heads) % seq
