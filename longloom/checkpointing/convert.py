@@ -19,7 +19,6 @@ parameters, and shard files are written in place (`os.pwrite`) as tensors are re
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
@@ -27,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-import yaml
 
 from longloom.checkpointing.commit import (
     COMMIT_FILE,
@@ -44,17 +42,12 @@ from longloom.checkpointing.deepspeed_format import (
     write_deepspeed_universal,
 )
 from longloom.checkpointing.engine_state import jsonable
-from longloom.checkpointing.tensor_file import (
-    TensorFileLayout,
-    TensorFileWriter,
-    dtype_from_name,
-    dtype_name,
-    write_tensor_file,
-)
+from longloom.checkpointing.hf_export import write_hf
+from longloom.checkpointing.tensor_file import TensorFileLayout, dtype_name, write_sharded, write_tensor_file
 from longloom.checkpointing.universal import CheckpointReader, build_commit, encode_extra
 
 TARGETS = ("universal", "deepspeed-universal", "hf")
-SHARD_BYTES = {"universal": 2 << 30, "hf": 5 << 30}
+UNIVERSAL_SHARD_BYTES = 2 << 30
 
 
 # --------------------------------------------------------------------------- sources
@@ -260,52 +253,10 @@ def convert_checkpoint(
         elif to == "deepspeed-universal":
             write_deepspeed_universal(source, dst, run_parallel)
         else:
-            _write_hf(source, dst, run_parallel, dtype)
+            write_hf(source, dst, run_parallel, dtype)
     finally:
         source.close()
     return dst
-
-
-def _shards(entries: list[tuple[str, torch.dtype, tuple]], limit: int) -> list[list]:
-    shards, current, size = [], [], 0
-    for entry in entries:
-        nbytes = math.prod(entry[2]) * entry[1].itemsize
-        if current and size + nbytes > limit:
-            shards.append(current)
-            current, size = [], 0
-        current.append(entry)
-        size += nbytes
-    return [*shards, current] if current else shards
-
-
-def _write_sharded(
-    entries, limit: int, names: tuple[str, str], dst: Path, produce: Callable, run_parallel
-) -> dict[str, str]:
-    """Writes the tensors of `entries` = [(key, dtype, shape, item)] into safetensors shards.
-
-    `produce(item)` returns [(key, tensor)] for one item; items run in parallel. `names` is
-    (single-file name, pattern with {index} and {count}). Returns key -> file name.
-    """
-    shards = _shards([(key, dtype, shape) for key, dtype, shape, _ in entries], limit)
-    writers, where = [], {}
-    single, pattern = names
-    for index, shard in enumerate(shards):
-        name = pattern.format(index=index + 1, count=len(shards)) if len(shards) > 1 else single
-        writers.append(TensorFileWriter(dst / name, TensorFileLayout(shard)))
-        where.update({key: name for key, _, _ in shard})
-    writer_of = {key: writers[i] for i, shard in enumerate(shards) for key, _, _ in shard}
-    items = list(dict.fromkeys(item for *_, item in entries))
-
-    def task(item) -> None:
-        for key, tensor in produce(item):
-            writer_of[key].write(key, tensor)
-
-    try:
-        run_parallel(task, items)
-    finally:
-        for writer in writers:
-            writer.close()
-    return where
 
 
 def _write_universal(source, dst: Path, run_parallel) -> None:
@@ -319,7 +270,7 @@ def _write_universal(source, dst: Path, run_parallel) -> None:
         return [(f"{name}:{state}", source.read_full(name, state)) for state in source.states(name)]
 
     names = ("universal.safetensors", "universal-{index:05d}-of-{count:05d}.safetensors")
-    where = _write_sharded(entries, SHARD_BYTES["universal"], names, dst, produce, run_parallel)
+    where = write_sharded(entries, UNIVERSAL_SHARD_BYTES, names, dst, produce, run_parallel)
     extras, tensors = [], {}
     meta_extras = getattr(source, "meta", {}).get("extras") or []
     for rank in range(len(meta_extras)):
@@ -364,92 +315,3 @@ def _write_universal(source, dst: Path, run_parallel) -> None:
         },
     )
     atomic_write_json(dst / COMMIT_FILE, commit)
-
-
-# --------------------------------------------------------------------------- Hugging Face
-_HF_LAYER_NAMES = {
-    "input_layernorm.weight",
-    "post_attention_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-}
-
-
-def hf_name(name: str) -> str:
-    """longloom.models.llama parameter name -> Hugging Face Llama name."""
-    name = name.removeprefix("module.")
-    if name == "lm_head.weight":
-        return name
-    if name in ("embed_tokens.weight", "norm.weight"):
-        return f"model.{name}"
-    parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit() and parts[2] in _HF_LAYER_NAMES:
-        return f"model.{name}"
-    raise ValueError(
-        f"parameter {name!r} has no Hugging Face Llama counterpart: --to hf supports softmax-attention "
-        "Llama models (model.layer_pattern of 'S' only)"
-    )
-
-
-def _model_config(source):
-    """(ModelConfig, data.seq_len) of the run: from the checkpoint's extras, else its config.yaml."""
-    extra = source.extra(0) or {}
-    config = extra.get("config")
-    if config is None:
-        candidate = Path(source.path).parent.parent / "config.yaml"
-        if candidate.is_file():
-            config = yaml.safe_load(candidate.read_text())
-    if not config or "model" not in config:
-        raise ValueError(
-            f"{source.path}: no model configuration found (neither extra['config'] in the checkpoint nor "
-            "<output_dir>/config.yaml): --to hf needs heads and kv_heads"
-        )
-    from longloom.config import ModelConfig
-
-    return ModelConfig.model_validate(config["model"]), config.get("data", {}).get("seq_len")
-
-
-def _write_hf(source, dst: Path, run_parallel, dtype: str | None) -> None:
-    cfg, seq_len = _model_config(source)
-    if set(cfg.layer_pattern) != {"S"}:
-        raise ValueError(
-            f"model.layer_pattern={cfg.layer_pattern!r}: --to hf exports softmax-attention models only"
-        )
-    renamed = {name: hf_name(name) for name in source.specs}
-    out_dtype = dtype_from_name(dtype) if dtype else next(iter(source.specs.values())).dtype
-    entries = [(renamed[name], out_dtype, spec.shape, name) for name, spec in source.specs.items()]
-
-    def produce(name: str):
-        return [(renamed[name], source.read_full(name, "fp32").to(out_dtype))]
-
-    files = ("model.safetensors", "model-{index:05d}-of-{count:05d}.safetensors")
-    where = _write_sharded(entries, SHARD_BYTES["hf"], files, dst, produce, run_parallel)
-    if len(set(where.values())) > 1:
-        total = sum(math.prod(spec.shape) * out_dtype.itemsize for spec in source.specs.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(where.items()))}
-        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden,
-        "intermediate_size": cfg.mlp_width,
-        "num_hidden_layers": cfg.layers,
-        "num_attention_heads": cfg.heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": max(seq_len or 4096, 4096),
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "torch_dtype": dtype_name(out_dtype),
-    }
-    (dst / "config.json").write_text(json.dumps(config, indent=2))

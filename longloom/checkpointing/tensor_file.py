@@ -8,7 +8,8 @@ from a thread pool with `os.pwrite` as each is produced, holding only the tensor
 
 The files are plain safetensors (`safe_open(...).get_slice` reads them), so loading never
 unpickles anything. `read_flat_range` reads the elements [start, start + numel) of a tensor's
-flattened view touching only the rows that hold them.
+flattened view touching only the rows that hold them. `write_sharded` spreads tensors over
+size-capped shard files and fills them from a worker pool.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,3 +214,45 @@ def read_flat_range(handle, key: str, start: int, numel: int) -> torch.Tensor:
     rows = tensor_slice[first_row:last_row].reshape(-1)
     begin = start - first_row * row
     return rows[begin : begin + numel]
+
+
+def _group_into_shards(entries: list[tuple[str, torch.dtype, tuple]], limit: int) -> list[list]:
+    shards, current, size = [], [], 0
+    for entry in entries:
+        nbytes = math.prod(entry[2]) * entry[1].itemsize
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += nbytes
+    return [*shards, current] if current else shards
+
+
+def write_sharded(
+    entries, limit: int, names: tuple[str, str], dst: Path, produce: Callable, run_parallel
+) -> dict[str, str]:
+    """Writes the tensors of `entries` = [(key, dtype, shape, item)] into safetensors shards.
+
+    `produce(item)` returns [(key, tensor)] for one item; items run in parallel. `names` is
+    (single-file name, pattern with {index} and {count}). Returns key -> file name.
+    """
+    shards = _group_into_shards([(key, dtype, shape) for key, dtype, shape, _ in entries], limit)
+    writers, where = [], {}
+    single, pattern = names
+    for index, shard in enumerate(shards):
+        name = pattern.format(index=index + 1, count=len(shards)) if len(shards) > 1 else single
+        writers.append(TensorFileWriter(dst / name, TensorFileLayout(shard)))
+        where.update({key: name for key, _, _ in shard})
+    writer_of = {key: writers[i] for i, shard in enumerate(shards) for key, _, _ in shard}
+    items = list(dict.fromkeys(item for *_, item in entries))
+
+    def task(item) -> None:
+        for key, tensor in produce(item):
+            writer_of[key].write(key, tensor)
+
+    try:
+        run_parallel(task, items)
+    finally:
+        for writer in writers:
+            writer.close()
+    return where

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from longloom.checkpointing.commit import COMMIT_FILE
-from longloom.checkpointing.convert import convert_checkpoint, format_inspection, hf_name, inspect_checkpoint
+from longloom.checkpointing.convert import convert_checkpoint, format_inspection, inspect_checkpoint
+from longloom.checkpointing.hf_export import hf_name
 from longloom.checkpointing.lazy_async import LazyAsyncCheckpointer
 from longloom.checkpointing.universal import CheckpointReader
 from tests.checkpointing.toy import assert_states_equal, build_engine, full_state, save_run, train
