@@ -5,7 +5,7 @@
 
 Setup: a longloom Llama (preset 1b: hidden 2048, 20 layers, 16 heads, 8 KV heads, SwiGLU 5632,
 vocab 32000 = 1.1B parameters) trained by DeepSpeed as the trainer does (bf16, ZeRO-1 on one rank,
-DeepSpeed AdamW: fp32 master weights and two fp32 moments), sequence 4096 x micro batch 2, files
+DeepSpeed AdamW: fp32 master weights and two fp32 moments), sequence 8192 x micro batch 2, files
 under --dir (local disk; everything is deleted afterwards). The state saved is the same for every
 method: bf16 weights (not for ours: they are the fp32 masters rounded) + fp32 masters + exp_avg +
 exp_avg_sq, about 14 bytes per parameter.
@@ -60,7 +60,7 @@ from longloom.training.trainer import deepspeed_config, lr_lambda, resolve_dtype
 
 PRESETS = {
     "1b": ["model.vocab_size=32000", "model.hidden=2048", "model.layers=20", "model.heads=16", "model.kv_heads=8",
-           "model.intermediate=5632", "data.seq_len=4096", "train.micro_batch_size=2"],
+           "model.intermediate=5632", "data.seq_len=8192", "train.micro_batch_size=2"],
     "tiny": ["model.vocab_size=300", "model.hidden=64", "model.layers=2", "model.heads=4", "model.kv_heads=2",
              "data.seq_len=128", "train.micro_batch_size=2", "train.dtype=fp32"],
 }  # fmt: skip
@@ -247,7 +247,7 @@ def every_step(bench: Bench, steps: int) -> list:
     return rows
 
 
-def conversions(bench: Bench) -> list:
+def conversions(bench: Bench, universal: bool) -> list:
     source_root = fresh(bench.work / "conv-ds")
     bench.engine.save_checkpoint(str(source_root), tag="global_step1")
     source = source_root / "global_step1"
@@ -273,15 +273,18 @@ def conversions(bench: Bench) -> list:
     shutil.rmtree(source_root, ignore_errors=True)
     print(f"  ours: {ours:.1f} s", flush=True)
 
-    root = fresh(bench.work / "conv-ours-src")
-    checkpointer = LazyAsyncCheckpointer(root, keep=1, asynchronous=False)
-    checkpointer.save(step=bench.step_number, engine=bench.engine)
-    checkpointer.close()
-    begin = time.perf_counter()
-    convert_checkpoint(root, bench.work / "conv-universal", to="universal", progress=False)
-    rows.append(["longloom convert --to universal (from our checkpoint)", time.perf_counter() - begin, ""])
-    shutil.rmtree(bench.work / "conv-universal", ignore_errors=True)
-    shutil.rmtree(root, ignore_errors=True)
+    if universal:
+        root = fresh(bench.work / "conv-ours-src")
+        checkpointer = LazyAsyncCheckpointer(root, keep=1, asynchronous=False)
+        checkpointer.save(step=bench.step_number, engine=bench.engine)
+        checkpointer.close()
+        begin = time.perf_counter()
+        convert_checkpoint(root, bench.work / "conv-universal", to="universal", progress=False)
+        rows.append(
+            ["longloom convert --to universal (from our checkpoint)", time.perf_counter() - begin, ""]
+        )
+        shutil.rmtree(bench.work / "conv-universal", ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
     return rows
 
 
@@ -289,8 +292,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/longloom-checkpoint-bench"))
-    parser.add_argument("--steps", type=int, default=4, help="steps per step-time measurement")
+    parser.add_argument("--steps", type=int, default=3, help="steps per step-time measurement")
     parser.add_argument("--skip-conversion", action="store_true")
+    parser.add_argument(
+        "--universal", action="store_true", help="also time our checkpoint -> our universal layout"
+    )
     parser.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -321,8 +327,14 @@ def main() -> None:
             [[name, f"{value:.3f} s", f"{value / step_rows[0][1]:.2f}x"] for name, value in step_rows],
         )
         tables = [blocked_table, step_table]
-        if not args.skip_conversion:
-            conversion_rows = conversions(bench)
+        # The conversion needs the DeepSpeed checkpoint plus ds_to_universal's temporary and final copies.
+        free = shutil.disk_usage(args.dir).free
+        if not args.skip_conversion and free < 3.2 * sizes["deepspeed"]:
+            print(
+                f"skipping the conversion: {free / 2**30:.0f} GiB free under {args.dir}, need ~{3.2 * sizes['deepspeed'] / 2**30:.0f}"
+            )
+        elif not args.skip_conversion:
+            conversion_rows = conversions(bench, args.universal)
             tables.append(
                 markdown_table(
                     ["conversion", "time", "speed-up"], [[a, f"{b:.1f} s", c] for a, b, c in conversion_rows]
