@@ -297,9 +297,7 @@ class InterleavedAdamW(torch.optim.Optimizer):
         state = self.state[p]
         home = torch.device("cpu") if on_cpu else p.device
         pin = on_cpu and p.is_cuda
-        if not state:
-            fused = p.is_cuda and not on_cpu
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+        if "exp_avg" not in state:
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = torch.zeros(p.shape, dtype=torch.float32, device=home, pin_memory=pin)
         elif state["exp_avg"].device != home:
@@ -307,11 +305,15 @@ class InterleavedAdamW(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 moved = torch.empty(p.shape, dtype=torch.float32, device=home, pin_memory=pin)
                 state[key] = moved.copy_(state[key])
-            if not on_cpu and p.is_cuda:
-                state["step"] = state["step"].to(p.device)
             if id(p) not in self._moved:
                 self._moved.add(id(p))
                 logger.info("optimizer state of a %d-element subgroup moved to %s", p.numel(), home)
+        # The fused device kernel counts steps in a device tensor; the host path reads a CPU scalar. A
+        # loaded checkpoint may bring a plain int or a tensor on the other device.
+        step_device = p.device if (p.is_cuda and not on_cpu) else torch.device("cpu")
+        step = state.get("step", 0)
+        if not torch.is_tensor(step) or step.device != step_device:
+            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=step_device)
         return state
 
     @torch.no_grad()

@@ -1,0 +1,316 @@
+"""Offload on one GPU: activation offload (memory, step time) and optimizer offload (step time).
+
+    python bench/offload.py [--record]                      # ~4-5 minutes on one H100 / H200
+    python bench/offload.py --preset tiny                   # CPU smoke run (timings meaningless)
+
+Activations: a Llama-3-8B-width decoder (hidden 4096, 32 heads, 8 KV heads, SwiGLU 14336; --layers 4
+by default, vocab 512 so that the logits do not hide the layers) in bf16, every layer checkpointed,
+one sequence of 32K / 64K / 128K tokens (--seqs), forward + backward (no optimizer). Modes: off
+(torch checkpoint), on (offload.activations=true: every layer input but the last one's goes to
+pinned host memory), 0.5 (half of each input's tokens). Columns: median step time and overhead vs
+off; peak GPU memory; "saved for backward" = GPU memory held between forward and backward (layer
+inputs, cos/sin, logits); "removed" = the part of the checkpointed layer inputs (layers x tokens x
+hidden x 2 bytes) no longer on the GPU; the pinned host pool. With L layers at most (L - 1) / L of
+the inputs can leave the GPU (the last layer keeps its input: its backward comes first).
+--find-max doubles the sequence from the last --seqs value until off and on run out of memory.
+
+Optimizer: a 1.1B Llama (hidden 2048, 20 layers, 16 heads, 8 KV heads, SwiGLU 5632, vocab 32000) under
+DeepSpeed as the trainer builds it (bf16, ZeRO-1 on one rank), sequence 2048. Modes: Adam states on
+the GPU (DeepSpeed fused AdamW), cpu (ZeRO-Offload, DeepSpeed CPU Adam), interleaved (GPU share from
+the measured performance model, capped by the memory estimate), interleaved at a fixed GPU share of
+0.5 (what a GPU that holds only half of the moments gets). Columns: median full step and optimizer
+step (engine.step), peak GPU memory. CPU Adam compiles a C++ op on first use (about a minute, cached).
+
+Targets (issue 6): activations <= 5% step-time overhead while removing >= 80% of the checkpointed
+activation memory; interleaved >= 1.5x faster than cpu.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/offload.py` finds longloom
+
+import argparse
+import gc
+import logging
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import append_record, markdown_table
+from longloom.config import load_config
+from longloom.launch.env import device_for_rank, init_distributed
+from longloom.models.llama import LlamaModel, plain_checkpoint
+from longloom.offload.activations import ActivationOffloader
+from longloom.offload.optimizer import build_optimizer
+from longloom.parallel import ParallelDims
+from longloom.training.trainer import deepspeed_config, resolve_dtype
+
+GIB = 1 << 30
+PRESETS = {
+    "full": {
+        "activation_model": ["model.vocab_size=512", "model.hidden=4096", "model.heads=32", "model.kv_heads=8",
+                             "model.intermediate=14336"],
+        "seqs": [32768, 65536, 131072],
+        "optimizer_model": ["model.vocab_size=32000", "model.hidden=2048", "model.layers=20", "model.heads=16",
+                            "model.kv_heads=8", "model.intermediate=5632", "data.seq_len=2048"],
+    },
+    "tiny": {
+        "activation_model": ["model.vocab_size=64", "model.hidden=64", "model.heads=4", "model.kv_heads=2"],
+        "seqs": [256, 512],
+        "optimizer_model": ["model.vocab_size=64", "model.hidden=64", "model.layers=2", "model.heads=4",
+                            "model.kv_heads=2", "data.seq_len=128"],
+    },
+}  # fmt: skip
+ACTIVATION_MODES = {"off": 0.0, "on": 1.0, "0.5": 0.5}
+MAX_SEARCH_TOKENS = 1 << 23
+
+
+def tokens_label(seq: int) -> str:
+    return f"{seq // 1024}K" if seq % 1024 == 0 else str(seq)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def allocated() -> int:
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+
+def release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def activation_case(args, dims: ParallelDims, device: torch.device, seq: int, mode: str) -> dict | None:
+    """One (sequence, mode): median step time, peak memory, memory held between forward and backward."""
+    try:
+        return _measure_activations(args, dims, device, seq, mode)
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        release()  # the model and the pinned pool of this case are gone once the call has returned
+
+
+def _measure_activations(args, dims: ParallelDims, device: torch.device, seq: int, mode: str) -> dict:
+    cfg = load_config(None, [*PRESETS[args.preset]["activation_model"], f"model.layers={args.layers}"])
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    share = ACTIVATION_MODES[mode]
+    offloader = ActivationOffloader(share, device) if share > 0 else None
+    torch.manual_seed(0)
+    model = LlamaModel(cfg.model, dims, offloader.checkpoint if offloader else plain_checkpoint)
+    model = model.to(device=device, dtype=dtype).train()
+    tokens = torch.randint(0, cfg.model.vocab_size, (1, seq + 1), device=device)
+    positions = torch.arange(seq, device=device).unsqueeze(0)
+    held: list[int] = []
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        before = allocated()
+        logits = model(tokens[:, :-1], positions)
+        sync()
+        held.append(allocated() - before)
+        F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
+
+    step()  # warm-up: kernels, pinned pool
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.iters):
+        sync()
+        begin = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - begin)
+    return {
+        "seconds": statistics.median(times),
+        "peak": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
+        "held": held[-1],
+        "inputs": cfg.model.layers * seq * cfg.model.hidden * dtype.itemsize,
+        "pool": offloader.pool.total_bytes if offloader else 0,
+    }
+
+
+def activation_table(args, dims: ParallelDims, device: torch.device) -> str:
+    rows = []
+    for seq in args.seqs:
+        results = {mode: activation_case(args, dims, device, seq, mode) for mode in ACTIVATION_MODES}
+        off = results["off"]
+        for mode, result in results.items():
+            if result is None:
+                rows.append([tokens_label(seq), mode, "OOM", "", "", "", "", ""])
+                continue
+            overhead = f"{100 * (result['seconds'] / off['seconds'] - 1):+.1f}%" if off else ""
+            removed = f"{100 * (off['held'] - result['held']) / result['inputs']:.0f}%" if off else ""
+            rows.append([
+                tokens_label(seq), mode, f"{result['seconds']:.3f} s", overhead, f"{result['peak'] / GIB:.2f} GiB",
+                f"{result['held'] / GIB:.2f} GiB", removed, f"{result['pool'] / GIB:.2f} GiB",
+            ])  # fmt: skip
+            print(" | ".join(str(cell) for cell in rows[-1]), flush=True)
+    if args.find_max and device.type == "cuda":  # host memory on CPU would only swap, never run out
+        for mode in ("off", "on"):
+            seq, longest = args.seqs[-1], None
+            while seq <= MAX_SEARCH_TOKENS and activation_case(args, dims, device, seq, mode) is not None:
+                longest, seq = seq, seq * 2
+            label = tokens_label(longest) if longest else f"< {tokens_label(args.seqs[-1])}"
+            rows.append([f"longest that fits: {label}", mode, "", "", "", "", "", ""])
+    headers = [
+        "tokens",
+        "offload",
+        "step",
+        "vs off",
+        "peak GPU",
+        "saved for backward",
+        "removed",
+        "pinned pool",
+    ]
+    return markdown_table(headers, rows)
+
+
+def optimizer_case(args, dims: ParallelDims, device: torch.device, overrides: list[str]) -> dict:
+    import deepspeed
+
+    cfg = load_config(None, [*PRESETS[args.preset]["optimizer_model"], "train.zero_stage=1", *overrides])
+    dtype = resolve_dtype(cfg, device)
+    torch.manual_seed(0)
+    model = LlamaModel(cfg.model, dims)
+    optimizer = build_optimizer(cfg, model.parameters(), device=device)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.parameters(),
+        optimizer=optimizer,
+        config=deepspeed_config(cfg, dtype),
+        dist_init_required=False,
+    )
+    seq = cfg.data.seq_len
+    tokens = torch.randint(0, cfg.model.vocab_size, (1, seq + 1), device=device)
+    positions = torch.arange(seq, device=device).unsqueeze(0)
+    steps, optimizer_steps = [], []
+    for index in range(args.warmup + args.iters):
+        sync()
+        begin = time.perf_counter()
+        logits = engine(tokens[:, :-1], positions)
+        engine.backward(F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()))
+        sync()
+        middle = time.perf_counter()
+        engine.step()
+        sync()
+        end = time.perf_counter()
+        if index == args.warmup - 1 and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        if index >= args.warmup:
+            steps.append(end - begin)
+            optimizer_steps.append(end - middle)
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    result = {
+        "params": model.num_parameters(),
+        "step": statistics.median(steps),
+        "optimizer": statistics.median(optimizer_steps),
+        "peak": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
+        "gpu_share": getattr(base, "gpu_share", None),
+        "kind": type(base).__name__,
+    }
+    engine.destroy()
+    del engine, model, optimizer, base
+    release()
+    return result
+
+
+def optimizer_table(args, dims: ParallelDims, device: torch.device) -> str:
+    modes = {
+        "GPU (no offload)": [],
+        "cpu": ["offload.optimizer=cpu"],
+        "interleaved (auto)": ["offload.optimizer=interleaved"],
+        "interleaved (gpu_share 0.5)": ["offload.optimizer=interleaved", "offload.gpu_share=0.5"],
+    }
+    rows, results = [], {}
+    for name, overrides in modes.items():
+        results[name] = result = optimizer_case(args, dims, device, overrides)
+        share = "" if result["gpu_share"] is None else f"{result['gpu_share']:.3f}"
+        rows.append([
+            name, result["kind"], share, f"{result['step']:.3f} s", f"{result['optimizer']:.3f} s",
+            f"{results['cpu']['step'] / result['step']:.2f}x" if "cpu" in results else "",
+            f"{result['peak'] / GIB:.2f} GiB",
+        ])  # fmt: skip
+        print(" | ".join(rows[-1]), flush=True)
+    for row, result in zip(rows, results.values()):  # speed-up vs cpu, now that cpu is known
+        row[5] = f"{results['cpu']['step'] / result['step']:.2f}x"
+    print(f"model: {results['cpu']['params'] / 1e9:.2f}B parameters", flush=True)
+    headers = [
+        "optimizer states",
+        "optimizer",
+        "GPU share",
+        "step",
+        "engine.step",
+        "speed-up vs cpu",
+        "peak GPU",
+    ]
+    return markdown_table(headers, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--part", choices=["both", "activations", "optimizer"], default="both")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the activation model")
+    parser.add_argument("--seqs", type=lambda text: [int(v) for v in text.split(",")], default=None)
+    parser.add_argument("--iters", type=int, default=2, help="timed steps per case (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="optimizer part: untimed steps first")
+    parser.add_argument("--find-max", action="store_true", help="double the sequence until off / on OOM")
+    parser.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
+    args = parser.parse_args()
+    args.seqs = args.seqs or PRESETS[args.preset]["seqs"]
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    init_distributed()
+    device = device_for_rank()
+    dims = ParallelDims.build(dp=1, ulysses=1, ring=1)
+    started = time.perf_counter()
+    tables = []
+    if args.part in ("both", "activations"):
+        table = activation_table(args, dims, device)
+        print(table, flush=True)
+        tables.append(
+            (
+                "Activation offload, one GPU",
+                (
+                    f"Llama-3-8B width ({args.layers} layers, hidden 4096, 32 heads, 8 KV heads, SwiGLU 14336), "
+                    "bf16, one sequence, forward + backward with every layer checkpointed; offload off / on / "
+                    "0.5 of the tokens. 'removed' = share of the checkpointed layer inputs no longer held on the GPU."
+                ),
+                table,
+            )
+        )
+    if args.part in ("both", "optimizer"):
+        table = optimizer_table(args, dims, device)
+        print(table, flush=True)
+        tables.append(
+            (
+                "Optimizer offload, one GPU",
+                (
+                    "1.1B Llama (hidden 2048, 20 layers), bf16, ZeRO-1 on one rank, sequence 2048: Adam states "
+                    "on the GPU, ZeRO-Offload (cpu), interleaved with the measured GPU share and at 0.5."
+                ),
+                table,
+            )
+        )
+    print(f"total {time.perf_counter() - started:.0f} s", flush=True)
+    if args.record:
+        for title, what, table in tables:
+            path = append_record(title, what, table, world_size=1)
+        print(f"appended to {path}")
+
+
+if __name__ == "__main__":
+    main()
