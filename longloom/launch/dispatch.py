@@ -18,8 +18,6 @@ import traceback
 from collections.abc import Callable
 from typing import Any, Literal
 
-import torch.distributed as dist
-
 from longloom.config import ConfigError, LongloomConfig, validate_layout
 from longloom.launch.env import ATTEMPT_ENV, under_torchrun
 from longloom.launch.supervisor import RunFailed, WorkerFailure, run_with_restarts
@@ -83,11 +81,9 @@ def _run_in_process(cfg: LongloomConfig, entry: Entry, attempt: int) -> Any:
     except (ConfigError, KeyboardInterrupt):
         raise
     except Exception:  # noqa: BLE001 - any error of the entry is a failed attempt, restarted or reported
-        detail = traceback.format_exc()
-        if not under_torchrun() and dist.is_initialized():
-            # The next attempt starts like a fresh process would: with no process group.
-            dist.destroy_process_group()
-        raise WorkerFailure(int(os.environ.get("RANK", "0")), detail) from None
+        # The process group stays: a lone worker has no peer stuck in it, and DeepSpeed keeps
+        # groups derived from it in module state that a new group would leave dangling.
+        raise WorkerFailure(int(os.environ.get("RANK", "0")), traceback.format_exc()) from None
 
 
 def run_workers(cfg: LongloomConfig, entry: Entry | None = None) -> Any:
