@@ -145,6 +145,8 @@ def prune(root: Path, keep: int, committed_step: int) -> list[Path]:
         if committed and kept < keep:
             kept += 1
             continue
+        # Un-commit first: a crash during the removal must not leave a marker over missing data.
+        (path / COMMIT_FILE).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     if removed:

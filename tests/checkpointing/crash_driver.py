@@ -12,6 +12,7 @@ use ZeRO stages 0-3 in turn, so every resume also changes the layout.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -21,6 +22,15 @@ import time
 from pathlib import Path
 
 VERIFY_FAILED = 3
+_MODULES_USED_BY_INITIALIZE = (
+    "deepspeed.runtime.engine",
+    "deepspeed.runtime.zero.stage_1_and_2",
+    "deepspeed.runtime.zero.stage3",
+    "deepspeed.runtime.bf16_optimizer",
+    "deepspeed.runtime.zero.muon.muon_optimizer",  # imports torch.compile machinery: seconds
+    "longloom.checkpointing.lazy_async",
+    "tests.checkpointing.toy",
+)
 
 
 def _fingerprint(engine) -> list[float]:
@@ -102,6 +112,16 @@ def _big_engine(stage: int):
         toy.ToyModel = original
 
 
+def _wait_for_flush_in_progress(root: Path, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for step in root.glob("step-*"):
+            if any(step.glob("*.safetensors")) and not (step / "commit.json").is_file():
+                return True
+        time.sleep(0.0005)
+    return False
+
+
 def main(root: str, trials: int, seed: int, report: str) -> int:
     from deepspeed.accelerator import get_accelerator
 
@@ -110,6 +130,8 @@ def main(root: str, trials: int, seed: int, report: str) -> int:
         builder = get_accelerator().create_op_builder(op)
         if builder is not None:
             builder.load()
+    for module in _MODULES_USED_BY_INITIALIZE:
+        importlib.import_module(module)
     from longloom.checkpointing.commit import find_latest_committed
 
     rng = random.Random(seed)
@@ -144,12 +166,15 @@ def main(root: str, trials: int, seed: int, report: str) -> int:
             break
         delay = rng.uniform(0.1, 0.8)
         time.sleep(delay)
+        # Odd trials: kill at a random moment. Even trials: wait for a checkpoint caught in the
+        # middle of its flush (a data file exists, the marker does not) and kill right then.
+        mid_write = trial % 2 == 0 and _wait_for_flush_in_progress(root_path, timeout_s=5.0)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        partial = sorted(
-            p.name for p in root_path.glob("step-*") if not (p / "commit.json").is_file()
-        )  # directories being written at the moment of the kill
-        kills.append({"trial": trial, "delay_s": round(delay, 3), "uncommitted_dirs": partial})
+        partial = sorted(p.name for p in root_path.glob("step-*") if not (p / "commit.json").is_file())
+        kills.append(
+            {"trial": trial, "delay_s": round(delay, 3), "mid_write": mid_write, "uncommitted_dirs": partial}
+        )
         if find_latest_committed(root_path) is None and trial > 0:
             print(f"trial {trial}: no committed checkpoint left after the kill", file=sys.stderr)
             return 1
