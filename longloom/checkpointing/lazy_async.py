@@ -40,6 +40,7 @@ import logging
 import secrets
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,7 +111,8 @@ class LazyAsyncCheckpointer:
         if self.world_size > 1:
             dist.broadcast_object_list(token, src=0)
         self.token: str = token[0]
-        self._owned: dict[int, set[tuple[str, int, int]]] = {}  # id(engine) -> ranges this rank writes
+        # engine -> the ranges this rank writes (weak: a new engine never inherits an old decision)
+        self._owned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._pool: torch.Tensor | None = None
         self._stream = None
         self._job: _Job | None = None
@@ -122,6 +124,7 @@ class LazyAsyncCheckpointer:
     def save(self, step: int, engine, extra: dict | None = None) -> None:
         """Starts checkpoint `step` (call right after engine.step()); returns before any I/O."""
         self._finish_previous()
+        self._abort.clear()
         started = time.perf_counter()
         state = EngineState(engine)
         share = self._share(engine, state)
@@ -230,10 +233,10 @@ class LazyAsyncCheckpointer:
     def _share(self, engine, state: EngineState) -> list[tuple[FlatRange, dict[str, torch.Tensor]]]:
         # Which ranges this rank writes is decided once per engine (a collective); the views are
         # taken fresh at every save because loading or a first step may re-link optimizer state.
-        owned = self._owned.get(id(engine))
+        owned = self._owned.get(engine)
         if owned is None:
             share = state.saved_share()
-            self._owned[id(engine)] = {(r.name, r.start, r.numel) for r, _ in share}
+            self._owned[engine] = {(r.name, r.start, r.numel) for r, _ in share}
             return share
         if state.kind == "replicated":
             return state.saved_share()
