@@ -20,7 +20,6 @@ unpickles anything: JSON and safetensors only.
 
 from __future__ import annotations
 
-import math
 import threading
 from pathlib import Path
 
@@ -229,7 +228,3 @@ def load_into_engine(path: str | Path, engine) -> dict | None:
         # Micro-steps restart on a step boundary under the new gradient-accumulation setting.
         engine.micro_steps = engine.global_steps * engine.gradient_accumulation_steps()
         return reader.extra(state.rank)
-
-
-def checkpoint_numel(specs: dict[str, ParamSpec]) -> int:
-    return sum(math.prod(spec.shape) for spec in specs.values())
