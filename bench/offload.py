@@ -16,7 +16,7 @@ the inputs can leave the GPU (the last layer keeps its input: its backward comes
 
 Optimizer: a 1.1B Llama (hidden 2048, 20 layers, 16 heads, 8 KV heads, SwiGLU 5632, vocab 32000) under
 DeepSpeed as the trainer builds it (bf16, ZeRO-1 on one rank), sequence 2048. Modes: Adam states on
-the GPU (DeepSpeed fused AdamW), cpu (ZeRO-Offload, DeepSpeed CPU Adam), interleaved (GPU share from
+the GPU (torch AdamW in DeepSpeed), cpu (ZeRO-Offload, DeepSpeed CPU Adam), interleaved (GPU share from
 the measured performance model, capped by the memory estimate), interleaved at a fixed GPU share of
 0.5 (what a GPU that holds only half of the moments gets). Columns: median full step and optimizer
 step (engine.step), peak GPU memory. CPU Adam compiles a C++ op on first use (about a minute, cached).

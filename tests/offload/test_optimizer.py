@@ -28,7 +28,13 @@ def test_settings_none_cpu_interleaved():
     assert plain == {
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": 3e-4, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1},
+            "params": {
+                "lr": 3e-4,
+                "betas": [0.9, 0.99],
+                "eps": 1e-8,
+                "weight_decay": 0.1,
+                "torch_adam": True,
+            },
         },
         "zero_optimization": {"stage": 2},
     }
@@ -38,7 +44,11 @@ def test_settings_none_cpu_interleaved():
         "stage": 2,
         "offload_optimizer": {"device": "cpu", "pin_memory": True},
     }
-    assert offloaded["optimizer"] == plain["optimizer"]
+    # DeepSpeed picks its CPU Adam for offload only when torch_adam is not set.
+    assert offloaded["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": 3e-4, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1},
+    }
     cfg.offload.optimizer = "interleaved"
     interleaved = optimizer_settings(cfg)
     assert "optimizer" not in interleaved, "the client optimizer from build_optimizer is the optimizer"

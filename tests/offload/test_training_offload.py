@@ -76,9 +76,11 @@ def baseline(tmp_path_factory):
     return _run(run_distributed, tmp_path_factory.mktemp("baseline"), "none")
 
 
-@pytest.mark.parametrize("activations", ["true", "0.5"])
-def test_activation_offload_keeps_losses(distributed, tmp_path, baseline, activations):
-    run = _run(distributed, tmp_path, "act", f"offload.activations={activations}")
+@pytest.mark.parametrize("activations,zero_stage", [("true", 1), ("0.5", 1), ("true", 3)])
+def test_activation_offload_keeps_losses(distributed, tmp_path, baseline, activations, zero_stage):
+    run = _run(
+        distributed, tmp_path, "act", f"offload.activations={activations}", f"train.zero_stage={zero_stage}"
+    )
     # 3 layers, [1, 32 tokens per rank, 32] fp32 inputs; the last layer keeps its input on the device.
     share = 1.0 if activations == "true" else 0.5
     assert run["swapped_bytes"] == 2 * round(share * 32) * 32 * 4
