@@ -79,6 +79,9 @@ def time_ms(
 
 
 def git_commit() -> str:
+    # The GPU machine gets a copy of the working tree without .git: the launcher passes the commit.
+    if os.environ.get("LONGLOOM_COMMIT"):
+        return os.environ["LONGLOOM_COMMIT"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],

@@ -22,7 +22,10 @@ import torch.multiprocessing as mp
 GLOO_TIMEOUT_S = 120
 TASK_TIMEOUT_S = 600
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# CPU: Triton kernels run in the interpreter. Never on a GPU machine: interpreted kernels cannot take CUDA
+# tensors, and tests/gpu must exercise the compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _pool_worker(rank: int, world_size: int, port: int, tasks, results) -> None:
