@@ -29,7 +29,7 @@ from longloom.data.synthetic import build_dataset
 from longloom.launch.env import device_for_rank, init_distributed
 from longloom.models.llama import LlamaModel, plain_checkpoint
 from longloom.offload.activations import ActivationOffloader
-from longloom.offload.optimizer import optimizer_settings
+from longloom.offload.optimizer import build_optimizer, optimizer_settings
 from longloom.parallel.dims import ParallelDims
 from longloom.parallel.loss import sequence_parallel_cross_entropy
 from longloom.training.metrics import MetricsLogger
@@ -136,6 +136,7 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=model.parameters(),
+        optimizer=build_optimizer(cfg, model.parameters(), device=device, world_size=world_size),
         config=deepspeed_config(cfg, dtype),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)),
         dist_init_required=False,
