@@ -57,7 +57,7 @@ def rank_environment(
     master_port: int,
     attempt: int,
 ) -> dict[str, str]:
-    """The variables torchrun would set for one rank (plus the attempt), for launchers that are not torchrun."""
+    """The variables torchrun sets for one rank, plus the attempt: for launchers other than torchrun."""
     return {
         "RANK": str(rank),
         "WORLD_SIZE": str(world_size),

@@ -41,7 +41,8 @@ class RunFailed(RuntimeError):
         where = f"rank {last.rank}" if last.rank is not None else "a worker"
         lines = [line for line in last.detail.splitlines() if line.strip()]
         return (
-            f"training failed after {len(self.failures)} attempt(s) (launch.max_failures={self.max_failures}); "
+            f"training failed after {len(self.failures)} attempt(s) "
+            f"(launch.max_failures={self.max_failures}); "
             f"last error on {where}: {lines[-1].strip() if lines else 'no detail'}"
         )
 

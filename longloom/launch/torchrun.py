@@ -1,4 +1,6 @@
-"""The worker entry for torchrun: `torchrun --nproc-per-node N -m longloom.launch.torchrun CONFIG [a.b=v ...]`.
+"""The worker entry for torchrun:
+
+    torchrun --nproc-per-node N [--max-restarts K] -m longloom.launch.torchrun CONFIG [a.b=v ...]
 
 torchrun starts the N processes and sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
 each process loads the config and calls `run_training`. Under `torchrun --max-restarts K`, a

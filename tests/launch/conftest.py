@@ -37,6 +37,19 @@ def subprocess_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
 
 
+def session_processes(session_id: int) -> list[int]:
+    """Processes of a session (one started with start_new_session=True): what a test started."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == session_id:
+                    pids.append(int(entry))
+            except ProcessLookupError:
+                pass
+    return pids
+
+
 def losses(output_dir: str | Path) -> list[float]:
     metrics = read_metrics(output_dir)
     assert sorted(metrics) == list(range(1, STEPS + 1)), f"logged steps {sorted(metrics)}"

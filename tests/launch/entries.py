@@ -1,21 +1,18 @@
-"""Small worker entries for the launcher tests: real collectives, a checkpoint to resume from.
+"""A worker entry for the launcher tests of what the trainer has no knob for: a process that dies.
 
-`counting_run(cfg)` is a stand-in for `run_training` with the same contract: it initialises
-torch.distributed from the launcher's environment, resumes from the newest committed checkpoint in
-`<output_dir>/checkpoints`, raises at `debug.fail_at_step` on the last rank of the first attempt, and
-writes `<output_dir>/metrics.jsonl`. Each step all-reduces (rank + 1) * step, so the running total
-after step n is n (n + 1) / 2 * W (W + 1) / 2 only if every rank took part in every step.
-
-Run as a module it is also the driver of the job-submission and torchrun tests:
-    python -m tests.launch.entries launch CONFIG [overrides]     (what `longloom train` does)
-    torchrun ... -m tests.launch.entries torchrun CONFIG [overrides]
+`counting_run_then_crash(cfg)` follows `run_training`'s contract: it initialises torch.distributed
+from the launcher's environment, resumes from the newest committed checkpoint in
+`<output_dir>/checkpoints`, raises at `debug.fail_at_step` on the last rank of the first attempt and
+writes `<output_dir>/metrics.jsonl`. On the second attempt rank 0's process exits one step later
+without a Python exception, as after an OOM kill or a segfault. Each step all-reduces
+(rank + 1) * step, so the running total after step n is n (n + 1) / 2 * W (W + 1) / 2 only if every
+rank took part in every step.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -46,7 +43,7 @@ def _commit(folder: Path, step: int, total: float) -> None:
     os.replace(partial, folder / f"step-{step}.json")
 
 
-def _counting(cfg: LongloomConfig, crash_on_second_attempt: bool) -> dict:
+def counting_run_then_crash(cfg: LongloomConfig) -> dict:
     rank, world_size = init_distributed(timeout_s=cfg.launch.collective_timeout_s)
     attempt = attempt_number()
     output = Path(cfg.train.output_dir)
@@ -61,7 +58,7 @@ def _counting(cfg: LongloomConfig, crash_on_second_attempt: bool) -> dict:
         if cfg.debug.fail_at_step == step and attempt == 0 and rank == world_size - 1:
             raise RuntimeError(f"debug.fail_at_step={step}: injected failure on rank {rank}")
         crash_now = cfg.debug.fail_at_step is not None and step == cfg.debug.fail_at_step + 1
-        if crash_on_second_attempt and crash_now and attempt == 1 and rank == 0:
+        if crash_now and attempt == 1 and rank == 0:
             os._exit(13)  # a process that dies without a Python exception (OOM kill, segfault)
         contribution = torch.tensor([float((rank + 1) * step)], dtype=torch.float64)
         dist.all_reduce(contribution)
@@ -79,15 +76,6 @@ def _counting(cfg: LongloomConfig, crash_on_second_attempt: bool) -> dict:
     return {"total": total, "start_step": start_step, "attempt": attempt, "environments": environments}
 
 
-def counting_run(cfg: LongloomConfig) -> dict:
-    return _counting(cfg, crash_on_second_attempt=False)
-
-
-def counting_run_then_crash(cfg: LongloomConfig) -> dict:
-    """Like counting_run; on the second attempt rank 0's process also dies one step later."""
-    return _counting(cfg, crash_on_second_attempt=True)
-
-
 def read_metrics(output_dir: str | Path) -> dict[int, dict]:
     """metrics.jsonl as {step: last record}: a step re-run after a restart replaces the earlier one."""
     records = {}
@@ -95,19 +83,3 @@ def read_metrics(output_dir: str | Path) -> dict[int, dict]:
         record = json.loads(line)
         records[record["step"]] = record
     return records
-
-
-def _main(argv: list[str]) -> int:
-    mode, rest = argv[0], argv[1:]
-    if mode == "torchrun":
-        from longloom.launch.torchrun import main
-
-        return main(rest, entry=counting_run)
-    from longloom.config import load_config
-    from longloom.launch.dispatch import launch
-
-    return launch(load_config(rest[0], rest[1:]), entry=counting_run)
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main(sys.argv[1:]))

@@ -1,5 +1,6 @@
-"""`ray job submit --address http://HEAD:DASHBOARD -- longloom train ... launch.address=auto` against a
-head node this test starts (token authentication on, as a user would run a shared cluster).
+"""Runs on a head node these tests start (token authentication on, as on a shared cluster):
+`ray job submit --address http://HEAD:DASHBOARD -- longloom train ... launch.address=auto`, and
+`longloom train ... launch.address=http://HEAD:DASHBOARD`, which submits the job itself.
 
 The head runs as `ray start --head --block` in a session of its own: SIGTERM makes it stop the
 processes it started, and what is left in that session afterwards (dashboard helpers) is killed by
@@ -20,21 +21,9 @@ import urllib.request
 import pytest
 
 from longloom.launch.env import free_port
-from tests.launch.conftest import REPO, TINY_CONFIG, TINY_OVERRIDES, losses, subprocess_env
+from tests.launch.conftest import REPO, TINY_CONFIG, TINY_OVERRIDES, losses, session_processes, subprocess_env
 
 HEAD_START_TIMEOUT_S = 90
-
-
-def _session_processes(session_id: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == session_id:
-                    pids.append(int(entry))
-            except ProcessLookupError:
-                pass
-    return pids
 
 
 def _wait_for_dashboard(url: str, token: str, head: subprocess.Popen) -> None:
@@ -51,8 +40,8 @@ def _wait_for_dashboard(url: str, token: str, head: subprocess.Popen) -> None:
     raise TimeoutError(f"the dashboard at {url} did not answer within {HEAD_START_TIMEOUT_S} s")
 
 
-@pytest.fixture
-def head_node(tmp_path):
+@pytest.fixture(scope="module")
+def head_node(tmp_path_factory):
     """A one-node Ray cluster with its dashboard and token auth; yields (dashboard URL, environment)."""
     token = secrets.token_hex(16)
     env = subprocess_env() | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
@@ -62,7 +51,7 @@ def head_node(tmp_path):
     command += ["--ray-client-server-port", str(free_port())]
     command += ["--dashboard-agent-listen-port", str(free_port())]
     command += ["--num-cpus", "4", "--disable-usage-stats"]
-    with open(tmp_path / "head.log", "w") as log:
+    with open(tmp_path_factory.mktemp("head") / "head.log", "w") as log:
         head = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -77,15 +66,15 @@ def head_node(tmp_path):
         except subprocess.TimeoutExpired:
             head.kill()
         # Helpers that outlive `ray start` (dashboard subprocesses) are still in its session.
-        for pid in _session_processes(head.pid):
+        for pid in session_processes(head.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 10
-        while _session_processes(head.pid) and time.monotonic() < deadline:
+        while session_processes(head.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _session_processes(head.pid), "processes of the test's head node were left running"
+        assert not session_processes(head.pid), "processes of the test's head node were left running"
 
 
 def test_ray_job_submit_runs_longloom_train(tmp_path, head_node, reference_run):
@@ -103,4 +92,19 @@ def test_ray_job_submit_runs_longloom_train(tmp_path, head_node, reference_run):
     # The job's driver joined the cluster (no embedded one) and rank 0's lines reached the job log.
     assert "started an embedded Ray cluster" not in output
     assert "[rank 0] step      5 | loss" in output
+    assert losses(output_dir) == pytest.approx(reference_run.losses, rel=1e-4)
+
+
+def test_train_with_http_address_submits_a_job(tmp_path, head_node, reference_run):
+    # Started elsewhere: the resolved config (and this longloom package) travel with the job.
+    url, env = head_node
+    output_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "longloom", "train", TINY_CONFIG, *TINY_OVERRIDES, "launch.workers=2"]
+    command += [f"launch.address={url}", f"train.output_dir={output_dir}"]
+    done = subprocess.run(
+        command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "submitted Ray job" in output and "[rank 0] step      5 | loss" in output
     assert losses(output_dir) == pytest.approx(reference_run.losses, rel=1e-4)

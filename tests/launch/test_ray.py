@@ -8,6 +8,8 @@ no knob for: a worker process that dies without a Python exception.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,8 +18,15 @@ import pytest
 
 from longloom.config import ConfigError, load_config
 from longloom.launch.dispatch import choose_launcher, launch
-from tests.launch.conftest import REPO, TINY_CONFIG, TINY_OVERRIDES, losses, subprocess_env
-from tests.launch.entries import counting_run_then_crash, read_metrics
+from tests.launch.conftest import (
+    REPO,
+    TINY_CONFIG,
+    TINY_OVERRIDES,
+    losses,
+    session_processes,
+    subprocess_env,
+)
+from tests.launch.entries import counting_run_then_crash, expected_totals, read_metrics
 
 RTOL = 1e-4
 
@@ -98,3 +107,39 @@ def test_ray_dead_worker_and_failure_for_good(tmp_path, caplog):
     assert elapsed < 100, f"{elapsed:.0f} s: peers were not stopped promptly"
     metrics = read_metrics(tmp_path)
     assert [metrics[step]["attempt"] for step in sorted(metrics)] == [0, 0, 1]
+    assert [metrics[step]["loss"] for step in sorted(metrics)] == expected_totals(3, 2)
+
+
+def test_ctrl_c_stops_workers_and_embedded_cluster(tmp_path):
+    command = [sys.executable, "-m", "longloom", "train", TINY_CONFIG, *TINY_OVERRIDES, "launch.workers=2"]
+    command += ["train.steps=100000", "checkpoint.interval=0", f"train.output_dir={tmp_path}"]
+    driver = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # the driver, its Ray cluster and its workers, and nothing else
+    )
+    try:
+        for line in driver.stdout:
+            if "[rank 0] step      2 |" in line:
+                break
+        # The GCS, raylet, workers...: all started by the driver, all in its session.
+        assert len(session_processes(driver.pid)) > 3
+        os.kill(driver.pid, signal.SIGINT)
+        output = driver.stdout.read()
+        assert driver.wait(timeout=60) == 130
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert "stopped the embedded Ray cluster" in output
+    assert "interrupted: every worker was stopped" in output
+    deadline = time.monotonic() + 10
+    while session_processes(driver.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = session_processes(driver.pid)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left running after Ctrl-C: {left}"
