@@ -14,9 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any, Literal
+
+import torch.distributed as dist
 
 from longloom.config import ConfigError, LongloomConfig, validate_layout
 from longloom.launch.env import ATTEMPT_ENV, under_torchrun
@@ -31,10 +34,14 @@ EXIT_INTERRUPTED = 130
 
 
 def _inside_worker() -> bool:
-    if under_torchrun() or "LOCAL_RANK" in os.environ:
+    """True when another launcher started this process as one rank of a run."""
+    if under_torchrun():
         return True
-    import sys
-
+    # LOCAL_RANK set by whoever started us. init_distributed also writes it back in a lone process,
+    # so a process whose earlier in-process run left a group of one is not a launcher's worker.
+    lone_process = dist.is_initialized() and dist.get_world_size() == 1
+    if "LOCAL_RANK" in os.environ and not lone_process:
+        return True
     # Only a process that already imported Ray can be a Ray worker; importing it here costs a second.
     if "ray" not in sys.modules:
         return False
@@ -94,8 +101,10 @@ def run_workers(cfg: LongloomConfig, entry: Entry | None = None) -> Any:
     launcher = choose_launcher(cfg)
     if launcher == "in_process":
         entry = entry or _default_entry
-        # torchrun restarts its own workers; a second loop here would multiply the restarts.
-        max_failures = 0 if under_torchrun() else cfg.launch.max_failures
+        # Restarting here is only right when this process is the whole run: torchrun restarts its
+        # own workers, and a rank of a larger group cannot restart without its peers.
+        whole_run = not under_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) == 1
+        max_failures = cfg.launch.max_failures if whole_run else 0
         return run_with_restarts(lambda attempt: _run_in_process(cfg, entry, attempt), max_failures)
 
     from longloom.launch.ray import RayLauncher

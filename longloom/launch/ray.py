@@ -176,6 +176,39 @@ def _bundles_in_rank_order(group: PlacementGroup) -> list[tuple[int, str]]:
     return [(index, bundle_nodes[index]) for index in order]
 
 
+def rank_environments(
+    nodes: list[str], placements: list[tuple[str, list[str]]], master_port: int, attempt: int
+) -> list[dict[str, str]]:
+    """Each rank's environment, in rank order, from its node id and its placement (node IP, GPU ids).
+
+    Rank 0's node hosts the rendezvous. A node's ranks see all of that node's GPUs of this run
+    (NCCL peer-to-peer needs them visible, as under torchrun) and LOCAL_RANK picks their own.
+    """
+    ranks_on_node: dict[str, list[int]] = {}
+    for rank, node in enumerate(nodes):
+        ranks_on_node.setdefault(node, []).append(rank)
+    environments = []
+    for rank, node in enumerate(nodes):
+        neighbours = ranks_on_node[node]
+        local_rank = neighbours.index(rank)
+        visible = {}
+        node_gpus = sorted((gpu for r in neighbours for gpu in placements[r][1]), key=_gpu_sort_key)
+        if node_gpus:
+            visible["CUDA_VISIBLE_DEVICES"] = ",".join(node_gpus)
+            local_rank = node_gpus.index(placements[rank][1][0])
+        environment = rank_environment(
+            rank=rank,
+            world_size=len(nodes),
+            local_rank=local_rank,
+            local_world_size=len(neighbours),
+            master_addr=placements[0][0],
+            master_port=master_port,
+            attempt=attempt,
+        )
+        environments.append(environment | visible)
+    return environments
+
+
 class RayLauncher:
     """Runs `entry(cfg)` (default: `run_training`) on `launch.workers` Ray actors, restarting on failure."""
 
@@ -206,7 +239,9 @@ class RayLauncher:
                 ray.shutdown()
                 logger.info("stopped the embedded Ray cluster")
 
-    def _start_actors(self, group: PlacementGroup, bundle: dict[str, float]) -> list[dict[str, str]]:
+    def _start_actors(
+        self, group: PlacementGroup, bundle: dict[str, float], attempt: int
+    ) -> list[dict[str, str]]:
         """Starts one actor per rank in its bundle; returns each rank's environment, in rank order."""
         actor_class = ray.remote(RankWorker)
         bundles = _bundles_in_rank_order(group)
@@ -221,38 +256,12 @@ class RayLauncher:
             for rank, (index, _) in enumerate(bundles)
         ]
         placements = ray.get([actor.placement.remote() for actor in self._actors])
-        master_addr = placements[0][0]
         master_port = ray.get(self._actors[0].free_port.remote())
-
-        ranks_on_node: dict[str, list[int]] = {}
-        for rank, (_, node_id) in enumerate(bundles):
-            ranks_on_node.setdefault(node_id, []).append(rank)
-        environments = []
-        for rank, (_, node_id) in enumerate(bundles):
-            neighbours = ranks_on_node[node_id]
-            local_rank = neighbours.index(rank)
-            extra = {}
-            node_gpus = sorted((gpu for r in neighbours for gpu in placements[r][1]), key=_gpu_sort_key)
-            if node_gpus:
-                # Every rank of a node sees the node's GPUs of this run (NCCL peer-to-peer needs
-                # them visible), and LOCAL_RANK picks its own among them.
-                extra["CUDA_VISIBLE_DEVICES"] = ",".join(node_gpus)
-                local_rank = node_gpus.index(placements[rank][1][0])
-            env = rank_environment(
-                rank=rank,
-                world_size=len(bundles),
-                local_rank=local_rank,
-                local_world_size=len(neighbours),
-                master_addr=master_addr,
-                master_port=master_port,
-                attempt=0,
-            )
-            environments.append(env | extra)
-        return environments
+        return rank_environments([node for _, node in bundles], placements, master_port, attempt)
 
     def _attempt(self, group: PlacementGroup, bundle: dict[str, float], attempt: int) -> Any:
         try:
-            environments = self._start_actors(group, bundle)
+            environments = self._start_actors(group, bundle, attempt)
         except ray.exceptions.RayActorError as error:
             self._stop_actors()
             raise WorkerFailure(None, f"a worker process died while starting: {error}") from None
@@ -266,7 +275,6 @@ class RayLauncher:
         )
         pending = {}
         for rank, (actor, env) in enumerate(zip(self._actors, environments)):
-            env["LONGLOOM_ATTEMPT"] = str(attempt)
             pending[actor.run.remote(self.entry, self.cfg, env)] = rank
         results: dict[int, Any] = {}
         while pending:

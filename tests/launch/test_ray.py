@@ -18,6 +18,7 @@ import pytest
 
 from longloom.config import ConfigError, load_config
 from longloom.launch.dispatch import choose_launcher, launch
+from longloom.launch.ray import rank_environments
 from tests.launch.conftest import (
     REPO,
     TINY_CONFIG,
@@ -41,11 +42,40 @@ def test_choose_launcher(monkeypatch):
         choose_launcher(load_config(None, ["launch.workers=2", "launch.backend=local"]))
     with pytest.raises(ConfigError, match="torchrun --nproc-per-node 4 -m longloom.launch.torchrun"):
         choose_launcher(load_config(None, ["launch.workers=4", "launch.backend=torchrun"]))
+    # LOCAL_RANK left behind by an earlier in-process run (a group of one) is not a launcher's worker.
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr("torch.distributed.is_initialized", lambda: True)
+    monkeypatch.setattr("torch.distributed.get_world_size", lambda group=None: 1)
+    assert choose_launcher(load_config(None, ["launch.workers=2"])) == "ray"
+    monkeypatch.setattr("torch.distributed.is_initialized", lambda: False)
+    assert choose_launcher(load_config(None, ["launch.workers=2"])) == "in_process"
     # Inside a worker torchrun started, every backend that can run here runs here.
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert choose_launcher(load_config(None, ["launch.workers=2"])) == "in_process"
     assert choose_launcher(load_config(None, ["launch.workers=2", "launch.backend=torchrun"])) == "in_process"
+
+
+def test_rank_environments_on_two_gpu_nodes():
+    # Ranks 0-2 on node a (Ray gave them GPUs 5, 1, 3), ranks 3-4 on node b (GPUs 0, 2).
+    nodes = ["a", "a", "a", "b", "b"]
+    placements = [("10.0.0.1", ["5"]), ("10.0.0.1", ["1"]), ("10.0.0.1", ["3"]), ("10.0.0.2", ["2"])]
+    placements += [("10.0.0.2", ["0"])]
+    environments = rank_environments(nodes, placements, master_port=29500, attempt=2)
+    assert [env["RANK"] for env in environments] == ["0", "1", "2", "3", "4"]
+    assert {env["WORLD_SIZE"] for env in environments} == {"5"}
+    assert {(env["MASTER_ADDR"], env["MASTER_PORT"]) for env in environments} == {("10.0.0.1", "29500")}
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in environments] == ["1,3,5"] * 3 + ["0,2"] * 2
+    # LOCAL_RANK indexes CUDA_VISIBLE_DEVICES: every rank lands on the GPU Ray reserved for it.
+    assert [env["LOCAL_RANK"] for env in environments] == ["2", "0", "1", "1", "0"]
+    assert [env["LOCAL_WORLD_SIZE"] for env in environments] == ["3"] * 3 + ["2"] * 2
+    assert {env["LONGLOOM_ATTEMPT"] for env in environments} == {"2"}
+
+
+def test_rank_environments_on_cpu():
+    environments = rank_environments(["a", "a"], [("10.0.0.1", []), ("10.0.0.1", [])], 29500, 0)
+    assert [env["LOCAL_RANK"] for env in environments] == ["0", "1"]
+    assert all("CUDA_VISIBLE_DEVICES" not in env for env in environments)
 
 
 def test_embedded_run_streams_rank0_output(reference_run):
