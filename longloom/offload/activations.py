@@ -15,9 +15,12 @@ the inputs; it swaps the layer input `hidden` and passes everything else (cos / 
 all layers) through. Unpacking happens at the start of the layer's recomputation in backward; that is
 when the previous layer's input starts coming back.
 
-Streams (CUDA): device->host copies run on an offload stream that first waits for the compute stream;
-`record_stream` keeps the caching allocator from handing the input's memory to anyone before that copy
-has read it. Host->device copies run on a prefetch stream; the compute stream waits on their event, and
+Streams (CUDA): device->host copies run on an offload stream that first waits for the compute stream.
+The entry keeps the device input alive until the *next* layer's forward has been issued; then the
+compute stream waits on the copy's event (long done by then) and the reference is dropped, so the memory
+goes back to the allocator at once on the compute stream. (`record_stream` would be correct too, but the
+allocator only notices the end of the copy at a later allocation: the memory stays counted, and reused
+late, which is what this module exists to avoid.) Host->device copies run on a prefetch stream; the compute stream waits on their event, and
 a host buffer goes back to the pool tagged with that event so the next step's device->host copy into
 it waits until it has been read. On CPU the same code runs with plain (unpinned) buffers and no streams.
 """
@@ -105,6 +108,7 @@ class SavedInput:
         self.buffer: HostBuffer | None = None
         self.host: torch.Tensor | None = None
         self.offloaded: torch.cuda.Event | None = None
+        self.device_source: torch.Tensor | None = None  # the device input, until its copy is known done
         self.prefetched: torch.Tensor | None = None
         self.prefetched_event: torch.cuda.Event | None = None
         # A weak link: the previous layer's input must not outlive its own backward because of us.
@@ -141,6 +145,7 @@ class ActivationOffloader:
         self.offload_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.prefetch_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._last_saved: weakref.ref[SavedInput] | None = None
+        self._copies_in_flight: list[SavedInput] = []  # entries still holding their device input
         self.swapped_bytes = 0  # bytes sent to the host by the last completed forward (for logs/benchmarks)
         self._forward_bytes = 0
 
@@ -162,6 +167,8 @@ class ActivationOffloader:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
             output = torch_checkpoint(layer, *inputs, use_reentrant=False)
+        # This layer's compute is queued behind the earlier copies: let go of their device inputs.
+        self._release_copied(keep=saved if not is_last_layer else [])
         # The chain of inputs ends at the last layer: the next forward starts a new one.
         self._last_saved = weakref.ref(saved[0]) if saved and not is_last_layer else None
         if is_last_layer:
@@ -194,10 +201,23 @@ class ActivationOffloader:
                 entry.host.copy_(swapped, non_blocking=True)
                 entry.offloaded = torch.cuda.Event()
                 entry.offloaded.record(stream)
-            tensor.record_stream(stream)
+            entry.device_source = tensor
+            self._copies_in_flight.append(entry)
         else:
             entry.host.copy_(swapped)
         return entry
+
+    def _release_copied(self, keep: list[SavedInput]) -> None:
+        """Drops the device inputs of entries not in `keep`, after the compute stream waits on their copy."""
+        still_copying = []
+        current = torch.cuda.current_stream(self.device) if self.cuda else None
+        for entry in self._copies_in_flight:
+            if any(entry is kept for kept in keep):
+                still_copying.append(entry)
+                continue
+            current.wait_event(entry.offloaded)  # frees below are ordered after the copy that reads them
+            entry.device_source = None
+        self._copies_in_flight = still_copying
 
     # -- backward: host -> device ------------------------------------------------------------------
 
