@@ -109,13 +109,14 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(cfg.to_yaml())
         logger.info(
-            "split: dp=%d ulysses=%d ring=%d (%d workers, %s, %s)",
+            "split: dp=%d ulysses=%d ring=%d (%d workers, %s, %s, backend %s)",
             dp,
             ulysses,
             ring,
             world_size,
             device.type,
             dtype,
+            dist.get_backend(),
         )
 
     # Same seed on every rank before construction: identical initial weights whatever the split.
