@@ -2,8 +2,8 @@
 
 Run as `python -m tests.checkpointing.crash_driver ROOT TRIALS SEED REPORT`. The driver imports
 torch and DeepSpeed once, then forks one training child per trial (a fork skips the seconds of
-imports) and kills it with SIGKILL after a random delay, mostly while a checkpoint is being
-written. Every child first resumes from the newest committed checkpoint and checks that what it
+imports); once the child has committed a new step, it is killed with SIGKILL after a random
+delay (odd trials) or the moment a checkpoint is caught mid-flush (even trials). Every child first resumes from the newest committed checkpoint and checks that what it
 loaded is exactly what was saved: the saving child stored a fingerprint of its full training
 state (float64, position-weighted sums of fp32 masters and both Adam moments) in the extra of the
 same checkpoint. A child that finds a mismatch or cannot load exits non-zero. Successive trials
@@ -54,14 +54,13 @@ def _child(root: Path, trial: int, ready_fd: int, report: Path) -> None:
     import torch.distributed as dist
 
     from longloom.checkpointing.lazy_async import LazyAsyncCheckpointer, find_latest_committed
-    from longloom.launch.env import free_port
     from tests.checkpointing.toy import batch
 
     torch.set_num_threads(1)
-    os.environ.update(
-        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-    )
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    # A file store, not a TCP port: no port race with the other tests running on this machine.
+    store = root.parent / f".store-{trial}-{os.getpid()}"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     engine = _big_engine(stage=trial % 4)
     checkpointer = LazyAsyncCheckpointer(root, keep=2, asynchronous=True)
     latest = find_latest_committed(root)
@@ -112,14 +111,32 @@ def _big_engine(stage: int):
         toy.ToyModel = original
 
 
-def _wait_for_flush_in_progress(root: Path, timeout_s: float) -> bool:
+def _wait_for_flush_in_progress(root: Path, since: float, timeout_s: float) -> bool:
+    """True once a step folder holds a data file written after `since` but no commit marker."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for step in root.glob("step-*"):
-            if any(step.glob("*.safetensors")) and not (step / "commit.json").is_file():
+            try:
+                fresh = any(f.stat().st_mtime >= since for f in step.glob("*.safetensors"))
+            except FileNotFoundError:  # pruned while we looked
+                continue
+            if fresh and not (step / "commit.json").is_file():
                 return True
         time.sleep(0.0005)
     return False
+
+
+def _wait_for_new_commit(root: Path, previous: int | None, timeout_s: float) -> None:
+    """Waits until the child has committed a step after the one it resumed from (progress per trial)."""
+    from longloom.checkpointing.commit import find_latest_committed
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        latest = find_latest_committed(root)
+        if latest is not None and (previous is None or int(latest.name.split("-")[1]) > previous):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"no new committed checkpoint within {timeout_s} s")
 
 
 def main(root: str, trials: int, seed: int, report: str) -> int:
@@ -138,6 +155,8 @@ def main(root: str, trials: int, seed: int, report: str) -> int:
     root_path, report_path = Path(root), Path(report)
     kills = []
     for trial in range(trials + 1):
+        latest = find_latest_committed(root_path)
+        previous = int(latest.name.split("-")[1]) if latest is not None else None
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -164,11 +183,12 @@ def main(root: str, trials: int, seed: int, report: str) -> int:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             break
-        delay = rng.uniform(0.1, 0.8)
+        _wait_for_new_commit(root_path, previous, timeout_s=120.0)
+        delay = rng.uniform(0.0, 0.6)
         time.sleep(delay)
         # Odd trials: kill at a random moment. Even trials: wait for a checkpoint caught in the
-        # middle of its flush (a data file exists, the marker does not) and kill right then.
-        mid_write = trial % 2 == 0 and _wait_for_flush_in_progress(root_path, timeout_s=5.0)
+        # middle of its flush (a fresh data file exists, the marker does not) and kill right then.
+        mid_write = trial % 2 == 0 and _wait_for_flush_in_progress(root_path, time.time() - 0.05, 10.0)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         partial = sorted(p.name for p in root_path.glob("step-*") if not (p / "commit.json").is_file())

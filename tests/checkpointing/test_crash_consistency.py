@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -30,7 +31,7 @@ def test_sigkill_while_checkpointing_every_step_always_resumes(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=540,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     lines = [json.loads(line) for line in report.read_text().splitlines()]
@@ -39,8 +40,9 @@ def test_sigkill_while_checkpointing_every_step_always_resumes(tmp_path):
     assert resumes[0]["resumed_from"] is None
     # Every child after a kill found a committed checkpoint and loaded exactly what was saved.
     assert all(r["resumed_from"] is not None and r["verified"] for r in resumes[1:]), resumes
+    # Each child was killed only after committing a step beyond the one it resumed from.
     steps = [r["resumed_from"] for r in resumes[1:]]
-    assert steps == sorted(steps) and steps[-1] > steps[0]
+    assert all(later > earlier for earlier, later in itertools.pairwise(steps)), resumes
     assert len(summary["kills"]) == TRIALS
     # Half the kills aim at a flush in progress; most must have caught one (data file, no marker).
     assert sum(kill["mid_write"] for kill in summary["kills"]) >= 2, summary["kills"]
