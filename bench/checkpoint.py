@@ -53,7 +53,7 @@ from bench.common import append_record, markdown_table
 from longloom.checkpointing.convert import convert_checkpoint
 from longloom.checkpointing.lazy_async import LazyAsyncCheckpointer
 from longloom.config import load_config
-from longloom.launch.env import device_for_rank, init_distributed
+from longloom.launch.env import device_for_rank, free_port, init_distributed
 from longloom.models.llama import LlamaModel
 from longloom.parallel import ParallelDims
 from longloom.training.trainer import deepspeed_config, lr_lambda, resolve_dtype
@@ -76,6 +76,13 @@ class Bench:
         import deepspeed
 
         deepspeed.utils.logger.setLevel(logging.WARNING)
+        if torch.cuda.is_available() and not torch.distributed.is_initialized():
+            # DCP's async_save stages through a CPU backend: give the group gloo beside NCCL.
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+            torch.distributed.init_process_group(
+                "cpu:gloo,cuda:nccl", rank=0, world_size=1, device_id=device_for_rank()
+            )
         init_distributed()
         self.device = device_for_rank()
         self.cfg = load_config(
