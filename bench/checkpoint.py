@@ -80,6 +80,9 @@ class Bench:
             # DCP's async_save stages through a CPU backend: give the group gloo beside NCCL.
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
+            for name in ("RANK", "LOCAL_RANK"):
+                os.environ.setdefault(name, "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
             torch.distributed.init_process_group(
                 "cpu:gloo,cuda:nccl", rank=0, world_size=1, device_id=device_for_rank()
             )

@@ -154,12 +154,14 @@ class ActivationOffloader:
 
     def checkpoint(self, layer: nn.Module | Callable, *inputs: torch.Tensor, is_last_layer: bool = False):
         """Like torch.utils.checkpoint(layer, *inputs), with inputs[0] (the layer input) kept on the host."""
-        hidden = inputs[0]
+        # Only the identity of the layer input, never a reference: autograd keeps the pack hook alive as
+        # long as the saved tensor, and a closure over `hidden` would pin it on the device.
+        hidden_id = id(inputs[0])
         previous = self._last_saved() if self._last_saved is not None else None
         saved: list[SavedInput] = []
 
         def pack(tensor: torch.Tensor):
-            if tensor is not hidden:
+            if id(tensor) != hidden_id:
                 return tensor  # cos / sin: shared by every layer, small, and still alive anyway
             entry = self._save(tensor, keep_on_device=is_last_layer, previous=previous)
             saved.append(entry)
