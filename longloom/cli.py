@@ -66,17 +66,19 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
-    from longloom.checkpointing.convert import inspect_checkpoint
+    from longloom.checkpointing.convert import format_inspection, inspect_checkpoint
 
     report = inspect_checkpoint(args.path)
-    print(report if isinstance(report, str) else json.dumps(report, indent=2, default=str))
+    print(json.dumps(report, indent=2, default=str) if args.json else format_inspection(report))
     return 0
 
 
 def cmd_ckpt_convert(args: argparse.Namespace) -> int:
     from longloom.checkpointing.convert import convert_checkpoint
 
-    convert_checkpoint(args.source, args.destination, to=args.to, progress=True)
+    convert_checkpoint(
+        args.source, args.destination, to=args.to, progress=True, workers=args.workers, dtype=args.dtype
+    )
     print(f"wrote {args.to} checkpoint to {args.destination}")
     return 0
 
@@ -117,11 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect = ckpt.add_parser("inspect", help="step, layout, tensors, sizes, committed or not")
     inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true", help="the full report as JSON")
     inspect.set_defaults(handler=cmd_ckpt_inspect)
     convert = ckpt.add_parser("convert", help="convert between longloom, universal, DeepSpeed and HF formats")
     convert.add_argument("source")
     convert.add_argument("destination")
     convert.add_argument("--to", required=True, choices=["universal", "deepspeed-universal", "hf"])
+    convert.add_argument("--workers", type=int, default=None, help="parallel tensor readers/writers")
+    convert.add_argument("--dtype", default=None, help="--to hf: dtype of the exported weights (e.g. bf16)")
     convert.set_defaults(handler=cmd_ckpt_convert)
 
     bench = commands.add_parser(

@@ -221,9 +221,17 @@ def resolve_split(cfg: LongloomConfig, world_size: int | None = None) -> tuple[i
     ulysses = cfg.parallel.ulysses
     ring = cfg.parallel.ring
     if ring == "auto":
-        # Without a measurement, prefer Ulysses as far as the heads allow (one all-to-all pair per
-        # layer is cheaper than P ring steps), and the ring for the rest of the SP degree.
-        ring = 1
+        # The SP degree is what dp leaves of the workers; parallel/hybrid.py's cost model splits it
+        # into ulysses x ring (parallel.ulysses is then ignored).
+        from longloom.parallel.hybrid import choose_ring_degree
+
+        fixed_dp = 1 if cfg.parallel.dp == "auto" else cfg.parallel.dp
+        if workers % fixed_dp:
+            raise ConfigError(f"launch.workers={workers} is not divisible by parallel.dp={fixed_dp}")
+        sp = workers // fixed_dp
+        m = cfg.model
+        ring = choose_ring_degree(sp, m.heads, m.num_kv_heads, cfg.data.seq_len, head_dim=m.head_dim)
+        ulysses = sp // ring
     dp = cfg.parallel.dp
     if dp == "auto":
         if workers % (ulysses * ring):

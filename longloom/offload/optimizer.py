@@ -72,7 +72,10 @@ def optimizer_settings(cfg: LongloomConfig) -> dict[str, Any]:
                 "train.zero_stage=0: set train.zero_stage=1 (or 2, 3), or use offload.optimizer=interleaved"
             )
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        return {"optimizer": {"type": "AdamW", "params": adamw_hyperparameters(cfg)}, "zero_optimization": zero}
+        return {
+            "optimizer": {"type": "AdamW", "params": adamw_hyperparameters(cfg)},
+            "zero_optimization": zero,
+        }
     # torch's AdamW (foreach) rather than DeepSpeed's FusedAdam: same update, and no C++/CUDA op to
     # JIT-compile at start (a build that a killed worker leaves half done blocks every later start).
     params = {**adamw_hyperparameters(cfg), "torch_adam": True}

@@ -29,7 +29,9 @@ def device_peak_tflops(device: torch.device) -> float | None:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, enabled: bool, total_steps: int, start_step: int, device: torch.device):
+    def __init__(
+        self, output_dir: Path, enabled: bool, total_steps: int, start_step: int, device: torch.device
+    ):
         self.enabled = enabled
         self.device = device
         self.peak = device_peak_tflops(device)
@@ -52,13 +54,26 @@ class MetricsLogger:
     def step_started(self) -> None:
         self.last_time = time.perf_counter()
 
-    def log(self, step: int, values: dict[str, Any], tokens: int, flops_per_token: float, world_size: int, write: bool) -> None:
+    def log(
+        self,
+        step: int,
+        values: dict[str, Any],
+        tokens: int,
+        flops_per_token: float,
+        world_size: int,
+        write: bool,
+    ) -> None:
         """Records one finished step; `tokens` is the global batch's token count."""
         elapsed = time.perf_counter() - self.last_time
         if not self.enabled:
             return
         tokens_per_s = tokens / max(elapsed, 1e-9)
-        record: dict[str, Any] = {"step": step, **values, "tokens_per_s": tokens_per_s, "step_time_s": elapsed}
+        record: dict[str, Any] = {
+            "step": step,
+            **values,
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": elapsed,
+        }
         tflops = tokens_per_s * flops_per_token / world_size / 1e12
         record["tflops_per_gpu"] = tflops
         if self.peak:

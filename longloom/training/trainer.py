@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from longloom.checkpointing.lazy_async import LazyAsyncCheckpointer, find_latest
 from longloom.config import LongloomConfig, validate_layout
 from longloom.data.loader import GlobalBatchLoader
 from longloom.data.synthetic import build_dataset
-from longloom.launch.env import device_for_rank, init_distributed
+from longloom.launch.env import attempt_number, device_for_rank, init_distributed
 from longloom.models.llama import LlamaModel, plain_checkpoint
 from longloom.offload.activations import ActivationOffloader
 from longloom.offload.optimizer import build_optimizer, optimizer_settings
@@ -82,11 +81,6 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def attempt_number() -> int:
-    """Which (re)start this is: set by the Ray launcher, or torchrun's restart count."""
-    return int(os.environ.get("LONGLOOM_ATTEMPT", os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
 
 
 def _setup_logging(rank: int) -> None:
@@ -190,7 +184,12 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
             write = step % cfg.train.log_every == 0 or step == cfg.train.steps
             metrics.log(step, values, global_tokens, flops_per_token, world_size, write)
             if cfg.checkpoint.interval and (step % cfg.checkpoint.interval == 0 or step == cfg.train.steps):
-                extra = {"step": step, "loader": loader.state_dict(), "rng": {str(rank): _rng_state()}}
+                extra = {
+                    "step": step,
+                    "loader": loader.state_dict(),
+                    "rng": {str(rank): _rng_state()},
+                    "config": cfg.model_dump(mode="json", by_alias=True),
+                }
                 checkpointer.save(step=step, engine=engine, extra=extra)
         checkpointer.close()
     except BaseException:

@@ -49,7 +49,7 @@ def test_merge_ignores_blocks_without_keys():
         out, lse, torch.zeros(1, 2, 1, 3), torch.full((1, 1, 2), float("-inf"))
     )
     assert torch.equal(merged, out) and torch.equal(merged_lse, lse)
-    empty_out, empty_lse = merge_attention_partials(
+    empty_out, _empty_lse = merge_attention_partials(
         torch.zeros(1, 2, 1, 3),
         torch.full((1, 1, 2), float("-inf")),
         torch.zeros(1, 2, 1, 3),
