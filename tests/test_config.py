@@ -42,12 +42,21 @@ def test_split_resolution_and_divisibility():
     with pytest.raises(ConfigError, match="must equal the number of workers"):
         resolve_split(load_config(None, ["launch.workers=4", "parallel.dp=1", "parallel.ulysses=2"]))
     with pytest.raises(ConfigError, match="data.seq_len=60 must be divisible by 2 \\* parallel.ring"):
-        validate_layout(load_config(None, ["launch.workers=4", "parallel.ring=2", "parallel.ulysses=2", "data.seq_len=60"]))
+        validate_layout(
+            load_config(
+                None, ["launch.workers=4", "parallel.ring=2", "parallel.ulysses=2", "data.seq_len=60"]
+            )
+        )
     with pytest.raises(ConfigError, match="parallel.ulysses=3"):
-        validate_layout(load_config(None, ["launch.workers=3", "parallel.ulysses=3", "model.heads=4", "data.seq_len=96"]))
+        validate_layout(
+            load_config(None, ["launch.workers=3", "parallel.ulysses=3", "model.heads=4", "data.seq_len=96"])
+        )
 
 
 def test_kv_heads_that_neither_divide_nor_are_divided_by_ulysses():
-    cfg = load_config(None, ["launch.workers=4", "parallel.ulysses=4", "model.heads=12", "model.kv_heads=6", "model.hidden=96"])
+    cfg = load_config(
+        None,
+        ["launch.workers=4", "parallel.ulysses=4", "model.heads=12", "model.kv_heads=6", "model.hidden=96"],
+    )
     with pytest.raises(ConfigError, match="kv_heads=6 and parallel.ulysses=4"):
         validate_layout(cfg)

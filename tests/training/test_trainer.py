@@ -29,7 +29,9 @@ def _train_worker(overrides: list[str]) -> list[float]:
 
 def _losses(distributed, workers: int, tmp_path, name: str, *overrides: str) -> list[float]:
     out = tmp_path / name
-    results = distributed(workers, _train_worker, [f"train.output_dir={out}", f"launch.workers={workers}", *overrides])
+    results = distributed(
+        workers, _train_worker, [f"train.output_dir={out}", f"launch.workers={workers}", *overrides]
+    )
     assert all(r == results[0] for r in results), "every rank reports the same global loss"
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["loss"] for row in logged] == pytest.approx(results[0], rel=1e-12)
@@ -38,7 +40,9 @@ def _losses(distributed, workers: int, tmp_path, name: str, *overrides: str) -> 
 
 
 def test_two_worker_run_learns_and_writes_outputs(distributed, tmp_path):
-    losses = _losses(distributed, 2, tmp_path, "learn", "parallel.ulysses=2", "train.steps=12", "train.lr=3e-3")
+    losses = _losses(
+        distributed, 2, tmp_path, "learn", "parallel.ulysses=2", "train.steps=12", "train.lr=3e-3"
+    )
     assert losses[-1] < losses[0] - 0.5
     assert (tmp_path / "learn" / "config.yaml").is_file()
     assert any((tmp_path / "learn" / "tb").iterdir())
@@ -63,6 +67,8 @@ def test_data_parallel_split_does_not_change_losses(distributed, tmp_path):
 )
 def test_sequence_parallel_split_does_not_change_losses(distributed, tmp_path, workers, pattern, overrides):
     common = [f"model.layer_pattern={pattern}", f"model.layers={len(pattern)}", "train.micro_batch_size=2"]
-    single = _losses(distributed, 1, tmp_path, "single", *common, *[o for o in overrides if o.startswith("model.")])
+    single = _losses(
+        distributed, 1, tmp_path, "single", *common, *[o for o in overrides if o.startswith("model.")]
+    )
     split = _losses(distributed, workers, tmp_path, "split", *common, *overrides)
     assert split == pytest.approx(single, rel=1e-4)
