@@ -16,6 +16,7 @@ from pathlib import Path
 
 from longloom.config import ConfigError, LongloomConfig, load_config, validate_layout
 from longloom.data.prepare import add_prepare_arguments
+from longloom.data.synthetic import build_dataset
 
 USER_ERROR = 2
 
@@ -36,6 +37,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str] | None = None) -> int:
 
     cfg = _load(args, extra)
     validate_layout(cfg)
+    # Open the data once here: a missing folder or a vocabulary mismatch is reported before any worker
+    # starts or anything is written under train.output_dir.
+    build_dataset(cfg.data, seed=cfg.train.seed, vocab_size=cfg.model.vocab_size)
     return launch(cfg)
 
 
