@@ -7,7 +7,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
