@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Every GPU benchmark in one call on the device machine, for the GPUs it has (1, 2, 4 or 8).
+# Usage there (repository root, wheelhouse carried in .whl/):
+#   LONGLOOM_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_suite.sh [attention ring linear train offload checkpoint]
+# Each part appends its table to BENCHMARKS.md (--record) and its log to $OUT (or /tmp); copy
+# BENCHMARKS.md back afterwards. Parts run in the order given, each under its own time limit.
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/longloom-gpu-suite}
+mkdir -p "$out"
+if [ -d .whl ]; then
+  T=/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $T .whl/*.whl 2>/dev/null
+  [ -d $T/ray ] || tar xJf .whl/ray-2.60.0-lite.tar.xz -C $T
+  export PYTHONPATH=$T:$PWD
+fi
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+parts=${*:-attention ring linear train offload checkpoint}
+echo "GPUs: $gpus; parts: $parts"
+for part in $parts; do
+  case $part in
+    attention) if [ "$gpus" -gt 1 ]; then cmd="torchrun --nproc-per-node $gpus bench/attention.py --seq 65536 262144 --record"
+               else cmd="python3 bench/attention.py --nproc 1 --seq 65536 262144 --record"; fi; limit=300 ;;
+    ring)      [ "$gpus" -gt 1 ] || { echo "ring: needs 2+ GPUs"; continue; }
+               cmd="torchrun --nproc-per-node $gpus bench/ring.py --seq 65536 262144 --record"; limit=400 ;;
+    linear)    if [ "$gpus" -gt 1 ]; then cmd="torchrun --nproc-per-node $gpus bench/linear.py --seq-per-gpu 65536 524288 --record"
+               else cmd="python3 bench/linear.py --parts kernels --seq 8192 65536 --record"; fi; limit=300 ;;
+    train)     cmd="python3 bench/train.py --workers $gpus --backend ray --record -- parallel.ulysses=$gpus"; limit=200 ;;
+    offload)   cmd="python3 bench/offload.py --layers 8 --record"; limit=400 ;;
+    checkpoint) cmd="python3 bench/checkpoint.py --record"; limit=420 ;;
+    *) echo "unknown part $part"; continue ;;
+  esac
+  echo "== $part: $cmd"
+  timeout $limit $cmd > "$out/$part.log" 2>&1
+  echo "   exit $? ($part), last lines:"; tail -n 15 "$out/$part.log"
+done
+cp BENCHMARKS.md "$out/" 2>/dev/null
