@@ -35,6 +35,7 @@ PRESET = [
     "model.kv_heads=4",
     "data.seq_len=32768",
     "train.steps=8",
+    "train.lr=3e-4",
     "train.micro_batch_size=1",
     "train.log_every=1",
     "train.zero_stage=1",
