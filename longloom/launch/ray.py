@@ -69,6 +69,8 @@ Entry = Callable[[LongloomConfig], Any]
 # log monitor forward the last lines of the workers before it returns.
 _POLL_S = 1.0
 _LOG_DRAIN_S = 1.0
+_FAILURE_GRACE_S = 3.0  # after one rank fails, how long the others may take to report theirs
+_DIED = "its worker process died"
 _PLACEMENT_REPORT_S = 30.0
 
 
@@ -284,19 +286,43 @@ class RayLauncher:
                 try:
                     status, value = ray.get(ref)
                 except ray.exceptions.RayActorError as error:
-                    status, value = "error", f"its worker process died: {error}"
+                    status, value = "error", f"{_DIED}: {error}"
                 if status == "config":
                     self._stop_actors()
                     raise ConfigError(f"rank {rank}: {value}")
                 if status == "error":
-                    # Its peers now wait in a collective that cannot finish: stop them now rather
-                    # than after launch.collective_timeout_s.
+                    # Its peers now wait in a collective that cannot finish: stop them soon rather
+                    # than after launch.collective_timeout_s, but first give them a moment to report,
+                    # so that a dead process (the cause) is named rather than a peer's broken link.
+                    failures = {rank: value, **self._collect_failures(pending)}
                     self._stop_actors()
-                    raise WorkerFailure(rank, value)
+                    died = [r for r, detail in failures.items() if detail.startswith(_DIED)]
+                    culprit = died[0] if died else rank
+                    others = "".join(
+                        f"\n(rank {r} also failed: {detail.strip().splitlines()[-1]})"
+                        for r, detail in sorted(failures.items())
+                        if r != culprit
+                    )
+                    raise WorkerFailure(culprit, failures[culprit] + others)
                 results[rank] = value
         time.sleep(_LOG_DRAIN_S)
         self._stop_actors()
         return results[0]
+
+    @staticmethod
+    def _collect_failures(pending: dict) -> dict[int, str]:
+        """Errors the other ranks report within _FAILURE_GRACE_S (ranks still running are left out)."""
+        failures = {}
+        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=_FAILURE_GRACE_S)
+        for ref in done:
+            rank = pending[ref]
+            try:
+                status, value = ray.get(ref)
+            except ray.exceptions.RayActorError as error:
+                status, value = "error", f"{_DIED}: {error}"
+            if status == "error":
+                failures[rank] = value
+        return failures
 
     def _stop_actors(self) -> None:
         for actor in self._actors:
