@@ -23,7 +23,8 @@ for part in $parts; do
                else cmd="python3 bench/attention.py --nproc 1 --seq 65536 262144 --record"; fi; limit=300 ;;
     ring)      [ "$gpus" -gt 1 ] || { echo "ring: needs 2+ GPUs"; continue; }
                cmd="torchrun --nproc-per-node $gpus bench/ring.py --seq 65536 262144 --record"; limit=400 ;;
-    linear)    if [ "$gpus" -gt 1 ]; then cmd="torchrun --nproc-per-node $gpus bench/linear.py --seq-per-gpu 65536 524288 --record"
+    linear)    counts=""; for n in 1 2 4 8; do [ "$n" -le "$gpus" ] && counts="$counts $n"; done
+               if [ "$gpus" -gt 1 ]; then cmd="torchrun --nproc-per-node $gpus bench/linear.py --gpus$counts --seq-per-gpu 65536 524288 --record"
                else cmd="python3 bench/linear.py --parts kernels --seq 8192 65536 --record"; fi; limit=300 ;;
     train)     cmd="python3 bench/train.py --workers $gpus --backend ray --record -- parallel.ulysses=$gpus"; limit=200 ;;
     offload)   cmd="python3 bench/offload.py --layers 8 --record"; limit=400 ;;
