@@ -258,12 +258,30 @@ THIRD_PARTY = {"deepspeed-ulysses", "torch-cp"}
 
 
 def measure(setup: Setup, method: str, seq: int, warmup: int, iters: int) -> list[object]:
-    """One table row: method, S, P, kernel, fwd ms, fwd TFLOP/s, fwd+bwd ms, fwd+bwd TFLOP/s, note."""
+    """One table row for one of RUNNERS (see `measure_row`)."""
+    label = "sdpa (equal work)" if method == "sdpa" else method
+    runner = functools.partial(RUNNERS[method], setup, seq)
+    return measure_row(setup, label, runner, seq, warmup, iters, may_fail=method in THIRD_PARTY)
+
+
+def measure_row(
+    setup: Setup,
+    label: str,
+    runner: Callable[[], contextlib.AbstractContextManager[Case]],
+    seq: int,
+    warmup: int,
+    iters: int,
+    may_fail: bool,
+) -> list[object]:
+    """One table row: method, S, P, kernel, fwd ms, fwd TFLOP/s, fwd+bwd ms, fwd+bwd TFLOP/s, note.
+
+    `runner()` yields the Case to time; a Skip or an out-of-memory becomes a row saying so, and so does
+    any other error when `may_fail` (third-party baselines), which our own methods never are.
+    """
     world = setup.world_size
     flops_per_gpu = setup.forward_flops(seq) / world
-    label = "sdpa (equal work)" if method == "sdpa" else method
     try:
-        with RUNNERS[method](setup, seq) as case:
+        with runner() as case:
 
             def drop_grads() -> None:
                 for tensor in case.inputs:
@@ -291,7 +309,7 @@ def measure(setup: Setup, method: str, seq: int, warmup: int, iters: int) -> lis
         # Every rank holds the same shapes, so every rank runs out together and the run goes on.
         row = [label, seq, world, "-", "OOM", "-", "OOM", "-", "out of memory"]
     except Exception as error:
-        if method not in THIRD_PARTY:
+        if not may_fail:
             raise
         row = [
             label,
@@ -304,6 +322,8 @@ def measure(setup: Setup, method: str, seq: int, warmup: int, iters: int) -> lis
             "-",
             f"failed: {type(error).__name__}: {str(error)[:120]}",
         ]
+    if setup.device.type == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from bench.attention import Case, Setup, Skip, sdpa_equal_work, torch_context_parallel
+from bench.attention import Case, Setup, measure_row, sdpa_equal_work, torch_context_parallel
 from bench.common import append_record, markdown_table, print_rank_zero, time_ms
 from longloom.attention.blocks import select_backend
 from longloom.attention.reference import reference_attention
@@ -108,54 +108,8 @@ def sharded_case(setup: Setup, seq: int, attention: Attention, note: str) -> Ite
 def measure(
     setup: Setup, label: str, runner: Callable[[], contextlib.AbstractContextManager[Case]], seq: int, args
 ) -> list[object]:
-    """One table row: method, S, P, kernel, fwd ms, fwd TFLOP/s, fwd+bwd ms, fwd+bwd TFLOP/s, note."""
-    world = setup.world_size
-    flops_per_gpu = setup.forward_flops(seq) / world
-    try:
-        with runner() as case:
-
-            def drop_grads() -> None:
-                for tensor in case.inputs:
-                    tensor.grad = None
-
-            def forward_backward() -> None:
-                case.forward().backward(case.dout)
-
-            forward_ms = time_ms(case.forward, args.warmup, args.iters, setup.group, before=drop_grads)
-            step_ms = time_ms(forward_backward, args.warmup, args.iters, setup.group, before=drop_grads)
-            row = [
-                label,
-                seq,
-                world,
-                case.kernel,
-                f"{forward_ms:.2f}",
-                f"{flops_per_gpu / forward_ms / 1e9:.1f}",
-                f"{step_ms:.2f}",
-                f"{3.5 * flops_per_gpu / step_ms / 1e9:.1f}",
-                case.note,
-            ]
-    except Skip as reason:
-        row = [label, seq, world, "-", "-", "-", "-", "-", f"skipped: {reason}"]
-    except torch.OutOfMemoryError:
-        # Every rank holds the same shapes, so every rank runs out together and the run goes on.
-        row = [label, seq, world, "-", "OOM", "-", "OOM", "-", "out of memory"]
-    except Exception as error:
-        if label != "torch-cp":
-            raise
-        row = [
-            label,
-            seq,
-            world,
-            "-",
-            "-",
-            "-",
-            "-",
-            "-",
-            f"failed: {type(error).__name__}: {str(error)[:120]}",
-        ]
-    if setup.device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
+    """One table row (bench/attention.py `measure_row`); only torch context_parallel may fail softly."""
+    return measure_row(setup, label, runner, seq, args.warmup, args.iters, may_fail=label == "torch-cp")
 
 
 def check_methods(setup: Setup, seq: int, methods: dict[str, tuple[Attention, str]]) -> list[str]:
