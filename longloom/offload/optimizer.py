@@ -24,11 +24,8 @@ the GPU subgroups' kernels.
 
 from __future__ import annotations
 
-import functools
 import logging
-import time
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,15 +33,14 @@ import torch.distributed as dist
 from torch.optim.adam import adam as adam_functional
 
 from longloom.config import ConfigError, LongloomConfig
+from longloom.offload.cpu_adam import CpuAdamKernel, cpu_adam_kernel
+from longloom.offload.update_rates import choose_gpu_share
 
 logger = logging.getLogger("longloom")
 
 ADAM_EPS = 1e-8
 SUBGROUPS = 16  # parameter subgroups the interleaved optimizer splits the model into (whole parameters)
 CHUNK_ELEMENTS = 1 << 23  # 32 MiB of fp32: the unit of the PCIe <-> CPU Adam pipeline
-# Per element updated on the CPU: fp32 gradient and weight to the host, fp32 weight back.
-D2H_BYTES_PER_ELEMENT = 8
-H2D_BYTES_PER_ELEMENT = 4
 
 
 def adamw_hyperparameters(cfg: LongloomConfig) -> dict[str, Any]:
@@ -82,156 +78,7 @@ def optimizer_settings(cfg: LongloomConfig) -> dict[str, Any]:
     return {"optimizer": {"type": "AdamW", "params": params}, "zero_optimization": zero}
 
 
-# -- performance model ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UpdateRates:
-    """Measured once at startup on small buffers; elements are fp32 parameters."""
-
-    gpu_elements_per_s: float
-    cpu_elements_per_s: float
-    d2h_bytes_per_s: float
-    h2d_bytes_per_s: float
-
-    def describe(self) -> str:
-        return (
-            f"GPU AdamW {self.gpu_elements_per_s / 1e9:.2f} G elem/s, CPU Adam {self.cpu_elements_per_s / 1e9:.2f} "
-            f"G elem/s, PCIe {self.d2h_bytes_per_s / 1e9:.1f} GB/s to host, {self.h2d_bytes_per_s / 1e9:.1f} GB/s back"
-        )
-
-
-def _timed(fn, device: torch.device, repeats: int) -> float:
-    """Best of `repeats` wall times of fn() after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return max(best, 1e-9)
-
-
-def measure_update_rates(device: torch.device, elements: int | None = None, repeats: int = 3) -> UpdateRates:
-    """GPU and CPU Adam update rates and PCIe bandwidth, on buffers of `elements` fp32 values."""
-    cuda = device.type == "cuda"
-    elements = elements or (1 << 24 if cuda else 1 << 18)
-    param, grad = torch.zeros(elements, device=device), torch.randn(elements, device=device)
-    moments = [torch.zeros(elements, device=device), torch.zeros(elements, device=device)]
-    step = torch.zeros((), device=device if cuda else "cpu")
-
-    def gpu_update() -> None:
-        adam_functional(
-            [param], [grad], [moments[0]], [moments[1]], [], [step], fused=cuda, foreach=False,
-            decoupled_weight_decay=True, amsgrad=False, beta1=0.9, beta2=0.95, lr=1e-4, weight_decay=0.0,
-            eps=ADAM_EPS, maximize=False,
-        )  # fmt: skip
-
-    host = [torch.zeros(elements, pin_memory=cuda) for _ in range(4)]
-    cpu_adam = _cpu_adam()
-
-    def cpu_update() -> None:
-        cpu_adam.update(1, 1e-4, (0.9, 0.95), ADAM_EPS, 0.0, host[0], host[1], host[2], host[3])
-
-    staging = torch.empty(elements, pin_memory=cuda)
-    d2h = _timed(lambda: staging.copy_(grad, non_blocking=cuda), device, repeats)
-    h2d = _timed(lambda: param.copy_(staging, non_blocking=cuda), device, repeats)
-    return UpdateRates(
-        gpu_elements_per_s=elements / _timed(gpu_update, device, repeats),
-        cpu_elements_per_s=elements / _timed(cpu_update, device, repeats),
-        d2h_bytes_per_s=elements * 4 / d2h,
-        h2d_bytes_per_s=elements * 4 / h2d,
-    )
-
-
-def balanced_gpu_share(rates: UpdateRates) -> float:
-    """The GPU share s at which both sides finish together: s * t_gpu = (1 - s) * t_cpu.
-
-    Per element, the GPU costs 1 / gpu rate; the CPU path is a pipeline (copy in, CPU Adam, copy out),
-    so it costs its slowest stage.
-    """
-    gpu_cost = 1.0 / rates.gpu_elements_per_s
-    cpu_cost = max(
-        1.0 / rates.cpu_elements_per_s,
-        D2H_BYTES_PER_ELEMENT / rates.d2h_bytes_per_s,
-        H2D_BYTES_PER_ELEMENT / rates.h2d_bytes_per_s,
-    )
-    return cpu_cost / (cpu_cost + gpu_cost)
-
-
-def _agreed_rates(rates: UpdateRates) -> UpdateRates:
-    """Rank 0's measurement on every rank, so all ranks place the same subgroups on the GPU."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [rates]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return rates
-
-
-def choose_gpu_share(cfg: LongloomConfig, device: torch.device, world_size: int) -> float:
-    """offload.gpu_share, or ("auto") the balanced share capped by the GPU memory left for moments."""
-    if cfg.offload.gpu_share != "auto":
-        share = float(cfg.offload.gpu_share)
-        if not 0.0 <= share <= 1.0:
-            raise ConfigError(f"offload.gpu_share={share} must be 'auto' or a share in [0, 1]")
-        return share
-    from longloom.offload.memory import interleaved_share_memory_cap
-
-    rates = _agreed_rates(measure_update_rates(device))
-    balanced = balanced_gpu_share(rates)
-    device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    cap = interleaved_share_memory_cap(cfg, world_size, device_bytes)
-    share = min(balanced, cap)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        logger.info(
-            "interleaved optimizer: %s -> balanced GPU share %.3f, GPU memory allows %.3f: GPU share %.3f",
-            rates.describe(), balanced, cap, share,
-        )  # fmt: skip
-    return share
-
-
 # -- the interleaved optimizer ----------------------------------------------------------------------
-
-
-class _CpuAdam:
-    """DeepSpeed's vectorised CPU Adam(W) kernel, applied to one chunk at a time.
-
-    DeepSpeedCPUAdam.step() walks all of its parameters; the pipeline needs chunk-sized calls, so this
-    holds one instance (which builds / loads the cpu_adam op and owns its C++ state) and calls its op.
-    Every call passes all hyperparameters, so one instance per process serves every optimizer.
-    """
-
-    def __init__(self):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        self._owner = DeepSpeedCPUAdam([torch.zeros(1)], adamw_mode=True)
-
-    def update(
-        self, step: int, lr: float, betas, eps: float, weight_decay: float, param, grad, exp_avg, exp_avg_sq
-    ):
-        self._owner.ds_opt_adam.adam_update(
-            self._owner.opt_id,
-            step,
-            lr,
-            betas[0],
-            betas[1],
-            eps,
-            weight_decay,
-            True,
-            param,
-            grad,
-            exp_avg,
-            exp_avg_sq,
-        )
-
-
-@functools.cache
-def _cpu_adam() -> _CpuAdam:
-    return _CpuAdam()  # loading the op takes seconds (a compile check, a build the first time)
 
 
 def split_into_subgroups(params: list[torch.nn.Parameter], subgroups: int = SUBGROUPS) -> list[list]:
@@ -278,7 +125,7 @@ class InterleavedAdamW(torch.optim.Optimizer):
             "on_cpu": False,
         }
         super().__init__(param_groups, defaults)
-        self._cpu_adam: _CpuAdam | None = None
+        self._cpu_adam: CpuAdamKernel | None = None
         # id(param) -> (weak ref to param, host weights, host gradient): staging for host subgroups.
         self._staging: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
         self._streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None
@@ -394,7 +241,7 @@ class InterleavedAdamW(torch.optim.Optimizer):
 
     def _update_on_host(self, host_work, copies) -> None:
         if self._cpu_adam is None:
-            self._cpu_adam = _cpu_adam()
+            self._cpu_adam = cpu_adam_kernel()
         steps = {}
         for p, _, state in host_work:
             state["step"] += 1

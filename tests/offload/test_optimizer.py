@@ -9,14 +9,16 @@ import longloom.offload.optimizer as optimizer_module
 from longloom.config import ConfigError, load_config
 from longloom.offload.optimizer import (
     InterleavedAdamW,
-    UpdateRates,
-    balanced_gpu_share,
     build_optimizer,
-    choose_gpu_share,
     interleave,
-    measure_update_rates,
     optimizer_settings,
     split_into_subgroups,
+)
+from longloom.offload.update_rates import (
+    UpdateRates,
+    balanced_gpu_share,
+    choose_gpu_share,
+    measure_update_rates,
 )
 
 
