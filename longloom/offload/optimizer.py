@@ -10,7 +10,7 @@ subgroups; the moments of a share of them stay on the GPU and are updated there 
 the others live on the host and are updated by CPU Adam, at the same time: while the GPU kernels run,
 the CPU works through its subgroups chunk by chunk, each chunk's gradient and weights coming over PCIe
 on one stream and going back on another. The GPU share comes from a small performance model measured
-once at startup (GPU update rate, CPU update rate, PCIe bandwidth each way): the share that makes both
+once at startup (offload/update_rates.py: GPU and CPU update rates, PCIe each way): the share that makes both
 sides finish together, capped by what the GPU memory estimate leaves free for moments.
 
 It plugs into DeepSpeed as a client optimizer (`deepspeed.initialize(optimizer=build_optimizer(...))`):
