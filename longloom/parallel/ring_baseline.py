@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from longloom.attention.blocks import block_attention_backward, block_attention_forward
 from longloom.parallel.p2p import RingComm
-from longloom.parallel.tokenring import check_ring_inputs, merge_into, plan_block
+from longloom.parallel.tokenring import RingScheduleFunction, check_ring_inputs, merge_into, plan_block
 
 
 def _forward(
@@ -108,23 +108,6 @@ def _backward(dout, q, k, v, out, lse, comm: RingComm, causal: bool, layout: str
     return dq, dk, dv
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, comm: RingComm, causal: bool, layout: str, scale: float | None):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = _forward(q, k, v, comm, causal, layout, scale)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.comm, ctx.causal, ctx.layout, ctx.scale = comm, causal, layout, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(dout, q, k, v, out, lse, ctx.comm, ctx.causal, ctx.layout, ctx.scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
-
-
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -137,4 +120,4 @@ def ring_attention(
     """Same contract as `tokenring_attention` (q [B, S/P, Hq, D], k/v [B, S/P, Hkv, D]), K/V travelling."""
     comm = RingComm(group)
     check_ring_inputs(q, k, v, comm.size, layout)
-    return _RingAttention.apply(q, k, v, comm, causal, layout, softmax_scale)
+    return RingScheduleFunction.apply(q, k, v, comm, causal, layout, softmax_scale, _forward, _backward)

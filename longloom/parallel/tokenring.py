@@ -249,21 +249,35 @@ def _backward(
     return dq, dk, dv
 
 
-class _TokenRingAttention(torch.autograd.Function):
+class RingScheduleFunction(torch.autograd.Function):
+    """Autograd around a ring schedule: `forward_fn(q, k, v, comm, causal, layout, scale) -> (out, lse)`
+    and `backward_fn(dout, q, k, v, out, lse, comm, causal, layout, scale) -> (dq, dk, dv)`.
+
+    Shared by TokenRing and the K/V-ring baseline, which differ only in their schedules.
+    """
+
     @staticmethod
-    def forward(ctx, q, k, v, comm: RingComm, causal: bool, layout: str, scale: float | None):
+    def forward(
+        ctx, q, k, v, comm: RingComm, causal: bool, layout: str, scale: float | None, forward_fn, backward_fn
+    ):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = _forward(q, k, v, comm, causal, layout, scale)
+        out, lse = forward_fn(q, k, v, comm, causal, layout, scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.comm, ctx.causal, ctx.layout, ctx.scale = comm, causal, layout, scale
+        ctx.comm, ctx.causal, ctx.layout, ctx.scale, ctx.backward_fn = (
+            comm,
+            causal,
+            layout,
+            scale,
+            backward_fn,
+        )
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(dout, q, k, v, out, lse, ctx.comm, ctx.causal, ctx.layout, ctx.scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        dq, dk, dv = ctx.backward_fn(dout, q, k, v, out, lse, ctx.comm, ctx.causal, ctx.layout, ctx.scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def tokenring_attention(
@@ -282,4 +296,4 @@ def tokenring_attention(
     """
     comm = RingComm(group)
     check_ring_inputs(q, k, v, comm.size, layout)
-    return _TokenRingAttention.apply(q, k, v, comm, causal, layout, softmax_scale)
+    return RingScheduleFunction.apply(q, k, v, comm, causal, layout, softmax_scale, _forward, _backward)
