@@ -51,17 +51,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bench.common import (
+    DTYPES,
     append_record,
     markdown_table,
     print_rank_zero,
+    start_bench,
     time_ms,
 )
 from longloom.attention.reference import reference_attention
-from longloom.launch.env import device_for_rank, init_distributed
 from longloom.parallel.sharding import shard_sequence, unshard_sequence
 from longloom.parallel.ulysses import kv_head_replication, sdpa_attention, ulysses_attention
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METHODS = ("sdpa", "ulysses", "deepspeed-ulysses", "torch-cp")
 SDPA_BACKENDS = {
     "cudnn": "CUDNN_ATTENTION",
@@ -87,6 +87,22 @@ class Setup:
     group: dist.ProcessGroup
     world_size: int
     cp_rotate: str
+
+    @classmethod
+    def from_args(cls, args, device: torch.device, world_size: int) -> Setup:
+        """From the shared command-line arguments of attention.py and ring.py."""
+        return cls(
+            batch=args.batch,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            head_dim=args.head_dim,
+            dtype=DTYPES[args.dtype],
+            causal=args.causal,
+            device=device,
+            group=dist.group.WORLD,
+            world_size=world_size,
+            cp_rotate=args.cp_rotate,
+        )
 
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=self.device, dtype=self.dtype).requires_grad_()
@@ -402,27 +418,13 @@ def main(argv: list[str] | None = None) -> None:
             f"--nproc {args.nproc} but WORLD_SIZE={world_env}: launch with "
             f"`torchrun --nproc-per-node {args.nproc} bench/attention.py ...` (or drop --nproc)"
         )
-    _, world = init_distributed()
-    device = device_for_rank()
-    if device.type != "cuda":
-        print_rank_zero("no CUDA device: running on CPU as a smoke test; the timings mean nothing")
+    world, device = start_bench()
     for seq in args.seq:
         if seq % world:
             raise SystemExit(
                 f"--seq {seq} is not divisible by the {world} GPUs: choose a multiple of {world}"
             )
-    setup = Setup(
-        batch=args.batch,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        head_dim=args.head_dim,
-        dtype=DTYPES[args.dtype],
-        causal=args.causal,
-        device=device,
-        group=dist.group.WORLD,
-        world_size=world,
-        cp_rotate=args.cp_rotate,
-    )
+    setup = Setup.from_args(args, device, world)
     kv_head_replication(args.heads, args.kv_heads, world)  # bad head counts fail here, before any work
     kernels = contextlib.nullcontext()
     if args.sdpa_backend != "auto":

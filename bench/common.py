@@ -22,6 +22,20 @@ import torch.distributed as dist
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def start_bench() -> tuple[int, torch.device]:
+    """(world size, this rank's device) after the idempotent process-group init; warns when on CPU."""
+    from longloom.launch.env import device_for_rank, init_distributed
+
+    _, world = init_distributed()
+    device = device_for_rank()
+    if device.type != "cuda":
+        print_rank_zero("no CUDA device: running on CPU as a smoke test; the timings mean nothing")
+    return world, device
+
+
 def rank_zero() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

@@ -43,14 +43,12 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from bench.common import append_record, markdown_table, print_rank_zero, time_ms
+from bench.common import DTYPES, append_record, markdown_table, print_rank_zero, start_bench, time_ms
 from longloom.attention.linear_chunked import linear_attention_backward, log_decay_of
 from longloom.attention.reference import reference_linear_attention
-from longloom.launch.env import device_for_rank, init_distributed
 from longloom.parallel.lasp2 import lasp1_linear_attention, lasp2_linear_attention, select_scan
 from longloom.parallel.sharding import shard_sequence, unshard_sequence
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METHODS = ("lasp2", "lasp2-zigzag", "lasp1", "allgather-kv")
 LAYOUTS = {"lasp2-zigzag": "zigzag"}  # every other method: contiguous
 
@@ -380,10 +378,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    _, world = init_distributed()
-    device = device_for_rank()
-    if device.type != "cuda":
-        print_rank_zero("no CUDA device: running on CPU as a smoke test; the timings mean nothing")
+    world, device = start_bench()
     args.gpus = sorted({p for p in args.gpus if p <= world})  # 1 GPU first: the weak-scaling baseline
     if not args.gpus:
         raise SystemExit(f"--gpus: none fits the {world} launched ranks")

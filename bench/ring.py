@@ -46,10 +46,9 @@ import torch
 import torch.distributed as dist
 
 from bench.attention import Case, Setup, measure_row, sdpa_equal_work, torch_context_parallel
-from bench.common import append_record, markdown_table, print_rank_zero, time_ms
+from bench.common import DTYPES, append_record, markdown_table, print_rank_zero, start_bench, time_ms
 from longloom.attention.blocks import select_backend
 from longloom.attention.reference import reference_attention
-from longloom.launch.env import device_for_rank, init_distributed
 from longloom.parallel import ParallelDims
 from longloom.parallel.hybrid import choose_ring_degree, sequence_parallel_attention
 from longloom.parallel.p2p import RingComm
@@ -58,7 +57,6 @@ from longloom.parallel.sharding import shard_sequence, unshard_sequence
 from longloom.parallel.tokenring import tokenring_attention
 from longloom.parallel.ulysses import kv_head_replication, sdpa_attention
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METHODS = ("sdpa", "tokenring", "ring-kv", "hybrid", "torch-cp", "p2p")
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -237,27 +235,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    _, world = init_distributed()
-    device = device_for_rank()
-    if device.type != "cuda":
-        print_rank_zero("no CUDA device: running on CPU as a smoke test; the timings mean nothing")
+    world, device = start_bench()
     for seq in [*args.seq, *([args.check_seq] if args.check_seq else [])]:
         if seq % (2 * world):
             raise SystemExit(
                 f"--seq/--check-seq {seq} must be a multiple of 2 x {world} GPUs (zigzag layout)"
             )
-    setup = Setup(
-        batch=args.batch,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        head_dim=args.head_dim,
-        dtype=DTYPES[args.dtype],
-        causal=args.causal,
-        device=device,
-        group=dist.group.WORLD,
-        world_size=world,
-        cp_rotate=args.cp_rotate,
-    )
+    setup = Setup.from_args(args, device, world)
     splits = hybrid_splits(args, world) if "hybrid" in args.methods else []
     methods = ring_methods(setup, splits)
     methods = {name: method for name, method in methods.items() if name.split()[0] in args.methods}
