@@ -1,6 +1,7 @@
 """Checkpoint cost on one GPU: time the training loop is blocked, step time, conversion time.
 
-    python bench/checkpoint.py [--record]                    # 1.1B Llama, bf16, ~4-5 minutes on one H100
+    python bench/checkpoint.py [--record]                    # 1.1B Llama, bf16, ~8-10 minutes on one H100
+    python bench/checkpoint.py --parts conversion --record   # one part: blocked | every | conversion
     python bench/checkpoint.py --preset tiny --dir /tmp/x    # CPU smoke run (timings meaningless)
 
 Setup: a longloom Llama (preset 1b: hidden 2048, 20 layers, 16 heads, 8 KV heads, SwiGLU 5632,
@@ -107,6 +108,10 @@ class Bench:
         self.positions = torch.arange(seq, device=self.device).expand(batch, seq)
         self.work = work
         self.step_number = 0
+
+    def checkpoint_bytes(self) -> int:
+        """Bytes of a full DeepSpeed checkpoint of this state: bf16 weights + fp32 master and two moments."""
+        return self.params * (2 + 3 * 4)
 
     def forward_backward(self) -> None:
         logits = self.engine(self.tokens[:, :-1], self.positions)
@@ -298,16 +303,21 @@ def conversions(bench: Bench, universal: bool) -> list:
     return rows
 
 
+PARTS = ("blocked", "every", "conversion")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/longloom-checkpoint-bench"))
     parser.add_argument("--steps", type=int, default=3, help="steps per step-time measurement")
-    parser.add_argument("--skip-conversion", action="store_true")
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="blocked time, step time, conversion"
+    )
     parser.add_argument(
         "--universal", action="store_true", help="also time our checkpoint -> our universal layout"
     )
-    parser.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
+    parser.add_argument("--record", action="store_true", help="append each table to BENCHMARKS.md when done")
     args = parser.parse_args()
     started = time.perf_counter()
     bench = Bench(args.preset, fresh(args.dir))
@@ -315,53 +325,58 @@ def main() -> None:
         f"model: {bench.params / 1e9:.2f}B parameters, preset {args.preset}, files under {args.dir}",
         flush=True,
     )
+    what = (
+        f"Checkpointing a {bench.params / 1e9:.2f}B-parameter Llama (preset {args.preset}, bf16, ZeRO-1 on one "
+        f"rank, seq {bench.cfg.data.seq_len} x micro {bench.cfg.train.micro_batch_size}) to local disk "
+        f"({args.dir}). See bench/checkpoint.py for what each row measures."
+    )
+
+    def report(title: str, table: str) -> None:
+        """Print, and record at once: a later part running out of time must not lose this one."""
+        print(table, flush=True)
+        if args.record:
+            append_record(f"Checkpoints: {title}", what, table, 1)
+
     try:
         bench.timed_steps(2)  # warm-up
         baseline = statistics.median(bench.timed_steps(args.steps))
         print(f"step without checkpoint: {baseline:.3f} s", flush=True)
-        blocked, sizes = [], {}
-        blocked_baselines(bench, blocked, sizes)
-        ours_blocked(bench, blocked, sizes, baseline)
-        reference = blocked[0][1]
-        blocked_table = markdown_table(
-            ["method", "blocked per checkpoint", "% of torch.save", "written", "notes"],
-            [
+        if "blocked" in args.parts:
+            blocked, sizes = [], {}
+            blocked_baselines(bench, blocked, sizes)
+            ours_blocked(bench, blocked, sizes, baseline)
+            reference = blocked[0][1]
+            rows = [
                 [row[0], f"{row[1]:.3f} s", f"{100 * row[1] / reference:.2f}%", f"{sizes[row[0]] / 2**30:.1f} GiB",
                  row[2] if len(row) > 2 else ""]
                 for row in blocked
-            ],
-        )  # fmt: skip
-        step_rows = every_step(bench, args.steps)
-        step_table = markdown_table(
-            ["training loop", "median step time", "vs no checkpoint"],
-            [[name, f"{value:.3f} s", f"{value / step_rows[0][1]:.2f}x"] for name, value in step_rows],
-        )
-        tables = [blocked_table, step_table]
-        # The conversion needs the DeepSpeed checkpoint plus ds_to_universal's temporary and final copies.
-        free = shutil.disk_usage(args.dir).free
-        if not args.skip_conversion and free < 3.2 * sizes["deepspeed"]:
-            print(
-                f"skipping the conversion: {free / 2**30:.0f} GiB free under {args.dir}, need ~{3.2 * sizes['deepspeed'] / 2**30:.0f}"
+            ]  # fmt: skip
+            headers = ["method", "blocked per checkpoint", "% of torch.save", "written", "notes"]
+            report("time the training loop is blocked", markdown_table(headers, rows))
+        if "every" in args.parts:
+            step_rows = every_step(bench, args.steps)
+            rows = [[name, f"{value:.3f} s", f"{value / step_rows[0][1]:.2f}x"] for name, value in step_rows]
+            report(
+                "step time with a checkpoint every step",
+                markdown_table(["training loop", "median step time", "vs no checkpoint"], rows),
             )
-        elif not args.skip_conversion:
-            conversion_rows = conversions(bench, args.universal)
-            tables.append(
-                markdown_table(
-                    ["conversion", "time", "speed-up"], [[a, f"{b:.1f} s", c] for a, b, c in conversion_rows]
+        if "conversion" in args.parts:
+            # The DeepSpeed checkpoint plus ds_to_universal's temporary and final copies (~3x its size).
+            needed = 3.2 * bench.checkpoint_bytes()
+            free = shutil.disk_usage(args.dir).free
+            if free < needed:
+                raise SystemExit(
+                    f"conversion: {free / 2**30:.0f} GiB free under {args.dir}, it needs ~{needed / 2**30:.0f} GiB; "
+                    "pass --dir on a larger disk"
                 )
+            rows = [[a, f"{b:.1f} s", c] for a, b, c in conversions(bench, args.universal)]
+            report(
+                "conversion to DeepSpeed's universal layout",
+                markdown_table(["conversion", "time", "speed-up"], rows),
             )
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
-    text = "\n\n".join(tables)
-    print(text)
     print(f"total bench time {time.perf_counter() - started:.0f} s")
-    if args.record:
-        what = (
-            f"Checkpointing a {bench.params / 1e9:.2f}B-parameter Llama (preset {args.preset}, bf16, ZeRO-1 on one "
-            f"rank, seq {bench.cfg.data.seq_len} x micro {bench.cfg.train.micro_batch_size}) to local disk "
-            f"({args.dir}). Blocked = time the training loop cannot proceed; see bench/checkpoint.py."
-        )
-        append_record("Checkpoints: blocked time, step time, conversion", what, text, 1)
 
 
 if __name__ == "__main__":

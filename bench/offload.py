@@ -12,7 +12,10 @@ off; peak GPU memory; "saved for backward" = GPU memory held between forward and
 inputs, cos/sin, logits); "removed" = the part of the checkpointed layer inputs (layers x tokens x
 hidden x 2 bytes) no longer on the GPU; the pinned host pool. With L layers at most (L - 1) / L of
 the inputs can leave the GPU (the last layer keeps its input: its backward comes first).
---find-max doubles the sequence from the last --seqs value until off and on run out of memory.
+Longest sequence that fits: peak memory is linear in the sequence (flash attention, checkpointed
+layers), so with two or more measured lengths per mode the table adds the length at which the fitted
+line reaches the GPU's memory (predicted, not run: one 8-layer step at 512K already takes minutes).
+At long sequences use `--modes off,on --iters 1 --act-warmup 0` (one step each) to keep it affordable.
 
 Optimizer: a 1.1B Llama (hidden 2048, 20 layers, 16 heads, 8 KV heads, SwiGLU 5632, vocab 32000) under
 DeepSpeed as the trainer builds it (bf16, ZeRO-1 on one rank), sequence 2048. Modes: Adam states on
@@ -69,7 +72,6 @@ PRESETS = {
     },
 }  # fmt: skip
 ACTIVATION_MODES = {"off": 0.0, "on": 1.0, "0.5": 0.5}
-MAX_SEARCH_TOKENS = 1 << 23
 
 
 def tokens_label(seq: int) -> str:
@@ -122,7 +124,8 @@ def _measure_activations(args, dims: ParallelDims, device: torch.device, seq: in
         held.append(allocated() - before)
         F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
 
-    step()  # warm-up: kernels, pinned pool
+    for _ in range(args.act_warmup):  # kernels, cuDNN plans, the pinned pool
+        step()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -142,29 +145,46 @@ def _measure_activations(args, dims: ParallelDims, device: torch.device, seq: in
     }
 
 
+def predicted_longest(peaks: dict[int, int], capacity: int) -> int | None:
+    """Sequence length where the least-squares line through (length, peak) reaches `capacity`."""
+    if len(peaks) < 2:
+        return None
+    lengths, values = list(peaks), list(peaks.values())
+    mean_length, mean_value = statistics.fmean(lengths), statistics.fmean(values)
+    slope = sum((x - mean_length) * (y - mean_value) for x, y in zip(lengths, values)) / sum(
+        (x - mean_length) ** 2 for x in lengths
+    )
+    if slope <= 0:
+        return None
+    return int(mean_length + (capacity - mean_value) / slope)
+
+
 def activation_table(args, dims: ParallelDims, device: torch.device) -> str:
     rows = []
+    peaks: dict[str, dict[int, int]] = {mode: {} for mode in args.modes}
     for seq in args.seqs:
-        results = {mode: activation_case(args, dims, device, seq, mode) for mode in ACTIVATION_MODES}
-        off = results["off"]
+        results = {mode: activation_case(args, dims, device, seq, mode) for mode in args.modes}
+        off = results.get("off")
         for mode, result in results.items():
             if result is None:
                 rows.append([tokens_label(seq), mode, "OOM", "", "", "", "", ""])
                 continue
             overhead = f"{100 * (result['seconds'] / off['seconds'] - 1):+.1f}%" if off else ""
             removed = f"{100 * (off['held'] - result['held']) / result['inputs']:.0f}%" if off else ""
+            peaks[mode][seq] = result["peak"]
             rows.append([
                 tokens_label(seq), mode, f"{result['seconds']:.3f} s", overhead, f"{result['peak'] / GIB:.2f} GiB",
                 f"{result['held'] / GIB:.2f} GiB", removed, f"{result['pool'] / GIB:.2f} GiB",
             ])  # fmt: skip
             print(" | ".join(str(cell) for cell in rows[-1]), flush=True)
-    if args.find_max and device.type == "cuda":  # host memory on CPU would only swap, never run out
-        for mode in ("off", "on"):
-            seq, longest = args.seqs[-1], None
-            while seq <= MAX_SEARCH_TOKENS and activation_case(args, dims, device, seq, mode) is not None:
-                longest, seq = seq, seq * 2
-            label = tokens_label(longest) if longest else f"< {tokens_label(args.seqs[-1])}"
-            rows.append([f"longest that fits: {label}", mode, "", "", "", "", "", ""])
+    if device.type == "cuda":  # host memory on CPU would only swap, never run out
+        capacity = torch.cuda.mem_get_info()[1]
+        for mode, measured in peaks.items():
+            longest = predicted_longest(measured, capacity)
+            if longest is not None:
+                points = ", ".join(tokens_label(seq) for seq in measured)
+                label = f"longest that fits (predicted from the peaks at {points}): {longest / 1024:.0f}K"
+                rows.append([label, mode, "", "", f"{capacity / GIB:.1f} GiB", "", "", ""])
     headers = [
         "tokens",
         "offload",
@@ -267,49 +287,51 @@ def main() -> None:
     parser.add_argument("--seqs", type=lambda text: [int(v) for v in text.split(",")], default=None)
     parser.add_argument("--iters", type=int, default=2, help="timed steps per case (median)")
     parser.add_argument("--warmup", type=int, default=2, help="optimizer part: untimed steps first")
-    parser.add_argument("--find-max", action="store_true", help="double the sequence until off / on OOM")
+    parser.add_argument(
+        "--modes", type=lambda text: text.split(","), default=list(ACTIVATION_MODES), help="e.g. off,on"
+    )
+    parser.add_argument("--act-warmup", type=int, default=1, help="activation part: untimed steps first")
     parser.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
     args = parser.parse_args()
     args.seqs = args.seqs or PRESETS[args.preset]["seqs"]
+    unknown = sorted(set(args.modes) - set(ACTIVATION_MODES))
+    if unknown:
+        parser.error(f"--modes {','.join(unknown)}: not a mode; choose from {','.join(ACTIVATION_MODES)}")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     init_distributed()
     device = device_for_rank()
     dims = ParallelDims.build(dp=1, ulysses=1, ring=1)
     started = time.perf_counter()
-    tables = []
-    if args.part in ("both", "activations"):
-        table = activation_table(args, dims, device)
+
+    def report(title: str, what: str, table: str) -> None:
+        """Print, and record at once: a later part running out of time must not lose this one."""
         print(table, flush=True)
-        tables.append(
+        if args.record:
+            print(f"appended to {append_record(title, what, table, world_size=1)}", flush=True)
+
+    if args.part in ("both", "activations"):
+        report(
+            "Activation offload, one GPU",
             (
-                "Activation offload, one GPU",
-                (
-                    f"Llama-3-8B width ({args.layers} layers, hidden 4096, 32 heads, 8 KV heads, SwiGLU 14336), "
-                    "bf16, one sequence, forward + backward with every layer checkpointed; offload off / on / "
-                    "0.5 of the tokens. 'removed' = share of the checkpointed layer inputs no longer held on the GPU."
-                ),
-                table,
-            )
+                f"Llama-3-8B width ({args.layers} layers, hidden 4096, 32 heads, 8 KV heads, SwiGLU 14336), "
+                f"bf16, one sequence, forward + backward with every layer checkpointed; offload {', '.join(args.modes)} "
+                f"(0.5 = half of the tokens); {args.act_warmup} untimed + median of {args.iters} timed steps. "
+                "'removed' = share of the checkpointed layer inputs no longer held on the GPU between forward "
+                "and backward; at most (layers - 1) / layers, the last layer keeps its input."
+            ),
+            activation_table(args, dims, device),
         )
     if args.part in ("both", "optimizer"):
-        table = optimizer_table(args, dims, device)
-        print(table, flush=True)
-        tables.append(
+        report(
+            "Optimizer offload, one GPU",
             (
-                "Optimizer offload, one GPU",
-                (
-                    "1.1B Llama (hidden 2048, 20 layers), bf16, ZeRO-1 on one rank, sequence 2048: Adam states "
-                    "on the GPU, ZeRO-Offload (cpu), interleaved with the measured GPU share and at 0.5."
-                ),
-                table,
-            )
+                "1.1B Llama (hidden 2048, 20 layers), bf16, ZeRO-1 on one rank, sequence 2048: Adam states "
+                "on the GPU, ZeRO-Offload (cpu), interleaved with the measured GPU share and at 0.5."
+            ),
+            optimizer_table(args, dims, device),
         )
     print(f"total {time.perf_counter() - started:.0f} s", flush=True)
-    if args.record:
-        for title, what, table in tables:
-            path = append_record(title, what, table, world_size=1)
-        print(f"appended to {path}")
 
 
 if __name__ == "__main__":
