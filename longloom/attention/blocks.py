@@ -7,6 +7,9 @@ and log-sum-exp and merges them (attention/merge.py); the backward of a block on
 Backends, chosen per call by `select_backend`:
 - "cudnn" / "flash": aten's fused kernels (`_scaled_dot_product_{cudnn,flash}_attention` and their
   backwards), the fastest on Hopper; they take [B, H, S, D] and K/V with the full head count.
+- "triton": attention/triton_flash.py, our FlashAttention-2 kernels (GQA without expanding K/V, fp32
+  dK/dV group sums), imported on use (Triton is Linux-only). Only on request (`backend="triton"`):
+  cuDNN measures faster on Hopper, so `select_backend` never picks it.
 - "torch": the plain math path of attention/reference.py, used on CPU (and for fp64).
 
 Shapes: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]; out like q; lse [B, Hq, Sq] fp32.
@@ -72,6 +75,10 @@ def block_attention_forward(
     group_size = check_heads(q, k, v)
     scale = _scale(q, softmax_scale)
     backend = backend or select_backend(q)
+    if backend == "triton":
+        from longloom.attention.triton_flash import flash_attention_forward
+
+        return flash_attention_forward(q, k, v, causal, scale)
     if backend == "torch":
         with torch.no_grad():
             scores = attention_scores(q, k, causal, scale)
@@ -93,7 +100,7 @@ def block_attention_forward(
             qh, kh, vh, 0.0, causal, False, scale=scale
         )
     else:
-        raise ValueError(f"unknown attention backend {backend!r}: use cudnn, flash or torch")
+        raise ValueError(f"unknown attention backend {backend!r}: use cudnn, flash, triton or torch")
     out, lse = result[0], result[1]
     return out.transpose(1, 2), _lse_bhs(lse, q.size(1))
 
@@ -112,11 +119,15 @@ def block_attention_backward(
     """Gradients (dq, dk, dv) of this block's share, given the *final* out and lse over all blocks.
 
     dq is [B, Sq, Hq, D]; dk/dv are [B, Sk, Hkv, D] (summed over each kv head's query heads),
-    all in fp32 on the torch path and in q's dtype on the fused ones.
+    all in fp32 on the torch path and in q's dtype on the fused and Triton ones.
     """
     group_size = check_heads(q, k, v)
     scale = _scale(q, softmax_scale)
     backend = backend or select_backend(q)
+    if backend == "triton":
+        from longloom.attention.triton_flash import flash_attention_backward
+
+        return flash_attention_backward(dout, q, k, v, out, lse, causal, scale)
     if backend == "torch":
         with torch.no_grad():
             scores = attention_scores(q, k, causal, scale)
@@ -179,7 +190,7 @@ def block_attention_backward(
             scale=scale,
         )
     else:
-        raise ValueError(f"unknown attention backend {backend!r}: use cudnn, flash or torch")
+        raise ValueError(f"unknown attention backend {backend!r}: use cudnn, flash, triton or torch")
     dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
     return dq, _sum_groups(dk, group_size), _sum_groups(dv, group_size)
 
