@@ -1,0 +1,242 @@
+"""Sequence parallelism for Hugging Face transformers models, through transformers' public hooks.
+
+Idea: HF decoders call attention through `transformers.AttentionInterface`, and everything else in
+them (embeddings, norms, MLPs, lm_head) works token by token. Registering an attention function that
+runs longloom's Ulysses x TokenRing attention (parallel/hybrid.py) on this rank's share of the
+sequence therefore makes an unmodified HF model sequence-parallel, once RoPE sees global positions.
+
+    enable_sequence_parallel(model, dims)                       # once, after ParallelDims.build
+    batch = shard_causal_lm_batch(input_ids, dims)              # the full batch, same on the SP group
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    loss, stats = causal_lm_loss(logits, batch["shift_labels"], dims)
+    loss.backward()                                             # then average grads over dp x sp
+
+Supported: causal self-attention with no mask but causality (one document per sample; right
+padding is turned into ignored labels). What SP attention cannot reproduce raises ValueError
+instead of training on a silently different model: padding or packed-document masks, sliding
+windows shorter than the sequence, chunked or non-attention layers, attention dropout, softcap,
+sinks, non-causal models, and KV caches (generation).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+
+import torch
+import torch.distributed as dist
+from transformers import AttentionInterface, PreTrainedModel
+
+from longloom.parallel.dims import ParallelDims
+from longloom.parallel.hybrid import sequence_parallel_attention
+from longloom.parallel.loss import IGNORE_INDEX, LossStats, sequence_parallel_cross_entropy
+from longloom.parallel.sharding import shard_tensor
+from longloom.parallel.ulysses import kv_head_replication
+
+# Keyword arguments through which HF models ask their attention function for math SP does not do.
+UNSUPPORTED_ATTENTION_KWARGS = (
+    "softcap",
+    "s_aux",
+    "sinks",
+    "position_bias",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+)
+# Layer kinds that reach attention through AttentionInterface. Others (chunked attention, whose mask
+# HF drops for custom implementations; linear attention or SSM layers, which would only see the
+# local share of the sequence) would silently compute something else.
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+# transformers' registry is process-global and keyed by name: one fresh name per call keeps models
+# enabled with different `dims` (or re-enabled) from rebinding each other's groups.
+_registration_ids = itertools.count()
+
+
+def enable_sequence_parallel(model: PreTrainedModel, dims: ParallelDims) -> str:
+    """Makes `model` run its attention sequence-parallel over `dims`; returns the implementation name.
+
+    The model then expects this rank's share of each sequence, with global `position_ids`, as made
+    by `shard_causal_lm_batch`; a forward pre-hook checks its inputs. This changes `model.config`
+    (another model built from the same config object switches too);
+    `model.set_attn_implementation("sdpa")` switches back.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"enable_sequence_parallel needs a transformers PreTrainedModel, got {type(model).__name__}"
+        )
+    config = model.config.get_text_config()
+    if not getattr(config, "is_causal", True):
+        raise ValueError(
+            f"{type(model).__name__} has config.is_causal=False (bidirectional attention): longloom's HF "
+            "integration covers causal language models only"
+        )
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if not layer_types <= set(SUPPORTED_LAYER_TYPES):
+        raise ValueError(
+            f"{type(model).__name__} has layer types {sorted(layer_types - set(SUPPORTED_LAYER_TYPES))} that "
+            f"sequence parallelism cannot split (supported: {SUPPORTED_LAYER_TYPES}): use another model"
+        )
+    heads = getattr(config, "num_attention_heads", None)
+    if heads is not None:  # fail before the first step, with the config keys to change
+        kv_head_replication(heads, getattr(config, "num_key_value_heads", None) or heads, dims.ulysses)
+
+    name = f"longloom_sp_{next(_registration_ids)}"
+    # dims travel in a closure, not in the forward kwargs: HF would pass `model(..., dims=dims)` down to
+    # attention, but then every call site (trainer, eval, checkpointed recompute) must remember it, and
+    # the model would not carry its own groups. No module-global "current dims" either (STYLE.md).
+    AttentionInterface.register(name, _attention_function(dims))
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise ValueError(
+            f"{type(model).__name__} does not dispatch attention through transformers.AttentionInterface "
+            f"(its attention implementation stayed {model.config._attn_implementation!r}): it cannot use longloom SP"
+        )
+    # HF builds no mask for a custom implementation: it drops padding masks and position-id document
+    # boundaries without a word. Checking the inputs once per forward turns that into an error.
+    model.register_forward_pre_hook(
+        _input_check(inspect.signature(model.forward), dims, name), with_kwargs=True
+    )
+    return name
+
+
+def _attention_function(dims: ParallelDims):
+    def longloom_attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """HF's attention-function contract: q [B, Hq, S/P, D], k/v [B, Hkv, S/P, D] -> ([B, S/P, Hq, D], None)."""
+        _check_attention_call(module, query, key, attention_mask, dropout, kwargs, dims)
+        out = sequence_parallel_attention(
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            dims=dims,
+            causal=True,
+            softmax_scale=scaling,
+        )
+        return out, None  # no attention weights: the full S x S matrix never exists anywhere
+
+    return longloom_attention
+
+
+def _check_attention_call(module, query, key, attention_mask, dropout, kwargs, dims: ParallelDims) -> None:
+    where = f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
+    if attention_mask is not None:
+        raise ValueError(
+            f"{where} got an attention mask of shape {tuple(attention_mask.shape)}: longloom SP attention is "
+            "plain causal; drop attention_mask (shard_causal_lm_batch turns right padding into ignored labels)"
+        )
+    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
+        raise ValueError(f"{where} is not causal: longloom's HF integration covers causal attention only")
+    if dropout > 0:
+        raise ValueError(
+            f"{where} asks for attention dropout {dropout} in training: SP attention has none; "
+            "set config.attention_dropout=0"
+        )
+    sequence = query.size(2) * dims.sp
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if window is not None and window < sequence:
+        raise ValueError(
+            f"{where} has a sliding window of {window} tokens, shorter than the sequence ({sequence} tokens): "
+            "SP attention is full causal; use sequences of at most the window or a full-attention model"
+        )
+    unsupported = [name for name in UNSUPPORTED_ATTENTION_KWARGS if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(f"{where} asks for {unsupported}, which longloom SP attention does not implement")
+    if key.size(2) != query.size(2):
+        raise ValueError(
+            f"{where}: {key.size(2)} keys for {query.size(2)} queries (a KV cache): SP is for training; "
+            "call the model with use_cache=False and no past_key_values"
+        )
+
+
+def _input_check(signature: inspect.Signature, dims: ParallelDims, name: str):
+    def check(model: PreTrainedModel, args: tuple, kwargs: dict) -> None:
+        # A later enable (or set_attn_implementation) leaves this hook behind: it then does nothing.
+        if model.config._attn_implementation != name:
+            return
+        inputs = signature.bind_partial(*args, **kwargs).arguments
+        mask, positions = inputs.get("attention_mask"), inputs.get("position_ids")
+        if mask is not None and (mask.dim() != 2 or not bool(mask.all())):
+            raise ValueError(
+                f"attention_mask of shape {tuple(mask.shape)} masks tokens out: longloom SP attention is plain "
+                "causal; drop it (shard_causal_lm_batch turns right padding into ignored labels)"
+            )
+        if positions is None:
+            if dims.sp > 1:
+                raise ValueError(
+                    f"no position_ids with the sequence split over {dims.sp} ranks: HF would number this rank's "
+                    "tokens from 0; pass position_ids from shard_causal_lm_batch"
+                )
+            return
+        # The local positions must be this rank's share of consecutive ones (up to an offset per row):
+        # anything else means packed documents, which HF would mask and SP attention would not.
+        local = positions.size(-1)
+        expected = shard_tensor(
+            torch.arange(local * dims.sp, device=positions.device), 0, dims.sp_rank, dims.sp, dims.layout
+        )
+        offset = positions - expected
+        if not bool((offset == offset[..., :1]).all()):
+            raise ValueError(
+                "position_ids are not this rank's share of consecutive positions (packed documents, or not cut "
+                "by shard_causal_lm_batch): HF would mask attention across documents, longloom SP attention "
+                "does not; put one document per sample"
+            )
+
+    return check
+
+
+def shard_causal_lm_batch(
+    input_ids: torch.Tensor,
+    dims: ParallelDims,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """This rank's share of a full causal-LM batch: {"input_ids", "position_ids", "shift_labels"} [B, S/P].
+
+    `input_ids` [B, S] (same on every rank of the SP group); `labels` as given to HF's
+    `model(labels=...)`: unshifted, IGNORE_INDEX (-100) ignored, default `input_ids`. They are shifted
+    here, before cutting, because the label of a shard's last token is another rank's first token.
+    `attention_mask` [B, S] may only mark right padding: padded tokens get ignored labels and the mask
+    is dropped (under a causal mask no real token sees a later pad, so the logits that count are exact).
+    Do not pass `shift_labels` as `labels` to the model: HF would shift them again.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq]; got {tuple(input_ids.shape)}")
+    labels = input_ids if labels is None else labels
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} disagree")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} and input_ids {tuple(input_ids.shape)} disagree"
+            )
+        kept = attention_mask.bool()
+        if not bool((kept[:, 1:] <= kept[:, :-1]).all()):
+            raise ValueError(
+                "attention_mask is not right padding (a masked token before a kept one: left padding or "
+                "holes): longloom SP attention cannot mask; pad on the right (tokenizer padding_side='right')"
+            )
+        labels = labels.masked_fill(~kept, IGNORE_INDEX)
+    shift_labels = torch.cat((labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)), dim=1)
+    positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+    return dims.shard_batch({"input_ids": input_ids, "position_ids": positions, "shift_labels": shift_labels})
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, shift_labels: torch.Tensor, dims: ParallelDims
+) -> tuple[torch.Tensor, LossStats]:
+    """(loss_for_backward, stats) from this rank's logits [B, S/P, V] and `shift_labels` [B, S/P].
+
+    Token-weighted over the whole dp x sp world (parallel/loss.py): `stats.loss` is the mean over every
+    valid label of every rank, the loss one device would compute on the whole batch. Backward, then
+    AVERAGE gradients over all dims.world_size ranks (DeepSpeed, or DDP over the default group).
+    """
+    group = dist.group.WORLD if dims.world_size > 1 else None
+    return sequence_parallel_cross_entropy(logits, shift_labels, group=group)
