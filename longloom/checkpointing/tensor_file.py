@@ -126,7 +126,9 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
         written += os.pwrite(fd, data[written : written + WRITE_CHUNK_BYTES], offset + written)
 
 
-def write_tensor_file(path: Path, layout: TensorFileLayout, data: torch.Tensor) -> None:
+def write_tensor_file(
+    path: Path, layout: TensorFileLayout, data: torch.Tensor, threads: int = WRITE_THREADS
+) -> None:
     """Writes header + `data` (uint8 host tensor of the data section) to `path` and fsyncs it."""
     if data.numel() != layout.data_bytes or data.dtype != torch.uint8:
         raise ValueError(
@@ -137,7 +139,7 @@ def write_tensor_file(path: Path, layout: TensorFileLayout, data: torch.Tensor) 
         _write_all(fd, memoryview(layout.header), 0)
         body = memoryview(data.numpy()).cast("B") if layout.data_bytes else memoryview(b"")
         # Contiguous 1 MiB-aligned ranges, one per thread (os.pwrite releases the GIL).
-        per_thread = -(-len(body) // WRITE_THREADS)
+        per_thread = -(-len(body) // max(1, threads))
         step = max(1, -(-per_thread // (1 << 20)) * (1 << 20))
         ranges = [(begin, body[begin : begin + step]) for begin in range(0, len(body), step)]
         if len(ranges) > 1:
