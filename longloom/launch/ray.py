@@ -10,7 +10,8 @@ checkpoint concept we do not use (our checkpoints are written and found by the t
   LOCAL_RANK, LOCAL_WORLD_SIZE) plus LONGLOOM_ATTEMPT, so `run_training` is one function under
   torchrun, Ray and in-process;
 - logs: Ray forwards each actor's stdout/stderr to the driver's console, prefixed with the actor's
-  repr (`(rank0 pid=...)`); a failed rank's traceback is logged by the driver with its rank.
+  repr (`(rank0 pid=...)`); a failed rank's traceback is logged by the driver with its rank; on a
+  terminal the driver draws the progress bar from metrics.jsonl (launch/progress.py).
 One GPU per rank where the cluster has GPUs (NCCL; ranks on one node see all of that node's GPUs
 of the group, as under torchrun, so NCCL can use peer-to-peer), otherwise one CPU per rank (gloo).
 
@@ -59,6 +60,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from longloom.config import ConfigError, LongloomConfig
 from longloom.launch.env import free_port, rank_environment
+from longloom.launch.progress import MetricsFollower, driver_progress
 from longloom.launch.supervisor import RunFailed, WorkerFailure, run_with_restarts
 
 logger = logging.getLogger(__name__)
@@ -218,6 +220,7 @@ class RayLauncher:
         self.cfg = cfg
         self.entry = entry
         self._actors: list[Any] = []
+        self._progress: MetricsFollower | None = None
 
     def run(self) -> Any:
         """Rank 0's return value; raises RunFailed once launch.max_failures restarts are used up."""
@@ -227,6 +230,7 @@ class RayLauncher:
             return submit_job(self.cfg)
         started = _connect(self.cfg)
         group = None
+        self._progress = driver_progress(self.cfg.train.output_dir, self.cfg.train.steps)
         try:
             bundle = _bundle(self.cfg)
             group = _reserve(self.cfg.launch.workers, bundle)
@@ -234,6 +238,8 @@ class RayLauncher:
                 lambda attempt: self._attempt(group, bundle, attempt), self.cfg.launch.max_failures
             )
         finally:
+            if self._progress is not None:
+                self._progress.close()
             self._stop_actors()
             if group is not None:
                 remove_placement_group(group)
@@ -281,6 +287,8 @@ class RayLauncher:
         results: dict[int, Any] = {}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=_POLL_S)
+            if self._progress is not None:
+                self._progress.poll()
             for ref in done:
                 rank = pending.pop(ref)
                 try:
