@@ -105,7 +105,9 @@ def activation_case(args, dims: ParallelDims, device: torch.device, seq: int, mo
 
 
 def _measure_activations(args, dims: ParallelDims, device: torch.device, seq: int, mode: str) -> dict:
-    cfg = load_config(None, [*PRESETS[args.preset]["activation_model"], f"model.layers={args.layers}"])
+    cfg = load_config(
+        None, [*PRESETS[args.preset]["activation_model"], f"model.layers={args.layers}", *args.set]
+    )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     share = ACTIVATION_MODES[mode]
     offloader = ActivationOffloader(share, device) if share > 0 else None
@@ -291,6 +293,13 @@ def main() -> None:
         "--modes", type=lambda text: text.split(","), default=list(ACTIVATION_MODES), help="e.g. off,on"
     )
     parser.add_argument("--act-warmup", type=int, default=1, help="activation part: untimed steps first")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="activation model overrides, e.g. model.vocab_size=128256",
+    )
     parser.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
     args = parser.parse_args()
     args.seqs = args.seqs or PRESETS[args.preset]["seqs"]
@@ -315,7 +324,7 @@ def main() -> None:
             "Activation offload, one GPU",
             (
                 f"Llama-3-8B width ({args.layers} layers, hidden 4096, 32 heads, 8 KV heads, SwiGLU 14336), "
-                f"bf16, one sequence, forward + backward with every layer checkpointed; offload {', '.join(args.modes)} "
+                f"bf16, one sequence, forward + backward with every layer checkpointed{' (' + ' '.join(args.set) + ')' if args.set else ''}; offload {', '.join(args.modes)} "
                 f"(0.5 = half of the tokens); {args.act_warmup} untimed + median of {args.iters} timed steps. "
                 "'removed' = share of the checkpointed layer inputs no longer held on the GPU between forward "
                 "and backward; at most (layers - 1) / layers, the last layer keeps its input."
