@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one call on the device machine, for the GPUs it has (1, 2, 4 or 8).
 # Usage there (repository root, wheelhouse carried in .whl/):
-#   LONGLOOM_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_suite.sh [attention ring linear train offload checkpoint]
+#   LONGLOOM_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_suite.sh [attention ring linear train offload
+#       offload512 kernels storage checkpoint]
+# One device call allows 600 s: name one or two parts per call (offload512 and checkpoint take ~5-9 min each).
 # Each part appends its table to BENCHMARKS.md (--record) and its log to $OUT (or /tmp); copy
 # BENCHMARKS.md back afterwards. Parts run in the order given, each under its own time limit.
 set -uo pipefail
@@ -27,8 +29,11 @@ for part in $parts; do
                if [ "$gpus" -gt 1 ]; then cmd="torchrun --nproc-per-node $gpus bench/linear.py --gpus$counts --seq-per-gpu 65536 524288 --record"
                else cmd="python3 bench/linear.py --parts kernels --seq 8192 65536 --record"; fi; limit=300 ;;
     train)     cmd="python3 bench/train.py --workers $gpus --backend ray --record -- parallel.ulysses=$gpus"; limit=200 ;;
-    offload)   cmd="python3 bench/offload.py --layers 8 --record"; limit=400 ;;
-    checkpoint) cmd="python3 bench/checkpoint.py --record"; limit=420 ;;
+    offload)   cmd="python3 bench/offload.py --layers 8 --seqs 65536,131072 --record"; limit=560 ;;
+    offload512) cmd="python3 bench/offload.py --part activations --layers 8 --seqs 524288 --modes 0.5,on,off --iters 1 --act-warmup 0 --record"; limit=590 ;;
+    kernels)   cmd="python3 bench/attention_kernels.py --record"; limit=200 ;;
+    storage)   cmd="python3 bench/storage_write.py --dir /tmp /dev/shm --gib 6 --threads 1 4 8 16 --record"; limit=200 ;;
+    checkpoint) cmd="python3 bench/checkpoint.py --dir /tmp/longloom-ckpt --record"; limit=590 ;;
     *) echo "unknown part $part"; continue ;;
   esac
   echo "== $part: $cmd"
