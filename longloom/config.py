@@ -34,6 +34,11 @@ class ModelConfig(_Section):
     norm_eps: float = 1e-5
     activation_checkpointing: bool = True
     linear_decay: bool = Field(True, description="per-head decay in linear layers (Lightning style)")
+    mlp_tiles: int | Literal["auto"] = Field(
+        "auto",
+        description="token tiles of the tiled MLP (models/tiled_mlp.py); auto = ceil(local tokens / hidden), "
+        "1 = untiled",
+    )
 
     @field_validator("layer_pattern")
     @classmethod
@@ -41,6 +46,17 @@ class ModelConfig(_Section):
         if not pattern or set(pattern) - {"S", "L"}:
             raise ValueError(f"layer_pattern {pattern!r} must be a non-empty string of 'S' and 'L'")
         return pattern
+
+    @field_validator("mlp_tiles", mode="before")
+    @classmethod
+    def _tiles_count_or_auto(cls, value: object) -> int | str:
+        # One check with one message, instead of pydantic's pair of errors for the two union members.
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(
+            f"mlp_tiles={value!r} must be a whole number >= 1 or 'auto' (auto = ceil(local tokens / hidden) "
+            "tiles as in ALST; 1 = the untiled MLP)"
+        )
 
     @property
     def num_kv_heads(self) -> int:

@@ -9,6 +9,10 @@ The model sees only this rank's share of the sequence: `tokens` and `position_id
 [B, S_local] cut by `ParallelDims.shard_batch`, and RoPE uses the global positions, so the result
 equals the unsharded model. Activation checkpointing wraps each layer through `checkpoint_fn`
 (offload/activations.py swaps in one that moves the saved inputs to host memory).
+
+Long-sequence memory (ALST, "Arctic Long Sequence Training", 2025): the MLP runs over tiles of tokens
+(models/tiled_mlp.py, `model.mlp_tiles`), and training calls `model(tokens, positions, labels=...)`,
+which fuses the LM head into the loss so that the [tokens, vocab] logits never exist at once.
 """
 
 from __future__ import annotations
@@ -16,14 +20,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from longloom.config import ModelConfig
+from longloom.models.tiled_mlp import resolve_mlp_tiles, tiled_mlp
 from longloom.parallel.dims import ParallelDims
 from longloom.parallel.hybrid import sequence_parallel_attention
 from longloom.parallel.lasp2 import lasp2_linear_attention
+from longloom.parallel.loss import LossStats, sequence_parallel_linear_cross_entropy
 from longloom.parallel.ulysses import sdpa_attention
 
 # checkpoint_fn(layer, hidden, cos, sin, is_last_layer=...) -> hidden
@@ -118,14 +125,21 @@ class LinearAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden: int, width: int):
+    """down(silu(gate(x)) * up(x)), over `model.mlp_tiles` tiles of tokens (models/tiled_mlp.py)."""
+
+    def __init__(self, hidden: int, width: int, tiles: int | str = 1):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, width, bias=False)
         self.up_proj = nn.Linear(hidden, width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.hidden, self.tiles = hidden, tiles
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        tiles = resolve_mlp_tiles(self.tiles, x.numel() // self.hidden, self.hidden)
+        return tiled_mlp(self.swiglu, self, x, tiles)
 
 
 class DecoderLayer(nn.Module):
@@ -135,11 +149,31 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
         self.self_attn = SoftmaxAttention(cfg, dims) if kind == "S" else LinearAttention(cfg, dims)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.hidden, cfg.mlp_width)
+        self.mlp = SwiGLU(cfg.hidden, cfg.mlp_width, cfg.mlp_tiles)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LanguageModelHead(nn.Linear):
+    """The output projection; given labels it returns the fused token-weighted loss instead of logits.
+
+    The loss is computed inside this module's own forward so that DeepSpeed ZeRO-3, which gathers a
+    module's parameters in its forward / backward hooks, has the full weight there.
+    """
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        loss_group: dist.ProcessGroup | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, LossStats]:
+        if labels is None:
+            return super().forward(hidden)
+        if self.bias is not None:
+            raise ValueError("the fused LM-head loss supports a head without bias (lm_head bias=False)")
+        return sequence_parallel_linear_cross_entropy(hidden, self.weight, labels, group=loss_group)
 
 
 class LlamaModel(nn.Module):
@@ -151,7 +185,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.layers = nn.ModuleList(DecoderLayer(cfg, kind, dims) for kind in cfg.layer_kinds())
         self.norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.lm_head = LanguageModelHead(cfg.hidden, cfg.vocab_size, bias=False)
         self.checkpoint_fn = checkpoint_fn or plain_checkpoint
         self.apply(self._init_weights)
 
@@ -160,8 +194,19 @@ class LlamaModel(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """tokens, position_ids: [B, S_local] -> logits [B, S_local, vocab]."""
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        loss_group: dist.ProcessGroup | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, LossStats]:
+        """tokens, position_ids: [B, S_local] -> logits [B, S_local, vocab].
+
+        With labels [B, S_local] (pre-shifted, -100 ignored): `(loss_for_backward, stats)` of
+        parallel/loss.py's token-weighted loss normalised over `loss_group` (None = this rank alone),
+        with the LM head fused into the loss so that no [B, S_local, vocab] logits are made.
+        """
         hidden = self.embed_tokens(tokens)
         cos, sin = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
         last = len(self.layers) - 1
@@ -170,7 +215,10 @@ class LlamaModel(nn.Module):
                 hidden = self.checkpoint_fn(layer, hidden, cos, sin, is_last_layer=index == last)
             else:
                 hidden = layer(hidden, cos, sin)
-        return self.lm_head(self.norm(hidden))
+        hidden = self.norm(hidden)
+        if labels is None:
+            return self.lm_head(hidden)
+        return self.lm_head(hidden, labels=labels, loss_group=loss_group)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
