@@ -5,7 +5,9 @@ the interleaved optimizer (how much GPU memory is left for Adam moments). The nu
 trainer builds: DeepSpeed partitions ZeRO state over all dp x sp workers; every layer is checkpointed,
 so a layer keeps only its input [B, S/sp, hidden] between forward and backward, and backward holds one
 layer's recomputed activations at a time (Korthikanti et al., "Reducing Activation Recomputation in
-Large Transformer Models", 2022, for what a layer saves; flash attention keeps no S x S matrix).
+Large Transformer Models", 2022, for what a layer saves; flash attention keeps no S x S matrix), of
+which the MLP's wide tensors for one tile of tokens (ALST's tiled MLP) and the logits for one chunk
+(the fused LM head and loss).
 Activation offload (offload/activations.py) moves a share of every layer input but the last to pinned
 host memory; optimizer offload moves master weights and moments (cpu) or a share of the moments
 (interleaved). These are estimates for planning: allocator fragmentation and communication buffers
@@ -14,12 +16,15 @@ come on top.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 import torch
 
 from longloom.config import ConfigError, LongloomConfig, ModelConfig, resolve_split
+from longloom.models.tiled_mlp import resolve_mlp_tiles
+from longloom.parallel.loss import FUSED_CHUNK_ELEMENTS
 
 GIB = 1 << 30
 # Pinned memory cannot be swapped out; leave the rest of the host to the OS, data loading and Python.
@@ -95,11 +100,17 @@ def _activation_bytes(cfg: LongloomConfig, sp: int) -> dict[str, float]:
     layer_input = tokens * m.hidden * b
     share = cfg.offload.activation_share if m.activation_checkpointing else 0.0
     kv_width = 2 * m.num_kv_heads * m.head_dim
+    # The tiled MLP (models/tiled_mlp.py) holds its [tokens, width] tensors for one tile of tokens only.
+    mlp_tokens = math.ceil(tokens / resolve_mlp_tiles(m.mlp_tiles, math.ceil(tokens), m.hidden))
     # One layer recomputed in backward: norms, q/k/v, attention output, MLP gate/up/product; the
     # gradients of as much again are live while it runs backward.
-    layer_working = 2 * tokens * (6 * m.hidden + kv_width + 4 * m.mlp_width) * b
+    layer_working = 2 * (tokens * (6 * m.hidden + kv_width) + mlp_tokens * 4 * m.mlp_width) * b
     rope = tokens * m.head_dim * 4  # cos and sin tables, fp32, shared by all layers
-    logits = 2 * tokens * m.vocab_size * b  # logits and their gradient
+    # The trainer fuses the LM head into the loss (parallel/loss.py): logits exist one chunk of tokens at
+    # a time, in the model dtype, in fp32 and as the fp32 / model-dtype gradient; bf16 adds the fp32
+    # accumulator of the head's weight gradient.
+    chunk_tokens = min(tokens, max(1, FUSED_CHUNK_ELEMENTS // m.vocab_size))
+    logits = chunk_tokens * m.vocab_size * (2 * b + 8) + (4 * m.vocab_size * m.hidden if b < 4 else 0)
     if not m.activation_checkpointing:
         inputs, host = m.layers * layer_working / 2, 0.0
     else:

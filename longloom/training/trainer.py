@@ -30,7 +30,6 @@ from longloom.models.llama import LlamaModel, plain_checkpoint
 from longloom.offload.activations import ActivationOffloader
 from longloom.offload.optimizer import build_optimizer, optimizer_settings
 from longloom.parallel.dims import ParallelDims
-from longloom.parallel.loss import sequence_parallel_cross_entropy
 from longloom.training.metrics import MetricsLogger
 
 logger = logging.getLogger("longloom")
@@ -166,10 +165,12 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
                 )
             batch = dims.shard_batch(loader.batch(step - 1))
             batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
-            logits = engine(batch["tokens"], batch["position_ids"])
-            # Normalised by the valid-label count over the whole dp x sp world, matching DeepSpeed's
-            # gradient averaging over that world (see the module docstring).
-            loss, stats = sequence_parallel_cross_entropy(logits, batch["labels"], group=dist.group.WORLD)
+            # The LM head is fused into the loss (no [tokens, vocab] logits), called through the module so
+            # ZeRO-3 gathers its weight. Normalised by the valid-label count over the whole dp x sp world,
+            # matching DeepSpeed's gradient averaging over that world (see the module docstring).
+            loss, stats = engine(
+                batch["tokens"], batch["position_ids"], labels=batch["labels"], loss_group=dist.group.WORLD
+            )
             engine.backward(loss)
             checkpointer.wait_for_snapshot()  # the lazy snapshot of the last save overlapped fwd/bwd
             engine.step()

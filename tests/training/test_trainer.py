@@ -72,3 +72,44 @@ def test_sequence_parallel_split_does_not_change_losses(distributed, tmp_path, w
     )
     split = _losses(distributed, workers, tmp_path, "split", *common, *overrides)
     assert split == pytest.approx(single, rel=1e-4)
+
+
+def _unfused_train_worker(overrides: list[str]) -> list[float]:
+    """The trainer with the loss path it had before the fused head: logits, then the logits loss."""
+    from unittest import mock
+
+    from longloom.models.llama import LlamaModel
+    from longloom.parallel.loss import sequence_parallel_cross_entropy
+
+    logits_forward = LlamaModel.forward
+
+    def forward(self, tokens, position_ids, labels=None, loss_group=None):
+        logits = logits_forward(self, tokens, position_ids)
+        return sequence_parallel_cross_entropy(logits, labels, group=loss_group)
+
+    with mock.patch.object(LlamaModel, "forward", forward):
+        return _train_worker(overrides)
+
+
+def test_tiled_mlp_and_fused_loss_keep_losses(distributed, tmp_path):
+    """fp32: the tiled MLP and the fused head change rounding order only (rtol 1e-6 over 4 steps)."""
+    common = ["parallel.ulysses=2", "train.micro_batch_size=2", "model.layer_pattern=LS"]
+    tiled = _losses(distributed, 2, tmp_path, "tiled", *common, "model.mlp_tiles=3")
+    untiled = _losses(distributed, 2, tmp_path, "untiled", *common, "model.mlp_tiles=1")
+    out = tmp_path / "unfused"
+    unfused = distributed(
+        2,
+        _unfused_train_worker,
+        [f"train.output_dir={out}", "launch.workers=2", *common, "model.mlp_tiles=1"],
+    )[0]
+    assert tiled == pytest.approx(untiled, rel=1e-6, abs=0)
+    assert untiled == pytest.approx(unfused, rel=1e-6, abs=0)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_tiled_mlp_under_zero_keeps_losses(distributed, tmp_path, zero_stage):
+    """ZeRO-2 reduces, ZeRO-3 also gathers, per module call: the tiles' repeated calls must not break either."""
+    common = ["parallel.dp=2", "train.micro_batch_size=1", f"train.zero_stage={zero_stage}"]
+    tiled = _losses(distributed, 2, tmp_path, "tiled", *common, "model.mlp_tiles=3")
+    untiled = _losses(distributed, 2, tmp_path, "untiled", *common, "model.mlp_tiles=1")
+    assert tiled == pytest.approx(untiled, rel=1e-6, abs=0)
