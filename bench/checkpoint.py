@@ -48,7 +48,6 @@ import subprocess
 import time
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import append_record, markdown_table
 from longloom.checkpointing.convert import convert_checkpoint
@@ -114,8 +113,7 @@ class Bench:
         return self.params * (2 + 3 * 4)
 
     def forward_backward(self) -> None:
-        logits = self.engine(self.tokens[:, :-1], self.positions)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), self.tokens[:, 1:].flatten())
+        loss, _ = self.engine(self.tokens[:, :-1], self.positions, labels=self.tokens[:, 1:])
         self.engine.backward(loss)
 
     def step(self, checkpointer: LazyAsyncCheckpointer | None = None) -> None:

@@ -4,12 +4,12 @@
     python bench/offload.py --preset tiny                   # CPU smoke run (timings meaningless)
 
 Activations: a Llama-3-8B-width decoder (hidden 4096, 32 heads, 8 KV heads, SwiGLU 14336; --layers 4
-by default, vocab 512 so that the logits do not hide the layers) in bf16, every layer checkpointed,
+by default, vocab 512 so that the LM head does not hide the layers) in bf16, every layer checkpointed,
 one sequence of 32K / 64K / 128K tokens (--seqs), forward + backward (no optimizer). Modes: off
 (torch checkpoint), on (offload.activations=true: every layer input but the last one's goes to
 pinned host memory), 0.5 (half of each input's tokens). Columns: median step time and overhead vs
 off; peak GPU memory; "saved for backward" = GPU memory held between forward and backward (layer
-inputs, cos/sin, logits); "removed" = the part of the checkpointed layer inputs (layers x tokens x
+inputs, cos/sin, the loss's per-token log-sum-exp); "removed" = the part of the checkpointed layer inputs (layers x tokens x
 hidden x 2 bytes) no longer on the GPU; the pinned host pool. With L layers at most (L - 1) / L of
 the inputs can leave the GPU (the last layer keeps its input: its backward comes first).
 Longest sequence that fits: peak memory is linear in the sequence (flash attention, checkpointed
@@ -44,7 +44,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import append_record, markdown_table
 from longloom.config import load_config
@@ -121,10 +120,11 @@ def _measure_activations(args, dims: ParallelDims, device: torch.device, seq: in
     def step() -> None:
         model.zero_grad(set_to_none=True)
         before = allocated()
-        logits = model(tokens[:, :-1], positions)
+        # The training path: the fused LM head + loss (no [tokens, vocab] logits), as the trainer runs it.
+        loss, _ = model(tokens[:, :-1], positions, labels=tokens[:, 1:])
         sync()
         held.append(allocated() - before)
-        F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        loss.backward()
 
     for _ in range(args.act_warmup):  # kernels, cuDNN plans, the pinned pool
         step()
@@ -222,8 +222,8 @@ def optimizer_case(args, dims: ParallelDims, device: torch.device, overrides: li
     for index in range(args.warmup + args.iters):
         sync()
         begin = time.perf_counter()
-        logits = engine(tokens[:, :-1], positions)
-        engine.backward(F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()))
+        loss, _ = engine(tokens[:, :-1], positions, labels=tokens[:, 1:])
+        engine.backward(loss)
         sync()
         middle = time.perf_counter()
         engine.step()

@@ -34,8 +34,10 @@ class ModelConfig(_Section):
     norm_eps: float = 1e-5
     activation_checkpointing: bool = True
     linear_decay: bool = Field(True, description="per-head decay in linear layers (Lightning style)")
+    # Default untiled: tiling costs one more MLP forward per step, which no GPU run has weighed yet
+    # against the memory it saves; long-sequence configs (configs/llama8b-1m.yaml) turn it on.
     mlp_tiles: int | Literal["auto"] = Field(
-        "auto",
+        1,
         description="token tiles of the tiled MLP (models/tiled_mlp.py); auto = ceil(local tokens / hidden), "
         "1 = untiled",
     )

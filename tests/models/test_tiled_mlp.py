@@ -127,4 +127,4 @@ def test_bad_tile_setting_names_the_key(value):
     with pytest.raises(ConfigError, match=r"model\.mlp_tiles.*whole number >= 1 or 'auto'"):
         load_config(None, [f"model.mlp_tiles={value}"])
     assert load_config(None, ["model.mlp_tiles=4"]).model.mlp_tiles == 4
-    assert load_config(None, []).model.mlp_tiles == "auto"
+    assert load_config(None, []).model.mlp_tiles == 1  # untiled unless a config asks (long sequences)
