@@ -3,7 +3,7 @@
 # Usage there (repository root, wheelhouse carried in .whl/):
 #   LONGLOOM_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_suite.sh [attention ring linear train offload
 #       offload512 tiles kernels storage checkpoint]
-# tiles: the offload table with the tiled MLP and a 128K vocabulary (fused loss); compare with offload's.
+# tiles: the offload table with the tiled MLP (same model otherwise): compare with the offload part.
 # One device call allows 600 s: name one or two parts per call (offload512 and checkpoint take ~5-9 min each).
 # Each part appends its table to BENCHMARKS.md (--record) and its log to $OUT (or /tmp); copy
 # BENCHMARKS.md back afterwards. Parts run in the order given, each under its own time limit.
@@ -32,7 +32,7 @@ for part in $parts; do
     train)     cmd="python3 bench/train.py --workers $gpus --backend ray --record -- parallel.ulysses=$gpus"; limit=200 ;;
     offload)   cmd="python3 bench/offload.py --layers 8 --seqs 65536,131072 --record"; limit=560 ;;
     offload512) cmd="python3 bench/offload.py --part activations --layers 8 --seqs 524288 --modes 0.5,on,off --iters 1 --act-warmup 0 --record"; limit=590 ;;
-    tiles)     cmd="python3 bench/offload.py --part activations --layers 8 --seqs 65536,131072 --modes off,on --set model.mlp_tiles=auto model.vocab_size=128256 --record"; limit=400 ;;
+    tiles)     cmd="python3 bench/offload.py --part activations --layers 8 --seqs 65536,131072 --modes off,on --set model.mlp_tiles=auto --record"; limit=400 ;;
     kernels)   cmd="python3 bench/attention_kernels.py --record"; limit=200 ;;
     storage)   cmd="python3 bench/storage_write.py --dir /tmp /dev/shm --gib 6 --threads 1 4 8 16 --record"; limit=200 ;;
     checkpoint) cmd="python3 bench/checkpoint.py --dir /tmp/longloom-ckpt --record"; limit=590 ;;
