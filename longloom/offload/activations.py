@@ -7,6 +7,12 @@ host memory while the layer computes, and bring it back one layer ahead of backw
 so many bytes behind one layer's compute, so `share` picks which share of the tokens is swapped; the
 rest of the tokens stay on the device.
 
+Not (yet) MEMO's token-wise scheme, where the input is always swapped and `share` of the tokens' *full*
+layer activations are swapped too so that backward recomputes only the other tokens (less recompute for
+more PCIe traffic). Here every layer is recomputed in full; that needs a token-sliced layer backward
+(attention over all keys for a subset of queries, and Ulysses' head layout) and is the open part of the
+offload issue.
+
 How it plugs in: `ActivationOffloader.checkpoint` is a drop-in `checkpoint_fn` for the model. It runs
 torch.utils.checkpoint (non-reentrant: recomputation in backward, collectives of SP attention re-run in
 the same order on every rank, ZeRO hooks untouched) inside `saved_tensors_hooks`. Non-reentrant
