@@ -51,8 +51,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bench.common import (
+    ATTENTION_HEADERS,
     DTYPES,
     append_record,
+    check_against_fp64,
     markdown_table,
     print_rank_zero,
     start_bench,
@@ -368,15 +370,7 @@ def check_ulysses(setup: Setup, seq: int) -> list[object]:
     got = run(
         functools.partial(ulysses_attention, group=setup.group, causal=setup.causal), setup.dtype, shard=True
     )
-    report, ok = [], True
-    for name, w, s, g in zip(("out", "dq", "dk", "dv"), want, single, got):
-        single_error, error = (s - w).abs().max().item(), (g - w).abs().max().item()
-        ok &= error <= 2 * single_error + 1e-6
-        report.append(f"{name} {error:.2e} (1 GPU {single_error:.2e})")
-    line = f"Ulysses check at S={seq}, P={setup.world_size}: max abs error vs fp64: " + ", ".join(report)
-    if not ok:
-        raise RuntimeError(line + ": above 2x the single-GPU error; not benchmarking a wrong result")
-    return [line]
+    return [check_against_fp64(f"Ulysses check at S={seq}, P={setup.world_size}", want, single, got)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -446,18 +440,7 @@ def main(argv: list[str] | None = None) -> None:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # the method's tensors are gone now; give the next one room
                 print_rank_zero(" | ".join(str(cell) for cell in rows[-1]))
-    headers = [
-        "method",
-        "S",
-        "P",
-        "kernel",
-        "fwd ms",
-        "fwd TFLOP/s/GPU",
-        "fwd+bwd ms",
-        "fwd+bwd TFLOP/s/GPU",
-        "notes",
-    ]
-    table = markdown_table(headers, rows)
+    table = markdown_table(ATTENTION_HEADERS, rows)
     what = (
         f"Attention throughput, {args.dtype}, {'causal' if args.causal else 'full'}, B={args.batch}, "
         f"Hq={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}, SDPA backend {args.sdpa_backend}. "

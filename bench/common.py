@@ -146,6 +146,39 @@ def software_versions() -> str:
     return ", ".join(parts)
 
 
+# Columns of the attention throughput tables (attention.py, ring.py): one layout, comparable blocks.
+ATTENTION_HEADERS = [
+    "method",
+    "S",
+    "P",
+    "kernel",
+    "fwd ms",
+    "fwd TFLOP/s/GPU",
+    "fwd+bwd ms",
+    "fwd+bwd TFLOP/s/GPU",
+    "notes",
+]
+
+
+def check_against_fp64(
+    label: str, want: Sequence[torch.Tensor], single: Sequence[torch.Tensor], got: Sequence[torch.Tensor]
+) -> str:
+    """One report line for (out, dq, dk, dv): the distributed error vs fp64 next to one GPU's.
+
+    Raises when the distributed result is more than 2x further from fp64 than one GPU's own rounding:
+    a wrong result is never benchmarked.
+    """
+    report, ok = [], True
+    for name, w, s, g in zip(("out", "dq", "dk", "dv"), want, single, got):
+        single_error, error = (s - w).abs().max().item(), (g - w).abs().max().item()
+        ok &= error <= 2 * single_error + 1e-6
+        report.append(f"{name} {error:.2e} (1 GPU {single_error:.2e})")
+    line = f"{label}: max abs error vs fp64: " + ", ".join(report)
+    if not ok:
+        raise RuntimeError(line + ": above 2x the single-GPU error; not benchmarking a wrong result")
+    return line
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(cell) for cell in row] for row in rows]
     widths = [max(len(str(h)), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]

@@ -43,7 +43,15 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from bench.common import DTYPES, append_record, markdown_table, print_rank_zero, start_bench, time_ms
+from bench.common import (
+    DTYPES,
+    append_record,
+    check_against_fp64,
+    markdown_table,
+    print_rank_zero,
+    start_bench,
+    time_ms,
+)
 from longloom.attention.linear_chunked import linear_attention_backward, log_decay_of
 from longloom.attention.reference import reference_linear_attention
 from longloom.parallel.lasp2 import lasp1_linear_attention, lasp2_linear_attention, select_scan
@@ -185,15 +193,7 @@ def check(
         layout = LAYOUTS.get(method, "contiguous")
         attention = functools.partial(ATTENTION[method], group=group, decay=decay, layout=layout)
         got = run(attention, dtype, layout)
-        report, ok = [], True
-        for name, w, s, g in zip(("out", "dq", "dk", "dv"), want, single, got):
-            single_error, error = (s - w).abs().max().item(), (g - w).abs().max().item()
-            ok &= error <= 2 * single_error + 1e-6
-            report.append(f"{name} {error:.2e} (1 GPU {single_error:.2e})")
-        line = f"{method} check at S={seq}, P={world}: max abs error vs fp64: " + ", ".join(report)
-        if not ok:
-            raise RuntimeError(line + ": above 2x the single-GPU error; not benchmarking a wrong result")
-        lines.append(line)
+        lines.append(check_against_fp64(f"{method} check at S={seq}, P={world}", want, single, got))
     return lines
 
 

@@ -46,7 +46,16 @@ import torch
 import torch.distributed as dist
 
 from bench.attention import Case, Setup, measure_row, sdpa_equal_work, torch_context_parallel
-from bench.common import DTYPES, append_record, markdown_table, print_rank_zero, start_bench, time_ms
+from bench.common import (
+    ATTENTION_HEADERS,
+    DTYPES,
+    append_record,
+    check_against_fp64,
+    markdown_table,
+    print_rank_zero,
+    start_bench,
+    time_ms,
+)
 from longloom.attention.blocks import select_backend
 from longloom.attention.reference import reference_attention
 from longloom.parallel import ParallelDims
@@ -137,15 +146,7 @@ def check_methods(setup: Setup, seq: int, methods: dict[str, tuple[Attention, st
     lines = []
     for name, (attention, layout) in methods.items():
         got = run(attention, setup.dtype, layout)
-        report, ok = [], True
-        for tensor, w, s, g in zip(("out", "dq", "dk", "dv"), want, single, got):
-            single_error, error = (s - w).abs().max().item(), (g - w).abs().max().item()
-            ok &= error <= 2 * single_error + 1e-6
-            report.append(f"{tensor} {error:.2e} (1 GPU {single_error:.2e})")
-        line = f"{name} check at S={seq}, P={setup.world_size}: max abs error vs fp64: " + ", ".join(report)
-        if not ok:
-            raise RuntimeError(line + ": above 2x the single-GPU error; not benchmarking a wrong result")
-        lines.append(line)
+        lines.append(check_against_fp64(f"{name} check at S={seq}, P={setup.world_size}", want, single, got))
     return lines
 
 
@@ -265,17 +266,6 @@ def main(argv: list[str] | None = None) -> None:
         for label, runner in runners:
             rows.append(measure(setup, label, runner, seq, args))
             print_rank_zero(" | ".join(str(cell) for cell in rows[-1]))
-    headers = [
-        "method",
-        "S",
-        "P",
-        "kernel",
-        "fwd ms",
-        "fwd TFLOP/s/GPU",
-        "fwd+bwd ms",
-        "fwd+bwd TFLOP/s/GPU",
-        "notes",
-    ]
     what = (
         f"Ring attention throughput, {args.dtype}, {'causal' if args.causal else 'full'}, B={args.batch}, "
         f"Hq={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}. TFLOP/s per GPU = FLOPs / P / time, "
@@ -286,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     tables = []
     if rows:
-        tables.append((f"Ring attention, P={world}", what, markdown_table(headers, rows)))
+        tables.append((f"Ring attention, P={world}", what, markdown_table(ATTENTION_HEADERS, rows)))
     if "p2p" in args.methods and world > 1:
         p2p_rows = p2p_probe(setup, args.p2p_mib, args)
         p2p_headers = [
