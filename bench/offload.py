@@ -151,14 +151,8 @@ def predicted_longest(peaks: dict[int, int], capacity: int) -> int | None:
     """Sequence length where the least-squares line through (length, peak) reaches `capacity`."""
     if len(peaks) < 2:
         return None
-    lengths, values = list(peaks), list(peaks.values())
-    mean_length, mean_value = statistics.fmean(lengths), statistics.fmean(values)
-    slope = sum((x - mean_length) * (y - mean_value) for x, y in zip(lengths, values)) / sum(
-        (x - mean_length) ** 2 for x in lengths
-    )
-    if slope <= 0:
-        return None
-    return int(mean_length + (capacity - mean_value) / slope)
+    slope, intercept = statistics.linear_regression(list(peaks), list(peaks.values()))
+    return int((capacity - intercept) / slope) if slope > 0 else None
 
 
 def activation_table(args, dims: ParallelDims, device: torch.device) -> str:
