@@ -7,7 +7,9 @@ Activations: a Llama-3-8B-width decoder (hidden 4096, 32 heads, 8 KV heads, SwiG
 by default, vocab 512 so that the LM head does not hide the layers) in bf16, every layer checkpointed,
 one sequence of 32K / 64K / 128K tokens (--seqs), forward + backward (no optimizer). Modes: off
 (torch checkpoint), on (offload.activations=true: every layer input but the last one's goes to
-pinned host memory), 0.5 (half of each input's tokens). Columns: median step time and overhead vs
+pinned host memory, with every token's attention output, so backward recomputes no attention), 0.5
+(the input and the last half of the tokens' attention outputs: backward recomputes attention for the
+first half of the queries, a quarter of the full cost). Columns: median step time and overhead vs
 off; peak GPU memory; "saved for backward" = GPU memory held between forward and backward (layer
 inputs, cos/sin, the loss's per-token log-sum-exp); "removed" = the part of the checkpointed layer inputs (layers x tokens x
 hidden x 2 bytes) no longer on the GPU; the pinned host pool. With L layers at most (L - 1) / L of
@@ -319,7 +321,7 @@ def main() -> None:
             (
                 f"Llama-3-8B width ({args.layers} layers, hidden 4096, 32 heads, 8 KV heads, SwiGLU 14336), "
                 f"bf16, one sequence, forward + backward with every layer checkpointed{' (' + ' '.join(args.set) + ')' if args.set else ''}; offload {', '.join(args.modes)} "
-                f"(0.5 = half of the tokens); {args.act_warmup} untimed + median of {args.iters} timed steps. "
+                f"(0.5 = the attention outputs of the last half of the tokens are swapped, the first half recomputed); {args.act_warmup} untimed + median of {args.iters} timed steps. "
                 "'removed' = share of the checkpointed layer inputs no longer held on the GPU between forward "
                 "and backward; at most (layers - 1) / layers, the last layer keeps its input."
             ),

@@ -8,7 +8,8 @@ fixed per-head decay, an RMS norm on the output and a SiLU output gate. "LLLS" g
 The model sees only this rank's share of the sequence: `tokens` and `position_ids` are
 [B, S_local] cut by `ParallelDims.shard_batch`, and RoPE uses the global positions, so the result
 equals the unsharded model. Activation checkpointing wraps each layer through `checkpoint_fn`
-(offload/activations.py swaps in one that moves the saved inputs to host memory).
+(offload/activations.py swaps in one that moves the saved inputs to host memory and passes the layer
+`attention_outputs`, for token-wise attention recomputation).
 
 Long-sequence memory (ALST, "Arctic Long Sequence Training", 2025): the MLP runs over tiles of tokens
 (models/tiled_mlp.py, `model.mlp_tiles`), and training calls `model(tokens, positions, labels=...)`,
@@ -18,6 +19,7 @@ which fuses the LM head into the loss so that the [tokens, vocab] logits never e
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -27,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longloom.config import ModelConfig
 from longloom.models.tiled_mlp import resolve_mlp_tiles, tiled_mlp
+from longloom.offload.tokenwise_attention import AttentionOutputs, tokenwise_causal_attention
 from longloom.parallel.dims import ParallelDims
 from longloom.parallel.hybrid import sequence_parallel_attention
 from longloom.parallel.lasp2 import lasp2_linear_attention
@@ -67,15 +70,28 @@ class SoftmaxAttention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden, bias=False)
         self.dims = dims
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_outputs: AttentionOutputs | None = None,
+    ) -> torch.Tensor:
         b, s, _ = x.shape
         q = apply_rope(self.q_proj(x).view(b, s, self.heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(b, s, self.kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)
-        if self.dims is None:
-            out = sdpa_attention(q, k, v, causal=True)
+        # Token-wise recomputation (activation offload) where attention sees the whole sequence: without
+        # SP or after Ulysses' all-to-all. TokenRing's ring schedule is recomputed in full.
+        local_attention = None
+        if attention_outputs is not None and (self.dims is None or self.dims.ring == 1):
+            local_attention = partial(tokenwise_causal_attention, outputs=attention_outputs)
+        if self.dims is None or self.dims.sp == 1:
+            out = local_attention(q, k, v) if local_attention else sdpa_attention(q, k, v, causal=True)
         else:
-            out = sequence_parallel_attention(q, k, v, dims=self.dims, causal=True)
+            out = sequence_parallel_attention(
+                q, k, v, dims=self.dims, causal=True, local_attention=local_attention
+            )
         return self.o_proj(out.reshape(b, s, self.heads * self.head_dim))
 
 
@@ -110,7 +126,15 @@ class LinearAttention(nn.Module):
             )
         return self._decay_by_device[device]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_outputs: AttentionOutputs | None = None,
+    ) -> torch.Tensor:
+        # attention_outputs: softmax attention's token-wise recomputation; a linear-attention layer is
+        # recomputed in full (its chunked state pass is linear in tokens, like the projections).
         b, s, _ = x.shape
         shape = (b, s, self.heads, self.head_dim)
         # SiLU keeps q.k >= -small without normalising by a running sum; the output norm fixes the scale.
@@ -151,8 +175,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden, cfg.mlp_width, cfg.mlp_tiles)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin)
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_outputs: AttentionOutputs | None = None,
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attention_outputs)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 

@@ -1,34 +1,40 @@
-"""Host offload of checkpointed layer inputs: a reused pinned pool, side streams, prefetch one layer ahead.
+"""Host offload of checkpointed layers: a reused pinned pool, side streams, prefetch one layer ahead.
 
-Paper: "Efficiently Training 7B LLM with 1 Million Sequence Length on 8 GPUs" (MEMO, Wang et al. 2024).
-Idea: with activation checkpointing, the only thing a layer keeps between forward and backward is its
-input [B, S, hidden]; at long sequence lengths even that no longer fits for every layer, so copy it to
-host memory while the layer computes, and bring it back one layer ahead of backward. PCIe can hide only
-so many bytes behind one layer's compute, so `share` picks which share of the tokens is swapped; the
-rest of the tokens stay on the device.
+Paper: "MEMO: Fine-grained Tensor Management For Ultra-long Context LLM Training" (Zhao et al., 2024),
+the system behind "Efficiently Training 7B LLM with 1 Million Sequence Length on 8 GPUs". Idea: with
+activation checkpointing a layer keeps only its input [B, S, hidden] between forward and backward; at
+long sequence lengths even that no longer fits for every layer, so copy it to host memory while the
+layer computes and bring it back one layer ahead of backward. Recomputing the layer in backward is
+dominated by causal attention, so MEMO also swaps the attention output of a share of the tokens and
+recomputes attention for the other tokens only (offload/tokenwise_attention.py).
 
-Not (yet) MEMO's token-wise scheme, where the input is always swapped and `share` of the tokens' *full*
-layer activations are swapped too so that backward recomputes only the other tokens (less recompute for
-more PCIe traffic). Here every layer is recomputed in full; that needs a token-sliced layer backward
-(attention over all keys for a subset of queries, and Ulysses' head layout) and is the open part of the
-offload issue.
+`share` (offload.activations) is that share of the tokens: 1.0 (true) swaps every token's attention
+output and backward recomputes no attention at all; 0.5 swaps half of them and leaves a quarter of the
+attention recomputation (the kept tokens are the last, most expensive ones). The layer input always goes
+to the host. Swapped bytes per layer: the input plus `share` of the attention output and lse; they take
+PCIe time and pinned host memory, which is what a share below 1 saves. Linear-attention layers and
+TokenRing's ring schedule have no token-wise recomputation: they swap the input and recompute in full.
+The last layer keeps its input and attention output on the device: its backward comes first, with
+nothing to hide a host->device copy behind.
 
 How it plugs in: `ActivationOffloader.checkpoint` is a drop-in `checkpoint_fn` for the model. It runs
 torch.utils.checkpoint (non-reentrant: recomputation in backward, collectives of SP attention re-run in
-the same order on every rank, ZeRO hooks untouched) inside `saved_tensors_hooks`. Non-reentrant
-checkpoint saves the layer's inputs as saved tensors *outside* its own hook, so our hook sees exactly
-the inputs; it swaps the layer input `hidden` and passes everything else (cos / sin tables shared by
-all layers) through. Unpacking happens at the start of the layer's recomputation in backward; that is
-when the previous layer's input starts coming back.
+the same order on every rank, ZeRO hooks untouched) inside `saved_tensors_hooks`, and calls the layer
+with `attention_outputs=` this layer's `LayerActivations`. Non-reentrant checkpoint saves the layer's
+inputs as saved tensors *outside* its own hook, so our hook sees exactly the inputs; it swaps the layer
+input `hidden` and passes everything else (cos / sin tables shared by all layers) through. Unpacking
+happens at the start of the layer's recomputation in backward; that is when the previous layer's
+tensors start coming back.
 
 Streams (CUDA): device->host copies run on an offload stream that first waits for the compute stream.
-The entry keeps the device input alive until the *next* layer's forward has been issued; then the
-compute stream waits on the copy's event (long done by then) and the reference is dropped, so the memory
-goes back to the allocator at once on the compute stream. (`record_stream` would be correct too, but the
+A copy keeps its device source alive until the *next* layer's forward has been issued; then the compute
+stream waits on the copy's event (long done by then) and the reference is dropped, so the memory goes
+back to the allocator at once on the compute stream. (`record_stream` would be correct too, but the
 allocator only notices the end of the copy at a later allocation: the memory stays counted, and reused
-late, which is what this module exists to avoid.) Host->device copies run on a prefetch stream; the compute stream waits on their event, and
-a host buffer goes back to the pool tagged with that event so the next step's device->host copy into
-it waits until it has been read. On CPU the same code runs with plain (unpinned) buffers and no streams.
+late, which is what this module exists to avoid.) Host->device copies run on a prefetch stream; the
+compute stream waits on their event, and a host buffer goes back to the pool tagged with that event so
+the next step's device->host copy into it waits until it has been read. On CPU the same code runs with
+plain (unpinned) buffers and no streams.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from longloom.offload.tokenwise_attention import AttentionOutputs
 
 
 class HostBuffer:
@@ -98,45 +106,80 @@ class PinnedHostPool:
             self._free.append(buffer)
 
 
-class SavedInput:
-    """A layer input while it waits for backward: swapped tokens on the host, the others on the device.
+class HostCopy:
+    """A device tensor's bytes in a pool buffer, and (in backward) on their way back to the device.
 
-    Tokens are dimension 1 of [B, S, hidden]; the first `swap_tokens` of them are swapped. Returned to the
-    pool when garbage collected (the autograd graph drops it after the layer's backward, or when a graph
-    is abandoned without backward), so the pool never leaks buffers.
+    Returns its buffer to the pool when garbage collected (the autograd graph drops it after the layer's
+    backward, or when a graph is abandoned without backward), so the pool never leaks buffers.
     """
 
-    def __init__(self, tensor: torch.Tensor, swap_tokens: int, previous: SavedInput | None):
-        self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
-        self.token_dim = 1 if tensor.dim() >= 2 else 0
-        self.swap_tokens = swap_tokens
-        self.kept: torch.Tensor | None = None  # device part: unswapped tokens, or all of them
-        self.buffer: HostBuffer | None = None
-        self.host: torch.Tensor | None = None
+    def __init__(self, tensor: torch.Tensor, pool: PinnedHostPool):
+        self.shape, self.dtype = tensor.shape, tensor.dtype
+        self.nbytes = tensor.numel() * tensor.element_size()
+        self.buffer = pool.acquire(self.nbytes)
+        weakref.finalize(self, pool.release, self.buffer)
+        self.host = self.buffer.view(tensor.shape, tensor.dtype)
         self.offloaded: torch.cuda.Event | None = None
-        self.device_source: torch.Tensor | None = None  # the device input, until its copy is known done
+        self.device_source: torch.Tensor | None = None  # the device tensor, until its copy is known done
         self.prefetched: torch.Tensor | None = None
         self.prefetched_event: torch.cuda.Event | None = None
-        # A weak link: the previous layer's input must not outlive its own backward because of us.
+
+
+# What a layer keeps: a HostCopy, or the device tensor itself (the last layer).
+Stored = HostCopy | torch.Tensor
+
+
+class LayerActivations(AttentionOutputs):
+    """What one checkpointed layer keeps for backward: its input and its attention outputs' kept tokens."""
+
+    def __init__(self, offloader: ActivationOffloader, previous: LayerActivations | None, on_device: bool):
+        self.offloader = offloader
+        self.on_device = on_device
+        self.input: Stored | None = None
+        # (out tail, lse tail) per attention call; None once the last layer's replay took its own.
+        self.attention: list[tuple[Stored, Stored] | None] = []
+        self.replaying = False
+        self._next_attention = 0
+        # A weak link: the previous layer's tensors must not outlive its own backward because of us.
         self.previous = weakref.ref(previous) if previous is not None else None
-        self._finalizer: weakref.finalize | None = None
 
-    @property
-    def total_tokens(self) -> int:
-        return self.shape[self.token_dim]
+    def run(self, layer: nn.Module | Callable, *inputs: torch.Tensor) -> torch.Tensor:
+        """The layer's forward: records on the first call, replays on the recomputation in backward."""
+        self._next_attention = 0
+        output = layer(*inputs, attention_outputs=self)
+        self.replaying = True
+        return output
 
+    # -- AttentionOutputs: called by offload/tokenwise_attention.py inside the layer -----------------
 
-def _return_buffer(pool: PinnedHostPool, buffer: HostBuffer) -> None:
-    pool.release(buffer)
+    def kept_tokens(self, total_tokens: int) -> int:
+        if self.on_device:
+            return total_tokens
+        return min(total_tokens, round(self.offloader.share * total_tokens))
+
+    def keep(self, out_tail: torch.Tensor, lse_tail: torch.Tensor) -> None:
+        store = self.offloader._store
+        self.attention.append((store(out_tail, self.on_device), store(lse_tail.contiguous(), self.on_device)))
+
+    def restore(self) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self._next_attention
+        self._next_attention += 1
+        out_tail, lse_tail = self.attention[index]
+        if self.on_device:
+            # The last layer's are not needed again; the graph itself lives until the end of backward.
+            self.attention[index] = None
+            return out_tail, lse_tail
+        load = self.offloader._load
+        return load(out_tail), load(lse_tail)
+
+    def stored(self) -> list[Stored]:
+        tensors = [self.input] if self.input is not None else []
+        return tensors + [tensor for pair in self.attention if pair is not None for tensor in pair]
 
 
 class ActivationOffloader:
-    """`checkpoint_fn` for the model that moves each checkpointed layer's input to host memory.
-
-    share: the share of tokens of each saved input that is swapped (1.0 = all); the rest stays on the
-    device. The last layer keeps its input on the device: its backward comes first, with nothing to
-    hide a host->device copy behind.
-    """
+    """`checkpoint_fn` for the model that moves each checkpointed layer's input and kept attention
+    outputs to host memory; `share` is the share of tokens whose attention output is kept (0, 1]."""
 
     def __init__(self, share: float, device: torch.device):
         if not 0.0 < share <= 1.0:
@@ -150,123 +193,115 @@ class ActivationOffloader:
         self.pool = PinnedHostPool(pin=self.cuda)
         self.offload_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.prefetch_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self._last_saved: weakref.ref[SavedInput] | None = None
-        self._copies_in_flight: list[SavedInput] = []  # entries still holding their device input
+        self._last_layer: weakref.ref[LayerActivations] | None = None
+        self._copies_in_flight: list[HostCopy] = []  # copies still holding their device source
         self.swapped_bytes = 0  # bytes sent to the host by the last completed forward (for logs/benchmarks)
         self._forward_bytes = 0
 
-    def swap_tokens(self, total_tokens: int) -> int:
-        return min(total_tokens, round(self.share * total_tokens))
-
     def checkpoint(self, layer: nn.Module | Callable, *inputs: torch.Tensor, is_last_layer: bool = False):
-        """Like torch.utils.checkpoint(layer, *inputs), with inputs[0] (the layer input) kept on the host."""
+        """Like torch.utils.checkpoint(layer, *inputs), with the layer's saved tensors on the host.
+
+        The layer is called as `layer(*inputs, attention_outputs=LayerActivations)`.
+        """
         # Only the identity of the layer input, never a reference: autograd keeps the pack hook alive as
         # long as the saved tensor, and a closure over `hidden` would pin it on the device.
         hidden_id = id(inputs[0])
-        previous = self._last_saved() if self._last_saved is not None else None
-        saved: list[SavedInput] = []
+        previous = self._last_layer() if self._last_layer is not None else None
+        record = LayerActivations(self, previous, on_device=is_last_layer)
 
         def pack(tensor: torch.Tensor):
             if id(tensor) != hidden_id:
                 return tensor  # cos / sin: shared by every layer, small, and still alive anyway
-            entry = self._save(tensor, keep_on_device=is_last_layer, previous=previous)
-            saved.append(entry)
-            return entry
+            record.input = self._store(tensor, on_device=is_last_layer)
+            return record
 
         with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
-            output = torch_checkpoint(layer, *inputs, use_reentrant=False)
-        # This layer's compute is queued behind the earlier copies: let go of their device inputs.
-        self._release_copied(keep=saved if not is_last_layer else [])
-        # The chain of inputs ends at the last layer: the next forward starts a new one.
-        self._last_saved = weakref.ref(saved[0]) if saved and not is_last_layer else None
+            output = torch_checkpoint(record.run, layer, *inputs, use_reentrant=False)
+        # This layer's compute is queued behind the earlier copies: let go of their device sources.
+        self._release_copied(keep=[] if is_last_layer else record.stored())
+        # The chain of layers ends at the last one: the next forward starts a new one.
+        self._last_layer = weakref.ref(record) if not is_last_layer else None
         if is_last_layer:
             self.swapped_bytes, self._forward_bytes = self._forward_bytes, 0
         return output
 
     # -- forward: device -> host -------------------------------------------------------------------
 
-    def _save(self, tensor: torch.Tensor, keep_on_device: bool, previous: SavedInput | None) -> SavedInput:
-        swap = 0 if keep_on_device else self.swap_tokens(tensor.shape[1 if tensor.dim() >= 2 else 0])
-        entry = SavedInput(tensor, swap, previous)
-        if swap == 0:
-            entry.kept = tensor
-            return entry
-        dim, total = entry.token_dim, entry.total_tokens
-        if swap < total:
-            # A copy, not a view: a view would keep the whole input's memory alive on the device.
-            entry.kept = tensor.narrow(dim, swap, total - swap).clone()
-        swapped = tensor.narrow(dim, 0, swap)
-        entry.buffer = self.pool.acquire(swapped.numel() * swapped.element_size())
-        entry._finalizer = weakref.finalize(entry, _return_buffer, self.pool, entry.buffer)
-        entry.host = entry.buffer.view(swapped.shape, tensor.dtype)
-        self._forward_bytes += swapped.numel() * swapped.element_size()
+    def _store(self, tensor: torch.Tensor, on_device: bool) -> Stored:
+        if on_device:
+            return tensor
+        copy = HostCopy(tensor, self.pool)
+        self._forward_bytes += copy.nbytes
         if self.cuda:
             stream = self.offload_stream
-            stream.wait_stream(torch.cuda.current_stream(self.device))  # the input is written on compute
-            if entry.buffer.last_read is not None:
-                stream.wait_event(entry.buffer.last_read)  # last step's host->device read of this buffer
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # the tensor is written on compute
+            if copy.buffer.last_read is not None:
+                stream.wait_event(copy.buffer.last_read)  # last step's host->device read of this buffer
             with torch.cuda.stream(stream):
-                entry.host.copy_(swapped, non_blocking=True)
-                entry.offloaded = torch.cuda.Event()
-                entry.offloaded.record(stream)
-            entry.device_source = tensor
-            self._copies_in_flight.append(entry)
+                copy.host.copy_(tensor, non_blocking=True)
+                copy.offloaded = torch.cuda.Event()
+                copy.offloaded.record(stream)
+            copy.device_source = tensor
+            self._copies_in_flight.append(copy)
         else:
-            entry.host.copy_(swapped)
-        return entry
+            copy.host.copy_(tensor)
+        return copy
 
-    def _release_copied(self, keep: list[SavedInput]) -> None:
-        """Drops the device inputs of entries not in `keep`, after the compute stream waits on their copy."""
+    def _release_copied(self, keep: list[Stored]) -> None:
+        """Drops the device sources of copies not in `keep`, after the compute stream waits on them."""
         still_copying = []
         current = torch.cuda.current_stream(self.device) if self.cuda else None
-        for entry in self._copies_in_flight:
-            if any(entry is kept for kept in keep):
-                still_copying.append(entry)
+        for copy in self._copies_in_flight:
+            if any(copy is kept for kept in keep):
+                still_copying.append(copy)
                 continue
-            current.wait_event(entry.offloaded)  # frees below are ordered after the copy that reads them
-            entry.device_source = None
+            current.wait_event(copy.offloaded)  # frees below are ordered after the copy that reads them
+            copy.device_source = None
         self._copies_in_flight = still_copying
 
     # -- backward: host -> device ------------------------------------------------------------------
 
-    def _prefetch(self, entry: SavedInput) -> None:
-        """Starts bringing `entry` back (prefetch stream on CUDA); a no-op when already under way."""
-        if entry.host is None or entry.prefetched is not None:
+    def _prefetch(self, stored: Stored) -> None:
+        """Starts bringing `stored` back (prefetch stream on CUDA); a no-op when already under way."""
+        if not isinstance(stored, HostCopy) or stored.prefetched is not None:
             return
-        dim, swap = entry.token_dim, entry.swap_tokens
         if self.cuda:
             stream = self.prefetch_stream
             with torch.cuda.stream(stream):
-                stream.wait_event(entry.offloaded)
-                restored = torch.empty(entry.shape, dtype=entry.dtype, device=self.device)
-                restored.narrow(dim, 0, swap).copy_(entry.host, non_blocking=True)
+                stream.wait_event(stored.offloaded)
+                restored = torch.empty(stored.shape, dtype=stored.dtype, device=self.device)
+                restored.copy_(stored.host, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(stream)
-            entry.prefetched_event = event
-            entry.buffer.last_read = event
+            stored.prefetched_event = event
+            stored.buffer.last_read = event
         else:
-            restored = torch.empty(entry.shape, dtype=entry.dtype, device=self.device)
-            restored.narrow(dim, 0, swap).copy_(entry.host)
-        entry.prefetched = restored
+            restored = stored.host.clone()
+        stored.prefetched = restored
+
+    def _load(self, stored: Stored) -> torch.Tensor:
+        """The device tensor of `stored`, for use on the compute stream now."""
+        if not isinstance(stored, HostCopy):
+            return stored
+        self._prefetch(stored)  # normally done one layer earlier; synchronous fallback otherwise
+        restored, stored.prefetched = stored.prefetched, None
+        if self.cuda:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(stored.prefetched_event)
+            restored.record_stream(current)  # allocated on the prefetch stream, used on compute
+        return restored
 
     def _unpack(self, packed):
-        if not isinstance(packed, SavedInput):
+        if not isinstance(packed, LayerActivations):
             return packed
-        entry = packed
-        if entry.host is None:
-            restored = entry.kept
-        else:
-            self._prefetch(entry)  # normally done one layer earlier; synchronous fallback otherwise
-            restored, entry.prefetched = entry.prefetched, None
-            if self.cuda:
-                current = torch.cuda.current_stream(self.device)
-                current.wait_event(entry.prefetched_event)
-                restored.record_stream(current)  # allocated on the prefetch stream, used on compute
-            if entry.kept is not None:
-                dim, swap = entry.token_dim, entry.swap_tokens
-                restored.narrow(dim, swap, entry.total_tokens - swap).copy_(entry.kept)
-        # This layer's recomputation starts now: the layer below is next, bring its input back meanwhile.
-        previous = entry.previous() if entry.previous is not None else None
+        record = packed
+        # This layer's recomputation starts now: its kept attention outputs are needed in a moment, and
+        # the layer below is next: bring its tensors back meanwhile.
+        for stored in record.stored():
+            if stored is not record.input:
+                self._prefetch(stored)
+        previous = record.previous() if record.previous is not None else None
         if previous is not None:
-            self._prefetch(previous)
-        return restored
+            for stored in previous.stored():
+                self._prefetch(stored)
+        return self._load(record.input)

@@ -8,8 +8,8 @@ layer's recomputed activations at a time (Korthikanti et al., "Reducing Activati
 Large Transformer Models", 2022, for what a layer saves; flash attention keeps no S x S matrix), of
 which the MLP's wide tensors for one tile of tokens (ALST's tiled MLP) and the logits for one chunk
 (the fused LM head and loss).
-Activation offload (offload/activations.py) moves a share of every layer input but the last to pinned
-host memory; optimizer offload moves master weights and moments (cpu) or a share of the moments
+Activation offload (offload/activations.py) moves every layer input but the last, and a share of
+the tokens' attention outputs, to pinned host memory; optimizer offload moves master weights and moments (cpu) or a share of the moments
 (interleaved). These are estimates for planning: allocator fragmentation and communication buffers
 come on top.
 """
@@ -94,9 +94,24 @@ def _optimizer_bytes(cfg: LongloomConfig, n: int, world: int, gpu_share: float) 
     return {**device, "host": host}
 
 
-def _activation_bytes(cfg: LongloomConfig, sp: int) -> dict[str, float]:
+def _kept_attention_bytes(cfg: LongloomConfig, ulysses: int, ring: int, share: float) -> float:
+    """Bytes of one softmax layer's kept attention outputs (offload/tokenwise_attention.py) per worker.
+
+    Token-wise recomputation runs where attention sees the whole sequence: after Ulysses' all-to-all,
+    `share` of the sequence's tokens for this rank's heads, out [B, kept, H/U, D] and fp32 lse
+    [B, H/U, kept]. A ring schedule (ring > 1) keeps none: it is recomputed in full.
+    """
+    m = cfg.model
+    if ring > 1 or share == 0.0:
+        return 0.0
+    kept = min(cfg.data.seq_len, round(share * cfg.data.seq_len))
+    heads = m.heads / ulysses
+    return cfg.train.micro_batch_size * kept * heads * (m.head_dim * _training_dtype_bytes(cfg) + 4)
+
+
+def _activation_bytes(cfg: LongloomConfig, ulysses: int, ring: int) -> dict[str, float]:
     m, b = cfg.model, _training_dtype_bytes(cfg)
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_len / sp  # this worker's tokens per step
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len / (ulysses * ring)  # this worker's tokens
     layer_input = tokens * m.hidden * b
     share = cfg.offload.activation_share if m.activation_checkpointing else 0.0
     kv_width = 2 * m.num_kv_heads * m.head_dim
@@ -113,10 +128,20 @@ def _activation_bytes(cfg: LongloomConfig, sp: int) -> dict[str, float]:
     logits = chunk_tokens * m.vocab_size * (2 * b + 8) + (4 * m.vocab_size * m.hidden if b < 4 else 0)
     if not m.activation_checkpointing:
         inputs, host = m.layers * layer_working / 2, 0.0
+    elif share == 0.0:
+        inputs, host = m.layers * layer_input, 0.0
     else:
-        swapped = (m.layers - 1) * share * layer_input
-        prefetch = layer_input if share > 0 and m.layers > 1 else 0.0  # the next layer's input coming back
-        inputs, host = m.layers * layer_input - swapped + prefetch, swapped
+        # offload/activations.py: every layer but the last sends its input and its softmax attention's
+        # kept tokens to the host; the last keeps its input and all of its attention output on the
+        # device; backward brings one layer's tensors back ahead of time.
+        kinds = m.layer_kinds()
+        kept = {
+            kind: _kept_attention_bytes(cfg, ulysses, ring, share) if kind == "S" else 0.0 for kind in "SL"
+        }
+        swapped = [layer_input + kept[kind] for kind in kinds[:-1]]
+        last_attention = _kept_attention_bytes(cfg, ulysses, ring, 1.0) if kinds[-1] == "S" else 0.0
+        host = sum(swapped)
+        inputs = layer_input + last_attention + max(swapped, default=0.0)
     return {
         "checkpointed_inputs": inputs,
         "layer_working": layer_working,
@@ -137,7 +162,7 @@ def estimate_memory(cfg: LongloomConfig, world_size: int, gpu_share: float | Non
     if gpu_share is None:
         gpu_share = _planned_gpu_share(cfg, world_size)
     optimizer = _optimizer_bytes(cfg, n, world_size, gpu_share)
-    activations = _activation_bytes(cfg, ulysses * ring)
+    activations = _activation_bytes(cfg, ulysses, ring)
     per_gpu = {
         key: optimizer[key] for key in ("parameters", "gradients", "master_weights", "optimizer_states")
     }

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from longloom.parallel.dims import ParallelDims
 from longloom.parallel.tokenring import tokenring_attention
-from longloom.parallel.ulysses import kv_head_replication, sdpa_attention, ulysses_attention
+from longloom.parallel.ulysses import LocalAttention, kv_head_replication, sdpa_attention, ulysses_attention
 
 
 def _zigzag_shards_to_super_chunks(x: torch.Tensor, ulysses: int) -> torch.Tensor:
@@ -69,17 +69,29 @@ def sequence_parallel_attention(
     dims: ParallelDims,
     causal: bool = True,
     softmax_scale: float | None = None,
+    local_attention: LocalAttention | None = None,
 ) -> torch.Tensor:
     """Exact attention over the sequence sharded over `dims.sp_group` in `dims.layout`.
 
     q: [B, S/P, Hq, D]; k, v: [B, S/P, Hkv, D]; returns [B, S/P, Hq, D]. Dispatch: no SP -> local
     SDPA; ring == 1 -> Ulysses; ulysses == 1 -> TokenRing; both -> Ulysses inside, TokenRing across.
+    `local_attention(q, k, v) -> out` replaces SDPA on the whole sequence (no SP, or after Ulysses'
+    all-to-all) and owns mask and scale; a ring schedule has no whole-sequence step to give it.
     """
     _check_dims(q, dims)
+    if local_attention is not None and dims.ring > 1:
+        raise ValueError(
+            f"local_attention needs the whole sequence on one rank, but parallel.ring={dims.ring} splits "
+            "it into ring blocks: pass local_attention only with parallel.ring=1"
+        )
     if dims.sp == 1:
+        if local_attention is not None:
+            return local_attention(q, k, v)
         return sdpa_attention(q, k, v, causal, softmax_scale)
     if dims.ring == 1:
-        return ulysses_attention(q, k, v, dims.ulysses_group, causal, softmax_scale)
+        return ulysses_attention(
+            q, k, v, dims.ulysses_group, causal, softmax_scale, local_attention=local_attention
+        )
     if dims.ulysses == 1:
         return tokenring_attention(q, k, v, dims.ring_group, causal, dims.layout, softmax_scale)
 

@@ -81,10 +81,12 @@ def test_activation_offload_keeps_losses(distributed, tmp_path, baseline, activa
     run = _run(
         distributed, tmp_path, "act", f"offload.activations={activations}", f"train.zero_stage={zero_stage}"
     )
-    # 3 layers, [1, 32 tokens per rank, 32] fp32 inputs; the last layer keeps its input on the device.
-    share = 1.0 if activations == "true" else 0.5
-    assert run["swapped_bytes"] == 2 * round(share * 32) * 32 * 4
-    assert run["pool_buffers"] == 2, "two swapped layers, one buffer each, reused over the steps"
+    # 3 layers; the last keeps everything on the device. Each of the other two swaps its input
+    # [1, 32 tokens per rank, 32] and, after Ulysses' all-to-all, the kept tokens' attention out
+    # [1, kept of 64, 2 heads, 8] and lse [1, 2, kept], fp32.
+    kept = 64 if activations == "true" else 32
+    assert run["swapped_bytes"] == 2 * (32 * 32 + kept * 2 * 8 + 2 * kept) * 4
+    assert run["pool_buffers"] == 2 * 3, "input, out and lse per swapped layer, reused over the steps"
     assert run["losses"] == pytest.approx(baseline["losses"], rel=1e-4)
 
 

@@ -1,0 +1,127 @@
+"""Token-wise attention recomputation through the real model: same loss and gradients as plain
+checkpointing, and backward recomputes attention for the unkept queries only.
+
+fp64, so that "same" can be tight: the recomputed path runs attention through attention/blocks.py while
+plain checkpointing uses torch SDPA, which differ by rounding only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longloom.config import ModelConfig
+from longloom.models.llama import LlamaModel, plain_checkpoint
+from longloom.offload import tokenwise_attention
+from longloom.offload.activations import ActivationOffloader
+from longloom.parallel import ParallelDims
+from longloom.parallel.hybrid import sequence_parallel_attention
+
+SEQ = 32
+
+
+def _config(pattern: str) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=61, hidden=32, layers=len(pattern), heads=4, kv_heads=2, layer_pattern=pattern
+    )
+
+
+def _batch(dims: ParallelDims | None) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 61, (2, SEQ), generator=generator)
+    labels = torch.roll(tokens, -1, dims=1)
+    labels[:, -1] = -100
+    batch = {"tokens": tokens, "position_ids": torch.arange(SEQ).repeat(2, 1), "labels": labels}
+    return dims.shard_batch(batch) if dims is not None else batch
+
+
+def _loss_and_grads(pattern: str, checkpoint_fn, dims: ParallelDims | None = None, steps: int = 2):
+    """Per step: the loss and every parameter gradient (two steps: the pool's buffers get reused)."""
+    torch.manual_seed(0)
+    model = LlamaModel(_config(pattern), dims, checkpoint_fn=checkpoint_fn).double()
+    group = dims.sp_group if dims is not None else None
+    results = []
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        batch = _batch(dims)
+        loss, _ = model(batch["tokens"], batch["position_ids"], labels=batch["labels"], loss_group=group)
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    return results
+
+
+def _assert_same(expected, actual) -> None:
+    for (want_loss, want_grads), (got_loss, got_grads) in zip(expected, actual, strict=True):
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=0)
+        for name, want in want_grads.items():
+            torch.testing.assert_close(got_grads[name], want, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.fixture
+def attention_query_lengths(monkeypatch) -> list[int]:
+    """Query tokens of every attention forward the token-wise path runs (first passes and recomputations)."""
+    lengths: list[int] = []
+    real_forward = tokenwise_attention.block_attention_forward
+
+    def counting_forward(q, *args, **kwargs):
+        lengths.append(q.size(1))
+        return real_forward(q, *args, **kwargs)
+
+    monkeypatch.setattr(tokenwise_attention, "block_attention_forward", counting_forward)
+    return lengths
+
+
+@pytest.mark.parametrize("share,kept", [(1.0, SEQ), (0.5, SEQ // 2), (0.3, round(0.3 * SEQ))])
+def test_offload_equals_plain_checkpoint_and_recomputes_unkept_queries(share, kept, attention_query_lengths):
+    expected = _loss_and_grads("SSS", plain_checkpoint)
+    assert attention_query_lengths == [], "plain checkpointing does not take the token-wise path"
+    offloader = ActivationOffloader(share, torch.device("cpu"))
+    _assert_same(expected, _loss_and_grads("SSS", offloader.checkpoint))
+    # Per step: three full forwards; in backward the last layer (kept on the device) recomputes no
+    # attention, the other two only their first SEQ - kept queries.
+    recomputed = [SEQ - kept] * 2 if kept < SEQ else []
+    assert attention_query_lengths == ([SEQ] * 3 + recomputed) * 2
+    # Two swapped layers, each: input [2, 32, 32] plus the kept tokens' out [2, kept, 4, 8] and lse
+    # [2, 4, kept], fp64.
+    assert offloader.swapped_bytes == 2 * (2 * SEQ * 32 + 2 * kept * 32 + 2 * 4 * kept) * 8
+    assert offloader.pool.num_buffers == 2 * 3, "input, out and lse per swapped layer, reused in step 2"
+
+
+def test_linear_attention_layers_swap_their_input_and_recompute_in_full(attention_query_lengths):
+    expected = _loss_and_grads("LSL", plain_checkpoint)
+    offloader = ActivationOffloader(0.5, torch.device("cpu"))
+    _assert_same(expected, _loss_and_grads("LSL", offloader.checkpoint))
+    assert attention_query_lengths == [SEQ, SEQ // 2] * 2, "only the softmax layer is token-wise"
+
+
+def _sharded_worker(pattern: str, ulysses: int, ring: int, share: float):
+    """(same as plain checkpointing under this split?, query lengths of the token-wise path)."""
+    dims = ParallelDims.build(dp=1, ulysses=ulysses, ring=ring)
+    expected = _loss_and_grads(pattern, plain_checkpoint, dims)
+    lengths: list[int] = []
+    real_forward = tokenwise_attention.block_attention_forward
+
+    def counting_forward(q, *args, **kwargs):
+        lengths.append(q.size(1))
+        return real_forward(q, *args, **kwargs)
+
+    if ring > 1:
+        q = torch.zeros(1, SEQ // dims.sp, 4, 8, dtype=torch.float64)
+        with pytest.raises(ValueError, match="parallel.ring=1"):
+            sequence_parallel_attention(q, q, q, dims, local_attention=lambda *qkv: qkv[0])
+    tokenwise_attention.block_attention_forward = counting_forward
+    try:
+        offloader = ActivationOffloader(share, torch.device("cpu"))
+        _assert_same(expected, _loss_and_grads(pattern, offloader.checkpoint, dims))
+    finally:
+        tokenwise_attention.block_attention_forward = real_forward
+    return lengths
+
+
+@pytest.mark.parametrize("world,ulysses,ring", [(2, 2, 1), (4, 4, 1), (2, 1, 2), (4, 2, 2)])
+def test_offload_under_sequence_parallelism(distributed, world, ulysses, ring):
+    results = distributed(world, _sharded_worker, "SS", ulysses, ring, 0.5)
+    # Ulysses gives attention the whole sequence (this rank's heads): token-wise over all SEQ tokens.
+    # A ring schedule has no whole-sequence step: it is recomputed in full, with no token-wise calls.
+    expected = [SEQ, SEQ, SEQ // 2] * 2 if ring == 1 else []
+    assert results == [expected] * world
