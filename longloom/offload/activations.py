@@ -14,13 +14,13 @@ attention recomputation (the kept tokens are the last, most expensive ones). The
 to the host. Swapped bytes per layer: the input plus `share` of the attention output and lse; they take
 PCIe time and pinned host memory, which is what a share below 1 saves. Linear-attention layers and
 TokenRing's ring schedule have no token-wise recomputation: they swap the input and recompute in full.
-The last layer keeps its input and attention output on the device: its backward comes first, with
-nothing to hide a host->device copy behind.
+The last layer keeps its input on the device and is recomputed in full, as under plain checkpointing:
+its backward comes first, with nothing to hide a host->device copy behind.
 
 How it plugs in: `ActivationOffloader.checkpoint` is a drop-in `checkpoint_fn` for the model. It runs
 torch.utils.checkpoint (non-reentrant: recomputation in backward, collectives of SP attention re-run in
 the same order on every rank, ZeRO hooks untouched) inside `saved_tensors_hooks`, and calls the layer
-with `attention_outputs=` this layer's `LayerActivations`. Non-reentrant checkpoint saves the layer's
+with `attention_outputs=` this layer's `LayerActivations` (None for the last layer). Non-reentrant checkpoint saves the layer's
 inputs as saved tensors *outside* its own hook, so our hook sees exactly the inputs; it swaps the layer
 input `hidden` and passes everything else (cos / sin tables shared by all layers) through. Unpacking
 happens at the start of the layer's recomputation in backward; that is when the previous layer's
@@ -136,8 +136,7 @@ class LayerActivations(AttentionOutputs):
         self.offloader = offloader
         self.on_device = on_device
         self.input: Stored | None = None
-        # (out tail, lse tail) per attention call; None once the last layer's replay took its own.
-        self.attention: list[tuple[Stored, Stored] | None] = []
+        self.attention: list[tuple[HostCopy, HostCopy]] = []  # (out tail, lse tail) per attention call
         self.replaying = False
         self._next_attention = 0
         # A weak link: the previous layer's tensors must not outlive its own backward because of us.
@@ -146,35 +145,29 @@ class LayerActivations(AttentionOutputs):
     def run(self, layer: nn.Module | Callable, *inputs: torch.Tensor) -> torch.Tensor:
         """The layer's forward: records on the first call, replays on the recomputation in backward."""
         self._next_attention = 0
-        output = layer(*inputs, attention_outputs=self)
+        # The last layer keeps nothing of its attention: that would stay on the device all along.
+        output = layer(*inputs, attention_outputs=None if self.on_device else self)
         self.replaying = True
         return output
 
     # -- AttentionOutputs: called by offload/tokenwise_attention.py inside the layer -----------------
 
     def kept_tokens(self, total_tokens: int) -> int:
-        if self.on_device:
-            return total_tokens
         return min(total_tokens, round(self.offloader.share * total_tokens))
 
     def keep(self, out_tail: torch.Tensor, lse_tail: torch.Tensor) -> None:
         store = self.offloader._store
-        self.attention.append((store(out_tail, self.on_device), store(lse_tail.contiguous(), self.on_device)))
+        self.attention.append((store(out_tail, False), store(lse_tail.contiguous(), False)))
 
     def restore(self) -> tuple[torch.Tensor, torch.Tensor]:
-        index = self._next_attention
+        out_tail, lse_tail = self.attention[self._next_attention]
         self._next_attention += 1
-        out_tail, lse_tail = self.attention[index]
-        if self.on_device:
-            # The last layer's are not needed again; the graph itself lives until the end of backward.
-            self.attention[index] = None
-            return out_tail, lse_tail
         load = self.offloader._load
         return load(out_tail), load(lse_tail)
 
     def stored(self) -> list[Stored]:
         tensors = [self.input] if self.input is not None else []
-        return tensors + [tensor for pair in self.attention if pair is not None for tensor in pair]
+        return tensors + [tensor for pair in self.attention for tensor in pair]
 
 
 class ActivationOffloader:

@@ -132,16 +132,12 @@ def _activation_bytes(cfg: LongloomConfig, ulysses: int, ring: int) -> dict[str,
         inputs, host = m.layers * layer_input, 0.0
     else:
         # offload/activations.py: every layer but the last sends its input and its softmax attention's
-        # kept tokens to the host; the last keeps its input and all of its attention output on the
-        # device; backward brings one layer's tensors back ahead of time.
-        kinds = m.layer_kinds()
-        kept = {
-            kind: _kept_attention_bytes(cfg, ulysses, ring, share) if kind == "S" else 0.0 for kind in "SL"
-        }
-        swapped = [layer_input + kept[kind] for kind in kinds[:-1]]
-        last_attention = _kept_attention_bytes(cfg, ulysses, ring, 1.0) if kinds[-1] == "S" else 0.0
+        # kept tokens to the host; the last keeps its input on the device; backward brings one layer's
+        # tensors back ahead of time.
+        kept = _kept_attention_bytes(cfg, ulysses, ring, share)
+        swapped = [layer_input + (kept if kind == "S" else 0.0) for kind in m.layer_kinds()[:-1]]
         host = sum(swapped)
-        inputs = layer_input + last_attention + max(swapped, default=0.0)
+        inputs = layer_input + max(swapped, default=0.0)
     return {
         "checkpointed_inputs": inputs,
         "layer_working": layer_working,

@@ -54,10 +54,10 @@ def test_fp32_offload_equals_plain_checkpointing(share):
         for name, want in want_grads.items():
             torch.testing.assert_close(got_grads[name], want, rtol=1e-4, atol=1e-6, msg=name)
         layer_input = TOKENS * HIDDEN * 4
-        # Plain checkpointing holds every layer input; offload holds the last layer's input and its
-        # attention output (both [tokens, hidden]) and the loss's small per-token tensors.
+        # Plain checkpointing holds every layer input; offload holds the last layer's input only.
         assert held_plain >= LAYERS * layer_input
-        assert held <= held_plain - (LAYERS - 2) * layer_input
+        # (Slack for the allocator's rounding of the small tensors.)
+        assert held <= held_plain - (LAYERS - 1) * layer_input + layer_input // 4
 
 
 @pytest.mark.parametrize("share", [1.0, 0.5])

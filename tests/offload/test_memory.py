@@ -66,12 +66,11 @@ def test_activation_host_bytes_match_what_the_offloader_moves(activations, share
         off["activation_detail"]["checkpointed_inputs"] - estimate["activation_detail"]["checkpointed_inputs"]
     )
     layer_input = 2 * 48 * 64 * 4
-    # Attention outputs of `tokens` query tokens: out [2, tokens, 8 heads, 8] fp32 and lse [2, 8, tokens].
-    attention = lambda tokens: 2 * tokens * 8 * (8 + 1) * 4
-    prefetched = layer_input + attention(round(share * 48))  # one swapped layer on its way back
-    # Two inputs leave the device; one swapped layer comes back ahead of time; the last layer keeps
-    # its whole attention output on the device.
-    assert saved == 2 * layer_input - prefetched - attention(48)
+    # One swapped layer on its way back: its input and the kept tokens' attention out [2, kept, 8 heads,
+    # 8] and lse [2, 8, kept], fp32.
+    prefetched = layer_input + 2 * round(share * 48) * 8 * (8 + 1) * 4
+    # Two inputs leave the device; one swapped layer comes back ahead of time.
+    assert saved == 2 * layer_input - prefetched
 
 
 def test_check_refuses_pinned_memory_that_does_not_fit():

@@ -77,10 +77,10 @@ def test_offload_equals_plain_checkpoint_and_recomputes_unkept_queries(share, ke
     assert attention_query_lengths == [], "plain checkpointing does not take the token-wise path"
     offloader = ActivationOffloader(share, torch.device("cpu"))
     _assert_same(expected, _loss_and_grads("SSS", offloader.checkpoint))
-    # Per step: three full forwards; in backward the last layer (kept on the device) recomputes no
-    # attention, the other two only their first SEQ - kept queries.
+    # Per step: the first two layers' full forwards, then in backward their first SEQ - kept queries.
+    # The last layer (kept on the device, recomputed in full) takes plain SDPA.
     recomputed = [SEQ - kept] * 2 if kept < SEQ else []
-    assert attention_query_lengths == ([SEQ] * 3 + recomputed) * 2
+    assert attention_query_lengths == ([SEQ] * 2 + recomputed) * 2
     # Two swapped layers, each: input [2, 32, 32] plus the kept tokens' out [2, kept, 4, 8] and lse
     # [2, 4, kept], fp64.
     assert offloader.swapped_bytes == 2 * (2 * SEQ * 32 + 2 * kept * 32 + 2 * 4 * kept) * 8
@@ -123,5 +123,5 @@ def test_offload_under_sequence_parallelism(distributed, world, ulysses, ring):
     results = distributed(world, _sharded_worker, "SS", ulysses, ring, 0.5)
     # Ulysses gives attention the whole sequence (this rank's heads): token-wise over all SEQ tokens.
     # A ring schedule has no whole-sequence step: it is recomputed in full, with no token-wise calls.
-    expected = [SEQ, SEQ, SEQ // 2] * 2 if ring == 1 else []
+    expected = [SEQ, SEQ // 2] * 2 if ring == 1 else []
     assert results == [expected] * world
