@@ -23,8 +23,9 @@ the same order on every rank, ZeRO hooks untouched) inside `saved_tensors_hooks`
 with `attention_outputs=` this layer's `LayerActivations` (None for the last layer). Non-reentrant checkpoint saves the layer's
 inputs as saved tensors *outside* its own hook, so our hook sees exactly the inputs; it swaps the layer
 input `hidden` and passes everything else (cos / sin tables shared by all layers) through. Unpacking
-happens at the start of the layer's recomputation in backward; that is when the previous layer's
-tensors start coming back.
+happens at the start of the layer's recomputation in backward; the previous layer's tensors start
+coming back then, or for a token-wise layer once its attention backward starts (after the MLP
+backward, where a layer's backward holds the most memory).
 
 Streams (CUDA): device->host copies run on an offload stream that first waits for the compute stream.
 A copy keeps its device source alive until the *next* layer's forward has been issued; then the compute
@@ -165,6 +166,12 @@ class LayerActivations(AttentionOutputs):
         load = self.offloader._load
         return load(out_tail), load(lse_tail)
 
+    def attention_backward_started(self) -> None:
+        self.offloader._prefetch_layer(self.previous_layer())
+
+    def previous_layer(self) -> LayerActivations | None:
+        return self.previous() if self.previous is not None else None
+
     def stored(self) -> list[Stored]:
         tensors = [self.input] if self.input is not None else []
         return tensors + [tensor for pair in self.attention for tensor in pair]
@@ -284,17 +291,21 @@ class ActivationOffloader:
             restored.record_stream(current)  # allocated on the prefetch stream, used on compute
         return restored
 
+    def _prefetch_layer(self, record: LayerActivations | None) -> None:
+        for stored in record.stored() if record is not None else []:
+            self._prefetch(stored)
+
     def _unpack(self, packed):
         if not isinstance(packed, LayerActivations):
             return packed
         record = packed
-        # This layer's recomputation starts now: its kept attention outputs are needed in a moment, and
-        # the layer below is next: bring its tensors back meanwhile.
+        # This layer's recomputation starts now; its kept attention outputs are needed in a moment.
         for stored in record.stored():
             if stored is not record.input:
                 self._prefetch(stored)
-        previous = record.previous() if record.previous is not None else None
-        if previous is not None:
-            for stored in previous.stored():
-                self._prefetch(stored)
+        # The layer below is next: bring its tensors back meanwhile. A token-wise layer waits for its
+        # attention backward (`attention_backward_started`), past the MLP backward where the layer's
+        # memory peaks; the copy still has the whole attention backward to hide behind.
+        if not record.attention:
+            self._prefetch_layer(record.previous_layer())
         return self._load(record.input)

@@ -20,6 +20,8 @@ schedule is recomputed in full.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from longloom.attention.blocks import block_attention_backward, block_attention_forward
@@ -44,6 +46,9 @@ class AttentionOutputs:
     def restore(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def attention_backward_started(self) -> None:
+        """Called as the attention backward of the replayed layer begins (a point to start prefetching)."""
+
 
 class _TokenwiseCausalAttention(torch.autograd.Function):
     @staticmethod
@@ -65,11 +70,17 @@ class _TokenwiseCausalAttention(torch.autograd.Function):
         # The same tensors, of the same shapes, on both passes: checkpointing checks that they match.
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.softmax_scale = softmax_scale
+        # Weak: ctx lives as long as the graph (the loss tensor may keep it after backward), and the
+        # outputs hold host buffers that must go back to the pool when the layer's backward is done.
+        ctx.outputs = weakref.ref(outputs)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
+        outputs = ctx.outputs()
+        if outputs is not None:
+            outputs.attention_backward_started()
         dq, dk, dv = block_attention_backward(dout, q, k, v, out, lse, True, ctx.softmax_scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 

@@ -13,7 +13,7 @@ import torch
 from longloom.config import ModelConfig
 from longloom.models.llama import LlamaModel, plain_checkpoint
 from longloom.offload import tokenwise_attention
-from longloom.offload.activations import ActivationOffloader
+from longloom.offload.activations import ActivationOffloader, HostCopy
 from longloom.parallel import ParallelDims
 from longloom.parallel.hybrid import sequence_parallel_attention
 
@@ -125,3 +125,24 @@ def test_offload_under_sequence_parallelism(distributed, world, ulysses, ring):
     # A ring schedule has no whole-sequence step: it is recomputed in full, with no token-wise calls.
     expected = [SEQ, SEQ // 2] * 2 if ring == 1 else []
     assert results == [expected] * world
+
+
+class LoadRecordingOffloader(ActivationOffloader):
+    """Notes, for every swapped tensor, whether its copy back had started before backward needed it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ready_when_needed: list[bool] = []
+
+    def _load(self, stored):
+        if isinstance(stored, HostCopy):
+            self.ready_when_needed.append(stored.prefetched is not None)
+        return super()._load(stored)
+
+
+def test_every_swapped_tensor_is_prefetched_before_it_is_needed():
+    offloader = LoadRecordingOffloader(0.5, torch.device("cpu"))
+    _loss_and_grads("SSSS", offloader.checkpoint)
+    # 3 swapped layers x (input, out, lse) x 2 steps; the earlier layers' copies start during the
+    # attention backward of the layer above, the first one's when the last layer's recomputation begins.
+    assert offloader.ready_when_needed == [True] * 3 * 3 * 2
