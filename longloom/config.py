@@ -107,7 +107,9 @@ class TrainConfig(_Section):
 
 class OffloadConfig(_Section):
     activations: bool | float = Field(
-        False, description="true = all checkpointed inputs; 0..1 = share of tokens"
+        False,
+        description="swap checkpointed layer inputs to host memory, with the attention output of this "
+        "share of the tokens (true = 1.0: no attention recomputation); the other tokens are recomputed",
     )
     optimizer: Literal["none", "cpu", "interleaved"] = "none"
     gpu_share: float | Literal["auto"] = Field(

@@ -19,7 +19,6 @@ which fuses the LM head into the loss so that the [tokens, vocab] logits never e
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -27,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from longloom.attention.tokenwise import AttentionOutputs, LocalCausalSchedule, tokenwise_attention
 from longloom.config import ModelConfig
 from longloom.models.tiled_mlp import resolve_mlp_tiles, tiled_mlp
-from longloom.offload.tokenwise_attention import AttentionOutputs, tokenwise_causal_attention
 from longloom.parallel.dims import ParallelDims
 from longloom.parallel.hybrid import sequence_parallel_attention
 from longloom.parallel.lasp2 import lasp2_linear_attention
@@ -81,17 +80,15 @@ class SoftmaxAttention(nn.Module):
         q = apply_rope(self.q_proj(x).view(b, s, self.heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(b, s, self.kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)
-        # Token-wise recomputation (activation offload) where attention sees the whole sequence: without
-        # SP or after Ulysses' all-to-all. TokenRing's ring schedule is recomputed in full.
-        local_attention = None
-        if attention_outputs is not None and (self.dims is None or self.dims.ring == 1):
-            local_attention = partial(tokenwise_causal_attention, outputs=attention_outputs)
-        if self.dims is None or self.dims.sp == 1:
-            out = local_attention(q, k, v) if local_attention else sdpa_attention(q, k, v, causal=True)
-        else:
+        # attention_outputs: token-wise recomputation under activation offload (attention/tokenwise.py).
+        if self.dims is not None:
             out = sequence_parallel_attention(
-                q, k, v, dims=self.dims, causal=True, local_attention=local_attention
+                q, k, v, dims=self.dims, causal=True, attention_outputs=attention_outputs
             )
+        elif attention_outputs is not None:
+            out = tokenwise_attention(q, k, v, attention_outputs, LocalCausalSchedule())
+        else:
+            out = sdpa_attention(q, k, v, causal=True)
         return self.o_proj(out.reshape(b, s, self.heads * self.head_dim))
 
 

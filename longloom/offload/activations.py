@@ -6,14 +6,15 @@ activation checkpointing a layer keeps only its input [B, S, hidden] between for
 long sequence lengths even that no longer fits for every layer, so copy it to host memory while the
 layer computes and bring it back one layer ahead of backward. Recomputing the layer in backward is
 dominated by causal attention, so MEMO also swaps the attention output of a share of the tokens and
-recomputes attention for the other tokens only (offload/tokenwise_attention.py).
+recomputes attention for the other tokens only (attention/tokenwise.py).
 
 `share` (offload.activations) is that share of the tokens: 1.0 (true) swaps every token's attention
 output and backward recomputes no attention at all; 0.5 swaps half of them and leaves a quarter of the
 attention recomputation (the kept tokens are the last, most expensive ones). The layer input always goes
 to the host. Swapped bytes per layer: the input plus `share` of the attention output and lse; they take
-PCIe time and pinned host memory, which is what a share below 1 saves. Linear-attention layers and
-TokenRing's ring schedule have no token-wise recomputation: they swap the input and recompute in full.
+PCIe time and pinned host memory, which is what a share below 1 saves. Token-wise recomputation works
+without SP, under Ulysses, TokenRing and both; linear-attention layers swap their input and are
+recomputed in full (their cost is linear in tokens, like the projections).
 The last layer keeps its input on the device and is recomputed in full, as under plain checkpointing:
 its backward comes first, with nothing to hide a host->device copy behind.
 
@@ -49,7 +50,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from longloom.offload.tokenwise_attention import AttentionOutputs
+from longloom.attention.tokenwise import AttentionOutputs
 
 
 class HostBuffer:
@@ -151,7 +152,7 @@ class LayerActivations(AttentionOutputs):
         self.replaying = True
         return output
 
-    # -- AttentionOutputs: called by offload/tokenwise_attention.py inside the layer -----------------
+    # -- AttentionOutputs: called by attention/tokenwise.py inside the layer -----------------
 
     def kept_tokens(self, total_tokens: int) -> int:
         return min(total_tokens, round(self.offloader.share * total_tokens))

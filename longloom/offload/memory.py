@@ -95,16 +95,17 @@ def _optimizer_bytes(cfg: LongloomConfig, n: int, world: int, gpu_share: float) 
 
 
 def _kept_attention_bytes(cfg: LongloomConfig, ulysses: int, ring: int, share: float) -> float:
-    """Bytes of one softmax layer's kept attention outputs (offload/tokenwise_attention.py) per worker.
+    """Bytes of one softmax layer's kept attention outputs (attention/tokenwise.py) per worker.
 
-    Token-wise recomputation runs where attention sees the whole sequence: after Ulysses' all-to-all,
-    `share` of the sequence's tokens for this rank's heads, out [B, kept, H/U, D] and fp32 lse
-    [B, H/U, kept]. A ring schedule (ring > 1) keeps none: it is recomputed in full.
+    Token-wise recomputation runs where the attention runs: on S / ring tokens (the whole sequence
+    after Ulysses' all-to-all, or this rank's ring shard) for H / ulysses heads; `share` of those
+    tokens keep out [B, kept, H/U, D] and fp32 lse [B, H/U, kept].
     """
     m = cfg.model
-    if ring > 1 or share == 0.0:
+    if share == 0.0:
         return 0.0
-    kept = min(cfg.data.seq_len, round(share * cfg.data.seq_len))
+    tokens = cfg.data.seq_len // ring
+    kept = min(tokens, round(share * tokens))
     heads = m.heads / ulysses
     return cfg.train.micro_batch_size * kept * heads * (m.head_dim * _training_dtype_bytes(cfg) + 4)
 

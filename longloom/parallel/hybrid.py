@@ -18,12 +18,15 @@ the permutation is undone and the inverse all-to-all restores [B, S/P, Hq, D].
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 
+from longloom.attention.tokenwise import AttentionOutputs, LocalCausalSchedule, tokenwise_attention
 from longloom.parallel.dims import ParallelDims
 from longloom.parallel.tokenring import tokenring_attention
-from longloom.parallel.ulysses import LocalAttention, kv_head_replication, sdpa_attention, ulysses_attention
+from longloom.parallel.ulysses import kv_head_replication, sdpa_attention, ulysses_attention
 
 
 def _zigzag_shards_to_super_chunks(x: torch.Tensor, ulysses: int) -> torch.Tensor:
@@ -69,21 +72,22 @@ def sequence_parallel_attention(
     dims: ParallelDims,
     causal: bool = True,
     softmax_scale: float | None = None,
-    local_attention: LocalAttention | None = None,
+    attention_outputs: AttentionOutputs | None = None,
 ) -> torch.Tensor:
     """Exact attention over the sequence sharded over `dims.sp_group` in `dims.layout`.
 
     q: [B, S/P, Hq, D]; k, v: [B, S/P, Hkv, D]; returns [B, S/P, Hq, D]. Dispatch: no SP -> local
     SDPA; ring == 1 -> Ulysses; ulysses == 1 -> TokenRing; both -> Ulysses inside, TokenRing across.
-    `local_attention(q, k, v) -> out` replaces SDPA on the whole sequence (no SP, or after Ulysses'
-    all-to-all) and owns mask and scale; a ring schedule has no whole-sequence step to give it.
+    `attention_outputs` (causal only): token-wise recomputation (attention/tokenwise.py) where the
+    attention runs: on the whole sequence, after Ulysses' all-to-all, or round the ring.
     """
     _check_dims(q, dims)
-    if local_attention is not None and dims.ring > 1:
-        raise ValueError(
-            f"local_attention needs the whole sequence on one rank, but parallel.ring={dims.ring} splits "
-            "it into ring blocks: pass local_attention only with parallel.ring=1"
-        )
+    if attention_outputs is not None and not causal:
+        raise ValueError("token-wise attention recomputation needs causal attention (causal=True)")
+    local_attention = None
+    if attention_outputs is not None:
+        schedule = LocalCausalSchedule(softmax_scale)
+        local_attention = partial(tokenwise_attention, outputs=attention_outputs, schedule=schedule)
     if dims.sp == 1:
         if local_attention is not None:
             return local_attention(q, k, v)
@@ -93,7 +97,9 @@ def sequence_parallel_attention(
             q, k, v, dims.ulysses_group, causal, softmax_scale, local_attention=local_attention
         )
     if dims.ulysses == 1:
-        return tokenring_attention(q, k, v, dims.ring_group, causal, dims.layout, softmax_scale)
+        return tokenring_attention(
+            q, k, v, dims.ring_group, causal, dims.layout, softmax_scale, attention_outputs
+        )
 
     def ring_across_groups(
         q_heads: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor
@@ -102,7 +108,9 @@ def sequence_parallel_attention(
         q_ring, k_ring, v_ring = (
             _zigzag_shards_to_super_chunks(t, dims.ulysses) for t in (q_heads, k_heads, v_heads)
         )
-        out = tokenring_attention(q_ring, k_ring, v_ring, dims.ring_group, causal, "zigzag", softmax_scale)
+        out = tokenring_attention(
+            q_ring, k_ring, v_ring, dims.ring_group, causal, "zigzag", softmax_scale, attention_outputs
+        )
         return _super_chunks_to_zigzag_shards(out, dims.ulysses)
 
     return ulysses_attention(q, k, v, dims.ulysses_group, local_attention=ring_across_groups)

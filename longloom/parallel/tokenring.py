@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from longloom.attention import merge
 from longloom.attention.blocks import block_attention_backward, block_attention_forward
+from longloom.attention.tokenwise import AttentionOutputs, tokenwise_attention
 from longloom.parallel import sharding
 from longloom.parallel.p2p import RingComm
 
@@ -77,6 +78,21 @@ def plan_block(
     return BlockPlan(
         slice(rows[0] * chunk, (rows[-1] + 1) * chunk), slice(cols[0] * chunk, (cols[-1] + 1) * chunk), False
     )
+
+
+def restrict_to_query_prefix(plan: BlockPlan | None, query_rows: int, local_len: int) -> BlockPlan | None:
+    """`plan` for the first `query_rows` queries of the Q owner only (token-wise recomputation).
+
+    Off-diagonal blocks are full rectangles: fewer query rows, the same keys. The causal diagonal block
+    shares its row order with its keys, so the first r queries see exactly the first r keys.
+    """
+    if plan is None or query_rows >= local_len:
+        return plan
+    stop = min(plan.q_rows.stop, query_rows)
+    if stop <= plan.q_rows.start:
+        return None
+    kv_rows = slice(0, query_rows) if plan.causal else plan.kv_rows
+    return BlockPlan(slice(plan.q_rows.start, stop), kv_rows, plan.causal)
 
 
 def check_ring_inputs(
@@ -123,8 +139,18 @@ def _forward(
     layout: str,
     scale: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, S/P, Hq, D] fp32, lse [B, Hq, S/P] fp32) for this rank's queries."""
-    world, rank, local_len = comm.size, comm.rank, q.size(1)
+    """(out [B, q, Hq, D] fp32, lse [B, Hq, q] fp32) for this rank's queries.
+
+    q may be the first q of the S/P local queries (token-wise recomputation, the same q on every rank):
+    only those travel and only their blocks are computed.
+    """
+    world, rank, local_len = comm.size, comm.rank, k.size(1)
+    query_rows = q.size(1)
+
+    def plan_for(q_owner: int, kv_owner: int) -> BlockPlan | None:
+        plan = plan_block(q_owner, kv_owner, world, layout, causal, local_len)
+        return restrict_to_query_prefix(plan, query_rows, local_len)
+
     q_buffers = [torch.empty_like(q) for _ in range(2 if world > 1 else 0)]
     q_current = q
     out = lse = None
@@ -143,7 +169,7 @@ def _forward(
         incoming = None
         if step >= 2:  # the rank that held my Q during the previous step sends its partial back now
             source = (rank + step - 1) % world
-            plan = plan_block(rank, source, world, layout, causal, local_len)
+            plan = plan_for(rank, source)
             if plan is not None:
                 rows = plan.q_rows.stop - plan.q_rows.start
                 incoming = (
@@ -156,7 +182,7 @@ def _forward(
         outgoing = None
         if step < world:
             owner = (rank - step) % world
-            plan = plan_block(owner, rank, world, layout, causal, local_len)
+            plan = plan_for(owner, rank)
             if plan is not None:
                 block_out, block_lse = block_attention_forward(
                     q_current[:, plan.q_rows], k[:, plan.kv_rows], v[:, plan.kv_rows], plan.causal, scale
@@ -280,6 +306,21 @@ class RingScheduleFunction(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
+class TokenRingSchedule:
+    """The causal TokenRing schedule as attention/tokenwise.py's `AttentionSchedule`: the first
+    `query_rows` local queries round the ring, and the full backward."""
+
+    def __init__(self, comm: RingComm, layout: str, softmax_scale: float | None):
+        self.comm, self.layout, self.softmax_scale = comm, layout, softmax_scale
+
+    def forward(self, q, k, v, query_rows):
+        query_prefix = q[:, :query_rows].contiguous()  # it travels round the ring
+        return _forward(query_prefix, k, v, self.comm, True, self.layout, self.softmax_scale)
+
+    def backward(self, dout, q, k, v, out, lse):
+        return _backward(dout, q, k, v, out, lse, self.comm, True, self.layout, self.softmax_scale)
+
+
 def tokenring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -288,12 +329,19 @@ def tokenring_attention(
     causal: bool = True,
     layout: str = "zigzag",
     softmax_scale: float | None = None,
+    attention_outputs: AttentionOutputs | None = None,
 ) -> torch.Tensor:
     """Exact attention over the sequence sharded across `group` in `layout`; differentiable in q, k, v.
 
     q: [B, S/P, Hq, D]; k, v: [B, S/P, Hkv, D]; returns [B, S/P, Hq, D] in this rank's layout.
+    `attention_outputs` (causal only): token-wise recomputation, attention/tokenwise.py.
     A peer that stops answering fails the call after the process group's timeout (see parallel/p2p.py).
     """
     comm = RingComm(group)
     check_ring_inputs(q, k, v, comm.size, layout)
+    if attention_outputs is not None:
+        if not causal:
+            raise ValueError("token-wise attention recomputation needs causal attention (causal=True)")
+        schedule = TokenRingSchedule(comm, layout, softmax_scale)
+        return tokenwise_attention(q, k, v, attention_outputs, schedule)
     return RingScheduleFunction.apply(q, k, v, comm, causal, layout, softmax_scale, _forward, _backward)

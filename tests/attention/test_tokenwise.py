@@ -1,4 +1,4 @@
-"""Token-wise attention recomputation through the real model: same loss and gradients as plain
+"""Token-wise attention recomputation (attention/tokenwise.py) with activation offload, through the real model: same loss and gradients as plain
 checkpointing, and backward recomputes attention for the unkept queries only.
 
 fp64, so that "same" can be tight: the recomputed path runs attention through attention/blocks.py while
@@ -7,15 +7,17 @@ plain checkpointing uses torch SDPA, which differ by rounding only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
+from longloom.attention.tokenwise import LocalCausalSchedule
 from longloom.config import ModelConfig
 from longloom.models.llama import LlamaModel, plain_checkpoint
-from longloom.offload import tokenwise_attention
 from longloom.offload.activations import ActivationOffloader, HostCopy
 from longloom.parallel import ParallelDims
-from longloom.parallel.hybrid import sequence_parallel_attention
+from longloom.parallel.tokenring import TokenRingSchedule
 
 SEQ = 32
 
@@ -57,74 +59,79 @@ def _assert_same(expected, actual) -> None:
             torch.testing.assert_close(got_grads[name], want, rtol=1e-9, atol=1e-12, msg=name)
 
 
+def _spy_on_schedules() -> tuple[list[tuple[str, int]], Callable[[], None]]:
+    """(calls, undo): every schedule forward the token-wise path runs, as (schedule, query rows)."""
+    calls: list[tuple[str, int]] = []
+    originals = {schedule: schedule.forward for schedule in (LocalCausalSchedule, TokenRingSchedule)}
+
+    def spying(schedule, original):
+        def forward(self, q, k, v, query_rows):
+            calls.append((schedule.__name__, query_rows))
+            return original(self, q, k, v, query_rows)
+
+        return forward
+
+    for schedule, original in originals.items():
+        schedule.forward = spying(schedule, original)
+
+    def undo() -> None:
+        for schedule, original in originals.items():
+            schedule.forward = original
+
+    return calls, undo
+
+
 @pytest.fixture
-def attention_query_lengths(monkeypatch) -> list[int]:
-    """Query tokens of every attention forward the token-wise path runs (first passes and recomputations)."""
-    lengths: list[int] = []
-    real_forward = tokenwise_attention.block_attention_forward
-
-    def counting_forward(q, *args, **kwargs):
-        lengths.append(q.size(1))
-        return real_forward(q, *args, **kwargs)
-
-    monkeypatch.setattr(tokenwise_attention, "block_attention_forward", counting_forward)
-    return lengths
+def schedule_calls() -> list[tuple[str, int]]:
+    """Every schedule forward of the token-wise path (first passes and recomputations) in this test."""
+    calls, undo = _spy_on_schedules()
+    yield calls
+    undo()
 
 
 @pytest.mark.parametrize("share,kept", [(1.0, SEQ), (0.5, SEQ // 2), (0.3, round(0.3 * SEQ))])
-def test_offload_equals_plain_checkpoint_and_recomputes_unkept_queries(share, kept, attention_query_lengths):
+def test_offload_equals_plain_checkpoint_and_recomputes_unkept_queries(share, kept, schedule_calls):
     expected = _loss_and_grads("SSS", plain_checkpoint)
-    assert attention_query_lengths == [], "plain checkpointing does not take the token-wise path"
     offloader = ActivationOffloader(share, torch.device("cpu"))
     _assert_same(expected, _loss_and_grads("SSS", offloader.checkpoint))
     # Per step: the first two layers' full forwards, then in backward their first SEQ - kept queries.
     # The last layer (kept on the device, recomputed in full) takes plain SDPA.
     recomputed = [SEQ - kept] * 2 if kept < SEQ else []
-    assert attention_query_lengths == ([SEQ] * 2 + recomputed) * 2
+    assert [rows for _, rows in schedule_calls] == ([SEQ] * 2 + recomputed) * 2
     # Two swapped layers, each: input [2, 32, 32] plus the kept tokens' out [2, kept, 4, 8] and lse
     # [2, 4, kept], fp64.
     assert offloader.swapped_bytes == 2 * (2 * SEQ * 32 + 2 * kept * 32 + 2 * 4 * kept) * 8
     assert offloader.pool.num_buffers == 2 * 3, "input, out and lse per swapped layer, reused in step 2"
 
 
-def test_linear_attention_layers_swap_their_input_and_recompute_in_full(attention_query_lengths):
+def test_linear_attention_layers_swap_their_input_and_recompute_in_full(schedule_calls):
     expected = _loss_and_grads("LSL", plain_checkpoint)
     offloader = ActivationOffloader(0.5, torch.device("cpu"))
     _assert_same(expected, _loss_and_grads("LSL", offloader.checkpoint))
-    assert attention_query_lengths == [SEQ, SEQ // 2] * 2, "only the softmax layer is token-wise"
+    assert [rows for _, rows in schedule_calls] == [SEQ, SEQ // 2] * 2, "only the softmax layer is token-wise"
 
 
 def _sharded_worker(pattern: str, ulysses: int, ring: int, share: float):
-    """(same as plain checkpointing under this split?, query lengths of the token-wise path)."""
+    """Asserts the same results as plain checkpointing under this split; returns the schedule calls."""
     dims = ParallelDims.build(dp=1, ulysses=ulysses, ring=ring)
     expected = _loss_and_grads(pattern, plain_checkpoint, dims)
-    lengths: list[int] = []
-    real_forward = tokenwise_attention.block_attention_forward
-
-    def counting_forward(q, *args, **kwargs):
-        lengths.append(q.size(1))
-        return real_forward(q, *args, **kwargs)
-
-    if ring > 1:
-        q = torch.zeros(1, SEQ // dims.sp, 4, 8, dtype=torch.float64)
-        with pytest.raises(ValueError, match="parallel.ring=1"):
-            sequence_parallel_attention(q, q, q, dims, local_attention=lambda *qkv: qkv[0])
-    tokenwise_attention.block_attention_forward = counting_forward
+    calls, undo = _spy_on_schedules()
     try:
         offloader = ActivationOffloader(share, torch.device("cpu"))
         _assert_same(expected, _loss_and_grads(pattern, offloader.checkpoint, dims))
     finally:
-        tokenwise_attention.block_attention_forward = real_forward
-    return lengths
+        undo()
+    return calls
 
 
-@pytest.mark.parametrize("world,ulysses,ring", [(2, 2, 1), (4, 4, 1), (2, 1, 2), (4, 2, 2)])
+@pytest.mark.parametrize("world,ulysses,ring", [(2, 2, 1), (4, 4, 1), (2, 1, 2), (4, 2, 2), (4, 1, 4)])
 def test_offload_under_sequence_parallelism(distributed, world, ulysses, ring):
     results = distributed(world, _sharded_worker, "SS", ulysses, ring, 0.5)
-    # Ulysses gives attention the whole sequence (this rank's heads): token-wise over all SEQ tokens.
-    # A ring schedule has no whole-sequence step: it is recomputed in full, with no token-wise calls.
-    expected = [SEQ, SEQ // 2] * 2 if ring == 1 else []
-    assert results == [expected] * world
+    # Token-wise where the attention runs: on the whole sequence after Ulysses' all-to-all (SEQ tokens,
+    # this rank's heads), or round the ring on this rank's SEQ / ring tokens, half of them recomputed.
+    tokens = SEQ // ring
+    schedule = "LocalCausalSchedule" if ring == 1 else "TokenRingSchedule"
+    assert results == [[(schedule, tokens), (schedule, tokens // 2)] * 2] * world
 
 
 class LoadRecordingOffloader(ActivationOffloader):
