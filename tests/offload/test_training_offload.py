@@ -14,6 +14,7 @@ import pytest
 
 from longloom.config import load_config
 from longloom.offload.activations import ActivationOffloader
+from longloom.offload.memory import estimate_memory
 from longloom.training import trainer
 
 TINY = [
@@ -53,8 +54,10 @@ def _train_worker(overrides: list[str]) -> dict:
         return (engine, *rest)
 
     trainer.ActivationOffloader, deepspeed.initialize = ObservedOffloader, observed_initialize
+    cfg = load_config(None, TINY + overrides)
+    seen["estimated_host_bytes"] = estimate_memory(cfg, 2)["host_pinned_per_worker"]["activations"]
     try:
-        seen["losses"] = trainer.run_training(load_config(None, TINY + overrides))["losses"]
+        seen["losses"] = trainer.run_training(cfg)["losses"]
     finally:
         trainer.ActivationOffloader, deepspeed.initialize = ActivationOffloader, real_initialize
     for offloader in offloaders:
@@ -76,16 +79,27 @@ def baseline(tmp_path_factory):
     return _run(run_distributed, tmp_path_factory.mktemp("baseline"), "none")
 
 
-@pytest.mark.parametrize("activations,zero_stage", [("true", 1), ("0.5", 1), ("true", 3)])
-def test_activation_offload_keeps_losses(distributed, tmp_path, baseline, activations, zero_stage):
-    run = _run(
-        distributed, tmp_path, "act", f"offload.activations={activations}", f"train.zero_stage={zero_stage}"
-    )
-    # 3 layers; the last keeps everything on the device. Each of the other two swaps its input
-    # [1, 32 tokens per rank, 32] and, after Ulysses' all-to-all, the kept tokens' attention out
-    # [1, kept of 64, 2 heads, 8] and lse [1, 2, kept], fp32.
-    kept = 64 if activations == "true" else 32
-    assert run["swapped_bytes"] == 2 * (32 * 32 + kept * 2 * 8 + 2 * kept) * 4
+@pytest.mark.parametrize(
+    "activations,split",
+    [
+        ("true", ["train.zero_stage=1"]),
+        ("0.5", ["train.zero_stage=1"]),
+        ("true", ["train.zero_stage=3"]),
+        ("0.5", ["parallel.ulysses=1", "parallel.ring=2"]),
+    ],
+    ids=["true-zero1", "half-zero1", "true-zero3", "half-ring"],
+)
+def test_activation_offload_keeps_losses(distributed, tmp_path, baseline, activations, split):
+    run = _run(distributed, tmp_path, "act", f"offload.activations={activations}", *split)
+    # 3 layers; the last keeps its input on the device. Each of the other two swaps its input
+    # [1, 32 tokens per rank, 32] and the kept tokens' attention out and lse where the attention runs:
+    # after Ulysses' all-to-all [1, kept of 64, 2 heads, 8] and [1, 2, kept], or round the ring
+    # [1, kept of 32, 4 heads, 8] and [1, 4, kept]; fp32.
+    ring = "parallel.ring=2" in split
+    tokens, heads = (32, 4) if ring else (64, 2)
+    kept = tokens if activations == "true" else tokens // 2
+    assert run["swapped_bytes"] == 2 * (32 * 32 + kept * heads * 8 + heads * kept) * 4
+    assert run["swapped_bytes"] == run["estimated_host_bytes"], "`longloom check` plans what is swapped"
     assert run["pool_buffers"] == 2 * 3, "input, out and lse per swapped layer, reused over the steps"
     assert run["losses"] == pytest.approx(baseline["losses"], rel=1e-4)
 
