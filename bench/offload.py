@@ -73,6 +73,13 @@ PRESETS = {
     },
 }  # fmt: skip
 ACTIVATION_MODES = {"off": 0.0, "on": 1.0, "0.5": 0.5}
+OPTIMIZER_MODES = {
+    "GPU (no offload)": [],
+    "cpu": ["offload.optimizer=cpu"],
+    "interleaved (auto)": ["offload.optimizer=interleaved"],
+    "interleaved (gpu_share 0.5)": ["offload.optimizer=interleaved", "offload.gpu_share=0.5"],
+}
+OPTIMIZER_MODE_NAMES = dict(zip(["gpu", "cpu", "auto", "half"], OPTIMIZER_MODES, strict=True))
 
 
 def tokens_label(seq: int) -> str:
@@ -199,6 +206,8 @@ def activation_table(args, dims: ParallelDims, device: torch.device) -> str:
 def optimizer_case(args, dims: ParallelDims, device: torch.device, overrides: list[str]) -> dict:
     import deepspeed
 
+    # Left over from an earlier case (should be ~0): a leak there would inflate this case's peak.
+    allocated_at_start = allocated()
     cfg = load_config(None, [*PRESETS[args.preset]["optimizer_model"], "train.zero_stage=1", *overrides])
     dtype = resolve_dtype(cfg, device)
     torch.manual_seed(0)
@@ -236,6 +245,7 @@ def optimizer_case(args, dims: ParallelDims, device: torch.device, overrides: li
         "step": statistics.median(steps),
         "optimizer": statistics.median(optimizer_steps),
         "peak": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
+        "allocated_at_start": allocated_at_start,
         "gpu_share": getattr(base, "gpu_share", None),
         "kind": type(base).__name__,
     }
@@ -246,25 +256,21 @@ def optimizer_case(args, dims: ParallelDims, device: torch.device, overrides: li
 
 
 def optimizer_table(args, dims: ParallelDims, device: torch.device) -> str:
-    modes = {
-        "GPU (no offload)": [],
-        "cpu": ["offload.optimizer=cpu"],
-        "interleaved (auto)": ["offload.optimizer=interleaved"],
-        "interleaved (gpu_share 0.5)": ["offload.optimizer=interleaved", "offload.gpu_share=0.5"],
-    }
     rows, results = [], {}
-    for name, overrides in modes.items():
+    for name in args.optimizer_modes:
+        overrides = OPTIMIZER_MODES[name]
         results[name] = result = optimizer_case(args, dims, device, overrides)
         share = "" if result["gpu_share"] is None else f"{result['gpu_share']:.3f}"
         rows.append([
             name, result["kind"], share, f"{result['step']:.3f} s", f"{result['optimizer']:.3f} s",
             f"{results['cpu']['step'] / result['step']:.2f}x" if "cpu" in results else "",
-            f"{result['peak'] / GIB:.2f} GiB",
+            f"{result['peak'] / GIB:.2f} GiB", f"{result['allocated_at_start'] / GIB:.2f} GiB",
         ])  # fmt: skip
         print(" | ".join(rows[-1]), flush=True)
-    for row, result in zip(rows, results.values()):  # speed-up vs cpu, now that cpu is known
-        row[5] = f"{results['cpu']['step'] / result['step']:.2f}x"
-    print(f"model: {results['cpu']['params'] / 1e9:.2f}B parameters", flush=True)
+    if "cpu" in results:
+        for row, result in zip(rows, results.values()):  # speed-up vs cpu, now that cpu is known
+            row[5] = f"{results['cpu']['step'] / result['step']:.2f}x"
+    print(f"model: {next(iter(results.values()))['params'] / 1e9:.2f}B parameters", flush=True)
     headers = [
         "optimizer states",
         "optimizer",
@@ -273,6 +279,7 @@ def optimizer_table(args, dims: ParallelDims, device: torch.device) -> str:
         "engine.step",
         "speed-up vs cpu",
         "peak GPU",
+        "allocated before the case",
     ]
     return markdown_table(headers, rows)
 
@@ -288,6 +295,12 @@ def main() -> None:
     parser.add_argument(
         "--modes", type=lambda text: text.split(","), default=list(ACTIVATION_MODES), help="e.g. off,on"
     )
+    parser.add_argument(
+        "--optimizer-modes",
+        type=lambda text: text.split(","),
+        default=list(OPTIMIZER_MODE_NAMES),
+        help="optimizer cases in this order, from gpu,cpu,auto,half (e.g. half alone: is its peak its own?)",
+    )
     parser.add_argument("--act-warmup", type=int, default=1, help="activation part: untimed steps first")
     parser.add_argument(
         "--set",
@@ -299,6 +312,10 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
     args = parser.parse_args()
     args.seqs = args.seqs or PRESETS[args.preset]["seqs"]
+    unknown_optimizer = sorted(set(args.optimizer_modes) - set(OPTIMIZER_MODE_NAMES))
+    if unknown_optimizer:
+        parser.error(f"--optimizer-modes {','.join(unknown_optimizer)}: choose from gpu,cpu,auto,half")
+    args.optimizer_modes = [OPTIMIZER_MODE_NAMES[name] for name in args.optimizer_modes]
     unknown = sorted(set(args.modes) - set(ACTIVATION_MODES))
     if unknown:
         parser.error(f"--modes {','.join(unknown)}: not a mode; choose from {','.join(ACTIVATION_MODES)}")
