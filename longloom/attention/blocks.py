@@ -50,6 +50,48 @@ def _cudnn_works() -> bool:
     return _cudnn_state["ok"]
 
 
+def _cudnn_takes_grouped_kv() -> bool:
+    """Whether cuDNN attention takes K/V with fewer heads than Q (GQA without copies), probed once.
+
+    aten's cuDNN attention accepts head counts that divide Q's in some builds (pytorch/pytorch#139586);
+    where it does, K/V are not expanded: at 512K tokens, 32 / 8 heads, that saves 6 GiB of copies in
+    the forward and as much of expanded dK/dV in the backward. Trusted only if a small GQA forward and
+    backward equal the expanded-K/V results here; otherwise (or on any error) K/V are expanded.
+    """
+    if "grouped_kv" not in _cudnn_state:
+        try:
+            _cudnn_state["grouped_kv"] = _grouped_kv_matches_expanded()
+        except (RuntimeError, AttributeError, TypeError):
+            _cudnn_state["grouped_kv"] = False
+    return _cudnn_state["grouped_kv"]
+
+
+def _grouped_kv_matches_expanded() -> bool:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def random(heads: int) -> torch.Tensor:
+        return torch.randn(1, heads, 256, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+
+    q, k, v, dout = random(4), random(2), random(2), random(4)
+    results = []
+    for key, value in ((k, v), (k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1))):
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, key, value, None, True, 0.0, True, False, scale=0.125
+        )[:2]
+        zero = torch.zeros((), dtype=torch.int64, device="cuda")
+        grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, key, value, out, lse.reshape(1, 4, 256, 1).contiguous(), zero, zero, None, None, None,
+            256, 256, 0.0, True, scale=0.125,
+        )  # fmt: skip
+        results.append((out, *grads))
+    (out, dq, dk, dv), (out_x, dq_x, dk_x, dv_x) = results
+    if dk.shape != k.shape or dv.shape != v.shape:
+        return False
+    dk_x, dv_x = (grad.reshape(1, 2, 2, 256, 64).sum(2) for grad in (dk_x, dv_x))
+    pairs = ((out, out_x), (dq, dq_x), (dk, dk_x), (dv, dv_x))
+    return all(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2) for got, want in pairs)
+
+
 def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
     return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.size(-1))
 
@@ -86,11 +128,8 @@ def block_attention_forward(
             probs = torch.exp(scores - lse.unsqueeze(-1))
             out = torch.einsum("bhqk,bkhd->bqhd", probs, expand_kv_heads(v, group_size).to(probs.dtype))
         return out.to(q.dtype), lse if q.dtype == torch.float64 else lse.float()
-    qh, kh, vh = (
-        _to_bhsd(q),
-        _to_bhsd(expand_kv_heads(k, group_size)),
-        _to_bhsd(expand_kv_heads(v, group_size)),
-    )
+    expand = group_size if backend != "cudnn" or not _cudnn_takes_grouped_kv() else 1
+    qh, kh, vh = _to_bhsd(q), _to_bhsd(expand_kv_heads(k, expand)), _to_bhsd(expand_kv_heads(v, expand))
     if backend == "cudnn":
         result = torch.ops.aten._scaled_dot_product_cudnn_attention(
             qh, kh, vh, None, True, 0.0, causal, False, scale=scale
@@ -143,9 +182,8 @@ def block_attention_backward(
             dq = torch.einsum("bhqk,bkhd->bqhd", dscores, k_full)
             dk = torch.einsum("bhqk,bqhd->bkhd", dscores, q.to(compute))
         return dq, _sum_groups(dk, group_size), _sum_groups(dv, group_size)
-    qh = _to_bhsd(q)
-    kh = _to_bhsd(expand_kv_heads(k, group_size))
-    vh = _to_bhsd(expand_kv_heads(v, group_size))
+    expand = group_size if backend != "cudnn" or not _cudnn_takes_grouped_kv() else 1
+    qh, kh, vh = _to_bhsd(q), _to_bhsd(expand_kv_heads(k, expand)), _to_bhsd(expand_kv_heads(v, expand))
     oh, doh = _to_bhsd(out.to(q.dtype)), _to_bhsd(dout.to(q.dtype))
     seq_q, seq_k = q.size(1), k.size(1)
     # No dropout: the philox state is an unused placeholder. Cumulative lengths must be undefined
@@ -192,7 +230,7 @@ def block_attention_backward(
     else:
         raise ValueError(f"unknown attention backend {backend!r}: use cudnn, flash, triton or torch")
     dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
-    return dq, _sum_groups(dk, group_size), _sum_groups(dv, group_size)
+    return dq, _sum_groups(dk, expand), _sum_groups(dv, expand)
 
 
 def _sum_groups(grad: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -39,3 +39,27 @@ def test_fused_block_matches_reference(backend, causal, kv_heads):
 def test_default_backend_on_cuda_is_fused():
     q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
     assert select_backend(q) in ("cudnn", "flash")
+
+
+def test_cudnn_grouped_kv_probe_is_consistent():
+    """Where the probe lets cuDNN take K/V unexpanded, the results equal the expanded path's."""
+    from longloom.attention import blocks
+
+    if not blocks._cudnn_works():
+        pytest.skip("no cuDNN attention in this build")
+    torch.manual_seed(1)
+    q = torch.randn(1, 1024, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 1024, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    dout = torch.randn_like(q)
+    grouped = blocks._cudnn_takes_grouped_kv()
+    print(f"cuDNN takes grouped K/V: {grouped}")
+    out, lse = block_attention_forward(q, k, v, True, backend="cudnn")
+    dq, dk, dv = block_attention_backward(dout, q, k, v, out, lse, True, backend="cudnn")
+    blocks._cudnn_state["grouped_kv"] = False  # the expanded path, for comparison
+    try:
+        out_x, lse_x = block_attention_forward(q, k, v, True, backend="cudnn")
+        dq_x, dk_x, dv_x = block_attention_backward(dout, q, k, v, out_x, lse_x, True, backend="cudnn")
+    finally:
+        blocks._cudnn_state["grouped_kv"] = grouped
+    for got, want in ((out, out_x), (lse, lse_x), (dq, dq_x), (dk, dk_x), (dv, dv_x)):
+        assert _rel(got, want.double()) < 1e-2
