@@ -8,10 +8,10 @@ layer's recomputed activations at a time (Korthikanti et al., "Reducing Activati
 Large Transformer Models", 2022, for what a layer saves; flash attention keeps no S x S matrix), of
 which the MLP's wide tensors for one tile of tokens (ALST's tiled MLP) and the logits for one chunk
 (the fused LM head and loss).
-Activation offload (offload/activations.py) moves every layer input but the last, and a share of
-the tokens' attention outputs, to pinned host memory; optimizer offload moves master weights and moments (cpu) or a share of the moments
-(interleaved). These are estimates for planning: allocator fragmentation and communication buffers
-come on top.
+Activation offload (offload/activations.py) moves every layer input but the last, and a share of the
+tokens' attention outputs, to pinned host memory; optimizer offload moves master weights and moments
+(cpu) or a share of the moments (interleaved). These are estimates for planning: allocator
+fragmentation and communication buffers come on top.
 """
 
 from __future__ import annotations
@@ -118,9 +118,14 @@ def _activation_bytes(cfg: LongloomConfig, ulysses: int, ring: int) -> dict[str,
     kv_width = 2 * m.num_kv_heads * m.head_dim
     # The tiled MLP (models/tiled_mlp.py) holds its [tokens, width] tensors for one tile of tokens only.
     mlp_tokens = math.ceil(tokens / resolve_mlp_tiles(m.mlp_tiles, math.ceil(tokens), m.hidden))
-    # One layer recomputed in backward: norms, q/k/v, attention output, MLP gate/up/product; the
-    # gradients of as much again are live while it runs backward.
-    layer_working = 2 * (tokens * (6 * m.hidden + kv_width) + mlp_tokens * 4 * m.mlp_width) * b
+    # One layer's backward, at its peak in the MLP backward: the recomputed layer's saved tensors (input,
+    # two norm outputs, q, attention output, residual: 6 x hidden; k and v) and the gradient flowing in
+    # (hidden), with the MLP's gate, up, SiLU and product and, at worst, two of their gradients
+    # (6 x width, for one tile of tokens). Against the peaks measured on an H200 (8-layer Llama-3-8B
+    # width, 64K-512K tokens, BENCHMARKS.md) this comes out 12-23% high: safe for planning.
+    layer_working = (tokens * (7 * m.hidden + kv_width) + mlp_tokens * 6 * m.mlp_width) * b
+    # The last layer's output and its final-norm output wait for the LM head's backward.
+    final_hidden = 2 * layer_input
     rope = tokens * m.head_dim * 4  # cos and sin tables, fp32, shared by all layers
     # The trainer fuses the LM head into the loss (parallel/loss.py): logits exist one chunk of tokens at
     # a time, in the model dtype, in fp32 and as the fp32 / model-dtype gradient; bf16 adds the fp32
@@ -128,7 +133,9 @@ def _activation_bytes(cfg: LongloomConfig, ulysses: int, ring: int) -> dict[str,
     chunk_tokens = min(tokens, max(1, FUSED_CHUNK_ELEMENTS // m.vocab_size))
     logits = chunk_tokens * m.vocab_size * (2 * b + 8) + (4 * m.vocab_size * m.hidden if b < 4 else 0)
     if not m.activation_checkpointing:
-        inputs, host = m.layers * layer_working / 2, 0.0
+        # Every layer keeps what it saved for backward: the working set less the gradients.
+        saved_per_layer = (tokens * (6 * m.hidden + kv_width) + mlp_tokens * 4 * m.mlp_width) * b
+        inputs, host = m.layers * saved_per_layer, 0.0
     elif share == 0.0:
         inputs, host = m.layers * layer_input, 0.0
     else:
@@ -142,8 +149,8 @@ def _activation_bytes(cfg: LongloomConfig, ulysses: int, ring: int) -> dict[str,
     return {
         "checkpointed_inputs": inputs,
         "layer_working": layer_working,
-        "logits": logits + rope,
-        "total": inputs + layer_working + logits + rope,
+        "logits": logits + rope + final_hidden,
+        "total": inputs + layer_working + logits + rope + final_hidden,
         "host": host,
     }
 

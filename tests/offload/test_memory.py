@@ -111,3 +111,22 @@ def test_format_and_cli_check(tmp_path):
         timeout=120,
     )
     assert refused.returncode == 2 and "offload.host_memory_limit_gb" in refused.stderr
+
+
+# Peak GPU memory measured on one H200 by bench/offload.py (BENCHMARKS.md, 2026-11-23): an 8-layer
+# Llama-3-8B-width model, vocab 512, bf16, one sequence, forward + backward, no optimizer.
+H200_PEAKS_GIB = [(65536, "false", 21.22), (131072, "false", 39.01), (131072, "true", 36.47),
+                  (393216, "false", 110.18), (524288, "true", 125.82)]  # fmt: skip
+
+
+@pytest.mark.parametrize("seq_len,activations,measured_gib", H200_PEAKS_GIB)
+def test_activation_estimate_is_conservative_and_close_to_measured_peaks(seq_len, activations, measured_gib):
+    cfg = load_config(
+        None,
+        ["model.vocab_size=512", "model.hidden=4096", "model.heads=32", "model.kv_heads=8",
+         "model.intermediate=14336", "model.layers=8", "train.dtype=bf16", "train.zero_stage=0",
+         f"data.seq_len={seq_len}", f"offload.activations={activations}"],
+    )  # fmt: skip
+    per_gpu = estimate_memory(cfg, 1)["per_gpu"]
+    estimate_gib = (per_gpu["parameters"] + per_gpu["gradients"] + per_gpu["activations"]) / 2**30
+    assert measured_gib <= estimate_gib <= 1.25 * measured_gib
