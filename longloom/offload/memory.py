@@ -228,9 +228,37 @@ def check_host_memory(cfg: LongloomConfig, estimate: dict[str, Any]) -> None:
             f"{human_bytes(worker['total'])}: activations {human_bytes(worker['activations'])} "
             f"(offload.activations={cfg.offload.activations}), optimizer {human_bytes(worker['optimizer'])} "
             f"(offload.optimizer={cfg.offload.optimizer})) exceeds the {human_bytes(limit)} allowed "
-            f"({source}): lower offload.activations, use offload.optimizer=interleaved or raise offload.gpu_share, "
-            "spread the run over more hosts, or set offload.host_memory_limit_gb if this host has more to give"
+            f"({source}): {_activation_share_advice(cfg, estimate, limit)}use offload.optimizer=interleaved or "
+            "raise offload.gpu_share, spread the run over more hosts, or set offload.host_memory_limit_gb if "
+            "this host has more to give"
         )
+
+
+def _activation_share_advice(cfg: LongloomConfig, estimate: dict[str, Any], limit: float) -> str:
+    """'set offload.activations to at most X, ' where a lower share fits the host, else ''."""
+    if cfg.offload.activation_share == 0.0:
+        return ""
+    # Host bytes of activation offload are linear in the share: layer inputs + share x attention outputs.
+    _, ulysses, ring = resolve_split(cfg, estimate["world_size"])
+
+    def host_bytes(share: float) -> float:
+        offload = cfg.offload.model_copy(update={"activations": share})
+        return _activation_bytes(cfg.model_copy(update={"offload": offload}), ulysses, ring)["host"]
+
+    per_share = 2 * (host_bytes(1.0) - host_bytes(0.5))
+    inputs_only = host_bytes(1.0) - per_share
+    room = limit / estimate["workers_per_host"] - estimate["host_pinned_per_worker"]["optimizer"]
+    if per_share <= 0 or room <= inputs_only:
+        return (
+            f"the layer inputs alone need {human_bytes(inputs_only)} per worker: set offload.activations=false "
+            "or shorten data.seq_len, "
+        )
+    best = math.floor(100 * min(1.0, (room - inputs_only) / per_share)) / 100
+    return (
+        f"set offload.activations to at most {best:.2f} (less of the attention output is kept), "
+        if best > 0
+        else ""
+    )
 
 
 def human_bytes(value: float) -> str:

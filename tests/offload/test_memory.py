@@ -81,6 +81,38 @@ def test_check_refuses_pinned_memory_that_does_not_fit():
     check_host_memory(load_config(None, [*MODEL, "offload.activations=true"]), estimate)  # the host has room
 
 
+def test_refusal_names_the_largest_activation_share_that_fits():
+    def host_bytes(share: str, *extra: str) -> int:
+        cfg = load_config(None, [*MODEL, "data.seq_len=4096", f"offload.activations={share}", *extra])
+        return estimate_memory(cfg, 1)["host_pinned_per_worker"]["activations"]
+
+    per_share = 2 * (host_bytes("1.0") - host_bytes("0.5"))
+    inputs_only = host_bytes("1.0") - per_share
+    assert per_share > 0 and inputs_only > 0
+    limit_gib = (inputs_only + 0.405 * per_share) / 2**30  # room for the inputs and 40% of the outputs
+    cfg = load_config(
+        None,
+        [
+            *MODEL,
+            "data.seq_len=4096",
+            "offload.activations=true",
+            f"offload.host_memory_limit_gb={limit_gib}",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"set offload.activations to at most 0.40 "):
+        check_host_memory(cfg, estimate_memory(cfg, 1))
+    fitting = [
+        *MODEL,
+        "data.seq_len=4096",
+        "offload.activations=0.4",
+        f"offload.host_memory_limit_gb={limit_gib}",
+    ]
+    check_host_memory(load_config(None, fitting), estimate_memory(load_config(None, fitting), 1))
+    tiny = [*MODEL, "data.seq_len=4096", "offload.activations=0.4", "offload.host_memory_limit_gb=0.000001"]
+    with pytest.raises(ConfigError, match=r"the layer inputs alone need .* set offload.activations=false"):
+        check_host_memory(load_config(None, tiny), estimate_memory(load_config(None, tiny), 1))
+
+
 def test_interleaved_memory_cap_follows_device_size():
     cfg = load_config(None, [*MODEL, "offload.optimizer=interleaved"])
     without = estimate_memory(cfg, 1, gpu_share=0.0)["per_gpu"]["total"]
