@@ -159,7 +159,9 @@ class LayerActivations(AttentionOutputs):
 
     def keep(self, out_tail: torch.Tensor, lse_tail: torch.Tensor) -> None:
         store = self.offloader._store
-        self.attention.append((store(out_tail, False), store(lse_tail.contiguous(), False)))
+        self.attention.append(
+            (store(out_tail, on_device=False), store(lse_tail.contiguous(), on_device=False))
+        )
 
     def restore(self) -> tuple[torch.Tensor, torch.Tensor]:
         out_tail, lse_tail = self.attention[self._next_attention]
