@@ -22,9 +22,15 @@ from longloom.parallel.tokenring import TokenRingSchedule
 SEQ = 32
 
 
-def _config(pattern: str) -> ModelConfig:
+def _config(pattern: str, mlp_tiles: int = 1) -> ModelConfig:
     return ModelConfig(
-        vocab_size=61, hidden=32, layers=len(pattern), heads=4, kv_heads=2, layer_pattern=pattern
+        vocab_size=61,
+        hidden=32,
+        layers=len(pattern),
+        heads=4,
+        kv_heads=2,
+        layer_pattern=pattern,
+        mlp_tiles=mlp_tiles,
     )
 
 
@@ -37,10 +43,12 @@ def _batch(dims: ParallelDims | None) -> dict[str, torch.Tensor]:
     return dims.shard_batch(batch) if dims is not None else batch
 
 
-def _loss_and_grads(pattern: str, checkpoint_fn, dims: ParallelDims | None = None, steps: int = 2):
+def _loss_and_grads(
+    pattern: str, checkpoint_fn, dims: ParallelDims | None = None, steps: int = 2, mlp_tiles: int = 1
+):
     """Per step: the loss and every parameter gradient (two steps: the pool's buffers get reused)."""
     torch.manual_seed(0)
-    model = LlamaModel(_config(pattern), dims, checkpoint_fn=checkpoint_fn).double()
+    model = LlamaModel(_config(pattern, mlp_tiles), dims, checkpoint_fn=checkpoint_fn).double()
     group = dims.sp_group if dims is not None else None
     results = []
     for _ in range(steps):
@@ -109,6 +117,13 @@ def test_linear_attention_layers_swap_their_input_and_recompute_in_full(schedule
     offloader = ActivationOffloader(0.5, torch.device("cpu"))
     _assert_same(expected, _loss_and_grads("LSL", offloader.checkpoint))
     assert [rows for _, rows in schedule_calls] == [SEQ, SEQ // 2] * 2, "only the softmax layer is token-wise"
+
+
+def test_offload_with_the_tiled_mlp(schedule_calls):
+    expected = _loss_and_grads("SS", plain_checkpoint, mlp_tiles=1)
+    offloader = ActivationOffloader(0.5, torch.device("cpu"))
+    _assert_same(expected, _loss_and_grads("SS", offloader.checkpoint, mlp_tiles=3))
+    assert [rows for _, rows in schedule_calls] == [SEQ, SEQ // 2] * 2
 
 
 def _sharded_worker(pattern: str, ulysses: int, ring: int, share: float):
