@@ -95,7 +95,15 @@ class PinnedHostPool:
                 self._free.remove(buffer)
             else:
                 capacity = -(-nbytes // self.GRANULE) * self.GRANULE
-                buffer = HostBuffer(capacity, self.pin)
+                try:
+                    buffer = HostBuffer(capacity, self.pin)
+                except RuntimeError as error:  # cudaHostAlloc / malloc refused: the host is out of memory
+                    raise RuntimeError(
+                        f"activation offload could not {'pin' if self.pin else 'allocate'} "
+                        f"{capacity / 2**30:.2f} GiB of host memory with {self.total_bytes / 2**30:.2f} GiB "
+                        f"already in its pool ({error}): lower offload.activations (less of the attention "
+                        "output is kept), shorten data.seq_len, or use more workers; `longloom check` estimates it"
+                    ) from error
                 self.total_bytes += capacity
                 self.num_buffers += 1
             self.bytes_in_use += buffer.capacity

@@ -175,3 +175,20 @@ def _sequence_parallel_worker(share: float) -> list[list[torch.Tensor]]:
 def test_offload_with_collectives_inside_layers(distributed, share: float) -> None:
     results = distributed(2, _sequence_parallel_worker, share)
     assert [result[-1][0].item() for result in results] == [0.0, 1.0]
+
+
+def test_host_memory_exhaustion_names_the_pool_and_the_fix(monkeypatch) -> None:
+    offloader = ActivationOffloader(1.0, torch.device("cpu"))
+    offloader.pool.acquire(1000)  # one buffer in the pool already
+    real_empty = torch.empty
+
+    def refusing_empty(*args, **kwargs):
+        if kwargs.get("dtype") == torch.uint8:
+            raise RuntimeError("out of host memory")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", refusing_empty)
+    with pytest.raises(
+        RuntimeError, match=r"allocate 0.00 GiB .* 0.00 GiB already .* lower offload.activations"
+    ):
+        offloader.pool.acquire(5000)
