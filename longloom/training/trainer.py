@@ -28,6 +28,7 @@ from longloom.data.synthetic import build_dataset
 from longloom.launch.env import attempt_number, device_for_rank, init_distributed
 from longloom.models.llama import LlamaModel, plain_checkpoint
 from longloom.offload.activations import ActivationOffloader
+from longloom.offload.memory import human_bytes
 from longloom.offload.optimizer import build_optimizer, optimizer_settings
 from longloom.parallel.dims import ParallelDims
 from longloom.training.metrics import MetricsLogger
@@ -182,6 +183,15 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
                 "valid_tokens": int(stats.tokens.item()),
             }
             losses.append(values["loss"])
+            if offloader is not None and step == start_step + 1 and rank == 0:
+                logger.info(
+                    "activation offload: %s per step to host memory (layer inputs and the attention outputs "
+                    "of %.0f%% of the tokens), pool %s in %d buffers",
+                    human_bytes(offloader.swapped_bytes),
+                    100 * offloader.share,
+                    human_bytes(offloader.pool.total_bytes),
+                    offloader.pool.num_buffers,
+                )
             write = step % cfg.train.log_every == 0 or step == cfg.train.steps
             metrics.log(step, values, global_tokens, flops_per_token, world_size, write)
             if cfg.checkpoint.interval and (step % cfg.checkpoint.interval == 0 or step == cfg.train.steps):
