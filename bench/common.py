@@ -189,6 +189,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join([line(list(headers)), line(["-" * w for w in widths]), *(line(row) for row in cells)])
 
 
+# Environment settings that change what a benchmark measures; recorded with it when set.
+RECORDED_ENVIRONMENT = ("PYTORCH_CUDA_ALLOC_CONF", "NCCL_ALGO", "NCCL_PROTO", "CUDA_DEVICE_MAX_CONNECTIONS")
+
+
+def settings_lines() -> list[str]:
+    return [
+        f"- environment: {name}={os.environ[name]}" for name in RECORDED_ENVIRONMENT if name in os.environ
+    ]
+
+
 def append_record(title: str, what: str, table: str, world_size: int, path: Path | None = None) -> Path:
     """Appends one block (what, table, device, date, commit, exact command) to BENCHMARKS.md."""
     path = path or REPO_ROOT / "BENCHMARKS.md"
@@ -204,6 +214,7 @@ def append_record(title: str, what: str, table: str, world_size: int, path: Path
             f"- date: {now}",
             f"- commit: {git_commit()}",
             f"- command: `{launch_command()}`",
+            *settings_lines(),
             "",
             table,
             "",

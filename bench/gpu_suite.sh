@@ -2,7 +2,8 @@
 # Every GPU benchmark in one call on the device machine, for the GPUs it has (1, 2, 4 or 8).
 # Usage there (repository root, wheelhouse carried in .whl/):
 #   LONGLOOM_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_suite.sh [attention ring linear train offload
-#       offload512 longest optpeak tiles kernels storage checkpoint]
+#       offload512 longest expandable optpeak tiles kernels storage checkpoint]
+# expandable: off at 448K (out of memory with the default allocator) with expandable segments.
 # optpeak: the interleaved share-0.5 case first, then auto and gpu (is its high peak its own?).
 # longest: one step with offload on at 576K, and off at 416K (measured: 384K runs, 448K out of memory).
 # tiles: the offload table with the tiled MLP (same model otherwise): compare with the offload part.
@@ -36,6 +37,7 @@ for part in $parts; do
     offload512) cmd="python3 bench/offload.py --part activations --layers 8 --seqs 524288 --modes 0.5,on,off --iters 1 --act-warmup 0 --record"; limit=590 ;;
     longest)   cmd="python3 bench/offload.py --part activations --layers 8 --seqs 425984 --modes off --iters 1 --act-warmup 0 --record"; limit=200
                echo "== longest (on): 576K"; timeout 300 python3 bench/offload.py --part activations --layers 8 --seqs 589824 --modes on --iters 1 --act-warmup 0 --record > "$out/longest-on.log" 2>&1; tail -n 3 "$out/longest-on.log" ;;
+    expandable) cmd="env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 bench/offload.py --part activations --layers 8 --seqs 458752 --modes off --iters 1 --act-warmup 0 --record"; limit=300 ;;
     optpeak)   cmd="python3 bench/offload.py --part optimizer --optimizer-modes half,auto,gpu --record"; limit=300 ;;
     tiles)     cmd="python3 bench/offload.py --part activations --layers 8 --seqs 65536,131072 --modes off,on --set model.mlp_tiles=auto --record"; limit=400 ;;
     kernels)   cmd="python3 bench/attention_kernels.py --record"; limit=200 ;;
