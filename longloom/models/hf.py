@@ -47,6 +47,7 @@ UNSUPPORTED_ATTENTION_KWARGS = (
 # local share of the sequence) would silently compute something else.
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
+ATTENTION_NAME_PREFIX = "longloom_sp_"
 # transformers' registry is process-global and keyed by name: one fresh name per call keeps models
 # enabled with different `dims` (or re-enabled) from rebinding each other's groups.
 _registration_ids = itertools.count()
@@ -80,7 +81,7 @@ def enable_sequence_parallel(model: PreTrainedModel, dims: ParallelDims) -> str:
     if heads is not None:  # fail before the first step, with the config keys to change
         kv_head_replication(heads, getattr(config, "num_key_value_heads", None) or heads, dims.ulysses)
 
-    name = f"longloom_sp_{next(_registration_ids)}"
+    name = f"{ATTENTION_NAME_PREFIX}{next(_registration_ids)}"
     # dims travel in a closure, not in the forward kwargs: HF would pass `model(..., dims=dims)` down to
     # attention, but then every call site (trainer, eval, checkpointed recompute) must remember it, and
     # the model would not carry its own groups. No module-global "current dims" either (STYLE.md).
@@ -97,6 +98,11 @@ def enable_sequence_parallel(model: PreTrainedModel, dims: ParallelDims) -> str:
         _input_check(inspect.signature(model.forward), dims, name), with_kwargs=True
     )
     return name
+
+
+def uses_sequence_parallel_attention(model: PreTrainedModel) -> bool:
+    """Whether `enable_sequence_parallel` set `model`'s attention (and that it is still in place)."""
+    return model.config._attn_implementation.startswith(ATTENTION_NAME_PREFIX)
 
 
 def _attention_function(dims: ParallelDims):
@@ -119,6 +125,8 @@ def _attention_function(dims: ParallelDims):
             dims=dims,
             causal=True,
             softmax_scale=scaling,
+            # From the layer call of activation offload (models/hf_offload.py), through HF's kwargs.
+            attention_outputs=kwargs.get("attention_outputs"),
         )
         return out, None  # no attention weights: the full S x S matrix never exists anywhere
 

@@ -155,8 +155,11 @@ class LayerActivations(AttentionOutputs):
     def run(self, layer: nn.Module | Callable, *inputs: torch.Tensor) -> torch.Tensor:
         """The layer's forward: records on the first call, replays on the recomputation in backward."""
         self._next_attention = 0
-        # The last layer keeps nothing of its attention: that would stay on the device all along.
-        output = layer(*inputs, attention_outputs=None if self.on_device else self)
+        if not self.offloader.token_wise:
+            output = layer(*inputs)
+        else:
+            # The last layer keeps nothing of its attention: that would stay on the device all along.
+            output = layer(*inputs, attention_outputs=None if self.on_device else self)
         self.replaying = True
         return output
 
@@ -192,13 +195,16 @@ class ActivationOffloader:
     """`checkpoint_fn` for the model that moves each checkpointed layer's input and kept attention
     outputs to host memory; `share` is the share of tokens whose attention output is kept (0, 1]."""
 
-    def __init__(self, share: float, device: torch.device):
+    def __init__(self, share: float, device: torch.device, token_wise: bool = True):
+        """token_wise: call layers with `attention_outputs=` (attention/tokenwise.py); False for layers
+        that do not take it (they then swap their input and recompute in full)."""
         if not 0.0 < share <= 1.0:
             raise ValueError(
                 f"activation offload share {share} must be in (0, 1]: set offload.activations to true, "
                 "false or a share of tokens in (0, 1]"
             )
         self.share = float(share)
+        self.token_wise = token_wise
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.pool = PinnedHostPool(pin=self.cuda)

@@ -11,6 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from longloom.models.hf import causal_lm_loss, enable_sequence_parallel, shard_causal_lm_batch
+from longloom.models.hf_offload import enable_activation_offload
 from longloom.parallel import ParallelDims
 
 SEQ, BATCH, VOCAB, PADDED_FROM = 32, 2, 128, 26
@@ -55,10 +56,13 @@ def _single_process():
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def _sequence_parallel_worker(dp: int, ulysses: int, ring: int):
+def _sequence_parallel_worker(dp: int, ulysses: int, ring: int, offload_share: float = 0.0):
     dims = ParallelDims.build(dp=dp, ulysses=ulysses, ring=ring)
     model = _model()
     enable_sequence_parallel(model, dims)
+    if offload_share:
+        model.train()
+        offloader = enable_activation_offload(model, offload_share, "cpu")
     input_ids, labels, attention_mask = _batch()
     batch = shard_causal_lm_batch(input_ids, dims, labels=labels, attention_mask=attention_mask)
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
@@ -68,6 +72,13 @@ def _sequence_parallel_worker(dp: int, ulysses: int, ring: int):
     for name, parameter in model.named_parameters():
         torch.distributed.all_reduce(parameter.grad)  # what DeepSpeed does over dp x sp: sum / world
         grads[name] = parameter.grad / dims.world_size
+    if offload_share:
+        # The first of 2 layers swapped its input [2, 32 / sp, 64] and, where attention runs (all 32 tokens
+        # after Ulysses' all-to-all, 32 / ring round the ring), the kept tokens' out and lse, fp32.
+        tokens, heads = SEQ // ring, 4 // ulysses
+        kept = round(offload_share * tokens)
+        want = (BATCH * SEQ // dims.sp * 64 + BATCH * kept * heads * (16 + 1)) * 4
+        assert offloader.swapped_bytes == want, (offloader.swapped_bytes, want)
     return float(stats.loss), grads
 
 
@@ -91,6 +102,40 @@ def test_sequence_parallel_hf_model_equals_single_process(distributed, dp, ulyss
             torch.testing.assert_close(
                 grads[name] / scale, want / scale, rtol=0, atol=5e-6, msg=f"rank {rank}: {name}"
             )
+
+
+@pytest.mark.parametrize("ulysses, ring", [(2, 1), (1, 2)])
+def test_activation_offload_with_sequence_parallel_equals_single_process(distributed, ulysses, ring):
+    """Layer inputs to host memory and half of the attention outputs kept: nothing changes."""
+    want_loss, want_grads = _single_process()
+    results = distributed(ulysses * ring, _sequence_parallel_worker, 1, ulysses, ring, 0.5)
+    for rank, (loss, grads) in enumerate(results):
+        torch.testing.assert_close(torch.tensor(loss), want_loss, rtol=1e-6, atol=0, msg=f"rank {rank}")
+        for name, want in want_grads.items():
+            scale = want.abs().max()
+            torch.testing.assert_close(
+                grads[name] / scale, want / scale, rtol=0, atol=5e-6, msg=f"rank {rank}: {name}"
+            )
+
+
+def test_activation_offload_of_a_plain_hf_model_swaps_inputs_only():
+    want_loss, want_grads = _single_process()
+    model = _model().train()
+    offloader = enable_activation_offload(model, 1.0, "cpu")
+    assert not offloader.token_wise, "SDPA attention does not take attention_outputs"
+    input_ids, labels, attention_mask = _batch()
+    labels = labels.masked_fill(attention_mask == 0, -100)
+    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), want_loss, rtol=1e-6, atol=0)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, want_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert offloader.swapped_bytes == BATCH * SEQ * 64 * 4, "the first of 2 layers' input, fp32"
+
+
+def test_activation_offload_needs_checkpointable_layers():
+    with pytest.raises(ValueError, match="GradientCheckpointingLayer"):
+        enable_activation_offload(torch.nn.Linear(2, 2), 1.0, "cpu")
 
 
 def _runtime_error_worker(case: str):

@@ -1,0 +1,52 @@
+"""Activation offload for Hugging Face transformers models, through their checkpointing hook.
+
+HF decoder layers (`transformers.modeling_layers.GradientCheckpointingLayer`) checkpoint themselves by
+calling their `_gradient_checkpointing_func(partial(forward, layer, **kwargs), *args)`, the hidden
+states first; the class documents assigning that function. Assigning longloom's
+`ActivationOffloader.checkpoint` there moves each layer's input to pinned host memory as in longloom's
+own model (offload/activations.py), the last layer excepted.
+
+With longloom SP attention enabled first (`enable_sequence_parallel`, models/hf.py) the offloader
+also passes `attention_outputs=` to each layer; HF hands its keyword arguments down to the attention
+function, which then keeps the attention output of `share` of the tokens and recomputes attention
+for the others only (attention/tokenwise.py). With another attention implementation the layers only
+swap their input and are recomputed in full.
+
+    enable_sequence_parallel(model, dims)                   # optional, first
+    offloader = enable_activation_offload(model, share=1.0, device=device)
+    model.train()                                           # HF checkpoints in training mode only
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from longloom.models.hf import uses_sequence_parallel_attention
+from longloom.offload.activations import ActivationOffloader
+
+
+def enable_activation_offload(
+    model: PreTrainedModel, share: float, device: torch.device | str
+) -> ActivationOffloader:
+    """Checkpoints every decoder layer of `model` through an ActivationOffloader; returns it.
+
+    share: as `offload.activations`, the share of tokens whose attention output is kept (0, 1].
+    """
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no transformers GradientCheckpointingLayer decoder layers: activation "
+            "offload plugs into their checkpointing; use a model whose layers derive from it"
+        )
+    offloader = ActivationOffloader(
+        share, torch.device(device), token_wise=uses_sequence_parallel_attention(model)
+    )
+    last = len(layers) - 1
+    for index, layer in enumerate(layers):
+        layer._gradient_checkpointing_func = partial(offloader.checkpoint, is_last_layer=index == last)
+        layer.gradient_checkpointing = True
+    return offloader
