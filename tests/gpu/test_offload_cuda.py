@@ -69,3 +69,33 @@ def test_bf16_offload_error_within_twice_plain(share):
         plain_error = (plain[name] - want).norm()
         offload_error = (offloaded[name] - want).norm()
         assert offload_error <= 2 * plain_error + 1e-6 * want.norm(), name
+
+
+def test_hugging_face_model_offload_equals_plain_on_cuda():
+    """The HF path (models/hf_offload.py) on the GPU's streams: fp32, inputs swapped, same gradients."""
+    transformers = pytest.importorskip("transformers")
+    from longloom.models.hf_offload import enable_activation_offload
+
+    config = transformers.LlamaConfig(
+        hidden_size=HIDDEN, intermediate_size=512, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=TOKENS,
+    )  # fmt: skip
+    tokens = torch.randint(
+        0, 512, (1, TOKENS), device="cuda", generator=torch.Generator("cuda").manual_seed(0)
+    )
+    results = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).to("cuda").train()
+        if offload:
+            offloader = enable_activation_offload(model, 1.0, "cuda")
+        else:
+            model.gradient_checkpointing_enable()
+        loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+        loss.backward()
+        results.append((loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (want_loss, want_grads), (got_loss, got_grads) = results
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    for name, want in want_grads.items():
+        torch.testing.assert_close(got_grads[name], want, rtol=1e-4, atol=1e-6, msg=name)
+    assert offloader.swapped_bytes == (LAYERS - 1) * TOKENS * HIDDEN * 4, "inputs of all layers but the last"
