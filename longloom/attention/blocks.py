@@ -66,6 +66,11 @@ def _cudnn_takes_grouped_kv() -> bool:
     return _cudnn_state["grouped_kv"]
 
 
+def _kv_expansion(backend: str, group_size: int) -> int:
+    """How many times the fused kernels need each K/V head repeated: 1 where cuDNN takes them grouped."""
+    return 1 if backend == "cudnn" and _cudnn_takes_grouped_kv() else group_size
+
+
 def _grouped_kv_matches_expanded() -> bool:
     generator = torch.Generator(device="cuda").manual_seed(0)
 
@@ -128,7 +133,7 @@ def block_attention_forward(
             probs = torch.exp(scores - lse.unsqueeze(-1))
             out = torch.einsum("bhqk,bkhd->bqhd", probs, expand_kv_heads(v, group_size).to(probs.dtype))
         return out.to(q.dtype), lse if q.dtype == torch.float64 else lse.float()
-    expand = group_size if backend != "cudnn" or not _cudnn_takes_grouped_kv() else 1
+    expand = _kv_expansion(backend, group_size)
     qh, kh, vh = _to_bhsd(q), _to_bhsd(expand_kv_heads(k, expand)), _to_bhsd(expand_kv_heads(v, expand))
     if backend == "cudnn":
         result = torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -182,7 +187,7 @@ def block_attention_backward(
             dq = torch.einsum("bhqk,bkhd->bqhd", dscores, k_full)
             dk = torch.einsum("bhqk,bqhd->bkhd", dscores, q.to(compute))
         return dq, _sum_groups(dk, group_size), _sum_groups(dv, group_size)
-    expand = group_size if backend != "cudnn" or not _cudnn_takes_grouped_kv() else 1
+    expand = _kv_expansion(backend, group_size)
     qh, kh, vh = _to_bhsd(q), _to_bhsd(expand_kv_heads(k, expand)), _to_bhsd(expand_kv_heads(v, expand))
     oh, doh = _to_bhsd(out.to(q.dtype)), _to_bhsd(dout.to(q.dtype))
     seq_q, seq_k = q.size(1), k.size(1)

@@ -82,6 +82,17 @@ def _sequence_parallel_worker(dp: int, ulysses: int, ring: int, offload_share: f
     return float(stats.loss), grads
 
 
+def _assert_every_rank_matches_single_process(results: list) -> None:
+    want_loss, want_grads = _single_process()
+    for rank, (loss, grads) in enumerate(results):
+        torch.testing.assert_close(torch.tensor(loss), want_loss, rtol=1e-6, atol=0, msg=f"rank {rank}")
+        for name, want in want_grads.items():
+            scale = want.abs().max()
+            torch.testing.assert_close(
+                grads[name] / scale, want / scale, rtol=0, atol=5e-6, msg=f"rank {rank}: {name}"
+            )
+
+
 @pytest.mark.parametrize(
     "dp, ulysses, ring",
     [
@@ -93,29 +104,15 @@ def _sequence_parallel_worker(dp: int, ulysses: int, ring: int, offload_share: f
     ],
 )
 def test_sequence_parallel_hf_model_equals_single_process(distributed, dp, ulysses, ring):
-    want_loss, want_grads = _single_process()
     results = distributed(dp * ulysses * ring, _sequence_parallel_worker, dp, ulysses, ring)
-    for rank, (loss, grads) in enumerate(results):
-        torch.testing.assert_close(torch.tensor(loss), want_loss, rtol=1e-6, atol=0, msg=f"rank {rank}")
-        for name, want in want_grads.items():
-            scale = want.abs().max()
-            torch.testing.assert_close(
-                grads[name] / scale, want / scale, rtol=0, atol=5e-6, msg=f"rank {rank}: {name}"
-            )
+    _assert_every_rank_matches_single_process(results)
 
 
 @pytest.mark.parametrize("ulysses, ring", [(2, 1), (1, 2)])
 def test_activation_offload_with_sequence_parallel_equals_single_process(distributed, ulysses, ring):
     """Layer inputs to host memory and half of the attention outputs kept: nothing changes."""
-    want_loss, want_grads = _single_process()
     results = distributed(ulysses * ring, _sequence_parallel_worker, 1, ulysses, ring, 0.5)
-    for rank, (loss, grads) in enumerate(results):
-        torch.testing.assert_close(torch.tensor(loss), want_loss, rtol=1e-6, atol=0, msg=f"rank {rank}")
-        for name, want in want_grads.items():
-            scale = want.abs().max()
-            torch.testing.assert_close(
-                grads[name] / scale, want / scale, rtol=0, atol=5e-6, msg=f"rank {rank}: {name}"
-            )
+    _assert_every_rank_matches_single_process(results)
 
 
 def test_activation_offload_of_a_plain_hf_model_swaps_inputs_only():
