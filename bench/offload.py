@@ -44,6 +44,7 @@ import gc
 import logging
 import statistics
 import time
+import traceback
 
 import torch
 
@@ -106,7 +107,10 @@ def activation_case(args, dims: ParallelDims, device: torch.device, seq: int, mo
     """One (sequence, mode): median step time, peak memory, memory held between forward and backward."""
     try:
         return _measure_activations(args, dims, device, seq, mode)
-    except torch.cuda.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError as error:
+        # Where it ran out and how much was reserved but free (fragmentation) decide what to change.
+        frames = traceback.format_exception(error, limit=-8)
+        print(f"OOM at {tokens_label(seq)} {mode}:", "".join(frames), file=sys.stderr, flush=True)
         return None
     finally:
         release()  # the model and the pinned pool of this case are gone once the call has returned
