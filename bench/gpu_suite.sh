@@ -4,7 +4,7 @@
 #   LONGLOOM_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_suite.sh [attention ring linear train offload
 #       offload512 longest expandable optpeak tiles kernels storage checkpoint]
 # expandable: off at 448K (out of memory with the default allocator) with expandable segments.
-# optpeak: the interleaved share-0.5 case first, then auto and gpu (is its high peak its own?).
+# optpeak: the interleaved share-0.5 case, then auto and gpu (each case in a process of its own).
 # longest: one step with offload on at 576K, and off at 416K (measured: 384K runs, 448K out of memory).
 # tiles: the offload table with the tiled MLP (same model otherwise): compare with the offload part.
 # One device call allows 600 s: name one or two parts per call (offload512 and checkpoint take ~5-9 min each).

@@ -24,7 +24,8 @@ DeepSpeed as the trainer builds it (bf16, ZeRO-1 on one rank), sequence 2048. Mo
 the GPU (torch AdamW in DeepSpeed), cpu (ZeRO-Offload, DeepSpeed CPU Adam), interleaved (GPU share from
 the measured performance model, capped by the memory estimate), interleaved at a fixed GPU share of
 0.5 (what a GPU that holds only half of the moments gets). Columns: median full step and optimizer
-step (engine.step), peak GPU memory. CPU Adam compiles a C++ op on first use (about a minute, cached).
+step (engine.step), peak GPU memory. Each case runs in a process of its own (an engine leaves GPU
+memory allocated after destroy(), which would count in the next case's peak). CPU Adam compiles a C++ op on first use (about a minute, cached).
 
 Targets (issue 6): activations <= 5% step-time overhead while removing >= 80% of the checkpointed
 activation memory; interleaved >= 1.5x faster than cpu.
@@ -41,8 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/of
 
 import argparse
 import gc
+import json
 import logging
 import statistics
+import subprocess
 import time
 import traceback
 
@@ -210,8 +213,6 @@ def activation_table(args, dims: ParallelDims, device: torch.device) -> str:
 def optimizer_case(args, dims: ParallelDims, device: torch.device, overrides: list[str]) -> dict:
     import deepspeed
 
-    # Left over from an earlier case (should be ~0): a leak there would inflate this case's peak.
-    allocated_at_start = allocated()
     cfg = load_config(None, [*PRESETS[args.preset]["optimizer_model"], "train.zero_stage=1", *overrides])
     dtype = resolve_dtype(cfg, device)
     torch.manual_seed(0)
@@ -249,7 +250,6 @@ def optimizer_case(args, dims: ParallelDims, device: torch.device, overrides: li
         "step": statistics.median(steps),
         "optimizer": statistics.median(optimizer_steps),
         "peak": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
-        "allocated_at_start": allocated_at_start,
         "gpu_share": getattr(base, "gpu_share", None),
         "kind": type(base).__name__,
     }
@@ -259,16 +259,41 @@ def optimizer_case(args, dims: ParallelDims, device: torch.device, overrides: li
     return result
 
 
+RESULT_PREFIX = "optimizer case result: "
+
+
+def optimizer_case_in_own_process(args, name: str) -> dict:
+    """Runs one optimizer case in a fresh process: on the GPU a case's engine left memory allocated
+    after engine.destroy() (10-14 GiB, BENCHMARKS.md), which inflated the next case's peak."""
+    mode = {long: short for short, long in OPTIMIZER_MODE_NAMES.items()}[name]
+    command = [
+        sys.executable, __file__, "--part", "optimizer", "--optimizer-case", mode, "--preset", args.preset,
+        "--warmup", str(args.warmup), "--iters", str(args.iters),
+    ]  # fmt: skip
+    # A lone process with its own rendezvous: the parent's MASTER_PORT is taken by the parent.
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
+    print(f"optimizer case {name!r}: running in its own process", flush=True)
+    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :])
+    raise RuntimeError(
+        f"optimizer case {name!r} (exit {done.returncode}) printed no result; its output ends:\n"
+        + "\n".join((done.stdout + done.stderr).splitlines()[-30:])
+    )
+
+
 def optimizer_table(args, dims: ParallelDims, device: torch.device) -> str:
     rows, results = [], {}
     for name in args.optimizer_modes:
-        overrides = OPTIMIZER_MODES[name]
-        results[name] = result = optimizer_case(args, dims, device, overrides)
+        results[name] = result = optimizer_case_in_own_process(args, name)
         share = "" if result["gpu_share"] is None else f"{result['gpu_share']:.3f}"
         rows.append([
             name, result["kind"], share, f"{result['step']:.3f} s", f"{result['optimizer']:.3f} s",
             f"{results['cpu']['step'] / result['step']:.2f}x" if "cpu" in results else "",
-            f"{result['peak'] / GIB:.2f} GiB", f"{result['allocated_at_start'] / GIB:.2f} GiB",
+            f"{result['peak'] / GIB:.2f} GiB",
         ])  # fmt: skip
         print(" | ".join(rows[-1]), flush=True)
     if "cpu" in results:
@@ -283,7 +308,6 @@ def optimizer_table(args, dims: ParallelDims, device: torch.device) -> str:
         "engine.step",
         "speed-up vs cpu",
         "peak GPU",
-        "allocated before the case",
     ]
     return markdown_table(headers, rows)
 
@@ -303,8 +327,9 @@ def main() -> None:
         "--optimizer-modes",
         type=lambda text: text.split(","),
         default=list(OPTIMIZER_MODE_NAMES),
-        help="optimizer cases in this order, from gpu,cpu,auto,half (e.g. half alone: is its peak its own?)",
+        help="optimizer cases in this order, from gpu,cpu,auto,half; each runs in a process of its own",
     )
+    parser.add_argument("--optimizer-case", choices=sorted(OPTIMIZER_MODE_NAMES), help=argparse.SUPPRESS)
     parser.add_argument("--act-warmup", type=int, default=1, help="activation part: untimed steps first")
     parser.add_argument(
         "--set",
@@ -328,6 +353,11 @@ def main() -> None:
     init_distributed()
     device = device_for_rank()
     dims = ParallelDims.build(dp=1, ulysses=1, ring=1)
+    if args.optimizer_case:  # a child of optimizer_table: one case, the result as one line of JSON
+        name = OPTIMIZER_MODE_NAMES[args.optimizer_case]
+        result = optimizer_case(args, dims, device, OPTIMIZER_MODES[name])
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return
     started = time.perf_counter()
 
     def report(title: str, what: str, table: str) -> None:
