@@ -13,25 +13,13 @@ import pytest
 import torch
 
 from longloom.attention.tokenwise import LocalCausalSchedule
-from longloom.config import ModelConfig
 from longloom.models.llama import LlamaModel, plain_checkpoint
 from longloom.offload.activations import ActivationOffloader, HostCopy
 from longloom.parallel import ParallelDims
 from longloom.parallel.tokenring import TokenRingSchedule
+from tests.models.tiny import tiny_model_config
 
 SEQ = 32
-
-
-def _config(pattern: str, mlp_tiles: int = 1) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=61,
-        hidden=32,
-        layers=len(pattern),
-        heads=4,
-        kv_heads=2,
-        layer_pattern=pattern,
-        mlp_tiles=mlp_tiles,
-    )
 
 
 def _batch(dims: ParallelDims | None) -> dict[str, torch.Tensor]:
@@ -48,7 +36,9 @@ def _loss_and_grads(
 ):
     """Per step: the loss and every parameter gradient (two steps: the pool's buffers get reused)."""
     torch.manual_seed(0)
-    model = LlamaModel(_config(pattern, mlp_tiles), dims, checkpoint_fn=checkpoint_fn).double()
+    model = LlamaModel(
+        tiny_model_config(pattern, mlp_tiles=mlp_tiles), dims, checkpoint_fn=checkpoint_fn
+    ).double()
     group = dims.sp_group if dims is not None else None
     results = []
     for _ in range(steps):

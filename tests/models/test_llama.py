@@ -3,22 +3,10 @@
 import pytest
 import torch
 
-from longloom.config import ModelConfig
 from longloom.models.llama import LlamaModel
 from longloom.parallel import ParallelDims
 from longloom.parallel.loss import sequence_parallel_cross_entropy
-
-
-def _model_config(pattern: str, checkpointing: bool = True) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=61,
-        hidden=32,
-        layers=len(pattern),
-        heads=4,
-        kv_heads=2,
-        layer_pattern=pattern,
-        activation_checkpointing=checkpointing,
-    )
+from tests.models.tiny import tiny_model_config
 
 
 def _batch(seq: int = 32, batch: int = 2):
@@ -35,7 +23,7 @@ def _batch(seq: int = 32, batch: int = 2):
 
 def _single_device(pattern: str, checkpointing: bool = True):
     torch.manual_seed(0)
-    model = LlamaModel(_model_config(pattern, checkpointing))
+    model = LlamaModel(tiny_model_config(pattern, activation_checkpointing=checkpointing))
     batch = _batch()
     logits = model(batch["tokens"], batch["position_ids"])
     loss = torch.nn.functional.cross_entropy(
@@ -58,7 +46,7 @@ def test_forward_backward_and_checkpointing_agree(pattern):
 
 def test_model_is_causal():
     torch.manual_seed(0)
-    model = LlamaModel(_model_config("LS")).eval()
+    model = LlamaModel(tiny_model_config("LS")).eval()
     batch = _batch()
     with torch.no_grad():
         logits = model(batch["tokens"], batch["position_ids"])
@@ -72,7 +60,7 @@ def test_model_is_causal():
 def _sharded_worker(pattern: str, dp: int, ulysses: int, ring: int):
     dims = ParallelDims.build(dp=dp, ulysses=ulysses, ring=ring)
     torch.manual_seed(0)
-    model = LlamaModel(_model_config(pattern), dims)
+    model = LlamaModel(tiny_model_config(pattern), dims)
     batch = dims.shard_batch(_batch())
     logits = model(batch["tokens"], batch["position_ids"])
     loss, stats = sequence_parallel_cross_entropy(logits, batch["labels"], group=dims.sp_group)

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from longloom.config import ModelConfig
 from longloom.models.llama import LlamaModel
 from longloom.parallel.loss import sequence_parallel_cross_entropy, sequence_parallel_linear_cross_entropy
 from longloom.parallel.sharding import shard_sequence, unshard_tensors
+from tests.models.tiny import tiny_model_config
 
 BATCH, SEQ, HIDDEN, VOCAB = 2, 16, 6, 11
 
@@ -129,7 +129,7 @@ def test_mismatched_shapes_raise():
 
 
 def test_model_loss_call_equals_logits_then_loss():
-    cfg = ModelConfig(vocab_size=61, hidden=32, layers=2, heads=4, kv_heads=2, layer_pattern="LS")
+    cfg = tiny_model_config("LS")
     g = torch.Generator().manual_seed(6)
     tokens = torch.randint(0, 61, (2, 24), generator=g)
     positions = torch.arange(24).expand(2, 24)
