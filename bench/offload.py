@@ -262,10 +262,11 @@ def optimizer_case(args, dims: ParallelDims, device: torch.device, overrides: li
 RESULT_PREFIX = "optimizer case result: "
 
 
-def optimizer_case_in_own_process(args, name: str) -> dict:
-    """Runs one optimizer case in a fresh process: on the GPU a case's engine left memory allocated
-    after engine.destroy() (10-14 GiB, BENCHMARKS.md), which inflated the next case's peak."""
-    mode = {long: short for short, long in OPTIMIZER_MODE_NAMES.items()}[name]
+def optimizer_case_in_own_process(args, mode: str) -> dict:
+    """Runs one optimizer case (gpu, cpu, auto, half) in a fresh process: on the GPU a case's engine
+    left memory allocated after engine.destroy() (10-14 GiB, BENCHMARKS.md), which inflated the next
+    case's peak."""
+    name = OPTIMIZER_MODE_NAMES[mode]
     command = [
         sys.executable, __file__, "--part", "optimizer", "--optimizer-case", mode, "--preset", args.preset,
         "--warmup", str(args.warmup), "--iters", str(args.iters),
@@ -287,8 +288,9 @@ def optimizer_case_in_own_process(args, name: str) -> dict:
 
 def optimizer_table(args, dims: ParallelDims, device: torch.device) -> str:
     rows, results = [], {}
-    for name in args.optimizer_modes:
-        results[name] = result = optimizer_case_in_own_process(args, name)
+    for mode in args.optimizer_modes:
+        name = OPTIMIZER_MODE_NAMES[mode]
+        results[name] = result = optimizer_case_in_own_process(args, mode)
         share = "" if result["gpu_share"] is None else f"{result['gpu_share']:.3f}"
         rows.append([
             name, result["kind"], share, f"{result['step']:.3f} s", f"{result['optimizer']:.3f} s",
@@ -344,7 +346,6 @@ def main() -> None:
     unknown_optimizer = sorted(set(args.optimizer_modes) - set(OPTIMIZER_MODE_NAMES))
     if unknown_optimizer:
         parser.error(f"--optimizer-modes {','.join(unknown_optimizer)}: choose from gpu,cpu,auto,half")
-    args.optimizer_modes = [OPTIMIZER_MODE_NAMES[name] for name in args.optimizer_modes]
     unknown = sorted(set(args.modes) - set(ACTIVATION_MODES))
     if unknown:
         parser.error(f"--modes {','.join(unknown)}: not a mode; choose from {','.join(ACTIVATION_MODES)}")

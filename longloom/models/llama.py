@@ -242,10 +242,7 @@ class LlamaModel(nn.Module):
                 hidden = self.checkpoint_fn(layer, hidden, cos, sin, is_last_layer=index == last)
             else:
                 hidden = layer(hidden, cos, sin)
-        hidden = self.norm(hidden)
-        if labels is None:
-            return self.lm_head(hidden)
-        return self.lm_head(hidden, labels=labels, loss_group=loss_group)
+        return self.lm_head(self.norm(hidden), labels=labels, loss_group=loss_group)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
