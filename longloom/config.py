@@ -7,15 +7,40 @@ checked without starting workers (split sizes, divisibility) and says which key 
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 
 
 class ConfigError(ValueError):
     """A configuration the user must fix; the message names the key and the fix."""
+
+
+def _reject_bool(value: object) -> object:
+    # pydantic's lax mode reads true as 1.0: a flag written where a number belongs is a mistake.
+    if isinstance(value, bool):
+        raise ValueError(f"{str(value).lower()} is a flag, not a number")  # noqa: TRY004 - pydantic reports ValueError only
+    return value
+
+
+# Every whole-number key is strict (true / 2.5 / "3" are refused, not read as 1 / 2 / 3) and every real
+# number is finite and no flag; the ranges are on the fields, so a message can name them.
+Whole = StrictInt
+Real = Annotated[float, BeforeValidator(_reject_bool), Field(allow_inf_nan=False)]
+Flag = StrictBool
+PositiveWhole = Annotated[StrictInt, Field(ge=1)]
 
 
 class _Section(BaseModel):
@@ -23,20 +48,20 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    vocab_size: int = Field(259, ge=2)
-    hidden: int = Field(64, ge=1)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(4, ge=1)
-    kv_heads: int | None = Field(None, ge=1, description="None = heads (no GQA)")
+    vocab_size: Whole = Field(259, ge=2)
+    hidden: Whole = Field(64, ge=1)
+    layers: Whole = Field(2, ge=1)
+    heads: Whole = Field(4, ge=1)
+    kv_heads: Whole | None = Field(None, ge=1, description="None = heads (no GQA)")
     layer_pattern: str = Field("S", description="S softmax, L linear; repeated over the layers")
-    intermediate: int | None = Field(None, ge=1, description="SwiGLU width; None = 8/3 hidden rounded to 8")
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    activation_checkpointing: bool = True
-    linear_decay: bool = Field(True, description="per-head decay in linear layers (Lightning style)")
+    intermediate: Whole | None = Field(None, ge=1, description="SwiGLU width; None = 8/3 hidden rounded to 8")
+    rope_theta: Real = Field(10000.0, gt=0)
+    norm_eps: Real = Field(1e-5, gt=0, lt=1)
+    activation_checkpointing: Flag = True
+    linear_decay: Flag = Field(True, description="per-head decay in linear layers (Lightning style)")
     # Default untiled: tiling costs one more MLP forward per step, which no GPU run has weighed yet
     # against the memory it saves; long-sequence configs (configs/llama8b-1m.yaml) turn it on.
-    mlp_tiles: int | Literal["auto"] = Field(
+    mlp_tiles: Whole | Literal["auto"] = Field(
         1,
         description="token tiles of the tiled MLP (models/tiled_mlp.py); auto = ceil(local tokens / hidden), "
         "1 = untiled",
@@ -78,44 +103,45 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: str = "synthetic:passkey"
-    seq_len: int = Field(256, ge=2)
-    text_column: str = "text"
+    source: str = Field("synthetic:passkey", min_length=1)
+    seq_len: Whole = Field(256, ge=2)
+    text_column: str = Field("text", min_length=1)
 
 
 class ParallelConfig(_Section):
-    dp: int | Literal["auto"] = "auto"
-    ulysses: int = Field(1, ge=1)
-    ring: int | Literal["auto"] = 1
+    dp: PositiveWhole | Literal["auto"] = "auto"
+    ulysses: Whole = Field(1, ge=1)
+    ring: PositiveWhole | Literal["auto"] = 1
 
 
 class TrainConfig(_Section):
-    steps: int = Field(20, ge=1)
-    micro_batch_size: int = Field(1, ge=1, description="samples per data-parallel rank per step")
-    lr: float = Field(1e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(2, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    seed: int = 0
+    steps: Whole = Field(20, ge=1)
+    micro_batch_size: Whole = Field(1, ge=1, description="samples per data-parallel rank per step")
+    lr: Real = Field(1e-3, gt=0)
+    min_lr_ratio: Real = Field(0.1, ge=0, le=1)
+    warmup_steps: Whole = Field(2, ge=0)
+    weight_decay: Real = Field(0.0, ge=0)
+    betas: tuple[Annotated[Real, Field(ge=0, lt=1)], Annotated[Real, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    grad_clip: Real = Field(1.0, ge=0, description="0 disables clipping")
+    # torch.manual_seed and numpy's generators take any 64-bit seed; negative ones read differently.
+    seed: Whole = Field(0, ge=0, lt=2**63)
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    zero_stage: int = Field(1, ge=0, le=3)
-    output_dir: str = "runs/default"
-    log_every: int = Field(1, ge=1)
+    zero_stage: Whole = Field(1, ge=0, le=3)
+    output_dir: str = Field("runs/default", min_length=1)
+    log_every: Whole = Field(1, ge=1)
 
 
 class OffloadConfig(_Section):
-    activations: bool | float = Field(
+    activations: Flag | Real = Field(
         False,
         description="swap checkpointed layer inputs to host memory, with the attention output of this "
         "share of the tokens (true = 1.0: no attention recomputation); the other tokens are recomputed",
     )
     optimizer: Literal["none", "cpu", "interleaved"] = "none"
-    gpu_share: float | Literal["auto"] = Field(
-        "auto", description="interleaved: share of parameter subgroups updated on the GPU"
+    gpu_share: Annotated[Real, Field(gt=0, le=1)] | Literal["auto"] = Field(
+        "auto", description="interleaved: share of parameter subgroups updated on the GPU, in (0, 1]"
     )
-    host_memory_limit_gb: float | None = Field(None, gt=0, description="None = what the host has")
+    host_memory_limit_gb: Real | None = Field(None, gt=0, description="None = what the host has")
 
     @field_validator("activations")
     @classmethod
@@ -132,22 +158,22 @@ class OffloadConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    interval: int = Field(0, ge=0, description="0 = never")
-    keep: int = Field(3, ge=1)
-    async_: bool = Field(True, alias="async")
-    resume: bool = True
+    interval: Whole = Field(0, ge=0, description="0 = never")
+    keep: Whole = Field(3, ge=1)
+    async_: Flag = Field(True, alias="async")
+    resume: Flag = True
 
 
 class LaunchConfig(_Section):
     backend: Literal["auto", "local", "torchrun", "ray"] = "auto"
-    workers: int = Field(1, ge=1)
-    address: str | None = None
-    max_failures: int = Field(0, ge=0)
-    collective_timeout_s: float = Field(600.0, gt=0, description="a hung collective fails after this")
+    workers: Whole = Field(1, ge=1)
+    address: str | None = Field(None, min_length=1)
+    max_failures: Whole = Field(0, ge=0)
+    collective_timeout_s: Real = Field(600.0, gt=0, description="a hung collective fails after this")
 
 
 class DebugConfig(_Section):
-    fail_at_step: int | None = Field(
+    fail_at_step: Whole | None = Field(
         None, ge=1, description="one worker raises at this step, first attempt only"
     )
 
@@ -184,10 +210,24 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=10)")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({_yaml_problem(error)}): fix it, or quote "
+                "it to pass it as text"
+            ) from None
         # `null`-looking data sources or addresses stay strings only when quoted; keep YAML semantics.
         _set_dotted(tree, key.strip(), value)
     return tree
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """'line 3, column 5: mapping values are not allowed here' from a PyYAML error."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -200,15 +240,75 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+@cache
+def _config_schema() -> dict[str, Any]:
+    return LongloomConfig.model_json_schema(by_alias=True)
+
+
+def _field_schema(loc: tuple[Any, ...]) -> tuple[str, dict[str, Any] | None]:
+    """(dotted key, JSON schema of that key) for an error location; union member tags are dropped."""
+    schema, definitions = _config_schema(), _config_schema().get("$defs", {})
+    path: list[str] = []
+    for part in loc:
+        if "$ref" in schema:
+            schema = definitions[schema["$ref"].rsplit("/", 1)[-1]]
+        properties = schema.get("properties", {})
+        if part not in properties:
+            break
+        path.append(str(part))
+        schema = properties[part]
+    return ".".join(path) or ".".join(map(str, loc)), (schema if path else None)
+
+
+def _bound_text(schema: dict[str, Any]) -> str:
+    # pydantic writes a bound inside a union member with its own names (ge, gt, ...), elsewhere JSON schema's.
+    signs = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+    signs |= {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    bounds = [f"{sign} {schema[key]}" for key, sign in signs.items() if key in schema]
+    return f" {' and '.join(bounds)}" if bounds else ""
+
+
+def _allowed(schema: dict[str, Any]) -> str:
+    """The values a key takes, in words, from its JSON schema (types, bounds, choices)."""
+    if "anyOf" in schema:
+        return " or ".join(_allowed(option) for option in schema["anyOf"])
+    if "const" in schema:
+        return repr(schema["const"])
+    if "enum" in schema:
+        return "one of " + ", ".join(map(repr, schema["enum"]))
+    kind = schema.get("type")
+    if kind == "integer":
+        return "a whole number" + _bound_text(schema)
+    if kind == "number":
+        return "a finite number" + _bound_text(schema)
+    if kind == "boolean":
+        return "true or false"
+    if kind == "null":
+        return "null"
+    if kind == "string":
+        return "text" + (f" of at least {schema['minLength']} character" if schema.get("minLength") else "")
+    if kind == "array" and "prefixItems" in schema:
+        return "a list [" + ", ".join(_allowed(item) for item in schema["prefixItems"]) + "]"
+    if "$ref" in schema:
+        return "a section (mapping of keys)"
+    return "see the key's description in longloom/config.py"
+
+
 def _describe(error: ValidationError) -> str:
-    lines = []
+    """One line per key: what was given, why it is refused, and what the key allows."""
+    lines: dict[str, str] = {}
     for item in error.errors():
-        path = ".".join(str(p) for p in item["loc"])
+        key, schema = _field_schema(tuple(item["loc"]))
         if item["type"] == "extra_forbidden":
-            lines.append(f"unknown config key {path!r}: remove it or check its spelling")
-        else:
-            lines.append(f"config key {path!r}: {item['msg']} (got {item.get('input')!r})")
-    return "\n".join(lines)
+            key = ".".join(map(str, item["loc"]))
+            lines[key] = f"unknown config key {key!r}: remove it or check its spelling"
+            continue
+        if key in lines:
+            continue  # the other members of a union say the same thing about the same value
+        message = item["msg"].removeprefix("Value error, ")
+        allowed = f"; allowed: {_allowed(schema)}" if schema else ""
+        lines[key] = f"config key {key!r}={item.get('input')!r}: {message}{allowed}"
+    return "\n".join(lines.values())
 
 
 def config_from_dict(tree: dict[str, Any]) -> LongloomConfig:
@@ -225,7 +325,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist (see configs/ for examples)")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(
+                f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}; fix that line "
+                "(configs/tiny.yaml shows the layout)"
+            ) from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"config file {str(path)!r} is not UTF-8 text (byte {error.start}): is it the right file?"
+            ) from None
         if not isinstance(loaded, dict):
             raise ConfigError(
                 f"config file {str(path)!r} must hold a mapping of sections, not {type(loaded).__name__}"

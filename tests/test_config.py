@@ -60,3 +60,56 @@ def test_kv_heads_that_neither_divide_nor_are_divided_by_ulysses():
     )
     with pytest.raises(ConfigError, match="kv_heads=6 and parallel.ulysses=4"):
         validate_layout(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("train.steps=true", r"'train.steps'=True.*a whole number >= 1"),
+        ("launch.workers=false", r"'launch.workers'=False.*a whole number >= 1"),
+        ("parallel.dp=true", r"'parallel.dp'=True.*a whole number >= 1 or 'auto'"),
+        ("model.hidden=64.0", r"'model.hidden'=64.0.*a whole number"),
+        ("train.lr=true", r"'train.lr'=True: true is a flag, not a number.*> 0"),
+        ("checkpoint.async=1", r"'checkpoint.async'=1.*true or false"),
+    ],
+)
+def test_flags_and_numbers_do_not_pass_for_each_other(override, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("offload.gpu_share=1.5", r"'offload.gpu_share'=1.5.*> 0 and <= 1 or 'auto'"),
+        ("offload.gpu_share=0", r"'offload.gpu_share'=0.*> 0 and <= 1 or 'auto'"),
+        ("parallel.ring=0", r"'parallel.ring'=0.*>= 1 or 'auto'"),
+        ("parallel.dp=-2", r"'parallel.dp'=-2.*>= 1 or 'auto'"),
+        ("train.lr=.nan", r"'train.lr'=nan.*finite number > 0"),
+        ("train.betas=[0.9, 1.0]", r"'train.betas'=1.0.*< 1"),
+        ("train.seed=-1", r"'train.seed'=-1.*>= 0"),
+        ("model.rope_theta=0", r"'model.rope_theta'=0.*> 0"),
+        ("launch.collective_timeout_s=.inf", r"'launch.collective_timeout_s'=inf"),
+        ("train.output_dir=''", r"'train.output_dir'=''.*at least 1 character"),
+    ],
+)
+def test_every_value_is_range_checked_at_load(override, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, [override])
+
+
+def test_valid_edges_still_load():
+    cfg = load_config(
+        None, ["offload.gpu_share=1", "offload.activations=0.5", "parallel.ring=auto", "train.lr=1"]
+    )
+    assert cfg.offload.gpu_share == 1.0 and cfg.offload.activations == 0.5 and cfg.train.lr == 1.0
+    assert load_config(None, ["offload.activations=true"]).offload.activation_share == 1.0
+
+
+def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  hidden: 64\n train: {steps: 3\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml' is not valid YAML: line 3, column 2"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"override 'train.steps=\[1': the value is not valid YAML"):
+        load_config(None, ["train.steps=[1"])
