@@ -5,17 +5,32 @@ Arrow IPC file with one column `tokens: large_list<int32>`, one row per document
 with EOS. The list's values buffer is the flat token stream and its offsets are the document
 boundaries, so a memory-mapped read (`pyarrow.memory_map` + `pyarrow.ipc.open_file`) hands out numpy
 views of the file without copying or loading it: a multi-terabyte corpus costs page cache, not RAM.
+
+Damaged data is refused where it is opened, naming the file and the fix: a malformed index, an
+unreadable Arrow file, token counts that disagree with the index, and token ids outside the vocabulary.
+The index records each shard's smallest and largest token id, so the vocabulary check costs nothing:
+every id must lie in [0, vocab_size of the index), and `build_dataset` refuses an index vocab_size above
+model.vocab_size, so no id reaches the embedding out of range (it used to fail as an IndexError in a
+worker, a minute into training). Folders prepared before the ranges were recorded get them computed
+on open (pyarrow.compute.min_max, one vectorised pass over the memory-mapped values) rather than
+refused: old data keeps working, and a log line says how to record them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.ipc
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "longloom-token-shards"
 FORMAT_VERSION = 1
@@ -29,6 +44,33 @@ DEFAULT_SHARD_TOKENS = 1 << 26
 
 def _prepare_hint(folder: Path) -> str:
     return f"run `longloom data prepare SOURCE {folder}` to turn .txt / .jsonl / .parquet files into shards"
+
+
+def _prepare_again(folder: Path) -> str:
+    return f"prepare it again with `longloom data prepare SOURCE {folder} --overwrite`"
+
+
+class ShardEntry(BaseModel):
+    """One shard of index.json. Token ids are absent in folders of older versions."""
+
+    model_config = ConfigDict(extra="allow")
+    # A plain file name: an index never points outside its folder.
+    file: str = Field(pattern=r"^shard-[0-9]+\.arrow$")
+    documents: StrictInt = Field(ge=0)
+    tokens: StrictInt = Field(ge=0)
+    min_token_id: StrictInt | None = None
+    max_token_id: StrictInt | None = None
+
+
+class IndexFile(BaseModel):
+    """What training needs from index.json; prepare's summary keys are kept as they are."""
+
+    model_config = ConfigDict(extra="allow")
+    format: str
+    version: StrictInt
+    eos_id: StrictInt = Field(ge=0)
+    vocab_size: StrictInt = Field(ge=1)
+    shards: list[ShardEntry] = Field(min_length=1)
 
 
 class ShardWriter:
@@ -73,17 +115,28 @@ class ShardWriter:
         name = f"shard-{len(self.shards):05d}.arrow"
         self._sink = pa.OSFile(str(self.folder / name), "wb")
         self._writer = pa.ipc.new_file(self._sink, SCHEMA)
-        self.shards.append({"file": name, "documents": 0, "tokens": 0})
+        self.shards.append(
+            {"file": name, "documents": 0, "tokens": 0, "min_token_id": None, "max_token_id": None}
+        )
 
     def _flush(self) -> None:
         if not self._pending:
             return
         lengths = np.fromiter((len(d) for d in self._pending), dtype=np.int64, count=len(self._pending))
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        column = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(self._pending)))
+        values = np.concatenate(self._pending)
+        column = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
         self._writer.write_batch(pa.record_batch([column], schema=SCHEMA))
-        self.shards[-1]["documents"] += len(self._pending)
-        self.shards[-1]["tokens"] += int(offsets[-1])
+        shard = self.shards[-1]
+        shard["documents"] += len(self._pending)
+        shard["tokens"] += int(offsets[-1])
+        if len(values):
+            # The id range lets a reader check the data against a model's vocabulary without a scan.
+            low, high = int(values.min()), int(values.max())
+            shard["min_token_id"] = low if shard["min_token_id"] is None else min(low, shard["min_token_id"])
+            shard["max_token_id"] = (
+                high if shard["max_token_id"] is None else max(high, shard["max_token_id"])
+            )
         self._pending, self._pending_tokens = [], 0
 
     def _close_shard(self) -> None:
@@ -100,7 +153,7 @@ def write_index(folder: str | Path, metadata: dict[str, Any]) -> None:
 
 
 def read_index(folder: str | Path) -> dict[str, Any]:
-    """The metadata of a prepared folder; ValueError with the fix if it is not one."""
+    """The metadata of a prepared folder; ValueError naming the file and the fix if it is not one."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"data folder {str(folder)!r} does not exist: {_prepare_hint(folder)}")
@@ -109,12 +162,29 @@ def read_index(folder: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"data folder {str(folder)!r} holds no {INDEX_FILE} (no shards): {_prepare_hint(folder)}"
         )
-    index = json.loads(index_path.read_text())
+    try:
+        index = json.loads(index_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{index_path} is not valid JSON ({error}): the folder is damaged, {_prepare_again(folder)}"
+        ) from None
+    if not isinstance(index, dict):
+        raise ValueError(  # noqa: TRY004 - a damaged file, reported to the user like every other one
+            f"{index_path} holds {type(index).__name__}, not the index of a prepared folder: {_prepare_again(folder)}"
+        )
     if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
         raise ValueError(
             f"{index_path} is format {index.get('format')!r} version {index.get('version')!r}, expected "
-            f"{FORMAT!r} version {FORMAT_VERSION}: prepare the data again ({_prepare_hint(folder)})"
+            f"{FORMAT!r} version {FORMAT_VERSION}: {_prepare_again(folder)}"
         )
+    try:
+        IndexFile.model_validate(index)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, item['loc']))}: {item['msg']} (got {item.get('input')!r})"
+            for item in error.errors()[:3]
+        )
+        raise ValueError(f"{index_path} is malformed ({problems}): {_prepare_again(folder)}") from None
     return index
 
 
@@ -129,8 +199,12 @@ class TokenShards:
         # One segment per record batch: a contiguous int32 view of the file and its document offsets.
         self._values: list[np.ndarray] = []
         self._document_offsets: list[np.ndarray] = []
+        # (shard file, smallest id, largest id) per shard, checked against the index's vocab_size here.
+        self.token_id_ranges: list[tuple[str, int, int]] = []
         for shard in self.metadata["shards"]:
-            self._map_shard(shard)
+            segments = self._map_shard(shard)
+            self.token_id_ranges.append((shard["file"], *self._token_id_range(shard, segments)))
+        self._check_token_ids()
         lengths = [len(values) for values in self._values]
         self._token_starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths, dtype=np.int64)])
         counts = [len(offsets) - 1 for offsets in self._document_offsets]
@@ -138,30 +212,69 @@ class TokenShards:
         self.num_tokens = int(self._token_starts[-1])
         self.num_documents = int(self._document_starts[-1])
 
-    def _map_shard(self, shard: dict[str, Any]) -> None:
+    def _map_shard(self, shard: dict[str, Any]) -> list[np.ndarray]:
+        """Maps one shard's record batches; returns their token values. Damage is named with the fix."""
         path = self.folder / shard["file"]
         if not path.is_file():
             raise ValueError(
                 f"shard {str(path)!r} listed in {INDEX_FILE} is missing: the folder is incomplete, "
-                f"prepare it again ({_prepare_hint(self.folder)})"
+                f"{_prepare_again(self.folder)}"
             )
-        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-        if not reader.schema.equals(SCHEMA):
-            raise ValueError(f"shard {str(path)!r} has schema {reader.schema}, expected {SCHEMA}")
-        tokens = 0
-        for i in range(reader.num_record_batches):
-            column = reader.get_batch(i).column(0)
-            offsets = column.offsets.to_numpy()
-            # Slice by the offsets: a list array's values buffer may extend past its own rows.
-            values = column.values.to_numpy(zero_copy_only=True)[offsets[0] : offsets[-1]]
-            self._values.append(values)
-            self._document_offsets.append(offsets - offsets[0])
-            tokens += len(values)
+        segments = []
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+            if not reader.schema.equals(SCHEMA):
+                raise ValueError(
+                    f"shard {str(path)!r} has schema {reader.schema}, expected {SCHEMA}: "
+                    f"{_prepare_again(self.folder)}"
+                )
+            for i in range(reader.num_record_batches):
+                column = reader.get_batch(i).column(0)
+                offsets = column.offsets.to_numpy()
+                # Slice by the offsets: a list array's values buffer may extend past its own rows.
+                values = column.values.to_numpy(zero_copy_only=True)[offsets[0] : offsets[-1]]
+                segments.append(values)
+                self._document_offsets.append(offsets - offsets[0])
+        except (pa.ArrowException, OSError) as error:
+            # A truncated file has no footer; overwritten bytes break a batch: either way the file is lost.
+            raise ValueError(
+                f"shard {str(path)!r} is damaged and cannot be read (Arrow: {error}): {_prepare_again(self.folder)}"
+            ) from None
+        self._values.extend(segments)
+        tokens = sum(len(values) for values in segments)
         if tokens != shard["tokens"]:
             raise ValueError(
                 f"shard {str(path)!r} holds {tokens} tokens but {INDEX_FILE} says {shard['tokens']}: "
-                f"the folder is corrupt, prepare it again ({_prepare_hint(self.folder)})"
+                f"the folder is corrupt, {_prepare_again(self.folder)}"
             )
+        return segments
+
+    def _token_id_range(self, shard: dict[str, Any], segments: list[np.ndarray]) -> tuple[int, int]:
+        """(smallest, largest) token id of a shard: from the index, or computed for older folders."""
+        if shard.get("min_token_id") is not None and shard.get("max_token_id") is not None:
+            return shard["min_token_id"], shard["max_token_id"]
+        started = time.perf_counter()
+        ranges = [pa.compute.min_max(pa.array(values, type=pa.int32())) for values in segments if len(values)]
+        low = min((r["min"].as_py() for r in ranges), default=0)
+        high = max((r["max"].as_py() for r in ranges), default=0)
+        logger.info(
+            "%s: token id range computed on open (%.1f s; this folder was prepared before the index recorded "
+            "it): prepare it again to skip this",
+            self.folder / shard["file"],
+            time.perf_counter() - started,
+        )
+        return low, high
+
+    def _check_token_ids(self) -> None:
+        """Every id below the index's vocab_size, which build_dataset holds against model.vocab_size."""
+        for file, low, high in self.token_id_ranges:
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(
+                    f"shard {str(self.folder / file)!r} holds token id {low if low < 0 else high}, outside the "
+                    f"vocabulary of its {INDEX_FILE} (vocab_size={self.vocab_size}; a model would fail on it "
+                    f"mid-run): the shard is damaged or was not written by this tokenizer, "
+                    f"{_prepare_again(self.folder)}"
+                )
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of the whole stream as int64 (a copy; crosses batch and shard ends)."""

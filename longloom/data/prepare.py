@@ -9,15 +9,16 @@ Inputs, a file or a folder searched recursively in sorted path order (so the out
 Empty documents (and nulls) are skipped and counted. A document is stored as its tokens followed by EOS.
 
 Everything is written to a temporary sibling of `out_dir` that is renamed to `out_dir` only at the end:
-a failure or an interrupt never leaves a half-written dataset where training would read it.
+a failure or an interrupt never leaves a half-written dataset where training would read it, and nothing
+this command did not write is ever replaced (data/output_folder.py says what is refused).
+The index records each shard's token id range, which training checks against model.vocab_size.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -30,7 +31,12 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from longloom.data.arrow import DEFAULT_SHARD_TOKENS, ShardWriter, write_index
+from longloom.data.output_folder import check_output_folder, staged_output_folder
 from longloom.data.tokenize import load_tokenizer
+
+logger = logging.getLogger(__name__)
+# Without a terminal (a job log) progress is one line this often instead of a bar.
+LOG_PROGRESS_EVERY_S = 30.0
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl",)
@@ -137,33 +143,27 @@ def prepare_dataset(
 ) -> dict[str, Any]:
     """Tokenizes `source` into Arrow shards under `out_dir`; returns a summary (also in index.json).
 
-    `progress` shows a bar only when stderr is a terminal. An existing non-empty `out_dir` is
-    replaced only with `overwrite=True`.
+    `progress` shows a bar when stderr is a terminal, else a log line every 30 s. A non-empty `out_dir`
+    is replaced only with `overwrite=True` and only when an earlier `prepare_dataset` wrote it.
     """
     started = time.perf_counter()
+    if shard_tokens < 1:
+        raise ValueError(f"--shard-tokens={shard_tokens} must be positive (e.g. {DEFAULT_SHARD_TOKENS})")
     files = find_input_files(source)
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(
-            f"output folder {str(out_dir)!r} already exists and is not empty: remove it, choose another "
-            "folder, or pass overwrite=True (--overwrite)"
-        )
+    check_output_folder(Path(source), out_dir, overwrite)
     text_tokenizer = load_tokenizer(tokenizer)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    try:
-        writer = ShardWriter(temporary, shard_tokens=shard_tokens)
-        documents = tokens = skipped = 0
-        total_bytes = sum(path.stat().st_size for path in files)
-        bar = tqdm(
-            total=total_bytes,
-            unit="B",
-            unit_scale=True,
-            desc="prepare",
-            disable=not (progress and sys.stderr.isatty()),
+    total_bytes = sum(path.stat().st_size for path in files)
+    if progress:
+        logger.info(
+            "prepare: %d files, %.1f MB from %s -> %s", len(files), total_bytes / 1e6, source, out_dir
         )
+    with staged_output_folder(out_dir) as staged:
+        writer = ShardWriter(staged, shard_tokens=shard_tokens)
+        documents = tokens = skipped = 0
+        on_terminal = progress and sys.stderr.isatty()
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not on_terminal)
+        next_log = time.monotonic() + LOG_PROGRESS_EVERY_S
         with bar:
             for path in files:
                 for text, size in iter_documents(path, text_column):
@@ -177,6 +177,15 @@ def prepare_dataset(
                     tokens += len(ids) + 1
                     if documents % 1000 == 0:
                         bar.set_postfix(documents=documents, tokens=tokens, refresh=False)
+                        if progress and not on_terminal and time.monotonic() >= next_log:
+                            next_log = time.monotonic() + LOG_PROGRESS_EVERY_S
+                            logger.info(
+                                "prepare: %.0f%% of the input, %d documents, %d tokens, %s",
+                                100 * bar.n / max(total_bytes, 1),
+                                documents,
+                                tokens,
+                                path,
+                            )
         shards = writer.close()
         if documents == 0:
             raise ValueError(
@@ -193,10 +202,12 @@ def prepare_dataset(
             "shards": len(shards),
             "tokenizer": text_tokenizer.name,
             "vocab_size": text_tokenizer.vocab_size,
+            "min_token_id": min(shard["min_token_id"] for shard in shards),
+            "max_token_id": max(shard["max_token_id"] for shard in shards),
             "seconds": round(time.perf_counter() - started, 3),
         }
         write_index(
-            temporary,
+            staged,
             {
                 **summary,
                 "eos_id": text_tokenizer.eos_id,
@@ -207,26 +218,11 @@ def prepare_dataset(
                 "shards": shards,
             },
         )
-        _replace_folder(temporary, out_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     return summary
 
 
 def _with_eos(ids: np.ndarray, eos_id: int) -> np.ndarray:
     return np.append(ids, np.int32(eos_id)).astype(np.int32)
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Moves `new` to `target`; an old `target` is moved aside first and deleted only after the swap."""
-    if not target.exists():
-        new.rename(target)
-        return
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -240,7 +236,11 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an output folder that an earlier `longloom data prepare` wrote (never any other folder)",
+    )
 
 
 def prepare_from_args(args: argparse.Namespace) -> dict[str, Any]:

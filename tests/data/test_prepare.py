@@ -1,10 +1,12 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from longloom.data import output_folder
 from longloom.data.arrow import INDEX_FILE, TokenShards
 from longloom.data.prepare import prepare_dataset
 from longloom.data.tokenize import EOS_ID, ByteTokenizer
@@ -131,3 +133,120 @@ def test_failure_midway_leaves_nothing_and_keeps_the_old_output(tmp_path):
     (source / "b.txt").write_text("second")
     summary = prepare_dataset(source, tmp_path / "out", progress=False, overwrite=True)
     assert summary["documents"] == 2 and _leftovers(tmp_path, "out") == []
+
+
+def _snapshot(root):
+    """Every file's bytes and every folder under `root`: equal snapshots = nothing touched."""
+    return {
+        str(path.relative_to(root)): (path.read_bytes() if path.is_file() else None)
+        for path in sorted(root.rglob("*"))
+    }
+
+
+def _source_tree(root):
+    raw = root / "project" / "raw"
+    (raw / "sub").mkdir(parents=True)
+    (raw / "a.txt").write_text("first source document")
+    (raw / "sub" / "b.jsonl").write_text('{"text": "second"}\n')
+    (root / "project" / "notes.md").write_text("unrelated file next to the data")
+    (root / "project" / "code").mkdir()
+    (root / "project" / "code" / "train.py").write_text("print('keep me')")
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("destination", "relation"),
+    [
+        ("project/raw", "is the data source itself"),
+        ("project", "contains the data source"),
+        (".", "contains the data source"),
+        ("project/raw/shards", "is inside the data source"),
+        ("project/raw/sub", "is inside the data source"),
+    ],
+)
+def test_destination_overlapping_the_source_is_refused_and_nothing_changes(tmp_path, destination, relation):
+    raw = _source_tree(tmp_path)
+    before = _snapshot(tmp_path)
+    with pytest.raises(
+        ValueError, match=rf"{relation}.*Nothing was changed: choose another output folder, e\.g\."
+    ):
+        prepare_dataset(raw, tmp_path / destination, progress=False, overwrite=True)
+    assert _snapshot(tmp_path) == before
+    # A single source file counts as well: its own folder contains it.
+    with pytest.raises(ValueError, match="contains the data source"):
+        prepare_dataset(raw / "a.txt", raw, progress=False, overwrite=True)
+    assert _snapshot(tmp_path) == before
+
+
+def test_overwrite_replaces_only_a_folder_that_prepare_wrote(tmp_path):
+    raw = _source_tree(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thesis.tex").write_text("years of work")
+    before = _snapshot(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"only a folder written by `longloom data prepare`.*Nothing was changed"
+    ):
+        prepare_dataset(raw, other, progress=False, overwrite=True)
+    assert _snapshot(tmp_path) == before
+
+    out = tmp_path / "shards"
+    prepare_dataset(raw, out, progress=False)
+    (out / "my-notes.txt").write_text("added by the user")
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"files it did not write \(my-notes.txt\).*Nothing was changed"):
+        prepare_dataset(raw, out, progress=False, overwrite=True)
+    assert _snapshot(tmp_path) == before
+
+    (out / "my-notes.txt").unlink()
+    (raw / "c.txt").write_text("third")
+    summary = prepare_dataset(raw, out, progress=False, overwrite=True)
+    assert summary["documents"] == 3 and TokenShards(out).num_documents == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "project", "shards"]  # nothing left aside
+
+
+def test_destination_that_is_a_file_or_under_one_is_refused(tmp_path):
+    raw = _source_tree(tmp_path)
+    (tmp_path / "out.arrow").write_text("a file")
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        prepare_dataset(raw, tmp_path / "out.arrow", progress=False, overwrite=True)
+    with pytest.raises(ValueError, match="it is a file, not a folder"):
+        prepare_dataset(raw, tmp_path / "out.arrow" / "deeper" / "shards", progress=False)
+    assert _snapshot(tmp_path) == before
+
+
+def test_failure_midway_into_a_new_folder_leaves_no_destination_and_no_parents(tmp_path):
+    raw = _source_tree(tmp_path)
+    (raw / "z.txt").write_bytes(b"\xff\xfe not utf-8")  # sorted after the good files
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match="z.txt is not UTF-8"):
+        prepare_dataset(raw, tmp_path / "new" / "nested" / "shards", progress=False)
+    assert _snapshot(tmp_path) == before  # no shards, no temporary folder, no created parents
+
+
+def test_unwritable_parent_names_the_folder(tmp_path, monkeypatch):
+    raw = _source_tree(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+
+    def permission_denied(prefix, dir):  # what mkdtemp raises in a folder without write permission
+        raise PermissionError(13, "Permission denied", str(Path(dir) / prefix))
+
+    monkeypatch.setattr(output_folder.tempfile, "mkdtemp", permission_denied)
+    with pytest.raises(
+        ValueError, match=r"cannot write in '.*locked/new' \(Permission denied\): choose an output"
+    ):
+        prepare_dataset(raw, locked / "new" / "shards", progress=False)
+    assert list(locked.iterdir()) == []  # the parent it made is gone again
+
+
+def test_index_records_each_shards_token_id_range(tmp_path):
+    (tmp_path / "a.txt").write_text("AAAA" + "z" * 80)
+    summary = prepare_dataset(tmp_path / "a.txt", tmp_path / "out", shard_tokens=40, progress=False)
+    index = json.loads((tmp_path / "out" / INDEX_FILE).read_text())
+    assert summary["min_token_id"] == ord("A") and summary["max_token_id"] == EOS_ID
+    for entry in index["shards"]:
+        ids = TokenShards(tmp_path / "out")  # the reader keeps them per shard too
+        assert (entry["file"], entry["min_token_id"], entry["max_token_id"]) in ids.token_id_ranges
+    assert index["shards"][0]["min_token_id"] == ord("A") and index["shards"][-1]["max_token_id"] == EOS_ID
