@@ -3,11 +3,15 @@
 The byte tokenizer maps UTF-8 bytes to ids 0..255 and adds three specials, BOS=256, EOS=257, PAD=258
 (vocabulary 259, the default `model.vocab_size`). Every text round-trips exactly, and the synthetic
 tasks and the CPU demo run without any files. A Hugging Face tokenizer is loaded with
-`local_files_only=True`: preparing data never touches the network.
+`local_files_only=True`: preparing data never touches the network. It is also loaded with
+`trust_remote_code=False`, and a folder that asks for custom code (an `auto_map` in its
+tokenizer_config.json or config.json) is refused up front: code from a data, tokenizer or model folder
+never runs, and transformers never stops to ask "[y/N]".
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -64,7 +68,17 @@ class HFTokenizer:
                 "`pip install transformers`, or use the default tokenizer 'bytes'"
             ) from None
         self.name = str(path)
-        self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        refuse_custom_code(Path(path), what="tokenizer")
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                str(path), local_files_only=True, trust_remote_code=False
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"cannot load a Hugging Face tokenizer from {self.name!r} (transformers: {first_line}): pass a "
+                "folder with tokenizer.json / tokenizer_config.json, or the default tokenizer 'bytes'"
+            ) from None
         eos_id = self._tokenizer.eos_token_id
         if eos_id is None:
             raise ValueError(
@@ -81,6 +95,38 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=True)
+
+
+# Files through which a Hugging Face folder asks transformers to import Python code that comes with it.
+CUSTOM_CODE_FILES = ("tokenizer_config.json", "config.json", "preprocessor_config.json")
+
+
+def refuse_custom_code(folder: Path, what: str) -> None:
+    """ValueError when a local Hugging Face folder needs its own Python code (auto_map) to load."""
+    if not folder.is_dir():
+        return
+    for name in CUSTOM_CODE_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            settings = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{path} is not valid JSON ({error}): fix or replace the {what} folder"
+            ) from None
+        if isinstance(settings, dict) and settings.get("auto_map"):
+            classes = (
+                ", ".join(sorted({str(v) for v in settings["auto_map"].values()}))
+                if isinstance(settings["auto_map"], dict)
+                else str(settings["auto_map"])
+            )
+            raise ValueError(
+                f"the {what} folder {str(folder)!r} needs custom Python code to load (auto_map in {name}: "
+                f"{classes}); longloom never runs code that comes with data, tokenizer or model folders: use "
+                f"a {what} that transformers supports without custom code (e.g. a folder with a tokenizer.json "
+                "of the same vocabulary)"
+            )
 
 
 def load_tokenizer(spec: str | Path = "bytes") -> ByteTokenizer | HFTokenizer:

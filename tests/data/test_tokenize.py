@@ -1,3 +1,5 @@
+import io
+import json
 import sys
 import types
 from typing import ClassVar
@@ -65,7 +67,60 @@ def test_hf_tokenizer_loads_locally_only(tmp_path, monkeypatch):
     fake.AutoTokenizer = _RecordingAutoTokenizer
     monkeypatch.setitem(sys.modules, "transformers", fake)
     tokenizer = load_tokenizer(str(tmp_path))
-    assert _RecordingAutoTokenizer.calls == [(str(tmp_path), {"local_files_only": True})]
+    assert _RecordingAutoTokenizer.calls == [
+        (str(tmp_path), {"local_files_only": True, "trust_remote_code": False})
+    ]
     assert (tokenizer.vocab_size, tokenizer.eos_id) == (1000, 2)
     assert tokenizer.encode("hi").tolist() == [104, 105]
     assert tokenizer.decode(tokenizer.encode("hi")) == "hi"
+
+
+def _folder_with_custom_code(folder, config_name="tokenizer_config.json"):
+    """A tokenizer folder whose auto_map points at its own module; importing it writes a marker file."""
+    folder.mkdir()
+    marker = folder / "CODE-RAN"
+    (folder / "evil_tokenizer.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
+    )
+    settings = {"auto_map": {"AutoTokenizer": ["evil_tokenizer.EvilTokenizer", None]}, "eos_token": "</s>"}
+    (folder / config_name).write_text(json.dumps(settings))
+    return marker
+
+
+@pytest.mark.parametrize("config_name", ["tokenizer_config.json", "config.json"])
+def test_tokenizer_folder_with_custom_code_is_refused_and_no_code_runs(tmp_path, config_name, monkeypatch):
+    marker = _folder_with_custom_code(tmp_path / "tok", config_name)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))  # a "[y/N]" prompt would read this
+    with pytest.raises(
+        ValueError, match=rf"needs custom Python code to load \(auto_map in {config_name}.*never runs"
+    ):
+        load_tokenizer(tmp_path / "tok")
+    assert not marker.exists()
+
+
+def test_custom_code_is_refused_by_transformers_too_when_not_declared_where_we_look(tmp_path):
+    """Belt and braces: transformers itself gets trust_remote_code=False."""
+    pytest.importorskip("transformers")
+    marker = _folder_with_custom_code(tmp_path / "tok", "tokenizer_config.json")
+    # Hide the auto_map from our own check; transformers finds it and must refuse rather than ask or run it.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("longloom.data.tokenize.CUSTOM_CODE_FILES", ())
+        with pytest.raises(
+            ValueError, match=r"cannot load a Hugging Face tokenizer from .*tok' \(transformers:"
+        ):
+            load_tokenizer(tmp_path / "tok")
+    assert not marker.exists()
+
+
+def test_a_plain_tokenizer_json_folder_loads(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"<unk>": 0, "</s>": 1, "hello": 2, "world": 3}
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(tmp_path / "plain")
+    tokenizer = load_tokenizer(tmp_path / "plain")
+    assert tokenizer.encode("hello world").tolist() == [2, 3]
+    assert (tokenizer.eos_id, tokenizer.vocab_size) == (1, 4)
