@@ -1,24 +1,46 @@
 """The `longloom` command: train | launch | check | data | ckpt | bench.
 
-User errors (a bad key, a missing folder, sizes that do not divide) print one short message naming
-the value and the fix and exit with status 2; a deep stack trace is never the only message.
+User errors (a bad key, a missing folder, sizes that do not divide, a file that cannot be written)
+print one short message naming the value and the fix and exit with status 2, without a traceback;
+`longloom --debug ...` shows the traceback as well. Any other exception is a bug and keeps its traceback.
+`train` and `check` run the same preflight (longloom/preflight.py) before any worker starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
-from longloom.config import ConfigError, LongloomConfig, load_config, validate_layout
+import yaml
+
+from longloom.config import ConfigError, LongloomConfig, load_config
 from longloom.data.prepare import add_prepare_arguments
-from longloom.data.synthetic import build_dataset
+from longloom.preflight import describe_notes, preflight
 
 USER_ERROR = 2
+logger = logging.getLogger("longloom")
+
+# OSErrors that describe the user's files or machine, not a bug, with what to do about them.
+_OS_ERROR_FIXES: dict[type[OSError], str] = {
+    FileNotFoundError: "check the path",
+    PermissionError: "check its permissions, or choose a path you may read / write",
+    IsADirectoryError: "it is a folder where a file was expected: pass a file",
+    NotADirectoryError: "it (or a part of the path) is a file where a folder was expected: check the path",
+    FileExistsError: "it already exists: remove it or choose another path",
+}
+_ERRNO_FIXES = {
+    errno.ENOSPC: "the disk is full: free space or choose another disk",
+    errno.EDQUOT: "the disk quota is used up: free space or choose another disk",
+    errno.EROFS: "the file system is read-only: choose a writable location",
+    errno.EACCES: "check its permissions, or choose a path you may read / write",
+}
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,10 +58,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     from longloom.launch.dispatch import launch
 
     cfg = _load(args, extra)
-    validate_layout(cfg)
-    # Open the data once here: a missing folder or a vocabulary mismatch is reported before any worker
-    # starts or anything is written under train.output_dir.
-    build_dataset(cfg.data, seed=cfg.train.seed, vocab_size=cfg.model.vocab_size)
+    # Everything a worker would reject deterministically is reported here, before any worker starts,
+    # anything is written under train.output_dir, or launch.max_failures retries what cannot pass.
+    report = preflight(cfg)
+    for note in report.notes:
+        logger.info("note: %s", note)
     return launch(cfg)
 
 
@@ -49,16 +72,17 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from longloom.offload.memory import check_host_memory, estimate_memory, format_estimate
+    """The preflight of `train` without starting anything: OK only when the run can start."""
+    from longloom.offload.memory import format_estimate
 
     cfg = _load(args)
-    dp, ulysses, ring = validate_layout(cfg)
+    report = preflight(cfg)
+    dp, ulysses, ring = report.split
     print(cfg.to_yaml(), end="")
     print(f"# split: {cfg.launch.workers} workers = dp {dp} x ulysses {ulysses} x ring {ring}")
-    estimate = estimate_memory(cfg, cfg.launch.workers)
-    print(format_estimate(estimate))
-    check_host_memory(cfg, estimate)
-    print("# config OK")
+    print(format_estimate(report.estimate))
+    print(describe_notes(report), end="")
+    print("# config OK: the run can start")
     return 0
 
 
@@ -97,6 +121,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longloom", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of user errors too (for bug reports)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model (embedded Ray cluster by default for >1 worker)")
@@ -142,18 +169,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_user_error(error: BaseException) -> str | None:
+    """The one-line message of an expected user error, or None for an exception that is a bug."""
+    if isinstance(error, ValueError | yaml.YAMLError):  # ConfigError is a ValueError
+        return str(error)
+    if not isinstance(error, OSError):
+        return None
+    fix = next((fix for kind, fix in _OS_ERROR_FIXES.items() if isinstance(error, kind)), None)
+    fix = fix or _ERRNO_FIXES.get(error.errno)
+    if fix is None:
+        return None
+    if error.filename is None:
+        return f"{error}: {fix}"
+    what = f"{error.strerror}: {str(error.filename)!r}"
+    if error.filename2 is not None:
+        what += f" -> {str(error.filename2)!r}"
+    return f"{what}: {fix}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         return args.handler(args)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
-        print(f"longloom: error: {error}", file=sys.stderr)
-        return USER_ERROR
     except KeyboardInterrupt:
         print("longloom: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        message = describe_user_error(error)
+        if message is None:
+            raise  # a bug: its traceback is what a report needs
+        if args.debug:
+            traceback.print_exc()
+        print(f"longloom: error: {message}", file=sys.stderr)
+        return USER_ERROR
 
 
 if __name__ == "__main__":

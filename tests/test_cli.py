@@ -7,6 +7,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from longloom.cli import main
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -52,3 +54,73 @@ def test_check_prints_resolved_config_and_memory_estimate():
     result = _longloom("check", "configs/tiny.yaml", "train.steps=7")
     assert result.returncode == 0, result.stderr
     assert "steps: 7" in result.stdout and "per GPU" in result.stdout and "config OK" in result.stdout
+
+
+def _one_message(returncode: int, stderr: str) -> str:
+    """Exit 2 and exactly one message on stderr, without a traceback."""
+    assert returncode == 2, (returncode, stderr)
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("longloom: error: "), stderr
+    return lines[0]
+
+
+def _in_process(capsys, *args: str) -> str:
+    """`longloom ARGS` in this process (a subprocess costs seconds of imports); its one error message."""
+    code = main(list(args))
+    return _one_message(code, capsys.readouterr().err)
+
+
+def _subprocess(*args: str) -> str:
+    result = _longloom(*args)
+    return _one_message(result.returncode, result.stderr)
+
+
+def test_check_refuses_configs_that_cannot_run(tmp_path, capsys):
+    missing = _in_process(capsys, "check", "configs/tiny.yaml", f"data.source={tmp_path / 'nowhere'}")
+    assert "nowhere' does not exist" in missing and "longloom data prepare" in missing
+    # About a million GiB of activations per worker: refused against the GPU, or this host's memory without one.
+    huge = [
+        "model.hidden=65536",
+        "model.heads=64",
+        "model.kv_heads=64",
+        "model.layers=512",
+        "data.seq_len=1048576",
+    ]
+    memory = _in_process(capsys, "check", "configs/tiny.yaml", *huge)
+    assert "GiB" in memory and "parallel.ulysses" in memory
+    (tmp_path / "file").write_text("x")
+    output = _in_process(
+        capsys, "check", "configs/tiny.yaml", f"train.output_dir={tmp_path / 'file' / 'run'}"
+    )
+    assert "train.output_dir=" in output and "not a folder" in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_yaml_syntax_error_is_one_message_and_debug_shows_the_traceback(tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("model:\n  hidden: 64\n train: {steps: 3\n")
+    message = _subprocess("train", str(config))
+    assert "broken.yaml' is not valid YAML: line 3" in message
+    debug = _longloom("--debug", "check", str(config))
+    assert debug.returncode == 2 and "Traceback" in debug.stderr and "is not valid YAML" in debug.stderr
+
+
+def test_strict_values_are_refused_on_the_command_line(capsys):
+    steps = _in_process(capsys, "check", "configs/tiny.yaml", "train.steps=true")
+    assert "'train.steps'=True" in steps and ">= 1" in steps
+    share = _in_process(capsys, "check", "configs/tiny.yaml", "offload.gpu_share=1.5")
+    assert "'offload.gpu_share'=1.5" in share and "> 0 and <= 1 or 'auto'" in share
+
+
+def test_data_prepare_into_its_own_source_or_a_file_is_refused(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.txt").write_text("precious source text")
+    (tmp_path / "target.bin").write_text("not a folder")
+    assert "is the data source itself" in _subprocess("data", "prepare", str(raw), str(raw), "--overwrite")
+    for destination in (tmp_path, tmp_path / "target.bin"):
+        message = _in_process(capsys, "data", "prepare", str(raw), str(destination), "--overwrite")
+        assert "choose" in message
+    assert (raw / "a.txt").read_text() == "precious source text"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.txt", "raw", "target.bin"]

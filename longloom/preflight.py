@@ -1,0 +1,167 @@
+"""Preflight: every check a run can fail deterministically, made once before any worker starts.
+
+`longloom train` runs `preflight(cfg)` before it launches anything; `longloom check` runs the same
+function and says "config OK" only when it passes, so check and train cannot disagree. A failed check
+raises ConfigError (exit 2, one message with the fix) and leaves nothing behind; a run that only a
+worker would reject would otherwise fail after the cluster started, and be retried in vain
+(launch.max_failures).
+
+The checks, in order (`PREFLIGHT_CHECKS`; a new deterministic check is one more function there):
+- layout: the dp x ulysses x ring split and the divisibility rules (config.validate_layout);
+- data: the source opens as the workers will open it (folder, index, shards, token ids) and its
+  vocabulary fits model.vocab_size;
+- output: train.output_dir is, or can be created as, a folder we may write (probed, then removed);
+- memory: the estimate (offload/memory.py) against the GPU when there is one, against this host when
+  the run trains on its CPU, and the pinned host memory; what could not be checked is said plainly.
+What cannot be checked from here (a remote cluster's files and devices) is reported in `notes`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from longloom.config import ConfigError, LongloomConfig, validate_layout
+
+# The memory estimate comes out 12-23% above the peaks measured on an H200 (offload/memory.py): a run is
+# refused only when it would not fit even if the estimate were this much too high.
+ESTIMATE_SLACK = 1.25
+
+
+@dataclass
+class PreflightReport:
+    """What the checks found: the split, the memory estimate, and what they could not check."""
+
+    split: tuple[int, int, int] | None = None
+    estimate: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+PreflightCheck = Callable[[LongloomConfig, PreflightReport], None]
+
+
+def _remote_cluster(cfg: LongloomConfig) -> str | None:
+    """The address when the workers run on another machine (a Ray job submitted over HTTP)."""
+    address = cfg.launch.address or ""
+    return address if address.startswith(("http://", "https://")) else None
+
+
+def check_layout(cfg: LongloomConfig, report: PreflightReport) -> None:
+    report.split = validate_layout(cfg)
+
+
+def check_data(cfg: LongloomConfig, report: PreflightReport) -> None:
+    """Opens data.source as every worker will (data/arrow.py validates the index, shards and token ids)."""
+    from longloom.data.synthetic import SYNTHETIC_PREFIX, build_dataset
+
+    remote = _remote_cluster(cfg)
+    if remote and not cfg.data.source.startswith(SYNTHETIC_PREFIX):
+        report.notes.append(f"data.source not checked here: it is read on the cluster at {remote}")
+        return
+    build_dataset(cfg.data, seed=cfg.train.seed, vocab_size=cfg.model.vocab_size)
+
+
+def check_output_dir(cfg: LongloomConfig, report: PreflightReport) -> None:
+    """train.output_dir exists as a writable folder, or its nearest existing parent is one; nothing is left."""
+    remote = _remote_cluster(cfg)
+    if remote:
+        report.notes.append(f"train.output_dir not checked here: it is written on the cluster at {remote}")
+        return
+    output_dir = Path(cfg.train.output_dir).expanduser()
+    existing = output_dir
+    while not existing.exists():
+        if existing.is_symlink():
+            raise ConfigError(
+                f"train.output_dir={cfg.train.output_dir!r}: {str(existing)!r} is a broken symbolic link; fix "
+                "it or choose another train.output_dir"
+            )
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == output_dir else f"lies under the file {str(existing)!r}"
+        raise ConfigError(
+            f"train.output_dir={cfg.train.output_dir!r} {where}, not a folder: choose another train.output_dir"
+        )
+    try:
+        # A real probe: permissions, read-only file systems and quotas all show here.
+        Path(tempfile.mkdtemp(prefix=".longloom-write-probe-", dir=existing)).rmdir()
+    except OSError as error:
+        raise ConfigError(
+            f"train.output_dir={cfg.train.output_dir!r} cannot be written: {str(existing)!r} refuses new files "
+            f"({error.strerror}); choose a train.output_dir where you may write"
+        ) from None
+
+
+def _memory_advice() -> str:
+    return (
+        "raise the SP degree (parallel.ulysses / parallel.ring, with launch.workers), set offload.activations "
+        "and offload.optimizer, lower data.seq_len or train.micro_batch_size, or use a smaller model"
+    )
+
+
+def check_memory(cfg: LongloomConfig, report: PreflightReport) -> None:
+    """The memory estimate against the device that will hold it, and the pinned host memory."""
+    import torch  # here, not at the top: `longloom data ...` and config errors need no torch import
+
+    from longloom.offload.memory import check_host_memory, estimate_memory, host_memory_bytes, human_bytes
+
+    estimate = estimate_memory(cfg, cfg.launch.workers)
+    report.estimate = estimate
+    per_worker = estimate["per_gpu"]["total"]
+    if cfg.launch.address is not None:
+        report.notes.append(
+            f"GPU and host memory not checked: the workers run on the Ray cluster at launch.address="
+            f"{cfg.launch.address}, whose machines this one cannot see"
+        )
+        return
+    if torch.cuda.is_available():
+        device = min(
+            range(torch.cuda.device_count()), key=lambda i: torch.cuda.get_device_properties(i).total_memory
+        )
+        properties = torch.cuda.get_device_properties(device)
+        if per_worker > ESTIMATE_SLACK * properties.total_memory:
+            raise ConfigError(
+                f"estimated GPU memory per worker: {human_bytes(per_worker)} (activations "
+                f"{human_bytes(estimate['per_gpu']['activations'])}), more than GPU {device} ({properties.name}) "
+                f"has ({human_bytes(properties.total_memory)}): {_memory_advice()}"
+            )
+        if per_worker > properties.total_memory:
+            report.notes.append(
+                f"the estimate ({human_bytes(per_worker)} per GPU) is above GPU {device}'s "
+                f"{human_bytes(properties.total_memory)}; estimates run 12-23% high, so the run may still fit"
+            )
+    else:
+        # Without CUDA the workers train on this machine's CPU: their working memory is host memory.
+        needed = per_worker * estimate["workers_per_host"] + estimate["host_pinned_per_host"]
+        total = host_memory_bytes()
+        if needed > ESTIMATE_SLACK * total:
+            raise ConfigError(
+                f"no GPU here, so the run would train on this machine's CPU: {estimate['workers_per_host']} "
+                f"workers x {human_bytes(per_worker)} (activations {human_bytes(estimate['per_gpu']['activations'])})"
+                f" need {human_bytes(needed)} of memory, this host has {human_bytes(total)}: {_memory_advice()}; "
+                "or run it on GPUs"
+            )
+        report.notes.append(
+            "GPU memory not checked: no CUDA device on this machine (the run trains on its CPU)"
+        )
+    check_host_memory(cfg, estimate)
+
+
+# The order matters only for which message a config with several faults shows first.
+# Hook: the resume-compatibility check (a checkpoint under train.output_dir written for another model
+# size or layout) belongs right after check_output_dir, as one more PreflightCheck.
+PREFLIGHT_CHECKS: list[PreflightCheck] = [check_layout, check_data, check_output_dir, check_memory]
+
+
+def preflight(cfg: LongloomConfig, checks: list[PreflightCheck] | None = None) -> PreflightReport:
+    """Runs every check (default PREFLIGHT_CHECKS); ConfigError / ValueError on the first that fails."""
+    report = PreflightReport()
+    for check in PREFLIGHT_CHECKS if checks is None else checks:
+        check(cfg, report)
+    return report
+
+
+def describe_notes(report: PreflightReport) -> str:
+    return "".join(f"# note: {note}\n" for note in report.notes)
