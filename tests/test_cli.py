@@ -124,3 +124,13 @@ def test_data_prepare_into_its_own_source_or_a_file_is_refused(tmp_path, capsys)
         assert "choose" in message
     assert (raw / "a.txt").read_text() == "precious source text"
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.txt", "raw", "target.bin"]
+
+
+def test_ckpt_convert_to_a_file_is_one_message(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    for destination in (tmp_path / "file", tmp_path / "file" / "inside"):
+        message = _in_process(
+            capsys, "ckpt", "convert", str(tmp_path / "any"), str(destination), "--to", "universal"
+        )
+        assert "file" in message and "folder was expected" in message
+    assert (tmp_path / "file").read_text() == "not a folder"

@@ -250,3 +250,14 @@ def test_index_records_each_shards_token_id_range(tmp_path):
         ids = TokenShards(tmp_path / "out")  # the reader keeps them per shard too
         assert (entry["file"], entry["min_token_id"], entry["max_token_id"]) in ids.token_id_ranges
     assert index["shards"][0]["min_token_id"] == ord("A") and index["shards"][-1]["max_token_id"] == EOS_ID
+
+
+def test_progress_lines_without_a_terminal(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("longloom.data.prepare.LOG_PROGRESS_EVERY_S", 0.0)
+    (tmp_path / "docs.jsonl").write_text(
+        "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(2000))
+    )
+    with caplog.at_level("INFO", logger="longloom.data.prepare"):
+        prepare_dataset(tmp_path / "docs.jsonl", tmp_path / "out", progress=True)
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0].startswith("prepare: 1 files") and any("2000 documents" in line for line in lines)
