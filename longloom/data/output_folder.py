@@ -159,6 +159,12 @@ def _move_into_place(staged: Path, destination: Path) -> None:
         logger.warning("kept %s: files appeared in the old output folder while it was replaced", aside)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def staged_output_folder(destination: Path) -> Iterator[Path]:
     """Yields a fresh temporary sibling of `destination` that becomes `destination` when the block succeeds.
@@ -168,6 +174,8 @@ def staged_output_folder(destination: Path) -> Iterator[Path]:
     created = _make_parents(destination.parent)
     try:
         staged = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+        # mkdtemp makes the folder private (0700); the output should get what mkdir would give it.
+        staged.chmod(0o777 & ~_umask())
     except OSError as error:
         _remove_if_empty(created)
         raise ValueError(

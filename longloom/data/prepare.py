@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -150,7 +151,7 @@ def prepare_dataset(
     if shard_tokens < 1:
         raise ValueError(f"--shard-tokens={shard_tokens} must be positive (e.g. {DEFAULT_SHARD_TOKENS})")
     files = find_input_files(source)
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))  # "." or "x/.." get a real name and parent for the staging
     check_output_folder(Path(source), out_dir, overwrite)
     text_tokenizer = load_tokenizer(tokenizer)
     total_bytes = sum(path.stat().st_size for path in files)

@@ -261,3 +261,10 @@ def test_progress_lines_without_a_terminal(tmp_path, monkeypatch, caplog):
         prepare_dataset(tmp_path / "docs.jsonl", tmp_path / "out", progress=True)
     lines = [record.getMessage() for record in caplog.records]
     assert lines[0].startswith("prepare: 1 files") and any("2000 documents" in line for line in lines)
+
+
+def test_output_folder_gets_the_permissions_mkdir_would_give(tmp_path):
+    (tmp_path / "a.txt").write_text("text")
+    prepare_dataset(tmp_path / "a.txt", tmp_path / "out", progress=False)
+    (tmp_path / "reference").mkdir()
+    assert (tmp_path / "out").stat().st_mode == (tmp_path / "reference").stat().st_mode
