@@ -50,12 +50,24 @@ def _prepare_again(folder: Path) -> str:
     return f"prepare it again with `longloom data prepare SOURCE {folder} --overwrite`"
 
 
+def _replace_by_hand(folder: Path) -> str:
+    # Without a readable index of ours, --overwrite cannot tell the folder is ours and refuses it.
+    return (
+        f"if it holds only {INDEX_FILE} and shard-*.arrow files, delete it and run "
+        f"`longloom data prepare SOURCE {folder}`"
+    )
+
+
+# How prepare names shards; with an index of our format, files named so are ours (data/output_folder.py).
+SHARD_FILE_PATTERN = r"^shard-[0-9]+\.arrow$"
+
+
 class ShardEntry(BaseModel):
     """One shard of index.json. Token ids are absent in folders of older versions."""
 
     model_config = ConfigDict(extra="allow")
     # A plain file name: an index never points outside its folder.
-    file: str = Field(pattern=r"^shard-[0-9]+\.arrow$")
+    file: str = Field(pattern=SHARD_FILE_PATTERN)
     documents: StrictInt = Field(ge=0)
     tokens: StrictInt = Field(ge=0)
     min_token_id: StrictInt | None = None
@@ -166,16 +178,18 @@ def read_index(folder: str | Path) -> dict[str, Any]:
         index = json.loads(index_path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(
-            f"{index_path} is not valid JSON ({error}): the folder is damaged, {_prepare_again(folder)}"
+            f"{index_path} is not valid JSON ({error}): the folder is damaged; {_replace_by_hand(folder)}"
         ) from None
     if not isinstance(index, dict):
         raise ValueError(  # noqa: TRY004 - a damaged file, reported to the user like every other one
-            f"{index_path} holds {type(index).__name__}, not the index of a prepared folder: {_prepare_again(folder)}"
+            f"{index_path} holds {type(index).__name__}, not the index of a prepared folder; "
+            f"{_replace_by_hand(folder)}"
         )
     if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
         raise ValueError(
             f"{index_path} is format {index.get('format')!r} version {index.get('version')!r}, expected "
-            f"{FORMAT!r} version {FORMAT_VERSION}: {_prepare_again(folder)}"
+            f"{FORMAT!r} version {FORMAT_VERSION}: "
+            f"{_prepare_again(folder) if index.get('format') == FORMAT else _replace_by_hand(folder)}"
         )
     try:
         IndexFile.model_validate(index)

@@ -7,21 +7,23 @@ folders this command created, while empty). Before any work the destination is c
 - it may not be the source, lie inside it, or contain it (`prepare raw raw --overwrite` used to delete
   the source files);
 - it must be missing, an empty folder, or, with `--overwrite`, a folder that `data prepare` wrote
-  itself: an index.json of ours and the shards it lists, nothing else. The old folder is moved aside and
-  only the files its index names are deleted, after the new one is in place.
+  itself: an index.json of ours and files named as its shards, nothing else. The old folder is moved
+  aside and only those files are deleted, after the new one is in place.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from longloom.data.arrow import INDEX_FILE, read_index
+from longloom.data.arrow import FORMAT, INDEX_FILE, SHARD_FILE_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -38,18 +40,24 @@ def _relation(destination: Path, source: Path) -> str | None:
 
 
 def prepared_folder_files(folder: Path) -> list[str]:
-    """The entries of a folder written by `data prepare`; ValueError when it is not one, or holds more."""
+    """The entries of a folder written by `data prepare`; ValueError when it is not one, or holds more.
+
+    Ours: an index.json of our format (any version, even with damaged entries, so that --overwrite can
+    replace a damaged or older folder) and files named as prepare names shards; anything else is not.
+    """
+    index_path = folder / INDEX_FILE
     try:
-        index = read_index(folder)
-    except ValueError as error:
+        index = json.loads(index_path.read_bytes())
+    except (OSError, ValueError):
+        index = None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ValueError(
-            f"--overwrite replaces only a folder written by `longloom data prepare`, and {str(folder)!r} is "
-            f"not one ({error}). Nothing was changed: remove it yourself if it can go, or choose another "
-            "output folder"
-        ) from None
-    ours = {INDEX_FILE, *(shard["file"] for shard in index["shards"])}
-    present = set(os.listdir(folder))
-    foreign = sorted(present - ours)
+            f"--overwrite replaces only a folder written by `longloom data prepare`, and {str(folder)!r} is not "
+            f"one (no readable {INDEX_FILE} of format {FORMAT!r}). Nothing was changed: remove it yourself if "
+            "it can go, or choose another output folder"
+        )
+    present = sorted(os.listdir(folder))
+    foreign = [name for name in present if name != INDEX_FILE and not re.fullmatch(SHARD_FILE_PATTERN, name)]
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ValueError(
@@ -57,7 +65,7 @@ def prepared_folder_files(folder: Path) -> list[str]:
             f"did not write ({shown}); --overwrite would delete them. Nothing was changed: move them out, or "
             "choose another output folder"
         )
-    return sorted(present & ours)
+    return present
 
 
 def check_output_folder(source: Path, destination: Path, overwrite: bool) -> None:

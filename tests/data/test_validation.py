@@ -76,22 +76,38 @@ def test_truncated_shard_names_the_file_and_the_fix(prepared, keep):
         TokenShards(prepared)
 
 
+BY_HAND = (
+    r"if it holds only index.json and shard-\*.arrow files, delete it and run `longloom data prepare SOURCE "
+)
+
+
 @pytest.mark.parametrize(
-    ("index_text", "named"),
+    ("index_text", "named", "fix"),
     [
-        ('{"format": "longloom-token-shards", "version": 1, "shards": [', "is not valid JSON"),
-        ("[1, 2]", "holds list, not the index"),
-        ("\xff\xfe", "is not valid JSON"),
+        ('{"format": "longloom-token-shards", "version": 1, "shards": [', "is not valid JSON", BY_HAND),
+        ("[1, 2]", "holds list, not the index", BY_HAND),
+        ("\xff\xfe", "is not valid JSON", BY_HAND),
+        ('{"format": "other", "version": 1}', "is format 'other'", BY_HAND),
+        ('{"format": "longloom-token-shards", "version": 0}', "version 0", FIX),
         (
             '{"format": "longloom-token-shards", "version": 1, "eos_id": 257, "vocab_size": 259}',
             r"malformed \(shards",
+            FIX,
         ),
     ],
 )
-def test_broken_index_names_the_file_and_the_fix(prepared, index_text, named):
+def test_broken_index_names_the_file_and_the_fix(prepared, index_text, named, fix):
     (prepared / INDEX_FILE).write_bytes(index_text.encode("latin-1"))
-    with pytest.raises(ValueError, match=rf"out/index.json.*{named}.*{FIX}"):
+    with pytest.raises(ValueError, match=rf"out/index.json.*{named}.*{fix}"):
         TokenShards(prepared)
+    # The fix works: --overwrite replaces a folder whose index is ours, and refuses one it cannot recognise.
+    source = prepared.parent / "src"
+    if fix == FIX:
+        assert prepare_dataset(source, prepared, progress=False, overwrite=True)["documents"] == 3
+        assert TokenShards(prepared).num_documents == 3
+    else:
+        with pytest.raises(ValueError, match="only a folder written by `longloom data prepare`"):
+            prepare_dataset(source, prepared, progress=False, overwrite=True)
 
 
 @pytest.mark.parametrize(
