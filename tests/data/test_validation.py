@@ -74,6 +74,9 @@ def test_truncated_shard_names_the_file_and_the_fix(prepared, keep):
         ValueError, match=rf"shard '.*out/shard-00001.arrow' is damaged and cannot be read.*{FIX}"
     ):
         TokenShards(prepared)
+    # The fix the message gives works: --overwrite replaces the damaged folder.
+    prepare_dataset(prepared.parent / "src", prepared, shard_tokens=150, progress=False, overwrite=True)
+    assert TokenShards(prepared).num_documents == 3
 
 
 BY_HAND = (
