@@ -3,11 +3,14 @@
 import errno
 import types
 
+import numpy as np
 import pytest
 import torch
 
 from longloom import cli, preflight
 from longloom.config import ConfigError, load_config
+from longloom.data.arrow import ShardWriter, write_index
+from longloom.data.tokenize import EOS_ID
 from longloom.offload.memory import GIB
 
 HUGE_MODEL = [
@@ -127,3 +130,29 @@ def test_user_errors_and_bugs_are_told_apart():
     assert cli.describe_user_error(ConfigError("train.steps=0 ...")) == "train.steps=0 ..."
     assert cli.describe_user_error(RuntimeError("a bug")) is None
     assert cli.describe_user_error(OSError(errno.EIO, "I/O error")) is None
+
+
+def test_data_outside_the_models_vocabulary_is_refused_before_launch(tmp_path, capsys):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    writer = ShardWriter(folder)
+    writer.add(np.asarray([*range(100), 400, EOS_ID] * 10, dtype=np.int32))  # 400: outside bytes' 259 ids
+    write_index(folder, {"eos_id": EOS_ID, "vocab_size": 259, "tokenizer": "bytes", "shards": writer.close()})
+    args = [
+        "check",
+        "configs/tiny.yaml",
+        f"data.source={folder}",
+        "data.seq_len=64",
+        f"train.output_dir={tmp_path / 'r'}",
+    ]
+    assert cli.main(args) == 2
+    assert "shard-00000.arrow' holds token id 400" in capsys.readouterr().err
+    # In range of the data's tokenizer, but the model's embedding is smaller.
+    (folder / "index.json").unlink()
+    (folder / "shard-00000.arrow").unlink()
+    writer = ShardWriter(folder)
+    writer.add(np.asarray([*range(100), EOS_ID] * 10, dtype=np.int32))
+    write_index(folder, {"eos_id": EOS_ID, "vocab_size": 259, "tokenizer": "bytes", "shards": writer.close()})
+    assert cli.main([*args, "model.vocab_size=200"]) == 2
+    assert "set model.vocab_size=259" in capsys.readouterr().err
+    assert cli.main(args) == 0
