@@ -23,6 +23,13 @@ owner is before r) or all of Q on the first half of K/V (Q's owner is after r): 
 every rank at every step. `plan_block` derives this from the chunk ids, so the contiguous layout
 (correct, unbalanced) and non-causal attention come out of the same rule.
 
+Packed documents (`document_ids` [B, S/P], same layout as q): every rank's ids are all-gathered once
+per call (tiny) and copied to the host, where both ends of every block plan it from the same ids
+(`RingDocuments.plan`): an off-diagonal block pair whose document ranges do not overlap is neither
+computed nor is its partial output (or dQ) sent back, and the rest is cut down to the rows that can
+share a document; inside a block the kernels mask (and on GPU skip) the other documents' tiles.
+Q itself still travels the whole ring (a later rank may need it).
+
 Shapes: q [B, S/P, Hq, D], k/v [B, S/P, Hkv, D] (GQA: Hq % Hkv == 0); out like q; lse [B, Hq, S/P].
 """
 
@@ -35,6 +42,7 @@ import torch.distributed as dist
 
 from longloom.attention import merge
 from longloom.attention.blocks import block_attention_backward, block_attention_forward
+from longloom.attention.documents import check_document_ids, meeting_rows
 from longloom.attention.tokenwise import AttentionOutputs, tokenwise_attention
 from longloom.parallel import sharding
 from longloom.parallel.p2p import RingComm
@@ -95,6 +103,94 @@ def restrict_to_query_prefix(plan: BlockPlan | None, query_rows: int, local_len:
     return BlockPlan(slice(plan.q_rows.start, stop), kv_rows, plan.causal)
 
 
+@dataclass(frozen=True)
+class RingDocuments:
+    """Every ring rank's document ids [P, B, S/P]: on the host to plan blocks, on q's device for masks."""
+
+    host: torch.Tensor
+    device: torch.Tensor
+
+    @staticmethod
+    def gather(document_ids: torch.Tensor | None, comm: RingComm) -> RingDocuments | None:
+        """One all-gather over the ring group (every rank must call it); None without ids."""
+        if document_ids is None:
+            return None
+        document_ids = document_ids.contiguous()
+        parts = [torch.empty_like(document_ids) for _ in range(comm.size)]
+        dist.all_gather(parts, document_ids, group=comm.group)
+        stacked = torch.stack(parts)
+        return RingDocuments(host=stacked.cpu(), device=stacked)
+
+    def plan(self, plan: BlockPlan | None, q_owner: int, kv_owner: int, chunk_len: int) -> BlockPlan | None:
+        """`plan` cut down to the rows that can share a document; None if none can.
+
+        The diagonal block keeps its rows (every token meets itself, and its causal mask is aligned
+        top-left over the whole block). Rows are compared chunk by chunk (`chunk_len` local rows): a
+        zigzag shard's two chunks are far apart in the sequence, so its ids are not one interval.
+        """
+        if plan is None or q_owner == kv_owner:
+            return plan
+        q_pieces, kv_pieces = _pieces(plan.q_rows, chunk_len), _pieces(plan.kv_rows, chunk_len)
+        q_host, kv_host = self.host[q_owner], self.host[kv_owner]
+        q_start = kv_start = None
+        for q_piece in q_pieces:
+            for kv_piece in kv_pieces:
+                rows = meeting_rows(q_host[:, q_piece], kv_host[:, kv_piece])
+                if rows is None:
+                    continue
+                q_rows = range(q_piece.start + rows[0].start, q_piece.start + rows[0].stop)
+                kv_rows = range(kv_piece.start + rows[1].start, kv_piece.start + rows[1].stop)
+                if q_start is None:
+                    q_start, q_stop, kv_start, kv_stop = (
+                        q_rows.start,
+                        q_rows.stop,
+                        kv_rows.start,
+                        kv_rows.stop,
+                    )
+                else:
+                    q_start, q_stop = min(q_start, q_rows.start), max(q_stop, q_rows.stop)
+                    kv_start, kv_stop = min(kv_start, kv_rows.start), max(kv_stop, kv_rows.stop)
+        if q_start is None:
+            return None
+        return BlockPlan(slice(q_start, q_stop), slice(kv_start, kv_stop), plan.causal)
+
+    def block(self, plan: BlockPlan, q_owner: int, kv_owner: int) -> dict[str, torch.Tensor]:
+        """The `q_docs` / `k_docs` arguments of block attention for this block."""
+        return {
+            "q_docs": self.device[q_owner][:, plan.q_rows],
+            "k_docs": self.device[kv_owner][:, plan.kv_rows],
+        }
+
+
+def _pieces(rows: slice, chunk_len: int) -> list[slice]:
+    """`rows` cut at the local chunk edges (multiples of `chunk_len`)."""
+    edges = range((rows.start // chunk_len + 1) * chunk_len, rows.stop, chunk_len)
+    starts = [rows.start, *edges]
+    return [slice(start, stop) for start, stop in zip(starts, [*edges, rows.stop])]
+
+
+def plan_pair(
+    q_owner: int,
+    kv_owner: int,
+    world_size: int,
+    layout: str,
+    causal: bool,
+    local_len: int,
+    documents: RingDocuments | None,
+) -> BlockPlan | None:
+    """`plan_block`, then cut to the rows that share documents when there are documents."""
+    plan = plan_block(q_owner, kv_owner, world_size, layout, causal, local_len)
+    if documents is None:
+        return plan
+    return documents.plan(plan, q_owner, kv_owner, local_len // sharding.chunks_per_rank(layout))
+
+
+def block_documents(
+    documents: RingDocuments | None, plan: BlockPlan, q_owner: int, kv_owner: int
+) -> dict[str, torch.Tensor]:
+    return {} if documents is None else documents.block(plan, q_owner, kv_owner)
+
+
 def check_ring_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world_size: int, layout: str
 ) -> None:
@@ -138,6 +234,7 @@ def _forward(
     causal: bool,
     layout: str,
     scale: float | None,
+    documents: RingDocuments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, q, Hq, D] fp32, lse [B, Hq, q] fp32) for this rank's queries.
 
@@ -148,7 +245,7 @@ def _forward(
     query_rows = q.size(1)
 
     def plan_for(q_owner: int, kv_owner: int) -> BlockPlan | None:
-        plan = plan_block(q_owner, kv_owner, world, layout, causal, local_len)
+        plan = plan_pair(q_owner, kv_owner, world, layout, causal, local_len, documents)
         return restrict_to_query_prefix(plan, query_rows, local_len)
 
     q_buffers = [torch.empty_like(q) for _ in range(2 if world > 1 else 0)]
@@ -185,7 +282,12 @@ def _forward(
             plan = plan_for(owner, rank)
             if plan is not None:
                 block_out, block_lse = block_attention_forward(
-                    q_current[:, plan.q_rows], k[:, plan.kv_rows], v[:, plan.kv_rows], plan.causal, scale
+                    q_current[:, plan.q_rows],
+                    k[:, plan.kv_rows],
+                    v[:, plan.kv_rows],
+                    plan.causal,
+                    scale,
+                    **block_documents(documents, plan, owner, rank),
                 )
                 if step == 0:  # own block: always every row (diagonal or full), starts the accumulator
                     out, lse = block_out.float(), block_lse.float().contiguous()
@@ -211,6 +313,7 @@ def _backward(
     causal: bool,
     layout: str,
     scale: float | None,
+    documents: RingDocuments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in fp32; (q, dO, O) travel as one [3, B, S/P, Hq, D] message plus lse."""
     world, rank, local_len = comm.size, comm.rank, q.size(1)
@@ -239,7 +342,7 @@ def _backward(
         incoming = None
         if step >= 2:
             source = (rank + step - 1) % world
-            plan = plan_block(rank, source, world, layout, causal, local_len)
+            plan = plan_pair(rank, source, world, layout, causal, local_len, documents)
             if plan is not None:
                 rows = plan.q_rows.stop - plan.q_rows.start
                 incoming = (plan.q_rows, q.new_empty(q.size(0), rows, q.size(2), q.size(3)))
@@ -248,7 +351,7 @@ def _backward(
         outgoing = None
         if step < world:
             owner = (rank - step) % world
-            plan = plan_block(owner, rank, world, layout, causal, local_len)
+            plan = plan_pair(owner, rank, world, layout, causal, local_len, documents)
             if plan is not None:
                 q_block, dout_block, out_block = current[0][:, :, plan.q_rows].unbind(0)
                 dq_part, dk_part, dv_part = block_attention_backward(
@@ -260,6 +363,7 @@ def _backward(
                     current[1][:, :, plan.q_rows],
                     plan.causal,
                     scale,
+                    **block_documents(documents, plan, owner, rank),
                 )
                 dk[:, plan.kv_rows] += dk_part
                 dv[:, plan.kv_rows] += dv_part
@@ -276,18 +380,29 @@ def _backward(
 
 
 class RingScheduleFunction(torch.autograd.Function):
-    """Autograd around a ring schedule: `forward_fn(q, k, v, comm, causal, layout, scale) -> (out, lse)`
-    and `backward_fn(dout, q, k, v, out, lse, comm, causal, layout, scale) -> (dq, dk, dv)`.
+    """Autograd around a ring schedule:
+    `forward_fn(q, k, v, comm, causal, layout, scale, documents) -> (out, lse)` and
+    `backward_fn(dout, q, k, v, out, lse, comm, causal, layout, scale, documents) -> (dq, dk, dv)`.
 
     Shared by TokenRing and the K/V-ring baseline, which differ only in their schedules.
     """
 
     @staticmethod
     def forward(
-        ctx, q, k, v, comm: RingComm, causal: bool, layout: str, scale: float | None, forward_fn, backward_fn
+        ctx,
+        q,
+        k,
+        v,
+        comm: RingComm,
+        causal: bool,
+        layout: str,
+        scale: float | None,
+        forward_fn,
+        backward_fn,
+        documents: RingDocuments | None = None,
     ):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = forward_fn(q, k, v, comm, causal, layout, scale)
+        out, lse = forward_fn(q, k, v, comm, causal, layout, scale, documents)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.comm, ctx.causal, ctx.layout, ctx.scale, ctx.backward_fn = (
@@ -297,28 +412,40 @@ class RingScheduleFunction(torch.autograd.Function):
             scale,
             backward_fn,
         )
+        ctx.documents = documents
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.backward_fn(dout, q, k, v, out, lse, ctx.comm, ctx.causal, ctx.layout, ctx.scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+        dq, dk, dv = ctx.backward_fn(
+            dout, q, k, v, out, lse, ctx.comm, ctx.causal, ctx.layout, ctx.scale, ctx.documents
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
 class TokenRingSchedule:
     """The causal TokenRing schedule as attention/tokenwise.py's `AttentionSchedule`: the first
     `query_rows` local queries round the ring, and the full backward."""
 
-    def __init__(self, comm: RingComm, layout: str, softmax_scale: float | None):
+    def __init__(
+        self,
+        comm: RingComm,
+        layout: str,
+        softmax_scale: float | None,
+        documents: RingDocuments | None = None,
+    ):
         self.comm, self.layout, self.softmax_scale = comm, layout, softmax_scale
+        self.documents = documents
 
     def forward(self, q, k, v, query_rows):
         query_prefix = q[:, :query_rows].contiguous()  # it travels round the ring
-        return _forward(query_prefix, k, v, self.comm, True, self.layout, self.softmax_scale)
+        return _forward(query_prefix, k, v, self.comm, True, self.layout, self.softmax_scale, self.documents)
 
     def backward(self, dout, q, k, v, out, lse):
-        return _backward(dout, q, k, v, out, lse, self.comm, True, self.layout, self.softmax_scale)
+        return _backward(
+            dout, q, k, v, out, lse, self.comm, True, self.layout, self.softmax_scale, self.documents
+        )
 
 
 def tokenring_attention(
@@ -330,18 +457,24 @@ def tokenring_attention(
     layout: str = "zigzag",
     softmax_scale: float | None = None,
     attention_outputs: AttentionOutputs | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention over the sequence sharded across `group` in `layout`; differentiable in q, k, v.
 
     q: [B, S/P, Hq, D]; k, v: [B, S/P, Hkv, D]; returns [B, S/P, Hq, D] in this rank's layout.
     `attention_outputs` (causal only): token-wise recomputation, attention/tokenwise.py.
+    `document_ids` [B, S/P] (packed documents, sharded like q): attention within each document only.
     A peer that stops answering fails the call after the process group's timeout (see parallel/p2p.py).
     """
     comm = RingComm(group)
     check_ring_inputs(q, k, v, comm.size, layout)
+    check_document_ids(document_ids, q, "tokenring_attention")
+    documents = RingDocuments.gather(document_ids, comm)
     if attention_outputs is not None:
         if not causal:
             raise ValueError("token-wise attention recomputation needs causal attention (causal=True)")
-        schedule = TokenRingSchedule(comm, layout, softmax_scale)
+        schedule = TokenRingSchedule(comm, layout, softmax_scale, documents)
         return tokenwise_attention(q, k, v, attention_outputs, schedule)
-    return RingScheduleFunction.apply(q, k, v, comm, causal, layout, softmax_scale, _forward, _backward)
+    return RingScheduleFunction.apply(
+        q, k, v, comm, causal, layout, softmax_scale, _forward, _backward, documents
+    )

@@ -18,17 +18,12 @@ def packed_document_ids(seq: int, chunks: int, seed: int = 0) -> torch.Tensor:
     rows must still be exact).
     """
     c = seq // chunks
-    lengths = [1, c - 1, 2 * c + c // 2, 3]
+    lengths = [1, c - 1, max(1, min(2 * c + c // 2, seq - c - 4)), 3]
     while sum(lengths) < seq:
         lengths.append(1 + (len(lengths) * 5) % 4)
-    lengths[-1] -= sum(lengths) - seq
     generator = torch.Generator().manual_seed(seed)
     random_lengths: list[int] = []
     while sum(random_lengths) < seq:
         random_lengths.append(int(torch.randint(1, c + 3, (1,), generator=generator)))
-    random_lengths[-1] -= sum(random_lengths) - seq
-    rows = [
-        lengths_to_ids([n for n in lengths if n > 0]),
-        lengths_to_ids([n for n in random_lengths if n > 0], 7),
-    ]
+    rows = [lengths_to_ids(lengths)[:seq], lengths_to_ids(random_lengths, 7)[:seq]]
     return torch.stack(rows)
