@@ -81,6 +81,11 @@ class DataConfig(_Section):
     source: str = "synthetic:passkey"
     seq_len: int = Field(256, ge=2)
     text_column: str = "text"
+    document_masking: bool = Field(
+        True,
+        description="packed samples carry document ids, so attention stays inside each document; "
+        "false: no ids, attention runs across the documents of a sample (the old behaviour)",
+    )
 
 
 class ParallelConfig(_Section):

@@ -22,7 +22,8 @@ import torch
 
 
 class SampleDataset(Protocol):
-    """What the loader needs: samples of int64 [seq_len] tensors and whether to shuffle each epoch."""
+    """What the loader needs: samples of int64 [seq_len] tensors (tokens, position_ids, labels, and
+    document_ids with data.document_masking) and whether to shuffle each epoch."""
 
     shuffle: bool
 
@@ -78,7 +79,8 @@ class GlobalBatchLoader:
         return [self.dataset_index(start + i) for i in range(self.global_batch_size)]
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        """This rank's micro batch of `step`: tokens, position_ids, labels, each int64 [micro, seq_len]."""
+        """This rank's micro batch of `step`: tokens, position_ids, labels (and document_ids when the
+        dataset makes them), each int64 [micro, seq_len]."""
         start = self.first_sample(step) + self.dp_rank * self.micro_batch_size
         samples = [self.dataset[self.dataset_index(start + i)] for i in range(self.micro_batch_size)]
         self.next_step = step + 1

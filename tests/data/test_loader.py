@@ -123,3 +123,9 @@ def test_ranks_in_separate_processes_agree_with_dp1(distributed, tmp_path):
     reference = GlobalBatchLoader(dataset, 4, 0, 1, seed=11).batch(step)
     for name in reference:
         assert torch.equal(torch.cat([part[name] for part in parts]), reference[name])
+
+
+def test_document_ids_travel_with_the_batch():
+    dataset = build_dataset(DataConfig(source="synthetic:recall", seq_len=64), seed=0)
+    batch = GlobalBatchLoader(dataset, 2, 0, 1, seed=0).batch(0)
+    assert batch["document_ids"].shape == batch["tokens"].shape == (2, 64)
