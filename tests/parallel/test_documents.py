@@ -187,10 +187,15 @@ def _bad_ids_worker():
     world = dist.get_world_size()
     q = torch.zeros(1, 4, 4, 8)
     decreasing = torch.tensor([[0, 1, 1, 0]])
+    dims = ParallelDims.build(dp=1, ulysses=world)
     for name, call in (
         ("ulysses_attention", lambda ids: ulysses_attention(q, q, q, dist.group.WORLD, document_ids=ids)),
         ("tokenring_attention", lambda ids: tokenring_attention(q, q, q, dist.group.WORLD, document_ids=ids)),
         ("ring_attention", lambda ids: ring_attention(q, q, q, dist.group.WORLD, document_ids=ids)),
+        (
+            "sequence_parallel_attention",
+            lambda ids: sequence_parallel_attention(q, q, q, dims, document_ids=ids),
+        ),
         (
             "lasp2_linear_attention",
             lambda ids: lasp2_linear_attention(q, q, q, dist.group.WORLD, document_ids=ids),
@@ -209,3 +214,22 @@ def _bad_ids_worker():
 
 def test_bad_document_ids_raise_value_error(distributed):
     assert distributed(2, _bad_ids_worker) == [2, 2]
+
+
+def test_lasp2_triton_scan_restarts_at_documents():
+    """The CUDA path's local scan (Triton, here interpreted) per document, zigzag chunks, with decay."""
+    pytest.importorskip("triton")
+    generator = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(1, 24, 2, 4, generator=generator) for _ in range(4))
+    ids = lengths_to_ids([1, 7, 3, 13])[None]  # a one-token document; boundaries inside both zigzag chunks
+    decay = torch.tensor([0.9, 1.0])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = lasp2_linear_attention(
+        *leaves, None, decay=decay, layout="zigzag", backend="triton", document_ids=ids
+    )
+    out.backward(dout)
+    reference = [t.double().requires_grad_() for t in (q, k, v)]
+    want = reference_linear_attention(*reference, decay.double(), document_ids=ids)
+    want.backward(dout.double())
+    for got, expected in zip((out, *(t.grad for t in leaves)), (want, *(t.grad for t in reference))):
+        assert (got.double() - expected).abs().max() <= TOLERANCE * expected.abs().max()
