@@ -11,10 +11,10 @@ step behind, collecting every rank's share before it arrives back at its owner a
                   receive  K/V[r-t-1] <- r-1, accumulator of r-t <- r-1 (holds ranks r-t .. r-1)
     step P:       send the finished accumulator of r+1 to r+1 and receive mine
 
-Which rows attend which is `tokenring.plan_block` (same zigzag halves, same causal rule), with the
+Which rows attend which is `ring_plan.plan_block` (same zigzag halves, same causal rule), with the
 roles of the owners swapped. dK/dV accumulators travel in fp32.
 
-Packed documents: planned as in TokenRing (`tokenring.RingDocuments`): a block pair without a shared
+Packed documents: planned as in TokenRing (`ring_plan.RingDocuments`): a block pair without a shared
 document is not computed; K/V still travel the whole ring (later ranks need them).
 """
 
@@ -26,14 +26,8 @@ import torch.distributed as dist
 from longloom.attention.blocks import block_attention_backward, block_attention_forward
 from longloom.attention.documents import check_document_ids
 from longloom.parallel.p2p import RingComm
-from longloom.parallel.tokenring import (
-    RingDocuments,
-    RingScheduleFunction,
-    block_documents,
-    check_ring_inputs,
-    merge_into,
-    plan_pair,
-)
+from longloom.parallel.ring_plan import RingDocuments, block_documents, plan_pair
+from longloom.parallel.tokenring import RingScheduleFunction, check_ring_inputs, merge_into
 
 
 def _forward(
