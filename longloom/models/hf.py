@@ -205,7 +205,10 @@ def packed_document_ids(positions: torch.Tensor, dims: ParallelDims) -> torch.Te
     """Document ids [B, S/P] from this rank's share of position ids; None if every row is one document.
 
     A token's id is its index in the full sample minus its position: the index where its document
-    starts. Raises ValueError where positions neither continue (+1) nor restart at 0.
+    starts. Whether a row holds several documents is decided over the whole SP group (one tiny
+    all-reduce): a boundary on a shard edge leaves each rank's own ids constant, and every rank must
+    take the same path (the document path gathers ids). Raises ValueError where positions neither
+    continue (+1) nor restart at 0.
     """
     positions = positions if positions.dim() == 2 else positions.view(1, -1)
     local = positions.size(-1)
@@ -213,7 +216,10 @@ def packed_document_ids(positions: torch.Tensor, dims: ParallelDims) -> torch.Te
         torch.arange(local * dims.sp, device=positions.device), 0, dims.sp_rank, dims.sp, dims.layout
     )
     document_ids = index - positions
-    if bool((document_ids == document_ids[..., :1]).all()):
+    spread = torch.stack((document_ids.amax(-1), -document_ids.amin(-1)))  # [2, B]: max and -min id
+    if dims.sp > 1:
+        dist.all_reduce(spread, op=dist.ReduceOp.MAX, group=dims.sp_group)
+    if bool((spread[0] == -spread[1]).all()):
         return None
     # Consecutive tokens continue (+1) or restart at 0; zigzag's second chunk is far from its first.
     restarts = document_ids[:, 1:] != document_ids[:, :-1]

@@ -276,29 +276,33 @@ def test_a_model_that_is_not_from_transformers_is_refused():
         enable_sequence_parallel(torch.nn.Linear(2, 2), UNSPLIT_DIMS)
 
 
-PACKED_LENGTHS = [5, 1, 12, 14]  # documents of one 32-token sample, as transformers' flash path takes them
-
-
-def _packed_worker(ulysses: int, ring: int):
+def _packed_worker(ulysses: int, ring: int, lengths: list[int]):
     dims = ParallelDims.build(dp=1, ulysses=ulysses, ring=ring)
     model = _model()
     enable_sequence_parallel(model, dims)
     input_ids = _batch()[0]
-    positions = torch.cat([torch.arange(n) for n in PACKED_LENGTHS]).expand(BATCH, -1)
+    positions = torch.cat([torch.arange(n) for n in lengths]).expand(BATCH, -1)
     batch = shard_causal_lm_batch(input_ids, dims, position_ids=positions)
     with torch.no_grad():
         return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
 
 
-@pytest.mark.parametrize("ulysses, ring", [(2, 1), (1, 2)])
-def test_packed_documents_in_position_ids_equal_each_document_alone(distributed, ulysses, ring):
+@pytest.mark.parametrize(
+    "ulysses, ring, lengths",
+    [
+        (2, 1, [5, 1, 12, 14]),  # documents of a 32-token sample, as transformers' flash path takes them
+        (1, 2, [5, 1, 12, 14]),
+        (2, 1, [16, 16]),  # the boundary on the shard edge: each rank alone sees one document
+    ],
+)
+def test_packed_documents_in_position_ids_equal_each_document_alone(distributed, ulysses, ring, lengths):
     from longloom.parallel.sharding import unshard_tensors
 
-    results = distributed(ulysses * ring, _packed_worker, ulysses, ring)
+    results = distributed(ulysses * ring, _packed_worker, ulysses, ring, lengths)
     logits = unshard_tensors(results, 1, "zigzag" if ring > 1 else "contiguous")
     model, input_ids, start = _model(), _batch()[0], 0
     with torch.no_grad():
-        for length in PACKED_LENGTHS:
+        for length in lengths:
             alone = model(input_ids=input_ids[:, start : start + length]).logits
             torch.testing.assert_close(logits[:, start : start + length], alone, rtol=0, atol=2e-5)
             start += length
