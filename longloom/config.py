@@ -106,6 +106,11 @@ class DataConfig(_Section):
     source: str = Field("synthetic:passkey", min_length=1)
     seq_len: Whole = Field(256, ge=2)
     text_column: str = Field("text", min_length=1)
+    document_masking: Flag = Field(
+        True,
+        description="packed samples carry document ids, so attention stays inside each document; "
+        "false: no ids, attention runs across the documents of a sample (the old behaviour)",
+    )
 
 
 class ParallelConfig(_Section):

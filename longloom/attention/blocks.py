@@ -14,6 +14,16 @@ Backends, chosen per call by `select_backend`:
 
 Shapes: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]; out like q; lse [B, Hq, Sq] fp32.
 Causal masks are aligned top-left and need Sq == Sk (ring schedules only use diagonal blocks causally).
+
+Packed documents (`q_docs` [B, Sq], `k_docs` [B, Sk], attention/documents.py): a query sees only the
+keys of its own document; one that sees none gets out 0 and lse -inf. aten's dense cuDNN / flash
+kernels take no such mask, so with ids the GPU path is our Triton kernel, which SKIPS the key tiles
+of other documents instead of computing and discarding them (per query tile it only walks the key
+range of its own documents, found by a searchsorted on the ids). Why not the alternatives: torch's
+`flex_attention` has no backward that takes the final (merged) out and lse, which ring schedules need
+for every block; `torch.nn.attention.varlen` (flash varlen) needs every query in a (query, key)
+segment pair and gives no defined result for a query whose document has no key in the block, which
+off-diagonal ring blocks have. The CPU path is the plain math with the mask.
 """
 
 from __future__ import annotations
@@ -27,10 +37,23 @@ from longloom.attention.reference import attention_scores, check_heads, expand_k
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def select_backend(q: torch.Tensor) -> str:
-    if q.is_cuda and q.dtype in _CUDA_DTYPES:
+def select_backend(q: torch.Tensor, documents: bool = False) -> str:
+    """The backend for q's device and dtype; with packed documents the Triton kernel on CUDA."""
+    if q.is_cuda and q.dtype in _CUDA_DTYPES + ((torch.float32,) if documents else ()):
+        if documents:
+            return "triton"
         return "cudnn" if torch.backends.cudnn.is_available() and _cudnn_works() else "flash"
     return "torch"
+
+
+def _check_document_backend(backend: str, q_docs: torch.Tensor | None, k_docs: torch.Tensor | None) -> None:
+    if (q_docs is None) != (k_docs is None):
+        raise ValueError("block attention needs both q_docs and k_docs, or neither")
+    if q_docs is not None and backend not in ("triton", "torch"):
+        raise ValueError(
+            f"attention backend {backend!r} cannot mask packed documents: use backend='triton' (GPU) or "
+            "'torch', or leave the backend unset"
+        )
 
 
 _cudnn_state: dict[str, bool] = {}
@@ -117,20 +140,27 @@ def block_attention_forward(
     causal: bool,
     softmax_scale: float | None = None,
     backend: str | None = None,
+    q_docs: torch.Tensor | None = None,
+    k_docs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Sq, Hq, D] in q's dtype, lse [B, Hq, Sq] fp32). Not differentiable by autograd."""
     group_size = check_heads(q, k, v)
     scale = _scale(q, softmax_scale)
-    backend = backend or select_backend(q)
+    backend = backend or select_backend(q, q_docs is not None)
+    _check_document_backend(backend, q_docs, k_docs)
     if backend == "triton":
         from longloom.attention.triton_flash import flash_attention_forward
 
+        if q_docs is not None:
+            return flash_attention_forward(q, k, v, causal, scale, q_docs, k_docs)
         return flash_attention_forward(q, k, v, causal, scale)
     if backend == "torch":
         with torch.no_grad():
-            scores = attention_scores(q, k, causal, scale)
+            scores = attention_scores(q, k, causal, scale, q_docs, k_docs)
             lse = torch.logsumexp(scores, dim=-1)
             probs = torch.exp(scores - lse.unsqueeze(-1))
+            if q_docs is not None:  # rows with no key of their document: 0, not NaN
+                probs = probs.masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0)
             out = torch.einsum("bhqk,bkhd->bqhd", probs, expand_kv_heads(v, group_size).to(probs.dtype))
         return out.to(q.dtype), lse if q.dtype == torch.float64 else lse.float()
     expand = _kv_expansion(backend, group_size)
@@ -159,6 +189,8 @@ def block_attention_backward(
     causal: bool,
     softmax_scale: float | None = None,
     backend: str | None = None,
+    q_docs: torch.Tensor | None = None,
+    k_docs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of this block's share, given the *final* out and lse over all blocks.
 
@@ -167,16 +199,21 @@ def block_attention_backward(
     """
     group_size = check_heads(q, k, v)
     scale = _scale(q, softmax_scale)
-    backend = backend or select_backend(q)
+    backend = backend or select_backend(q, q_docs is not None)
+    _check_document_backend(backend, q_docs, k_docs)
     if backend == "triton":
         from longloom.attention.triton_flash import flash_attention_backward
 
+        if q_docs is not None:
+            return flash_attention_backward(dout, q, k, v, out, lse, causal, scale, q_docs, k_docs)
         return flash_attention_backward(dout, q, k, v, out, lse, causal, scale)
     if backend == "torch":
         with torch.no_grad():
-            scores = attention_scores(q, k, causal, scale)
+            scores = attention_scores(q, k, causal, scale, q_docs, k_docs)
             compute = scores.dtype
             probs = torch.exp(scores - lse.to(compute).unsqueeze(-1))  # [B, H, Sq, Sk]
+            if q_docs is not None:  # masked scores are 0 even where lse is -inf
+                probs = probs.masked_fill(torch.isinf(scores), 0.0)
             dout_c, out_c = dout.to(compute), out.to(compute)
             v_full = expand_kv_heads(v, group_size).to(compute)
             k_full = expand_kv_heads(k, group_size).to(compute)
@@ -244,3 +281,37 @@ def _sum_groups(grad: torch.Tensor, group_size: int) -> torch.Tensor:
         return grad
     b, s, h, d = grad.shape
     return grad.view(b, s, h // group_size, group_size, d).sum(3)
+
+
+class _DocumentAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, document_ids, causal, softmax_scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse = block_attention_forward(
+            q, k, v, causal, softmax_scale, q_docs=document_ids, k_docs=document_ids
+        )
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, document_ids)
+        ctx.causal, ctx.softmax_scale = causal, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, document_ids = ctx.saved_tensors
+        dq, dk, dv = block_attention_backward(
+            dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, q_docs=document_ids, k_docs=document_ids
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def document_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    document_ids: torch.Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Self-attention over a whole packed sequence [B, S, H, D] (k/v may have fewer heads), each token
+    within its own document (`document_ids` [B, S]); differentiable in q, k, v."""
+    return _DocumentAttention.apply(q, k, v, document_ids, causal, softmax_scale)

@@ -230,3 +230,83 @@ def chunked_linear_attention(
         q, k, v, log_decay_of(decay, compute_dtype(q.dtype)), initial_state, block_size=block_size
     )
     return out.to(q.dtype), state  # type: ignore[union-attr]
+
+
+def document_segments(document_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """[N, L] non-decreasing ids -> per row, the (start, stop) of each document's run, in order."""
+    host = document_ids.cpu()
+    segments = []
+    for row in host:
+        starts = [0] + ((row[1:] != row[:-1]).nonzero().flatten() + 1).tolist()
+        segments.append(list(zip(starts, starts[1:] + [row.numel()])))
+    return segments
+
+
+def document_scan(
+    scan: Scan,
+    segments: list[list[tuple[int, int]]],
+    q: torch.Tensor | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    initial_state: torch.Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """`scan` with the state (and its decay) restarting at every document start (packed samples).
+
+    Row n of q/k/v [N, L, H, D] is cut into its `segments[n]` (document_segments); each is scanned on
+    its own: the initial state enters only the first segment walked (the first document, or the last
+    when `reverse`), the others start from zero, and the final state is that of the last segment walked
+    (only its document carries on past the row). The backward of this scan is the same construction,
+    so `linear_attention_backward(partial(document_scan, scan, segments), ...)` is exact too.
+    """
+    outputs, finals = [], []
+    for row, row_segments in enumerate(segments):
+        entering = None if initial_state is None else initial_state[row : row + 1]
+        pieces: list[torch.Tensor | None] = [None] * len(row_segments)
+        order = reversed(range(len(row_segments))) if reverse else range(len(row_segments))
+        for index in order:
+            piece, rows = slice(*row_segments[index]), slice(row, row + 1)
+            pieces[index], final = scan(
+                None if q is None else q[rows, piece],
+                k[rows, piece],
+                v[rows, piece],
+                log_decay,
+                entering,
+                reverse,
+            )
+            entering = None  # the next document starts from nothing
+        finals.append(final)
+        if q is not None:
+            outputs.append(torch.cat(pieces, dim=1))  # type: ignore[arg-type]
+    return (None if q is None else torch.cat(outputs)), torch.cat(finals)
+
+
+def chain_document_states(
+    states: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    length: int,
+    first_ids: torch.Tensor,
+    last_ids: torch.Tensor,
+    reverse: bool = False,
+) -> torch.Tensor:
+    """`chain_states` (from a zero state) for pieces that hold packed documents; returns incoming.
+
+    states: [N, B, H, d_k, d_v] of `document_scan`s (only a piece's last document, or first when
+    `reverse`); first_ids / last_ids [N, B]: the document ids at each piece's ends. The running state
+    crosses from one piece into the next only where a document continues across their edge, and a
+    piece passes on the state it received only if it is one document throughout.
+    """
+    piece_decay = decay_powers(log_decay, torch.tensor(length, device=states.device))
+    links = (last_ids[:-1] == first_ids[1:]).to(states.dtype)  # [N - 1, B]: edge n | n + 1 continues
+    whole = (first_ids == last_ids).to(states.dtype)  # [N, B]
+    running = torch.zeros_like(states[0])
+    incoming = torch.empty_like(states)
+    for n in reversed(range(states.size(0))) if reverse else range(states.size(0)):
+        edge = (n if n < states.size(0) - 1 else None) if reverse else (n - 1 if n > 0 else None)
+        carried = torch.zeros_like(running) if edge is None else running * links[edge].view(-1, 1, 1, 1)
+        incoming[n] = carried
+        if piece_decay is not None:
+            carried = carried * piece_decay.view(-1, 1, 1)
+        running = states[n] + carried * whole[n].view(-1, 1, 1, 1)
+    return incoming

@@ -2,6 +2,8 @@
 
 Tensors are [B, S, H, D]; lse is [B, H, S] in fp32 (fp64 for fp64 inputs), natural log.
 GQA: query head h reads key/value head h // (Hq // Hkv).
+Packed documents: `q_docs` [B, Sq] / `k_docs` [B, Sk] (attention/documents.py) restrict each query
+to the keys of its own document; a query that sees no key gets out 0 and lse -inf.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from longloom.attention.documents import document_mask
 
 
 def check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
@@ -35,18 +39,27 @@ def expand_kv_heads(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def attention_scores(
-    q: torch.Tensor, k: torch.Tensor, causal: bool, softmax_scale: float | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    causal: bool,
+    softmax_scale: float | None,
+    q_docs: torch.Tensor | None = None,
+    k_docs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scaled scores [B, H, Sq, Sk] in the compute dtype, causal mask aligned top-left (Sq == Sk)."""
+    """Scaled scores [B, H, Sq, Sk] in the compute dtype, causal mask aligned top-left (Sq == Sk),
+    -inf between different documents when `q_docs` / `k_docs` are given."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.size(-1))
     k = expand_kv_heads(k, check_heads(q, k, k))
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute_dtype), k.to(compute_dtype)) * scale
+    if causal and q.size(1) != k.size(1):
+        raise ValueError(
+            f"causal block attention needs equal query/key lengths; got {q.size(1)} and {k.size(1)}"
+        )
+    if q_docs is not None and k_docs is not None:
+        visible = document_mask(q_docs, k_docs, causal)
+        return scores.masked_fill(~visible[:, None], float("-inf"))
     if causal:
-        if q.size(1) != k.size(1):
-            raise ValueError(
-                f"causal block attention needs equal query/key lengths; got {q.size(1)} and {k.size(1)}"
-            )
         mask = torch.ones(q.size(1), k.size(1), dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(mask, float("-inf"))
     return scores
@@ -58,12 +71,16 @@ def attention_with_lse(
     v: torch.Tensor,
     causal: bool = False,
     softmax_scale: float | None = None,
+    q_docs: torch.Tensor | None = None,
+    k_docs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] in fp32/fp64). Differentiable."""
     group_size = check_heads(q, k, v)
-    scores = attention_scores(q, k, causal, softmax_scale)
+    scores = attention_scores(q, k, causal, softmax_scale, q_docs, k_docs)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1))
+    if q_docs is not None:  # a query with no key in its document: lse -inf, probabilities 0 (not NaN)
+        probs = probs.masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0)
     v = expand_kv_heads(v, group_size).to(scores.dtype)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     return out.to(q.dtype), lse
@@ -75,14 +92,23 @@ def reference_attention(
     v: torch.Tensor,
     causal: bool = False,
     softmax_scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return attention_with_lse(q, k, v, causal, softmax_scale)[0]
+    """Self-attention over one whole sequence; `document_ids` [B, S] masks across documents."""
+    return attention_with_lse(q, k, v, causal, softmax_scale, document_ids, document_ids)[0]
 
 
 def reference_linear_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Quadratic causal linear attention: o_t = sum_{s<=t} decay[h]^(t-s) (q_t . k_s) v_s. [B, S, H, D]."""
+    """Quadratic causal linear attention: o_t = sum_{s<=t} decay[h]^(t-s) (q_t . k_s) v_s. [B, S, H, D].
+
+    With `document_ids` [B, S] only keys s of t's own document count (state and decay restart there).
+    """
     seq = q.size(1)
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute_dtype), k.to(compute_dtype))
@@ -96,5 +122,8 @@ def reference_linear_attention(
         weights = torch.where(
             causal, torch.exp(log_decay * distance.clamp(min=0)), torch.zeros((), dtype=compute_dtype)
         )
+    if document_ids is not None:
+        same = document_mask(document_ids, document_ids, causal=False)  # [B, S, S]
+        weights = weights * same[:, None].to(compute_dtype)  # [B, H, S, S]
     out = torch.einsum("bhqk,bkhd->bqhd", scores * weights, v.to(compute_dtype))
     return out.to(q.dtype)

@@ -73,18 +73,29 @@ class LocalCausalSchedule:
     """Causal attention over the whole sequence on this rank [B, S, H, D].
 
     The first r queries attend only to the first r keys, so their recomputation is a smaller causal
-    block, top-left aligned like the full one, with no merge.
+    block, top-left aligned like the full one, with no merge. `document_ids` [B, S] (packed documents)
+    restrict each query to its own document, in the recomputation too.
     """
 
-    def __init__(self, softmax_scale: float | None = None):
+    def __init__(self, softmax_scale: float | None = None, document_ids: torch.Tensor | None = None):
         self.softmax_scale = softmax_scale
+        self.document_ids = document_ids
+
+    def _documents(self, rows: slice) -> dict[str, torch.Tensor]:
+        if self.document_ids is None:
+            return {}
+        return {"q_docs": self.document_ids[:, rows], "k_docs": self.document_ids[:, rows]}
 
     def forward(self, q, k, v, query_rows):
         rows = slice(0, query_rows)
-        return block_attention_forward(q[:, rows], k[:, rows], v[:, rows], True, self.softmax_scale)
+        return block_attention_forward(
+            q[:, rows], k[:, rows], v[:, rows], True, self.softmax_scale, **self._documents(rows)
+        )
 
     def backward(self, dout, q, k, v, out, lse):
-        return block_attention_backward(dout, q, k, v, out, lse, True, self.softmax_scale)
+        return block_attention_backward(
+            dout, q, k, v, out, lse, True, self.softmax_scale, **self._documents(slice(None))
+        )
 
 
 class _TokenwiseAttention(torch.autograd.Function):

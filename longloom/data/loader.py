@@ -11,6 +11,11 @@ The position in the stream is training state: `state_dict()` stores the next ste
 consumed. After `load_state_dict`, the batch of that step starts at the consumed sample count, so a
 run resumed with another global batch size (say more data-parallel ranks) neither repeats nor skips
 samples.
+
+Packed documents: samples may carry `document_ids` (data.document_masking). A micro batch whose samples
+are each one document (synthetic tasks, or windows inside one long document) goes out without them:
+the ids say nothing there, and without them attention takes its plain causal path (the fused dense
+kernels). Every rank of an SP group reads the same micro batch, so they all make the same choice.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import torch
 
 
 class SampleDataset(Protocol):
-    """What the loader needs: samples of int64 [seq_len] tensors and whether to shuffle each epoch."""
+    """What the loader needs: samples of int64 [seq_len] tensors (tokens, position_ids, labels, and
+    document_ids with data.document_masking) and whether to shuffle each epoch."""
 
     shuffle: bool
 
@@ -78,11 +84,16 @@ class GlobalBatchLoader:
         return [self.dataset_index(start + i) for i in range(self.global_batch_size)]
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        """This rank's micro batch of `step`: tokens, position_ids, labels, each int64 [micro, seq_len]."""
+        """This rank's micro batch of `step`: tokens, position_ids, labels (and document_ids when the
+        dataset makes them), each int64 [micro, seq_len]."""
         start = self.first_sample(step) + self.dp_rank * self.micro_batch_size
         samples = [self.dataset[self.dataset_index(start + i)] for i in range(self.micro_batch_size)]
         self.next_step = step + 1
-        return {name: torch.stack([sample[name] for sample in samples]) for name in samples[0]}
+        batch = {name: torch.stack([sample[name] for sample in samples]) for name in samples[0]}
+        document_ids = batch.get("document_ids")
+        if document_ids is not None and bool((document_ids == document_ids[:, :1]).all()):
+            del batch["document_ids"]  # one document per sample: plain causal attention is the same
+        return batch
 
     def __iter__(self):
         while True:

@@ -5,7 +5,10 @@ is the window `stream[i*S : i*S + S + 1]`:
 - `tokens` = window[:-1] and `labels` = window[1:], shifted here once so that sequence-parallel ranks
   never need their neighbour's first token;
 - `position_ids` count from 0 at the window start and restart at 0 after each EOS, so RoPE sees
-  per-document positions (Megatron's `reset_position_ids`).
+  per-document positions (Megatron's `reset_position_ids`);
+- `document_ids` (with `data.document_masking`, the default) number the documents of the window from 0,
+  a new one right after each EOS, so attention stays inside each document (Llama-3-style document
+  masking; models/llama.py). They never decrease, as parallel/ sharding expects.
 
 Kept simple on purpose: windows overlap by one token (the last label of sample i is the first token of
 sample i+1), so only the tail shorter than a window is unused; the label at an EOS is the next
@@ -33,14 +36,24 @@ def document_position_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
     return np.arange(n, dtype=np.int64) - np.maximum.accumulate(document_start)
 
 
-def pack_window(window: np.ndarray, eos_id: int) -> dict[str, torch.Tensor]:
-    """A window of S + 1 tokens -> tokens, position_ids, labels, each int64 [S]."""
+def document_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+    """Which document of the window each token is in, [n] int64: 0 first, +1 right after every EOS."""
+    starts = np.zeros(len(tokens), dtype=np.int64)
+    starts[1:] = tokens[:-1] == eos_id
+    return np.cumsum(starts)
+
+
+def pack_window(window: np.ndarray, eos_id: int, document_masking: bool = True) -> dict[str, torch.Tensor]:
+    """A window of S + 1 tokens -> tokens, position_ids, labels (and document_ids), each int64 [S]."""
     tokens = np.asarray(window[:-1], dtype=np.int64)
-    return {
+    sample = {
         "tokens": torch.from_numpy(tokens),
         "position_ids": torch.from_numpy(document_position_ids(tokens, eos_id)),
         "labels": torch.from_numpy(np.asarray(window[1:], dtype=np.int64)),
     }
+    if document_masking:
+        sample["document_ids"] = torch.from_numpy(document_ids(tokens, eos_id))
+    return sample
 
 
 class PackedTokenDataset:
@@ -49,7 +62,7 @@ class PackedTokenDataset:
     # Neighbouring windows come from the same document: the loader shuffles them each epoch.
     shuffle = True
 
-    def __init__(self, shards: TokenShards, seq_len: int):
+    def __init__(self, shards: TokenShards, seq_len: int, document_masking: bool = True):
         if seq_len < 1:
             raise ValueError(f"data.seq_len={seq_len} must be positive")
         if shards.num_tokens < seq_len + 1:
@@ -59,13 +72,16 @@ class PackedTokenDataset:
             )
         self.shards = shards
         self.seq_len = seq_len
+        self.document_masking = document_masking
         self.eos_id = shards.eos_id
         self.vocab_size = shards.vocab_size
         self._num_samples = (shards.num_tokens - 1) // seq_len
 
     @classmethod
-    def from_folder(cls, folder: str | Path, seq_len: int) -> PackedTokenDataset:
-        return cls(TokenShards(folder), seq_len)
+    def from_folder(
+        cls, folder: str | Path, seq_len: int, document_masking: bool = True
+    ) -> PackedTokenDataset:
+        return cls(TokenShards(folder), seq_len, document_masking)
 
     def __len__(self) -> int:
         return self._num_samples
@@ -76,4 +92,5 @@ class PackedTokenDataset:
                 f"sample {index} is outside the {self._num_samples} samples of {self.shards.folder}"
             )
         start = index * self.seq_len
-        return pack_window(self.shards.tokens(start, start + self.seq_len + 1), self.eos_id)
+        window = self.shards.tokens(start, start + self.seq_len + 1)
+        return pack_window(window, self.eos_id, self.document_masking)

@@ -115,8 +115,12 @@ class SyntheticTaskDataset:
     shuffle = False
     vocab_size = BYTE_VOCAB_SIZE
 
-    def __init__(self, name: str, make_window: Callable, seq_len: int, seed: int):
+    def __init__(
+        self, name: str, make_window: Callable, seq_len: int, seed: int, document_masking: bool = True
+    ):
         self.name = name
+        # A sample is one document (ids all 0): the same contract as packed data, nothing masked.
+        self.document_masking = document_masking
         self.make_window = make_window
         self.seq_len = seq_len
         self.seed = seed
@@ -134,11 +138,14 @@ class SyntheticTaskDataset:
             raise IndexError(f"sample {index} of {self.name} must be non-negative")
         window, answer = self.window(index)
         labels = np.where(answer[1:], window[1:], IGNORE_INDEX)
-        return {
+        sample = {
             "tokens": torch.from_numpy(np.ascontiguousarray(window[:-1], dtype=np.int64)),
             "position_ids": torch.arange(self.seq_len, dtype=torch.int64),
             "labels": torch.from_numpy(labels.astype(np.int64)),
         }
+        if self.document_masking:
+            sample["document_ids"] = torch.zeros(self.seq_len, dtype=torch.int64)
+        return sample
 
 
 SYNTHETIC_TASKS: dict[str, Callable] = {"passkey": passkey_window, "recall": recall_window}
@@ -157,9 +164,11 @@ def build_dataset(
         if task not in SYNTHETIC_TASKS:
             choices = ", ".join(SYNTHETIC_PREFIX + name for name in SYNTHETIC_TASKS)
             raise ValueError(f"data.source={source!r} is not a synthetic task: choose one of {choices}")
-        dataset = SyntheticTaskDataset(source, SYNTHETIC_TASKS[task], data_cfg.seq_len, seed)
+        dataset = SyntheticTaskDataset(
+            source, SYNTHETIC_TASKS[task], data_cfg.seq_len, seed, data_cfg.document_masking
+        )
     else:
-        dataset = PackedTokenDataset.from_folder(source, data_cfg.seq_len)
+        dataset = PackedTokenDataset.from_folder(source, data_cfg.seq_len, data_cfg.document_masking)
     if vocab_size is not None and dataset.vocab_size > vocab_size:
         raise ValueError(
             f"data.source={source!r} uses a vocabulary of {dataset.vocab_size} tokens but model.vocab_size="

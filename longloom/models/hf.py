@@ -11,11 +11,15 @@ sequence therefore makes an unmodified HF model sequence-parallel, once RoPE see
     loss, stats = causal_lm_loss(logits, batch["shift_labels"], dims)
     loss.backward()                                             # then average grads over dp x sp
 
-Supported: causal self-attention with no mask but causality (one document per sample; right
-padding is turned into ignored labels). What SP attention cannot reproduce raises ValueError
-instead of training on a silently different model: padding or packed-document masks, sliding
-windows shorter than the sequence, chunked or non-attention layers, attention dropout, softcap,
-sinks, non-causal models, and KV caches (generation).
+Supported: causal self-attention, over the whole sample or per packed document; right padding is
+turned into ignored labels. Packed documents are given as transformers' flash-attention path takes
+them: `position_ids` that restart at 0 where a document starts (cut by `shard_causal_lm_batch` from
+the full sample's positions). A forward pre-hook turns them into document ids (token index minus
+position: the index where each token's document starts, which never decreases) and hands them to
+SP attention through HF's keyword arguments. What SP attention cannot reproduce raises ValueError
+instead of training on a silently different model: padding masks, sliding windows shorter than the
+sequence, chunked or non-attention layers, attention dropout, softcap, sinks, non-causal models,
+and KV caches (generation).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ UNSUPPORTED_ATTENTION_KWARGS = (
     "cu_seq_lens_q",
     "cu_seq_lens_k",
 )
+# The keyword argument through which the input hook passes packed-document ids down to attention.
+DOCUMENT_IDS_KWARG = "longloom_document_ids"
 # Layer kinds that reach attention through AttentionInterface. Others (chunked attention, whose mask
 # HF drops for custom implementations; linear attention or SSM layers, which would only see the
 # local share of the sequence) would silently compute something else.
@@ -127,6 +133,8 @@ def _attention_function(dims: ParallelDims):
             softmax_scale=scaling,
             # From the layer call of activation offload (models/hf_offload.py), through HF's kwargs.
             attention_outputs=kwargs.get("attention_outputs"),
+            # From the input hook (packed documents in position_ids), through HF's kwargs.
+            document_ids=kwargs.get(DOCUMENT_IDS_KWARG),
         )
         return out, None  # no attention weights: the full S x S matrix never exists anywhere
 
@@ -165,7 +173,7 @@ def _check_attention_call(module, query, key, attention_mask, dropout, kwargs, d
 
 
 def _input_check(signature: inspect.Signature, dims: ParallelDims, name: str):
-    def check(model: PreTrainedModel, args: tuple, kwargs: dict) -> None:
+    def check(model: PreTrainedModel, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # A later enable (or set_attn_implementation) leaves this hook behind: it then does nothing.
         if model.config._attn_implementation != name:
             return
@@ -183,21 +191,50 @@ def _input_check(signature: inspect.Signature, dims: ParallelDims, name: str):
                     "tokens from 0; pass position_ids from shard_causal_lm_batch"
                 )
             return
-        # The local positions must be this rank's share of consecutive ones (up to an offset per row):
-        # anything else means packed documents, which HF would mask and SP attention would not.
-        local = positions.size(-1)
-        expected = shard_tensor(
-            torch.arange(local * dims.sp, device=positions.device), 0, dims.sp_rank, dims.sp, dims.layout
-        )
-        offset = positions - expected
-        if not bool((offset == offset[..., :1]).all()):
-            raise ValueError(
-                "position_ids are not this rank's share of consecutive positions (packed documents, or not cut "
-                "by shard_causal_lm_batch): HF would mask attention across documents, longloom SP attention "
-                "does not; put one document per sample"
-            )
+        # The local positions are this rank's share of consecutive ones (up to an offset per row) for one
+        # document per sample; positions that restart at 0 mark packed documents.
+        document_ids = packed_document_ids(positions, dims)
+        if document_ids is None:
+            return None
+        return args, {**kwargs, DOCUMENT_IDS_KWARG: document_ids}
 
     return check
+
+
+def packed_document_ids(positions: torch.Tensor, dims: ParallelDims) -> torch.Tensor | None:
+    """Document ids [B, S/P] from this rank's share of position ids; None if every row is one document.
+
+    A token's id is its index in the full sample minus its position: the index where its document
+    starts. Whether a row holds several documents is decided over the whole SP group (one tiny
+    all-reduce): a boundary on a shard edge leaves each rank's own ids constant, and every rank must
+    take the same path (the document path gathers ids). Raises ValueError where positions neither
+    continue (+1) nor restart at 0.
+    """
+    positions = positions if positions.dim() == 2 else positions.view(1, -1)
+    local = positions.size(-1)
+    index = shard_tensor(
+        torch.arange(local * dims.sp, device=positions.device), 0, dims.sp_rank, dims.sp, dims.layout
+    )
+    document_ids = index - positions
+    spread = torch.stack((document_ids.amax(-1), -document_ids.amin(-1)))  # [2, B]: max and -min id
+    if dims.sp > 1:
+        dist.all_reduce(spread, op=dist.ReduceOp.MAX, group=dims.sp_group)
+    if bool((spread[0] == -spread[1]).all()):
+        return None
+    # Consecutive tokens continue (+1) or restart at 0; zigzag's second chunk is far from its first.
+    restarts = document_ids[:, 1:] != document_ids[:, :-1]
+    chunk_starts = torch.zeros_like(restarts)
+    if dims.layout == "zigzag":
+        chunk_starts[:, local // 2 - 1] = True  # the second chunk is far from the first: no rule there
+    bad = restarts & ~chunk_starts & (positions[:, 1:] != 0)
+    if bool(bad.any()):
+        row, column = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"position_ids go from {int(positions[row, column])} to {int(positions[row, column + 1])} at local "
+            f"position {column + 1} of row {row}: within a sample, positions must count up by 1 and restart at "
+            "0 where a packed document starts; cut them with shard_causal_lm_batch from the full positions"
+        )
+    return document_ids
 
 
 def shard_causal_lm_batch(
@@ -205,6 +242,7 @@ def shard_causal_lm_batch(
     dims: ParallelDims,
     labels: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """This rank's share of a full causal-LM batch: {"input_ids", "position_ids", "shift_labels"} [B, S/P].
 
@@ -214,6 +252,9 @@ def shard_causal_lm_batch(
     `attention_mask` [B, S] may only mark right padding: padded tokens get ignored labels and the mask
     is dropped (under a causal mask no real token sees a later pad, so the logits that count are exact).
     Do not pass `shift_labels` as `labels` to the model: HF would shift them again.
+    `position_ids` [B, S] (packed documents): positions that restart at 0 where each document starts,
+    as for transformers' flash-attention path; attention then stays inside each document.
+    Default: 0 .. S-1 (one document per sample).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq]; got {tuple(input_ids.shape)}")
@@ -234,6 +275,12 @@ def shard_causal_lm_batch(
         labels = labels.masked_fill(~kept, IGNORE_INDEX)
     shift_labels = torch.cat((labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)), dim=1)
     positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+    if position_ids is not None:
+        if position_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"position_ids {tuple(position_ids.shape)} and input_ids {tuple(input_ids.shape)} disagree"
+            )
+        positions = position_ids
     return dims.shard_batch({"input_ids": input_ids, "position_ids": positions, "shift_labels": shift_labels})
 
 

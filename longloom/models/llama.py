@@ -14,6 +14,10 @@ equals the unsharded model. Activation checkpointing wraps each layer through `c
 Long-sequence memory (ALST, "Arctic Long Sequence Training", 2025): the MLP runs over tiles of tokens
 (models/tiled_mlp.py, `model.mlp_tiles`), and training calls `model(tokens, positions, labels=...)`,
 which fuses the LM head into the loss so that the [tokens, vocab] logits never exist at once.
+
+Packed documents: `document_ids` [B, S_local] (sharded with the tokens; data/packing.py makes them)
+go to every attention layer, softmax and linear, so that no token sees another document
+(parallel/hybrid.py, parallel/lasp2.py); None keeps plain causal attention over the whole sample.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from longloom.attention.blocks import document_attention
 from longloom.attention.tokenwise import AttentionOutputs, LocalCausalSchedule, tokenwise_attention
 from longloom.config import ModelConfig
 from longloom.models.tiled_mlp import resolve_mlp_tiles, tiled_mlp
@@ -35,7 +40,7 @@ from longloom.parallel.lasp2 import lasp2_linear_attention
 from longloom.parallel.loss import LossStats, sequence_parallel_linear_cross_entropy
 from longloom.parallel.ulysses import sdpa_attention
 
-# checkpoint_fn(layer, hidden, cos, sin, is_last_layer=...) -> hidden
+# checkpoint_fn(layer, hidden, cos, sin[, document_ids], is_last_layer=...) -> hidden
 CheckpointFn = Callable[..., torch.Tensor]
 
 
@@ -74,6 +79,7 @@ class SoftmaxAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
         attention_outputs: AttentionOutputs | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
@@ -83,10 +89,19 @@ class SoftmaxAttention(nn.Module):
         # attention_outputs: token-wise recomputation under activation offload (attention/tokenwise.py).
         if self.dims is not None:
             out = sequence_parallel_attention(
-                q, k, v, dims=self.dims, causal=True, attention_outputs=attention_outputs
+                q,
+                k,
+                v,
+                dims=self.dims,
+                causal=True,
+                attention_outputs=attention_outputs,
+                document_ids=document_ids,
             )
         elif attention_outputs is not None:
-            out = tokenwise_attention(q, k, v, attention_outputs, LocalCausalSchedule())
+            schedule = LocalCausalSchedule(document_ids=document_ids)
+            out = tokenwise_attention(q, k, v, attention_outputs, schedule)
+        elif document_ids is not None:
+            out = document_attention(q, k, v, document_ids, causal=True)
         else:
             out = sdpa_attention(q, k, v, causal=True)
         return self.o_proj(out.reshape(b, s, self.heads * self.head_dim))
@@ -128,6 +143,7 @@ class LinearAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
         attention_outputs: AttentionOutputs | None = None,
     ) -> torch.Tensor:
         # attention_outputs: softmax attention's token-wise recomputation; a linear-attention layer is
@@ -140,7 +156,9 @@ class LinearAttention(nn.Module):
         v = self.v_proj(x).view(shape)
         group = self.dims.sp_group if self.dims is not None and self.dims.sp > 1 else None
         layout = self.dims.layout if self.dims is not None else "contiguous"
-        out = lasp2_linear_attention(q, k, v, group=group, decay=self.decay(x.device), layout=layout)
+        out = lasp2_linear_attention(
+            q, k, v, group=group, decay=self.decay(x.device), layout=layout, document_ids=document_ids
+        )
         out = self.out_norm(out) * F.silu(self.gate_proj(x).view(shape))
         return self.o_proj(out.reshape(b, s, -1))
 
@@ -177,9 +195,16 @@ class DecoderLayer(nn.Module):
         hidden: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
         attention_outputs: AttentionOutputs | None = None,
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attention_outputs)
+        hidden = hidden + self.self_attn(
+            self.input_layernorm(hidden),
+            cos,
+            sin,
+            document_ids=document_ids,
+            attention_outputs=attention_outputs,
+        )
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -227,21 +252,26 @@ class LlamaModel(nn.Module):
         position_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         loss_group: dist.ProcessGroup | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, LossStats]:
         """tokens, position_ids: [B, S_local] -> logits [B, S_local, vocab].
 
         With labels [B, S_local] (pre-shifted, -100 ignored): `(loss_for_backward, stats)` of
         parallel/loss.py's token-weighted loss normalised over `loss_group` (None = this rank alone),
         with the LM head fused into the loss so that no [B, S_local, vocab] logits are made.
+        `document_ids` [B, S_local] (packed documents, sharded like the tokens): attention stays within
+        each document in every layer.
         """
         hidden = self.embed_tokens(tokens)
         cos, sin = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        # Documents ride along as a layer input (so checkpointing replays with them); None adds nothing.
+        inputs = (cos, sin) if document_ids is None else (cos, sin, document_ids)
         last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
             if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = self.checkpoint_fn(layer, hidden, cos, sin, is_last_layer=index == last)
+                hidden = self.checkpoint_fn(layer, hidden, *inputs, is_last_layer=index == last)
             else:
-                hidden = layer(hidden, cos, sin)
+                hidden = layer(hidden, *inputs)
         return self.lm_head(self.norm(hidden), labels=labels, loss_group=loss_group)
 
     def num_parameters(self) -> int:

@@ -14,15 +14,18 @@ the U shards of its group in rank order:
 and a local permutation makes it [c_{rU} .. c_{rU+U-1}, c_{(2R-1-r)U} .. c_{(2R-1-r)U+U-1}], which
 is super-chunks r and 2R-1-r of 2R: a zigzag layout over the ring group. TokenRing runs on that,
 the permutation is undone and the inverse all-to-all restores [B, S/P, Hq, D].
+
+Packed documents: Ulysses all-gathers the ids with its sequence (parallel/ulysses.py), the same
+permutation puts them in super-chunk order, and TokenRing plans and masks its blocks with them.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.distributed as dist
 
+from longloom.attention.blocks import document_attention
+from longloom.attention.documents import check_document_ids
 from longloom.attention.tokenwise import AttentionOutputs, LocalCausalSchedule, tokenwise_attention
 from longloom.parallel.dims import ParallelDims
 from longloom.parallel.tokenring import tokenring_attention
@@ -73,6 +76,7 @@ def sequence_parallel_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     attention_outputs: AttentionOutputs | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention over the sequence sharded over `dims.sp_group` in `dims.layout`.
 
@@ -80,40 +84,72 @@ def sequence_parallel_attention(
     SDPA; ring == 1 -> Ulysses; ulysses == 1 -> TokenRing; both -> Ulysses inside, TokenRing across.
     `attention_outputs` (causal only): token-wise recomputation (attention/tokenwise.py) where the
     attention runs: on the whole sequence, after Ulysses' all-to-all, or round the ring.
+    `document_ids` [B, S/P] (packed documents, sharded like q): attention within each document only.
     """
     _check_dims(q, dims)
+    check_document_ids(document_ids, q, "sequence_parallel_attention")
     if attention_outputs is not None and not causal:
         raise ValueError("token-wise attention recomputation needs causal attention (causal=True)")
     local_attention = None
     if attention_outputs is not None:
-        schedule = LocalCausalSchedule(softmax_scale)
-        local_attention = partial(tokenwise_attention, outputs=attention_outputs, schedule=schedule)
+
+        def local_attention(q_all, k_all, v_all, document_ids=None):
+            schedule = LocalCausalSchedule(softmax_scale, document_ids)
+            return tokenwise_attention(q_all, k_all, v_all, attention_outputs, schedule)
+
     if dims.sp == 1:
+        if document_ids is not None:
+            if local_attention is not None:
+                return local_attention(q, k, v, document_ids=document_ids)
+            return document_attention(q, k, v, document_ids, causal, softmax_scale)
         if local_attention is not None:
             return local_attention(q, k, v)
         return sdpa_attention(q, k, v, causal, softmax_scale)
     if dims.ring == 1:
         return ulysses_attention(
-            q, k, v, dims.ulysses_group, causal, softmax_scale, local_attention=local_attention
+            q,
+            k,
+            v,
+            dims.ulysses_group,
+            causal,
+            softmax_scale,
+            local_attention=local_attention,
+            document_ids=document_ids,
         )
     if dims.ulysses == 1:
         return tokenring_attention(
-            q, k, v, dims.ring_group, causal, dims.layout, softmax_scale, attention_outputs
+            q, k, v, dims.ring_group, causal, dims.layout, softmax_scale, attention_outputs, document_ids
         )
 
     def ring_across_groups(
-        q_heads: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor
+        q_heads: torch.Tensor,
+        k_heads: torch.Tensor,
+        v_heads: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # [B, S/R, H/U, D] in gathered order -> zigzag super-chunks over the ring group and back.
         q_ring, k_ring, v_ring = (
             _zigzag_shards_to_super_chunks(t, dims.ulysses) for t in (q_heads, k_heads, v_heads)
         )
+        ring_ids = (
+            None if document_ids is None else _zigzag_shards_to_super_chunks(document_ids, dims.ulysses)
+        )
         out = tokenring_attention(
-            q_ring, k_ring, v_ring, dims.ring_group, causal, "zigzag", softmax_scale, attention_outputs
+            q_ring,
+            k_ring,
+            v_ring,
+            dims.ring_group,
+            causal,
+            "zigzag",
+            softmax_scale,
+            attention_outputs,
+            ring_ids,
         )
         return _super_chunks_to_zigzag_shards(out, dims.ulysses)
 
-    return ulysses_attention(q, k, v, dims.ulysses_group, local_attention=ring_across_groups)
+    return ulysses_attention(
+        q, k, v, dims.ulysses_group, local_attention=ring_across_groups, document_ids=document_ids
+    )
 
 
 # Cost model constants for `choose_ring_degree` (bf16 on H100/H200 nodes of 8 GPUs with NVLink and

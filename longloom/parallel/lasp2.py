@@ -16,19 +16,32 @@ chunk order). `lasp1_linear_attention` is the ring-style baseline (LASP-1: the s
 rank, P sequential hops), kept for bench/linear.py.
 
 Local compute: the Triton scan (attention/triton_linear.py) on CUDA, the chunked torch scan on CPU.
+
+Packed documents (`document_ids` [B, S/P], sharded like q): a document's tokens see nothing of the
+previous one, also across ranks. Locally the scan runs per document (linear_chunked.document_scan: the
+incoming state enters only the first document of a chunk, only the last one's state leaves it); across
+ranks the ids at both ends of every chunk are all-gathered once in the forward (tiny, and saved for the
+backward) and the prefix (suffix) of states crosses a chunk edge only where a document continues over
+it, and passes through a chunk only if that chunk is one document (linear_chunked.chain_document_states).
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 
+from longloom.attention.documents import check_document_ids
 from longloom.attention.linear_chunked import (
     Scan,
+    chain_document_states,
     chain_states,
     chunked_linear_scan,
     compute_dtype,
     decay_powers,
+    document_scan,
+    document_segments,
     linear_attention_backward,
     log_decay_of,
 )
@@ -120,6 +133,16 @@ def _all_gather(states: torch.Tensor, group: dist.ProcessGroup | None, world_siz
     return gathered.view(world_size, *states.shape)
 
 
+def _in_global_order(gathered: torch.Tensor, layout: str) -> torch.Tensor:
+    """[P, B, n, ...] rank-major, local chunk order -> [P * n, B, ...] in global chunk order."""
+    world_size = gathered.size(0)
+    by_chunk: dict[int, torch.Tensor] = {}
+    for owner in range(world_size):
+        for index, chunk_id in enumerate(local_chunk_ids(layout, owner, world_size)):
+            by_chunk[chunk_id] = gathered[owner, :, index]
+    return torch.stack([by_chunk[chunk_id] for chunk_id in range(len(by_chunk))])
+
+
 def carried_states(
     gathered: torch.Tensor,
     layout: str,
@@ -127,6 +150,7 @@ def carried_states(
     chunk_len: int,
     log_decay: torch.Tensor | None,
     reverse: bool,
+    chunk_edges: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The state entering each of this rank's chunks, from every rank's chunk states.
 
@@ -134,24 +158,51 @@ def carried_states(
     (contiguous) chunks in global order (from the end when `reverse`, for the backward's suffix):
     incoming[c] = sum over the chunks c' walked before c of lam^((|c - c'| - 1) * chunk_len) state[c'].
     Returns [B, n, H, d_k, d_v] for this rank's chunks.
+    `chunk_edges` [P * n, B, 2] (packed documents): the ids at both ends of every chunk, in global order.
     """
     world_size = gathered.size(0)
-    by_chunk: dict[int, torch.Tensor] = {}
-    for owner in range(world_size):
-        for index, chunk_id in enumerate(local_chunk_ids(layout, owner, world_size)):
-            by_chunk[chunk_id] = gathered[owner, :, index]
-    in_order = torch.stack([by_chunk[chunk_id] for chunk_id in range(len(by_chunk))])
-    incoming, _ = chain_states(in_order, log_decay, chunk_len, reverse=reverse)
+    in_order = _in_global_order(gathered, layout)
+    if chunk_edges is None:
+        incoming, _ = chain_states(in_order, log_decay, chunk_len, reverse=reverse)
+    else:
+        incoming = chain_document_states(
+            in_order, log_decay, chunk_len, chunk_edges[..., 0], chunk_edges[..., 1], reverse
+        )
     return torch.stack([incoming[chunk_id] for chunk_id in local_chunk_ids(layout, rank, world_size)], dim=1)
+
+
+def _document_scan_and_edges(
+    scan: Scan,
+    document_ids: torch.Tensor | None,
+    chunks: int,
+    layout: str,
+    group: dist.ProcessGroup | None,
+    world_size: int,
+) -> tuple[Scan, torch.Tensor | None]:
+    """(the local scan, restarting at documents, and every chunk's end ids [P * n, B, 2] in global order)
+    from this rank's ids; `(scan, None)` without documents. The edges cost one tiny all-gather."""
+    if document_ids is None:
+        return scan, None
+    local = document_ids.reshape(-1, document_ids.size(1) // chunks)  # [B * n, L / n] like _to_chunks
+    edges = torch.stack((local[:, 0], local[:, -1]), dim=-1).view(document_ids.size(0), chunks, 2)
+    gathered = edges.unsqueeze(0)
+    if world_size > 1:
+        parts = [torch.empty_like(edges) for _ in range(world_size)]
+        dist.all_gather(parts, edges.contiguous(), group=group)
+        gathered = torch.stack(parts)
+    return partial(document_scan, scan, document_segments(local)), _in_global_order(gathered, layout)
 
 
 class _LASP2(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, decay, group, layout, backend):
+    def forward(ctx, q, k, v, decay, group, layout, backend, document_ids=None):
         world_size, rank = _group_size_rank(group)
         chunks = chunks_per_rank(layout)
         check_linear_inputs(q, k, v, decay, chunks, layout)
-        scan = select_scan(q, backend)
+        check_document_ids(document_ids, q, "lasp2_linear_attention")
+        scan, chunk_edges = _document_scan_and_edges(
+            select_scan(q, backend), document_ids, chunks, layout, group, world_size
+        )
         log_decay = log_decay_of(decay, compute_dtype(q.dtype))
         batch, chunk_len = q.size(0), q.size(1) // chunks
         qc, kc, vc = _to_chunks(q, chunks), _to_chunks(k, chunks), _to_chunks(v, chunks)
@@ -159,11 +210,14 @@ class _LASP2(torch.autograd.Function):
         # M of each local chunk (a zero-state scan without outputs), all-gathered, prefix-summed.
         _, states = scan(None, kc, vc, log_decay)
         gathered = _all_gather(states.reshape(batch, chunks, *states.shape[1:]), group, world_size)
-        incoming = carried_states(gathered, layout, rank, chunk_len, log_decay, reverse=False).flatten(0, 1)
+        incoming = carried_states(
+            gathered, layout, rank, chunk_len, log_decay, reverse=False, chunk_edges=chunk_edges
+        ).flatten(0, 1)
         out, _ = scan(qc, kc, vc, log_decay, incoming)
 
         ctx.save_for_backward(q, k, v, decay, incoming)
         ctx.group, ctx.layout, ctx.backend = group, layout, backend
+        ctx.documents = (scan, chunk_edges) if document_ids is not None else None
         return _from_chunks(out, batch).to(q.dtype)
 
     @staticmethod
@@ -171,7 +225,7 @@ class _LASP2(torch.autograd.Function):
         q, k, v, decay, incoming = ctx.saved_tensors
         world_size, rank = _group_size_rank(ctx.group)
         chunks = chunks_per_rank(ctx.layout)
-        scan = select_scan(q, ctx.backend)
+        scan, chunk_edges = ctx.documents or (select_scan(q, ctx.backend), None)
         log_decay = log_decay_of(decay, compute_dtype(q.dtype))
         batch, chunk_len = q.size(0), q.size(1) // chunks
         qc, kc, vc = _to_chunks(q, chunks), _to_chunks(k, chunks), _to_chunks(v, chunks)
@@ -181,14 +235,15 @@ class _LASP2(torch.autograd.Function):
         # suffix-summed: the gradient reaching this chunk's final state from every later chunk.
         _, dual = scan(None, qc, doc, log_decay, reverse=True)
         gathered = _all_gather(dual.reshape(batch, chunks, *dual.shape[1:]), ctx.group, world_size)
-        outgoing = carried_states(gathered, ctx.layout, rank, chunk_len, log_decay, reverse=True).flatten(
-            0, 1
-        )
+        outgoing = carried_states(
+            gathered, ctx.layout, rank, chunk_len, log_decay, reverse=True, chunk_edges=chunk_edges
+        ).flatten(0, 1)
         dq, dk, dv, _ = linear_attention_backward(scan, qc, kc, vc, doc, log_decay, incoming, outgoing)
         return (
             _from_chunks(dq, batch).to(q.dtype),
             _from_chunks(dk, batch).to(k.dtype),
             _from_chunks(dv, batch).to(v.dtype),
+            None,
             None,
             None,
             None,
@@ -204,6 +259,7 @@ def lasp2_linear_attention(
     decay: torch.Tensor | None = None,
     layout: str = "contiguous",
     backend: str | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal linear attention over a sequence sharded on `group`; out [B, S/P, H, d_v] in q's dtype.
 
@@ -211,8 +267,9 @@ def lasp2_linear_attention(
     buffer (no gradient). `group=None` (or size 1) runs on one device. `layout` must be the one the
     sequence was sharded with (parallel/sharding.py). `backend`: None (Triton on CUDA, torch on
     CPU), "torch" or "triton". Differentiable in q, k, v.
+    `document_ids` [B, S/P] (packed documents, sharded like q): state and decay restart at each document.
     """
-    return _LASP2.apply(q, k, v, decay, group, layout, backend)
+    return _LASP2.apply(q, k, v, decay, group, layout, backend, document_ids)
 
 
 class _LASP1(torch.autograd.Function):

@@ -11,8 +11,11 @@ step behind, collecting every rank's share before it arrives back at its owner a
                   receive  K/V[r-t-1] <- r-1, accumulator of r-t <- r-1 (holds ranks r-t .. r-1)
     step P:       send the finished accumulator of r+1 to r+1 and receive mine
 
-Which rows attend which is `tokenring.plan_block` (same zigzag halves, same causal rule), with the
+Which rows attend which is `ring_plan.plan_block` (same zigzag halves, same causal rule), with the
 roles of the owners swapped. dK/dV accumulators travel in fp32.
+
+Packed documents: planned as in TokenRing (`ring_plan.RingDocuments`): a block pair without a shared
+document is not computed; K/V still travel the whole ring (later ranks need them).
 """
 
 from __future__ import annotations
@@ -21,12 +24,21 @@ import torch
 import torch.distributed as dist
 
 from longloom.attention.blocks import block_attention_backward, block_attention_forward
+from longloom.attention.documents import check_document_ids
 from longloom.parallel.p2p import RingComm
-from longloom.parallel.tokenring import RingScheduleFunction, check_ring_inputs, merge_into, plan_block
+from longloom.parallel.ring_plan import RingDocuments, block_documents, plan_pair
+from longloom.parallel.tokenring import RingScheduleFunction, check_ring_inputs, merge_into
 
 
 def _forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: RingComm, causal: bool, layout: str, scale
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    comm: RingComm,
+    causal: bool,
+    layout: str,
+    scale,
+    documents: RingDocuments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out fp32, lse fp32) of this rank's Q over every rank's K/V."""
     world, rank, local_len = comm.size, comm.rank, q.size(1)
@@ -42,11 +54,17 @@ def _forward(
             sends.append((kv_current, comm.next_rank))
             recvs.append((kv_next, comm.prev_rank))
         exchange = comm.start(sends, recvs, f"ring attention forward step {step}")
-        plan = plan_block(rank, (rank - step) % world, world, layout, causal, local_len)
+        kv_owner = (rank - step) % world
+        plan = plan_pair(rank, kv_owner, world, layout, causal, local_len, documents)
         if plan is not None:
             k_block, v_block = kv_current[:, :, plan.kv_rows].unbind(0)
             block_out, block_lse = block_attention_forward(
-                q[:, plan.q_rows], k_block, v_block, plan.causal, scale
+                q[:, plan.q_rows],
+                k_block,
+                v_block,
+                plan.causal,
+                scale,
+                **block_documents(documents, plan, rank, kv_owner),
             )
             if step == 0:  # own block: every row
                 out, lse = block_out.float(), block_lse.float().contiguous()
@@ -58,7 +76,7 @@ def _forward(
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, comm: RingComm, causal: bool, layout: str, scale):
+def _backward(dout, q, k, v, out, lse, comm: RingComm, causal: bool, layout: str, scale, documents=None):
     """(dq, dk, dv) in fp32."""
     world, rank, local_len = comm.size, comm.rank, q.size(1)
     kv_current = torch.stack((k, v))
@@ -81,7 +99,8 @@ def _backward(dout, q, k, v, out, lse, comm: RingComm, causal: bool, layout: str
         exchange = comm.start(sends, recvs, f"ring attention backward step {step}")
         grads = torch.zeros((2, *k.shape), dtype=torch.float32, device=k.device) if step < world else None
         if step < world:
-            plan = plan_block(rank, (rank - step) % world, world, layout, causal, local_len)
+            kv_owner = (rank - step) % world
+            plan = plan_pair(rank, kv_owner, world, layout, causal, local_len, documents)
             if plan is not None:
                 k_block, v_block = kv_current[:, :, plan.kv_rows].unbind(0)
                 dq_part, dk_part, dv_part = block_attention_backward(
@@ -93,6 +112,7 @@ def _backward(dout, q, k, v, out, lse, comm: RingComm, causal: bool, layout: str
                     lse[:, :, plan.q_rows],
                     plan.causal,
                     scale,
+                    **block_documents(documents, plan, rank, kv_owner),
                 )
                 dq[:, plan.q_rows] += dq_part
                 grads[0][:, plan.kv_rows] += dk_part
@@ -116,8 +136,13 @@ def ring_attention(
     causal: bool = True,
     layout: str = "zigzag",
     softmax_scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as `tokenring_attention` (q [B, S/P, Hq, D], k/v [B, S/P, Hkv, D]), K/V travelling."""
     comm = RingComm(group)
     check_ring_inputs(q, k, v, comm.size, layout)
-    return RingScheduleFunction.apply(q, k, v, comm, causal, layout, softmax_scale, _forward, _backward)
+    check_document_ids(document_ids, q, "ring_attention")
+    documents = RingDocuments.gather(document_ids, comm)
+    return RingScheduleFunction.apply(
+        q, k, v, comm, causal, layout, softmax_scale, _forward, _backward, documents
+    )

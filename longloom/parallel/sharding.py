@@ -5,7 +5,8 @@ Layouts (P ranks in the group):
 - "zigzag": the sequence is cut into 2P chunks and rank r holds chunks r and 2P-1-r, so that under a
   causal mask every rank has the same amount of work (one early and one late chunk).
 
-Tokens, position ids and labels go through the same `shard_batch` call so they cannot disagree.
+Tokens, position ids, labels and document ids (packed samples) go through the same `shard_batch` call so
+they cannot disagree.
 """
 
 from __future__ import annotations
@@ -86,5 +87,5 @@ def unshard_sequence(
 def shard_batch(
     batch: Mapping[str, torch.Tensor], group: dist.ProcessGroup | None, layout: str, dim: int = 1
 ) -> dict[str, torch.Tensor]:
-    """Shards every tensor of a batch (tokens, position ids, labels) with one layout."""
+    """Shards every tensor of a batch (tokens, position ids, labels, document ids) with one layout."""
     return {name: shard_sequence(tensor, dim, group, layout) for name, tensor in batch.items()}

@@ -20,79 +20,37 @@ instead of Q and dQ partials coming back; dK and dV never leave the rank and acc
 Causal load balance: with the zigzag layout (rank r holds chunks r and 2P-1-r of 2P, see
 parallel/sharding.py) each off-diagonal step is either the second half of Q on all of K/V (Q's
 owner is before r) or all of Q on the first half of K/V (Q's owner is after r): the same work on
-every rank at every step. `plan_block` derives this from the chunk ids, so the contiguous layout
+every rank at every step. `ring_plan.plan_block` derives this from the chunk ids, so the contiguous layout
 (correct, unbalanced) and non-causal attention come out of the same rule.
+
+Packed documents (`document_ids` [B, S/P], same layout as q): blocks are planned with every rank's
+ids (parallel/ring_plan.RingDocuments): a block pair without a shared document is neither computed
+nor is its partial output (or dQ) sent back, the rest is cut to the rows that can share a document;
+inside a block the kernels mask (and on GPU skip) the other documents' tiles. Q itself still travels
+the whole ring (a later rank may need it).
 
 Shapes: q [B, S/P, Hq, D], k/v [B, S/P, Hkv, D] (GQA: Hq % Hkv == 0); out like q; lse [B, Hq, S/P].
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
 from longloom.attention import merge
 from longloom.attention.blocks import block_attention_backward, block_attention_forward
+from longloom.attention.documents import check_document_ids
 from longloom.attention.tokenwise import AttentionOutputs, tokenwise_attention
 from longloom.parallel import sharding
 from longloom.parallel.p2p import RingComm
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    """Which rows of a Q block attend to which rows of a K/V block, and whether with a causal mask."""
-
-    q_rows: slice
-    kv_rows: slice
-    causal: bool
-
-
-def plan_block(
-    q_owner: int, kv_owner: int, world_size: int, layout: str, causal: bool, local_len: int
-) -> BlockPlan | None:
-    """The attention between the Q of ring rank `q_owner` and the K/V of `kv_owner`; None if fully masked.
-
-    Rows are in the owners' local order (`sharding.local_chunk_ids`). Both the rank that computes a
-    block and the rank that receives its result call this with the same arguments, so they agree on
-    whether a message exists and on its size.
-    """
-    q_chunks = sharding.local_chunk_ids(layout, q_owner, world_size)
-    kv_chunks = sharding.local_chunk_ids(layout, kv_owner, world_size)
-    everything = slice(0, local_len)
-    if not causal:
-        return BlockPlan(everything, everything, False)
-    if q_owner == kv_owner:
-        # Local chunk ids increase, so a top-left causal mask over the concatenated chunks is exact.
-        return BlockPlan(everything, everything, True)
-    visible = [(i, j) for i, qc in enumerate(q_chunks) for j, kc in enumerate(kv_chunks) if qc > kc]
-    if not visible:
-        return None
-    rows = sorted({i for i, _ in visible})
-    cols = sorted({j for _, j in visible})
-    # Zigzag and contiguous only produce full rectangles of chunks; anything else is a layout bug.
-    assert len(visible) == len(rows) * len(cols) and rows[-1] - rows[0] == len(rows) - 1
-    assert cols[-1] - cols[0] == len(cols) - 1
-    chunk = local_len // len(q_chunks)
-    return BlockPlan(
-        slice(rows[0] * chunk, (rows[-1] + 1) * chunk), slice(cols[0] * chunk, (cols[-1] + 1) * chunk), False
-    )
-
-
-def restrict_to_query_prefix(plan: BlockPlan | None, query_rows: int, local_len: int) -> BlockPlan | None:
-    """`plan` for the first `query_rows` queries of the Q owner only (token-wise recomputation).
-
-    Off-diagonal blocks are full rectangles: fewer query rows, the same keys. The causal diagonal block
-    shares its row order with its keys, so the first r queries see exactly the first r keys.
-    """
-    if plan is None or query_rows >= local_len:
-        return plan
-    stop = min(plan.q_rows.stop, query_rows)
-    if stop <= plan.q_rows.start:
-        return None
-    kv_rows = slice(0, query_rows) if plan.causal else plan.kv_rows
-    return BlockPlan(slice(plan.q_rows.start, stop), kv_rows, plan.causal)
+from longloom.parallel.ring_plan import (  # noqa: F401 - BlockPlan, plan_block: public here too
+    BlockPlan,
+    RingDocuments,
+    block_documents,
+    plan_block,
+    plan_pair,
+    restrict_to_query_prefix,
+)
 
 
 def check_ring_inputs(
@@ -138,6 +96,7 @@ def _forward(
     causal: bool,
     layout: str,
     scale: float | None,
+    documents: RingDocuments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, q, Hq, D] fp32, lse [B, Hq, q] fp32) for this rank's queries.
 
@@ -148,7 +107,7 @@ def _forward(
     query_rows = q.size(1)
 
     def plan_for(q_owner: int, kv_owner: int) -> BlockPlan | None:
-        plan = plan_block(q_owner, kv_owner, world, layout, causal, local_len)
+        plan = plan_pair(q_owner, kv_owner, world, layout, causal, local_len, documents)
         return restrict_to_query_prefix(plan, query_rows, local_len)
 
     q_buffers = [torch.empty_like(q) for _ in range(2 if world > 1 else 0)]
@@ -185,7 +144,12 @@ def _forward(
             plan = plan_for(owner, rank)
             if plan is not None:
                 block_out, block_lse = block_attention_forward(
-                    q_current[:, plan.q_rows], k[:, plan.kv_rows], v[:, plan.kv_rows], plan.causal, scale
+                    q_current[:, plan.q_rows],
+                    k[:, plan.kv_rows],
+                    v[:, plan.kv_rows],
+                    plan.causal,
+                    scale,
+                    **block_documents(documents, plan, owner, rank),
                 )
                 if step == 0:  # own block: always every row (diagonal or full), starts the accumulator
                     out, lse = block_out.float(), block_lse.float().contiguous()
@@ -211,6 +175,7 @@ def _backward(
     causal: bool,
     layout: str,
     scale: float | None,
+    documents: RingDocuments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in fp32; (q, dO, O) travel as one [3, B, S/P, Hq, D] message plus lse."""
     world, rank, local_len = comm.size, comm.rank, q.size(1)
@@ -239,7 +204,7 @@ def _backward(
         incoming = None
         if step >= 2:
             source = (rank + step - 1) % world
-            plan = plan_block(rank, source, world, layout, causal, local_len)
+            plan = plan_pair(rank, source, world, layout, causal, local_len, documents)
             if plan is not None:
                 rows = plan.q_rows.stop - plan.q_rows.start
                 incoming = (plan.q_rows, q.new_empty(q.size(0), rows, q.size(2), q.size(3)))
@@ -248,7 +213,7 @@ def _backward(
         outgoing = None
         if step < world:
             owner = (rank - step) % world
-            plan = plan_block(owner, rank, world, layout, causal, local_len)
+            plan = plan_pair(owner, rank, world, layout, causal, local_len, documents)
             if plan is not None:
                 q_block, dout_block, out_block = current[0][:, :, plan.q_rows].unbind(0)
                 dq_part, dk_part, dv_part = block_attention_backward(
@@ -260,6 +225,7 @@ def _backward(
                     current[1][:, :, plan.q_rows],
                     plan.causal,
                     scale,
+                    **block_documents(documents, plan, owner, rank),
                 )
                 dk[:, plan.kv_rows] += dk_part
                 dv[:, plan.kv_rows] += dv_part
@@ -276,18 +242,29 @@ def _backward(
 
 
 class RingScheduleFunction(torch.autograd.Function):
-    """Autograd around a ring schedule: `forward_fn(q, k, v, comm, causal, layout, scale) -> (out, lse)`
-    and `backward_fn(dout, q, k, v, out, lse, comm, causal, layout, scale) -> (dq, dk, dv)`.
+    """Autograd around a ring schedule:
+    `forward_fn(q, k, v, comm, causal, layout, scale, documents) -> (out, lse)` and
+    `backward_fn(dout, q, k, v, out, lse, comm, causal, layout, scale, documents) -> (dq, dk, dv)`.
 
     Shared by TokenRing and the K/V-ring baseline, which differ only in their schedules.
     """
 
     @staticmethod
     def forward(
-        ctx, q, k, v, comm: RingComm, causal: bool, layout: str, scale: float | None, forward_fn, backward_fn
+        ctx,
+        q,
+        k,
+        v,
+        comm: RingComm,
+        causal: bool,
+        layout: str,
+        scale: float | None,
+        forward_fn,
+        backward_fn,
+        documents: RingDocuments | None = None,
     ):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = forward_fn(q, k, v, comm, causal, layout, scale)
+        out, lse = forward_fn(q, k, v, comm, causal, layout, scale, documents)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.comm, ctx.causal, ctx.layout, ctx.scale, ctx.backward_fn = (
@@ -297,28 +274,40 @@ class RingScheduleFunction(torch.autograd.Function):
             scale,
             backward_fn,
         )
+        ctx.documents = documents
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.backward_fn(dout, q, k, v, out, lse, ctx.comm, ctx.causal, ctx.layout, ctx.scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+        dq, dk, dv = ctx.backward_fn(
+            dout, q, k, v, out, lse, ctx.comm, ctx.causal, ctx.layout, ctx.scale, ctx.documents
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
 class TokenRingSchedule:
     """The causal TokenRing schedule as attention/tokenwise.py's `AttentionSchedule`: the first
     `query_rows` local queries round the ring, and the full backward."""
 
-    def __init__(self, comm: RingComm, layout: str, softmax_scale: float | None):
+    def __init__(
+        self,
+        comm: RingComm,
+        layout: str,
+        softmax_scale: float | None,
+        documents: RingDocuments | None = None,
+    ):
         self.comm, self.layout, self.softmax_scale = comm, layout, softmax_scale
+        self.documents = documents
 
     def forward(self, q, k, v, query_rows):
         query_prefix = q[:, :query_rows].contiguous()  # it travels round the ring
-        return _forward(query_prefix, k, v, self.comm, True, self.layout, self.softmax_scale)
+        return _forward(query_prefix, k, v, self.comm, True, self.layout, self.softmax_scale, self.documents)
 
     def backward(self, dout, q, k, v, out, lse):
-        return _backward(dout, q, k, v, out, lse, self.comm, True, self.layout, self.softmax_scale)
+        return _backward(
+            dout, q, k, v, out, lse, self.comm, True, self.layout, self.softmax_scale, self.documents
+        )
 
 
 def tokenring_attention(
@@ -330,18 +319,24 @@ def tokenring_attention(
     layout: str = "zigzag",
     softmax_scale: float | None = None,
     attention_outputs: AttentionOutputs | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention over the sequence sharded across `group` in `layout`; differentiable in q, k, v.
 
     q: [B, S/P, Hq, D]; k, v: [B, S/P, Hkv, D]; returns [B, S/P, Hq, D] in this rank's layout.
     `attention_outputs` (causal only): token-wise recomputation, attention/tokenwise.py.
+    `document_ids` [B, S/P] (packed documents, sharded like q): attention within each document only.
     A peer that stops answering fails the call after the process group's timeout (see parallel/p2p.py).
     """
     comm = RingComm(group)
     check_ring_inputs(q, k, v, comm.size, layout)
+    check_document_ids(document_ids, q, "tokenring_attention")
+    documents = RingDocuments.gather(document_ids, comm)
     if attention_outputs is not None:
         if not causal:
             raise ValueError("token-wise attention recomputation needs causal attention (causal=True)")
-        schedule = TokenRingSchedule(comm, layout, softmax_scale)
+        schedule = TokenRingSchedule(comm, layout, softmax_scale, documents)
         return tokenwise_attention(q, k, v, attention_outputs, schedule)
-    return RingScheduleFunction.apply(q, k, v, comm, causal, layout, softmax_scale, _forward, _backward)
+    return RingScheduleFunction.apply(
+        q, k, v, comm, causal, layout, softmax_scale, _forward, _backward, documents
+    )

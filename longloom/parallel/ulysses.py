@@ -26,6 +26,10 @@ Building blocks for 2D SP (parallel/hybrid.py): `seq_to_heads`, `heads_to_seq` a
 any `fn(q, k, v) -> out` on the gathered [B, S, H/P, D] tensors. The gathered sequence is the ranks'
 local chunks concatenated in group-rank order; a layout other than contiguous (zigzag over a larger
 group) must be handled by the caller's `local_attention` or by permuting around these functions.
+
+Packed documents: `document_ids` [B, S/P] are all-gathered once (they are tiny) into [B, S] in the
+same order as the gathered sequence, so the local attention masks documents on the whole sequence
+(attention/blocks.document_attention: Triton on GPU, skipping other documents' tiles).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from longloom.attention.blocks import document_attention
+from longloom.attention.documents import check_document_ids
 from longloom.attention.reference import check_heads, expand_kv_heads
 
 LocalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -245,6 +251,16 @@ def sdpa_attention(
     return out.transpose(1, 2)
 
 
+def gather_document_ids(document_ids: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """[B, S/P] -> [B, S]: every rank's ids, chunks in group-rank order (one all-gather; no autograd)."""
+    world_size = _world_size(group)
+    if world_size == 1:
+        return document_ids
+    parts = [torch.empty_like(document_ids) for _ in range(world_size)]
+    dist.all_gather(parts, document_ids.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
 def ulysses_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -253,6 +269,7 @@ def ulysses_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     local_attention: LocalAttention | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention over the whole sequence from sequence shards, via two all-to-alls.
 
@@ -262,9 +279,19 @@ def ulysses_attention(
     `local_attention(q, k, v) -> out` replaces the default SDPA on the gathered tensors
     (q [B, S, Hq/P, D], k/v [B, S, max(Hkv, P)/P, D]); it then owns the mask and the scale, and
     `causal` / `softmax_scale` are not used. `group=None` means one rank (plain attention).
+
+    `document_ids` [B, S/P] (packed documents, same sharding as q): each token attends only within its
+    document; a given `local_attention` is then called with `document_ids=` the gathered [B, S] ids.
     """
+    check_document_ids(document_ids, q, "ulysses_attention")
     q_heads, k_heads, v_heads = qkv_seq_to_heads(q, k, v, group)
-    if local_attention is None:
+    if document_ids is not None:
+        gathered_ids = gather_document_ids(document_ids, group)
+        if local_attention is None:
+            out_heads = document_attention(q_heads, k_heads, v_heads, gathered_ids, causal, softmax_scale)
+        else:
+            out_heads = local_attention(q_heads, k_heads, v_heads, document_ids=gathered_ids)
+    elif local_attention is None:
         out_heads = sdpa_attention(q_heads, k_heads, v_heads, causal, softmax_scale)
     else:
         out_heads = local_attention(q_heads, k_heads, v_heads)

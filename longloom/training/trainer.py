@@ -170,7 +170,11 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
             # ZeRO-3 gathers its weight. Normalised by the valid-label count over the whole dp x sp world,
             # matching DeepSpeed's gradient averaging over that world (see the module docstring).
             loss, stats = engine(
-                batch["tokens"], batch["position_ids"], labels=batch["labels"], loss_group=dist.group.WORLD
+                batch["tokens"],
+                batch["position_ids"],
+                labels=batch["labels"],
+                loss_group=dist.group.WORLD,
+                document_ids=batch.get("document_ids"),
             )
             engine.backward(loss)
             checkpointer.wait_for_snapshot()  # the lazy snapshot of the last save overlapped fwd/bwd

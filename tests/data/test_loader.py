@@ -123,3 +123,20 @@ def test_ranks_in_separate_processes_agree_with_dp1(distributed, tmp_path):
     reference = GlobalBatchLoader(dataset, 4, 0, 1, seed=11).batch(step)
     for name in reference:
         assert torch.equal(torch.cat([part[name] for part in parts]), reference[name])
+
+
+class Packed(Numbered):
+    """Numbered samples that carry document ids: sample i holds documents [i, i, i + 1, i + 1]."""
+
+    def __getitem__(self, index):
+        sample = super().__getitem__(index)
+        return sample | {"document_ids": torch.tensor([index, index, index + 1, index + 1])}
+
+
+def test_document_ids_travel_with_the_batch_unless_every_sample_is_one_document():
+    batch = GlobalBatchLoader(Packed(8, shuffle=True), 2, 1, 2, seed=0).batch(3)
+    first = batch["tokens"][:, 0]
+    assert torch.equal(batch["document_ids"], torch.stack([first, first, first + 1, first + 1], dim=1))
+    synthetic = build_dataset(DataConfig(source="synthetic:recall", seq_len=64), seed=0)
+    assert "document_ids" in synthetic[0]  # one document per sample: all zeros ...
+    assert set(GlobalBatchLoader(synthetic, 2, 0, 1, seed=0).batch(0)) == {"tokens", "position_ids", "labels"}

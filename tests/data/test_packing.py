@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from longloom.config import DataConfig
-from longloom.data.packing import PackedTokenDataset, document_position_ids
+from longloom.data.packing import PackedTokenDataset, document_ids, document_position_ids
 from longloom.data.prepare import prepare_dataset
 from longloom.data.synthetic import build_dataset
 from longloom.data.tokenize import EOS_ID
@@ -54,8 +54,19 @@ def test_samples_are_overlapping_windows_of_the_stream(prepared, seq_len):
         assert sample["tokens"].tolist() == window[:-1]
         assert sample["labels"].tolist() == window[1:]  # pre-shifted, nothing masked
         assert sample["position_ids"].tolist() == _naive_positions(window[:-1], EOS_ID)
+        # A new document right after each EOS: the ids count document starts (position 0 but the first).
+        starts = [0] + [int(p == 0) for p in sample["position_ids"].tolist()[1:]]
+        assert sample["document_ids"].tolist() == np.cumsum(starts).tolist()
     with pytest.raises(IndexError):
         dataset[len(dataset)]
+
+
+def test_document_ids_follow_eos_and_can_be_switched_off(prepared):
+    tokens = np.array([1, 2, EOS, 3, EOS, EOS, 4, 5, 6])
+    assert document_ids(tokens, EOS).tolist() == [0, 0, 0, 1, 1, 2, 3, 3, 3]
+    folder, _ = prepared
+    config = DataConfig(source=str(folder), seq_len=64, document_masking=False)
+    assert set(build_dataset(config, seed=0)[0]) == {"tokens", "position_ids", "labels"}
 
 
 def test_too_little_data_and_vocabulary_mismatch(prepared):

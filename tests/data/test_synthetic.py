@@ -21,6 +21,7 @@ def test_samples_fill_seq_len_and_are_deterministic(task, seq_len):
     assert all(t.dtype == torch.int64 and t.shape == (seq_len,) for t in sample.values())
     assert sample["tokens"][0] == BOS_ID
     assert torch.equal(sample["position_ids"], torch.arange(seq_len))
+    assert torch.equal(sample["document_ids"], torch.zeros(seq_len, dtype=torch.int64))  # one document
     # Labels are the shifted tokens where they count and -100 elsewhere.
     counted = sample["labels"] != IGNORE_INDEX
     assert counted.any()
@@ -84,3 +85,8 @@ def test_long_samples_are_cheap():
     sample = dataset[0]
     assert sample["tokens"].shape == (1 << 20,)
     assert np.unique(sample["labels"].numpy()).size > 2
+
+
+def test_document_masking_off_emits_no_document_ids():
+    config = DataConfig(source="synthetic:passkey", seq_len=64, document_masking=False)
+    assert "document_ids" not in build_dataset(config, seed=0)[0]

@@ -168,11 +168,14 @@ def _runtime_error_worker(case: str):
             r"attention_mask of shape \(2, 1, 16, 16\)",
         ),
         "missing_position_ids": (lambda: model(input_ids=local_ids), r"no position_ids .* over 2 ranks"),
-        "packed_documents": (
+        "jumping_positions": (  # neither +1 nor a restart at 0, on both ranks
             lambda: model(
-                input_ids=local_ids, position_ids=dims.shard_sequence((torch.arange(SEQ) % 10)[None])
+                input_ids=local_ids,
+                position_ids=dims.shard_sequence(
+                    (torch.arange(SEQ) + 3 * (torch.arange(SEQ) % 16 >= 5))[None]
+                ),
             ),
-            r"packed documents",
+            r"position_ids go from (4 to 8|20 to 24) at local position 5 of row 0: .*restart at 0",
         ),
         "left_padding": (
             lambda: shard_causal_lm_batch(
@@ -211,7 +214,7 @@ def _runtime_error_worker(case: str):
         "padding_mask",
         "4d_mask",
         "missing_position_ids",
-        "packed_documents",
+        "jumping_positions",
         "left_padding",
         "dropout",
         "sliding_window",
@@ -271,3 +274,35 @@ def test_models_sequence_parallel_cannot_split_are_refused(make_model, message):
 def test_a_model_that_is_not_from_transformers_is_refused():
     with pytest.raises(TypeError, match=r"needs a transformers PreTrainedModel, got Linear"):
         enable_sequence_parallel(torch.nn.Linear(2, 2), UNSPLIT_DIMS)
+
+
+def _packed_worker(ulysses: int, ring: int, lengths: list[int]):
+    dims = ParallelDims.build(dp=1, ulysses=ulysses, ring=ring)
+    model = _model()
+    enable_sequence_parallel(model, dims)
+    input_ids = _batch()[0]
+    positions = torch.cat([torch.arange(n) for n in lengths]).expand(BATCH, -1)
+    batch = shard_causal_lm_batch(input_ids, dims, position_ids=positions)
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+
+
+@pytest.mark.parametrize(
+    "ulysses, ring, lengths",
+    [
+        (2, 1, [5, 1, 12, 14]),  # documents of a 32-token sample, as transformers' flash path takes them
+        (1, 2, [5, 1, 12, 14]),
+        (2, 1, [16, 16]),  # the boundary on the shard edge: each rank alone sees one document
+    ],
+)
+def test_packed_documents_in_position_ids_equal_each_document_alone(distributed, ulysses, ring, lengths):
+    from longloom.parallel.sharding import unshard_tensors
+
+    results = distributed(ulysses * ring, _packed_worker, ulysses, ring, lengths)
+    logits = unshard_tensors(results, 1, "zigzag" if ring > 1 else "contiguous")
+    model, input_ids, start = _model(), _batch()[0], 0
+    with torch.no_grad():
+        for length in lengths:
+            alone = model(input_ids=input_ids[:, start : start + length]).logits
+            torch.testing.assert_close(logits[:, start : start + length], alone, rtol=0, atol=2e-5)
+            start += length

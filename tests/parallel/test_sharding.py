@@ -63,3 +63,13 @@ def _bad_dims_worker():
 
 def test_parallel_dims_rejects_wrong_product(distributed):
     assert all(distributed(2, _bad_dims_worker))
+
+
+def test_document_ids_are_cut_with_the_tokens_and_stay_non_decreasing():
+    """Zigzag holds an early and a late chunk, in sequence order: ids never decrease on any shard."""
+    tokens = torch.arange(32).repeat(2, 1)
+    ids = torch.tensor([0] * 5 + [1] * 20 + [2] * 7).repeat(2, 1)
+    for rank in range(4):
+        local_tokens, local_ids = (shard_tensor(t, 1, rank, 4, "zigzag") for t in (tokens, ids))
+        assert torch.equal(local_ids, ids[:, local_tokens[0]])
+        assert bool((local_ids[:, 1:] >= local_ids[:, :-1]).all())
