@@ -14,6 +14,17 @@ written: architectures that do not call attention through `transformers.Attentio
 windows shorter than `data.seq_len`, attention sinks, attention dropout (models/hf.py checks the rest
 at the first forward).
 
+Host memory while loading (Llama-3-8B: 8.03e9 parameters, 15.0 GiB of bf16 safetensors, largest
+tensor the 128256 x 4096 embedding, 0.98 GiB), per node of 8 GPU ranks:
+- ZeRO-3 over W ranks: construction allocates on the GPU and partitions module by module, so the host
+  holds only each rank's current slice: at most (largest tensor / W + 2 rows) x 2 B, 0.12 GiB per rank
+  at W = 8, about 1 GiB per node (0.5 GiB at W = 16); the read-only mapped files add at most the
+  8 / W share of the checkpoint to the page cache (15 GiB at W = 8, 7.5 GiB at W = 16), which the
+  kernel reclaims. `from_pretrained` on every rank would instead hold 8 x 15 GiB = 120 GiB.
+- ZeRO 0-2: the model is built on each GPU and one whole tensor at a time passes through the host:
+  at most 0.98 GiB per rank, 7.8 GiB per node, plus the same 15 GiB of shared page cache.
+A dtype conversion (fp32 files into a bf16 model) can add one converted copy of that slice or tensor.
+
 Context extension: `model.rope_theta` and `model.rope_scaling` replace the folder's RoPE settings. In
 transformers 5 they live in `config.rope_parameters` ({rope_type, rope_theta, factor, ...}); the
 override goes there, through transformers' own standardisation and validation, so the model computes
@@ -146,6 +157,13 @@ def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     return model_class
 
 
+def meta_causal_lm(config: PretrainedConfig) -> PreTrainedModel:
+    """The architecture on the meta device: parameter names and shapes, no memory (sizes for `longloom check`)."""
+    model_class = causal_lm_class(config)
+    with torch.device("meta"):
+        return model_class(config)
+
+
 def check_sequence_parallel_support(config: PretrainedConfig, seq_len: int) -> type[PreTrainedModel]:
     """Refuses what SP attention would silently compute differently at `seq_len`; returns the model class."""
     model_class = causal_lm_class(config)
@@ -164,11 +182,11 @@ def check_sequence_parallel_support(config: PretrainedConfig, seq_len: int) -> t
             f"config.json attention_dropout={text.attention_dropout}: longloom SP attention has no dropout; "
             "set attention_dropout to 0 in config.json"
         )
-    # The parameters tell: build the architecture on the meta device (no memory, no values).
-    with torch.device("meta"):
-        skeleton = model_class(config)
+    # The parameters tell: the architecture on the meta device (no memory, no values).
     sinks = [
-        name for name, _ in skeleton.named_parameters() if name.rsplit(".", 1)[-1] in SINK_PARAMETER_NAMES
+        name
+        for name, _ in meta_causal_lm(config).named_parameters()
+        if name.rsplit(".", 1)[-1] in SINK_PARAMETER_NAMES
     ]
     if sinks:
         raise ValueError(
