@@ -123,9 +123,14 @@ def _override_rope(config: PretrainedConfig, rope_theta: float | None, rope_scal
             raise ValueError(
                 f"model.rope_scaling={rope_scaling} needs one 'type' (or 'rope_type') among {ROPE_SCALING_TYPES}"
             )
-        # The folder's theta (and partial rotary factor) stay unless overridden; its old scaling goes.
-        kept = {key: current[key] for key in ("rope_theta", "partial_rotary_factor") if key in current}
-        parameters = kept | {"rope_type": kinds.pop()} | scaling
+        kind = kinds.pop()
+        # The folder's theta and partial rotary factor stay unless overridden, and so does its pretraining
+        # length for the scalings that use it (a Llama 3.1 folder: 8192, not its max_position_embeddings).
+        kept_keys = ["rope_theta", "partial_rotary_factor"]
+        if kind in ("yarn", "llama3"):
+            kept_keys.append("original_max_position_embeddings")
+        kept = {key: current[key] for key in kept_keys if key in current}
+        parameters = kept | {"rope_type": kind} | scaling
     if rope_theta is not None:
         parameters["rope_theta"] = float(rope_theta)
     config.rope_parameters = parameters

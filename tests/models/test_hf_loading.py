@@ -91,6 +91,22 @@ def test_rope_overrides_equal_transformers_with_that_config(
         assert not torch.allclose(saved(tokens).logits, want), "the override must change the model"
 
 
+def test_a_legacy_llama31_config_keeps_its_pretraining_length(tmp_path):
+    """config.json with the old rope_theta / rope_scaling keys (as Llama 3.1 folders have them)."""
+    saved = save_tiny_model(tmp_path, "llama")
+    legacy = {"rope_type": "llama3", "factor": 8.0} | LLAMA3
+    _write_config(tmp_path, rope_parameters=None, rope_theta=5e5, rope_scaling=legacy)
+    assert load_hf_config(tmp_path).rope_parameters == legacy | {"rope_theta": 5e5}
+    loaded = _load(tmp_path, rope_scaling={"type": "yarn", "factor": 16.0})
+    want = {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 8, "rope_theta": 5e5}
+    assert loaded.config.rope_parameters == want
+    reference = transformers.LlamaForCausalLM(tiny_config("llama", rope_parameters=dict(want))).eval()
+    reference.load_state_dict(saved.state_dict())
+    tokens = random_tokens(2, SEQ)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, reference(tokens).logits, rtol=0, atol=0)
+
+
 def _write_config(folder, **changes):
     path = folder / "config.json"
     config = json.loads(path.read_text())
