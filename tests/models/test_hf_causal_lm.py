@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from longloom.models.hf_causal_lm import HFCausalLM
+from longloom.models.hf_offload import enable_activation_offload
 from longloom.models.llama import LanguageModelHead, LlamaModel
 from longloom.parallel import ParallelDims
 from tests.models.hf_tiny import random_tokens, save_tiny_model, tiny_model
@@ -76,9 +77,19 @@ def test_without_labels_the_logits_are_the_hf_model_logits(family):
     assert set(model.state_dict()) == set(reference.state_dict()), "state-dict names are the HF ones"
 
 
-def _sequence_parallel_worker(family: str, ulysses: int, ring: int):
+def _sequence_parallel_worker(family: str, ulysses: int, ring: int, layers: str = "plain"):
     dims = ParallelDims.build(dp=1, ulysses=ulysses, ring=ring)
-    model = HFCausalLM(tiny_model(family, **MODELS[family]), dims)
+    model = HFCausalLM(tiny_model(family, **MODELS[family]), dims).train()
+    first_layer_calls = []
+    # A pre-hook: a non-reentrant recompute stops early, inside the MLP, once it has what the backward needs.
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: first_layer_calls.append(1))
+    if layers == "checkpointed":  # train.activation_checkpointing through transformers' own switch
+        model.causal_lm.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif layers == "offloaded":  # offload.activations: inputs to host, half the attention outputs kept
+        offloader = enable_activation_offload(model.causal_lm, 0.5, "cpu")
+        assert offloader.token_wise
     batch = _batch()
     del batch["unshifted_labels"]
     local = dims.shard_batch(batch)
@@ -93,6 +104,9 @@ def _sequence_parallel_worker(family: str, ulysses: int, ring: int):
     for name, parameter in model.named_parameters():
         torch.distributed.all_reduce(parameter.grad)  # DeepSpeed's averaging over the world
         grads[name] = parameter.grad / dims.world_size
+    if layers == "offloaded":
+        assert offloader.swapped_bytes > 0, "the layers went through the offloader"
+    assert len(first_layer_calls) == (1 if layers == "plain" else 2), "recomputed in the backward"
     return stats.loss, grads
 
 
@@ -101,6 +115,12 @@ def _sequence_parallel_worker(family: str, ulysses: int, ring: int):
 def test_sequence_parallel_loss_and_gradients_equal_the_hf_model(distributed, family, ulysses, ring):
     for rank, (loss, grads) in enumerate(distributed(2, _sequence_parallel_worker, family, ulysses, ring)):
         _assert_matches_reference(family, loss, grads, where=f"rank {rank}")
+
+
+@pytest.mark.parametrize("layers", ["checkpointed", "offloaded"])
+def test_layer_checkpointing_and_offload_through_the_adapter_change_nothing(distributed, layers):
+    for rank, (loss, grads) in enumerate(distributed(2, _sequence_parallel_worker, "qwen3", 1, 2, layers)):
+        _assert_matches_reference("qwen3", loss, grads, where=f"rank {rank}")
 
 
 def _zero3_worker(folder: str, family: str):
