@@ -124,7 +124,10 @@ def match_checkpoint(model: torch.nn.Module, folder: Path | str) -> list[tuple[s
     """(file key, file, model tensor) for every model tensor; ValueError on any mismatch. Reads headers only."""
     files = checkpoint_files(Path(folder))
     shapes = _file_shapes(files)
-    ignored = re.compile("|".join(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()) or "(?!)")
+    # The architecture's own list of file keys to skip, and RoPE frequencies that old checkpoints saved
+    # (transformers skips them too: the model computes them from its config).
+    patterns = [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()), r"rotary_emb\.inv_freq$"]
+    ignored = re.compile("|".join(f"(?:{pattern})" for pattern in patterns))
     plan, missing, mismatched, used = [], [], [], set()
     for names, tensor in _model_tensors(model):
         found = [name for name in names if name in files]

@@ -273,6 +273,16 @@ def test_zero3_ranks_load_only_their_partitions(distributed, tmp_path):
     assert distributed(2, _zero3_worker, str(tmp_path)) == [(0, 2), (1, 2)]
 
 
+def test_rope_frequencies_saved_by_old_checkpoints_are_skipped(tmp_path):
+    saved = save_tiny_model(tmp_path, "llama")
+    _edit_weights(
+        tmp_path, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(6)})
+    )
+    tokens = random_tokens(2, SEQ)
+    with torch.no_grad():
+        torch.testing.assert_close(_load(tmp_path)(tokens).logits, saved(tokens).logits, rtol=0, atol=0)
+
+
 def test_weights_into_a_model_of_another_config_are_refused(tmp_path):
     save_tiny_model(tmp_path, "llama")
     model = tiny_model("llama", num_hidden_layers=3)
