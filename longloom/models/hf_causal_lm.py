@@ -37,6 +37,11 @@ LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scalin
 
 
 class HFCausalLM(nn.Module):
+    """`causal_lm` (modified in place: longloom's head, and SP attention when `dims` is given) as LlamaModel's call.
+
+    `causal_lm` stays reachable as `.causal_lm` (config, save_pretrained, generation) but is not a submodule.
+    """
+
     def __init__(self, causal_lm: PreTrainedModel, dims: ParallelDims | None = None):
         super().__init__()
         _check_plain_head(causal_lm)
