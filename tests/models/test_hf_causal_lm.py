@@ -123,6 +123,76 @@ def test_layer_checkpointing_and_offload_through_the_adapter_change_nothing(dist
         _assert_matches_reference("qwen3", loss, grads, where=f"rank {rank}")
 
 
+# Plain SGD on both sides: the update is the gradient itself, so the steps check the engine path (loss,
+# gradient averaging over the world, no clipping) rather than two optimizer implementations.
+STEPS, LR = 3, 0.1
+
+
+def _step_batch(step: int) -> dict[str, torch.Tensor]:
+    tokens = random_tokens(BATCH, SEQ, seed=100 + step % 2)  # two batches in turn: the model learns both
+    shifted = torch.cat((tokens[:, 1:], torch.full_like(tokens[:, :1], -100)), dim=1)
+    return {"tokens": tokens, "position_ids": torch.arange(SEQ).expand(BATCH, -1), "labels": shifted}
+
+
+def _zero2_training_worker(folder: str, ulysses: int, ring: int) -> list[float]:
+    """A few optimizer steps as the trainer takes them: folder -> adapter -> DeepSpeed ZeRO-2 engine."""
+    import deepspeed
+
+    from longloom.models.hf_loading import build_hf_causal_lm, load_hf_config
+
+    ds_config = {
+        "train_micro_batch_size_per_gpu": BATCH,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,  # plain torch SGD
+        "gradient_clipping": 0.0,  # DeepSpeed's default clips at 1.0
+    }
+    dims = ParallelDims.build(dp=1, ulysses=ulysses, ring=ring)
+    model = HFCausalLM(build_hf_causal_lm(folder, load_hf_config(folder), SEQ), dims)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+        config=ds_config,
+        dist_init_required=False,
+    )
+    losses = []
+    for step in range(STEPS):
+        local = dims.shard_batch(_step_batch(step))
+        loss, stats = engine(
+            local["tokens"],
+            local["position_ids"],
+            labels=local["labels"],
+            loss_group=torch.distributed.group.WORLD,
+        )
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(stats.loss))
+    engine.destroy()
+    return losses
+
+
+@pytest.mark.parametrize("ulysses, ring", [(2, 1), (1, 2)], ids=["ulysses2", "ring2"])
+def test_zero2_training_steps_follow_the_hf_model(distributed, tmp_path, ulysses, ring):
+    saved = save_tiny_model(tmp_path, "qwen3", **MODELS["qwen3"]).train()
+    optimizer = torch.optim.SGD(saved.parameters(), lr=LR)
+    want = []
+    for step in range(STEPS):
+        batch = _step_batch(step)
+        loss = saved(input_ids=batch["tokens"], labels=batch["tokens"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        want.append(loss.item())
+    assert want[2] < want[0] - 0.1, "the steps must change the model"
+    for rank, losses in enumerate(distributed(2, _zero2_training_worker, str(tmp_path), ulysses, ring)):
+        torch.testing.assert_close(
+            torch.tensor(losses),
+            torch.tensor(want),
+            rtol=1e-5,
+            atol=0,
+            msg=f"rank {rank}: {losses} vs {want}",
+        )
+
+
 def _zero3_worker(folder: str, family: str):
     """The trainer's path under ZeRO-3: partitioned build and load, the engine, its backward."""
     import deepspeed
