@@ -1,6 +1,7 @@
 """Build a pretrained Hugging Face causal LM from a local folder for longloom training (`model.source: hf:<folder>`).
 
     config = load_hf_config(folder, rope_theta=..., rope_scaling=...)    # config.json + overrides, checked
+    check_hf_folder(folder, config, seq_len)                              # optional: all checks, no memory
     model = build_hf_causal_lm(folder, config, seq_len=..., dtype=..., device=..., zero3_config=...)
 
 The architecture comes from transformers (`AutoModelForCausalLM`, never custom code from the folder),
@@ -44,7 +45,7 @@ from transformers import __version__ as transformers_version
 from transformers.initialization import no_init_weights
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from longloom.models.hf_weights import load_safetensors_weights
+from longloom.models.hf_weights import load_safetensors_weights, match_checkpoint
 
 HF_SOURCE_PREFIX = "hf:"
 ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn", "llama3")
@@ -199,6 +200,16 @@ def check_sequence_parallel_support(config: PretrainedConfig, seq_len: int) -> t
             "add sink logits; use a model without them"
         )
     return model_class
+
+
+def check_hf_folder(folder: Path, config: PretrainedConfig, seq_len: int) -> None:
+    """Everything `build_hf_causal_lm` refuses, from config.json and the safetensors headers alone.
+
+    No memory, no device, no collective: run it before anything is written (the run's output folder)
+    and in `longloom check`.
+    """
+    check_sequence_parallel_support(config, seq_len)
+    match_checkpoint(meta_causal_lm(config), Path(folder))
 
 
 def build_hf_causal_lm(

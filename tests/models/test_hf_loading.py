@@ -8,7 +8,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from longloom.models.hf_loading import build_hf_causal_lm, hf_folder, load_hf_config
+from longloom.models.hf_loading import build_hf_causal_lm, check_hf_folder, hf_folder, load_hf_config
 from longloom.models.hf_weights import load_safetensors_weights
 from tests.models.hf_tiny import random_tokens, save_tiny_model, tiny_config, tiny_model
 
@@ -31,6 +31,7 @@ def _load(folder, seq_len=SEQ, **overrides):
 def test_loaded_model_equals_the_saved_one(tmp_path, family, overrides, max_shard_size):
     saved = save_tiny_model(tmp_path, family, max_shard_size, **overrides)
     assert (tmp_path / "model.safetensors.index.json").is_file() == bool(max_shard_size)
+    check_hf_folder(tmp_path, load_hf_config(tmp_path), SEQ)  # the checks alone pass (a tied head too)
     loaded = _load(hf_folder(f"hf:{tmp_path}"))
     assert type(loaded) is type(saved)
     if overrides.get("tie_word_embeddings"):
@@ -185,6 +186,8 @@ def test_folders_longloom_cannot_train_are_refused(tmp_path, case):
     if not overrides:
         change(tmp_path)
     before = sorted(path.name for path in tmp_path.iterdir())
+    with pytest.raises(ValueError, match=message):  # the checks alone, on the meta device
+        check_hf_folder(tmp_path, load_hf_config(tmp_path, **overrides), SEQ)
     with pytest.raises(ValueError, match=message):
         _load(tmp_path, **overrides)
     assert sorted(path.name for path in tmp_path.iterdir()) == before, "nothing written"
