@@ -2,7 +2,10 @@
 
 A prepared folder holds `index.json` and `shard-00000.arrow`, `shard-00001.arrow`, ... Each shard is an
 Arrow IPC file with one column `tokens: large_list<int32>`, one row per document, every document ending
-with EOS. The list's values buffer is the flat token stream and its offsets are the document
+with EOS. Chat data (`data prepare --format chat`) has a second column `label_mask: large_list<uint8>`
+with the same offsets: 1 where the token is trained on (assistant turns), 0 where its label is -100
+(prompts, system turns, template tokens); index.json says `"label_mask": true`. Folders without it (plain
+text, and every folder prepared before it existed) train on every token as before. The list's values buffer is the flat token stream and its offsets are the document
 boundaries, so a memory-mapped read (`pyarrow.memory_map` + `pyarrow.ipc.open_file`) hands out numpy
 views of the file without copying or loading it: a multi-terabyte corpus costs page cache, not RAM.
 
@@ -28,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute
 import pyarrow.ipc
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +39,15 @@ FORMAT = "longloom-token-shards"
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 TOKENS_COLUMN = "tokens"
+LABEL_MASK_COLUMN = "label_mask"
 SCHEMA = pa.schema([pa.field(TOKENS_COLUMN, pa.large_list(pa.int32()))])
+# uint8 rather than Arrow's bit-packed bool: numpy views of the memory-mapped file need whole bytes.
+MASKED_SCHEMA = pa.schema(
+    [
+        pa.field(TOKENS_COLUMN, pa.large_list(pa.int32())),
+        pa.field(LABEL_MASK_COLUMN, pa.large_list(pa.uint8())),
+    ]
+)
 # A record batch bounds the writer's memory; a shard bounds the size of one file.
 DEFAULT_BATCH_TOKENS = 1 << 20
 DEFAULT_SHARD_TOKENS = 1 << 26
@@ -82,17 +93,22 @@ class IndexFile(BaseModel):
     version: StrictInt
     eos_id: StrictInt = Field(ge=0)
     vocab_size: StrictInt = Field(ge=1)
+    label_mask: StrictBool = False
     shards: list[ShardEntry] = Field(min_length=1)
 
 
 class ShardWriter:
-    """Appends documents to shards of about `shard_tokens` tokens (a document is never split)."""
+    """Appends documents to shards of about `shard_tokens` tokens (a document is never split).
+
+    With `label_mask=True` every document comes with its mask (the `label_mask` column).
+    """
 
     def __init__(
         self,
         folder: str | Path,
         shard_tokens: int = DEFAULT_SHARD_TOKENS,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        label_mask: bool = False,
     ):
         if shard_tokens < 1:
             raise ValueError(f"shard_tokens={shard_tokens} must be positive (e.g. {DEFAULT_SHARD_TOKENS})")
@@ -100,15 +116,28 @@ class ShardWriter:
         self.shard_tokens = shard_tokens
         self.batch_tokens = min(batch_tokens, shard_tokens)
         self.shards: list[dict[str, Any]] = []
+        self.label_mask = label_mask
+        self.schema = MASKED_SCHEMA if label_mask else SCHEMA
         self._pending: list[np.ndarray] = []
+        self._pending_masks: list[np.ndarray] = []
         self._pending_tokens = 0
         self._sink: pa.NativeFile | None = None
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
 
-    def add(self, document: np.ndarray) -> None:
-        """One document of int32 token ids (EOS already appended)."""
+    def add(self, document: np.ndarray, label_mask: np.ndarray | None = None) -> None:
+        """One document of int32 token ids (EOS already appended), with its bool mask when the writer has one."""
+        if (label_mask is not None) != self.label_mask or (
+            label_mask is not None and len(label_mask) != len(document)
+        ):
+            raise ValueError(
+                f"a document of {len(document)} tokens came with "
+                f"{'no label mask' if label_mask is None else f'a label mask of {len(label_mask)}'} to a writer "
+                f"{'with' if self.label_mask else 'without'} label masks"
+            )
         if self._writer is None:
             self._open_shard()
+        if label_mask is not None:
+            self._pending_masks.append(np.asarray(label_mask, dtype=np.uint8))
         self._pending.append(np.asarray(document, dtype=np.int32))
         self._pending_tokens += len(document)
         shard = self.shards[-1]
@@ -126,7 +155,7 @@ class ShardWriter:
     def _open_shard(self) -> None:
         name = f"shard-{len(self.shards):05d}.arrow"
         self._sink = pa.OSFile(str(self.folder / name), "wb")
-        self._writer = pa.ipc.new_file(self._sink, SCHEMA)
+        self._writer = pa.ipc.new_file(self._sink, self.schema)
         self.shards.append(
             {"file": name, "documents": 0, "tokens": 0, "min_token_id": None, "max_token_id": None}
         )
@@ -137,8 +166,11 @@ class ShardWriter:
         lengths = np.fromiter((len(d) for d in self._pending), dtype=np.int64, count=len(self._pending))
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         values = np.concatenate(self._pending)
-        column = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
-        self._writer.write_batch(pa.record_batch([column], schema=SCHEMA))
+        columns = [pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))]
+        if self.label_mask:
+            masks = np.concatenate(self._pending_masks)
+            columns.append(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(masks, type=pa.uint8())))
+        self._writer.write_batch(pa.record_batch(columns, schema=self.schema))
         shard = self.shards[-1]
         shard["documents"] += len(self._pending)
         shard["tokens"] += int(offsets[-1])
@@ -149,7 +181,7 @@ class ShardWriter:
             shard["max_token_id"] = (
                 high if shard["max_token_id"] is None else max(high, shard["max_token_id"])
             )
-        self._pending, self._pending_tokens = [], 0
+        self._pending, self._pending_masks, self._pending_tokens = [], [], 0
 
     def _close_shard(self) -> None:
         self._flush()
@@ -210,8 +242,12 @@ class TokenShards:
         self.metadata = read_index(self.folder)
         self.eos_id: int = self.metadata["eos_id"]
         self.vocab_size: int = self.metadata["vocab_size"]
-        # One segment per record batch: a contiguous int32 view of the file and its document offsets.
+        self.has_label_mask: bool = self.metadata.get("label_mask", False)
+        self.schema = MASKED_SCHEMA if self.has_label_mask else SCHEMA
+        # One segment per record batch: a contiguous int32 view of the file and its document offsets
+        # (and a uint8 view of the label mask, for chat data).
         self._values: list[np.ndarray] = []
+        self._masks: list[np.ndarray] = []
         self._document_offsets: list[np.ndarray] = []
         # (shard file, smallest id, largest id) per shard, checked against the index's vocab_size here.
         self.token_id_ranges: list[tuple[str, int, int]] = []
@@ -237,18 +273,30 @@ class TokenShards:
         segments = []
         try:
             reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-            if not reader.schema.equals(SCHEMA):
+            if not reader.schema.equals(self.schema):
                 raise ValueError(
-                    f"shard {str(path)!r} has schema {reader.schema}, expected {SCHEMA}: "
-                    f"{_prepare_again(self.folder)}"
+                    f"shard {str(path)!r} has schema {reader.schema}, expected {self.schema} (its {INDEX_FILE} "
+                    f"says label_mask={self.has_label_mask}): {_prepare_again(self.folder)}"
                 )
             for i in range(reader.num_record_batches):
-                column = reader.get_batch(i).column(0)
+                batch = reader.get_batch(i)
+                column = batch.column(0)
                 offsets = column.offsets.to_numpy()
                 # Slice by the offsets: a list array's values buffer may extend past its own rows.
                 values = column.values.to_numpy(zero_copy_only=True)[offsets[0] : offsets[-1]]
                 segments.append(values)
                 self._document_offsets.append(offsets - offsets[0])
+                if self.has_label_mask:
+                    masks = batch.column(1)
+                    mask_offsets = masks.offsets.to_numpy()
+                    if not np.array_equal(mask_offsets - mask_offsets[0], offsets - offsets[0]):
+                        raise ValueError(
+                            f"shard {str(path)!r}: its label masks do not line up with its documents (batch {i}): "
+                            f"{_prepare_again(self.folder)}"
+                        )
+                    self._masks.append(
+                        masks.values.to_numpy(zero_copy_only=True)[mask_offsets[0] : mask_offsets[-1]]
+                    )
         except (pa.ArrowException, OSError) as error:
             # A truncated file has no footer; overwritten bytes break a batch: either way the file is lost.
             raise ValueError(
@@ -292,20 +340,41 @@ class TokenShards:
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of the whole stream as int64 (a copy; crosses batch and shard ends)."""
+        return self._stream_range(self._values, start, stop).astype(np.int64)
+
+    def label_mask(self, start: int, stop: int) -> np.ndarray:
+        """Label mask [start, stop) of the stream as bool: True where the token is trained on.
+
+        All True for a folder without masks (plain text trains on every token).
+        """
+        if not self.has_label_mask:
+            self._check_range(start, stop)
+            return np.ones(stop - start, dtype=bool)
+        return self._stream_range(self._masks, start, stop).astype(bool)
+
+    def _check_range(self, start: int, stop: int) -> None:
         if not 0 <= start <= stop <= self.num_tokens:
             raise IndexError(
                 f"token range [{start}, {stop}) is outside the stream of {self.num_tokens} tokens"
             )
+
+    def _stream_range(self, segments: list[np.ndarray], start: int, stop: int) -> np.ndarray:
+        """Elements [start, stop) of per-token `segments` (values or masks), copied across segment ends."""
+        self._check_range(start, stop)
         pieces = []
         segment = int(np.searchsorted(self._token_starts, start, side="right")) - 1
         position = start
         while position < stop:
             local = position - self._token_starts[segment]
-            take = min(stop - position, len(self._values[segment]) - local)
-            pieces.append(self._values[segment][local : local + take])
+            take = min(stop - position, len(segments[segment]) - local)
+            pieces.append(segments[segment][local : local + take])
             position += take
             segment += 1
-        return np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, dtype=np.int64)
+        return (
+            np.concatenate(pieces)
+            if pieces
+            else np.zeros(0, dtype=segments[0].dtype if segments else np.int64)
+        )
 
     def document(self, index: int) -> np.ndarray:
         """Document `index` (ending with EOS) as an int32 view of the file."""
@@ -315,3 +384,13 @@ class TokenShards:
         offsets = self._document_offsets[segment]
         local = index - self._document_starts[segment]
         return self._values[segment][offsets[local] : offsets[local + 1]]
+
+    def document_label_mask(self, index: int) -> np.ndarray:
+        """The label mask of document `index` as bool (all True without masks)."""
+        ids = self.document(index)
+        if not self.has_label_mask:
+            return np.ones(len(ids), dtype=bool)
+        segment = int(np.searchsorted(self._document_starts, index, side="right")) - 1
+        offsets = self._document_offsets[segment]
+        local = index - self._document_starts[segment]
+        return self._masks[segment][offsets[local] : offsets[local + 1]].astype(bool)
