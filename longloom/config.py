@@ -111,6 +111,12 @@ class DataConfig(_Section):
         description="packed samples carry document ids, so attention stays inside each document; "
         "false: no ids, attention runs across the documents of a sample (the old behaviour)",
     )
+    eval_source: str | None = Field(
+        None,
+        min_length=1,
+        description="held-out data for train.eval_every (a prepared folder or synthetic:<task>); None = "
+        "held-out draws of a synthetic data.source",
+    )
 
 
 class ParallelConfig(_Section):
@@ -134,6 +140,7 @@ class TrainConfig(_Section):
     zero_stage: Whole = Field(1, ge=0, le=3)
     output_dir: str = Field("runs/default", min_length=1)
     log_every: Whole = Field(1, ge=1)
+    eval_every: Whole = Field(0, ge=0, description="steps between held-out loss evaluations; 0 = never")
 
 
 class OffloadConfig(_Section):
