@@ -1,4 +1,4 @@
-"""The `longloom` command: train | launch | check | data | ckpt | bench.
+"""The `longloom` command: train | launch | check | data | ckpt | eval | bench.
 
 User errors (a bad key, a missing folder, sizes that do not divide, a file that cannot be written)
 print one short message naming the value and the fix and exit with status 2, without a traceback;
@@ -22,6 +22,7 @@ import yaml
 
 from longloom.config import ConfigError, LongloomConfig, load_config
 from longloom.data.prepare import add_prepare_arguments
+from longloom.evaluation.needle_run import add_needle_arguments
 from longloom.preflight import describe_notes, preflight
 
 USER_ERROR = 2
@@ -111,6 +112,13 @@ def cmd_ckpt_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_needle(args: argparse.Namespace) -> int:
+    from longloom.evaluation.needle_run import needle_from_args
+
+    needle_from_args(args)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     script = Path(__file__).resolve().parent.parent / "bench" / f"{args.name}.py"
     if not script.is_file():
@@ -160,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default=None, help="--to hf: dtype of the exported weights (e.g. bf16)")
     convert.set_defaults(handler=cmd_ckpt_convert)
 
+    evaluation = commands.add_parser("eval", help="evaluate a trained model").add_subparsers(
+        dest="eval_command", required=True
+    )
+    needle = evaluation.add_parser(
+        "needle", help="needle-in-a-haystack retrieval by length x depth (table, CSV, heatmap PNG)"
+    )
+    add_needle_arguments(needle)
+    needle.set_defaults(handler=cmd_eval_needle)
+
     bench = commands.add_parser(
         "bench", help="run a GPU benchmark from bench/ (attention, ring, linear, ...)"
     )
@@ -188,7 +205,16 @@ def describe_user_error(error: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # argparse stops filling a positional list at the first option: `eval needle RUN --workers 2
+    # parallel.ulysses=2` leaves the override unparsed. Dotted overrides after options join the list.
+    if unknown:
+        if not hasattr(args, "overrides") or not all(
+            "=" in item and not item.startswith("-") for item in unknown
+        ):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = list(args.overrides) + unknown
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:

@@ -1,0 +1,193 @@
+"""Models to evaluate: a training run, one of its checkpoints, or a Hugging Face model folder.
+
+`find_model_source(path)` runs before any worker starts and decides what `path` is (and fails with what
+it expected otherwise); `SequenceParallelPredictor` runs in every worker and gives, for a full-length
+batch, every token's greedy next-token prediction with the sequence cut over the SP group exactly as
+in training (`ParallelDims.shard_batch`, the same contiguous / zigzag layout):
+
+- native: the run's `model.*` config (checkpoint extras, else `<run>/config.yaml`) builds a
+  `LlamaModel(cfg, dims)`; the fp32 master weights of the newest committed checkpoint are read through
+  checkpointing's reader (any layout it was saved with; ours or DeepSpeed's).
+- Hugging Face: `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)`, made
+  sequence-parallel by models/hf.py's `enable_sequence_parallel` when the SP degree is above 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from longloom.checkpointing.commit import COMMIT_FILE, find_latest_committed, step_directories
+from longloom.config import ModelConfig
+from longloom.data.tokenize import load_tokenizer, refuse_custom_code
+from longloom.parallel.dims import ParallelDims
+
+
+@dataclass
+class ModelSource:
+    kind: str  # "native" | "hf"
+    path: Path  # the checkpoint step folder (native) or the model folder (hf)
+    run_dir: Path | None  # native: the run's output_dir when the checkpoint lies in one
+    step: int | None
+    model_config: ModelConfig | None  # native only
+    trained_seq_len: int | None
+    tokenizer: str  # "bytes" or a tokenizer folder
+
+    @property
+    def name(self) -> str:
+        return f"step-{self.step}" if self.step is not None else self.path.name
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.model_config.vocab_size if self.model_config is not None else None
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _checkpoint_of(path: Path) -> Path | None:
+    """The checkpoint step folder that `path` names: itself, or the newest committed one under it."""
+    if (path / COMMIT_FILE).is_file() or path.name.startswith("step-"):
+        return path
+    for root in (path / "checkpoints", path):
+        if root.is_dir() and step_directories(root):
+            latest = find_latest_committed(root)
+            if latest is None:
+                raise ValueError(
+                    f"{root} holds step-N folders but none is committed and intact: let the run write a "
+                    "checkpoint (checkpoint.interval) or pass a committed step folder"
+                )
+            return latest
+    return None
+
+
+def find_model_source(path: str | Path, tokenizer: str = "auto") -> ModelSource:
+    """What `path` is: a run folder, a checkpoint (step folder or checkpoints/), or an HF model folder.
+
+    `tokenizer`: "auto" = the HF folder's own tokenizer when it has one, else the byte tokenizer that
+    longloom runs train with; or "bytes" / a tokenizer folder.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(
+            f"{path} does not exist: pass a run folder, a checkpoint folder or a Hugging Face model folder"
+        )
+    if _is_hf_folder(path):
+        refuse_custom_code(path, what="model")
+        has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+        chosen = str(path) if tokenizer == "auto" and has_tokenizer else tokenizer
+        return ModelSource("hf", path, None, None, None, None, "bytes" if chosen == "auto" else chosen)
+    checkpoint = _checkpoint_of(path)
+    if checkpoint is None:
+        raise ValueError(
+            f"cannot tell what {path} is: expected a training run folder (with checkpoints/), a checkpoint "
+            "(step-N folder with commit.json, or a checkpoints/ folder), or a Hugging Face model folder "
+            "(config.json and *.safetensors, e.g. from `longloom ckpt convert --to hf`)"
+        )
+    from longloom.checkpointing.convert import open_source
+    from longloom.checkpointing.hf_export import _model_config  # the run's model.* and data.seq_len
+
+    reader = open_source(checkpoint)
+    try:
+        model_config, seq_len = _model_config(reader)
+        step = getattr(reader, "step", None)
+    finally:
+        reader.close()
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    return ModelSource(
+        "native",
+        checkpoint,
+        run_dir,
+        step,
+        model_config,
+        seq_len,
+        "bytes" if tokenizer == "auto" else tokenizer,
+    )
+
+
+def load_native_weights(source: ModelSource, model: torch.nn.Module) -> None:
+    """Copies the checkpoint's fp32 master weights into `model` (every name and shape must match)."""
+    from longloom.checkpointing.convert import open_source
+
+    reader = open_source(source.path)
+    try:
+        state = {name.removeprefix("module."): reader.read_full(name, "fp32") for name in reader.specs}
+    finally:
+        reader.close()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {source.path} does not match its model.* configuration: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+
+
+class SequenceParallelPredictor:
+    """Greedy next-token predictions of a model whose sequence is split over `dims.sp_group`."""
+
+    def __init__(self, source: ModelSource, dims: ParallelDims, device: torch.device):
+        self.source, self.dims, self.device = source, dims, device
+        self.tokenizer = load_tokenizer(source.tokenizer)
+        if source.kind == "native":
+            from longloom.models.llama import LlamaModel
+
+            self.model = LlamaModel(source.model_config, dims)
+            load_native_weights(source, self.model)
+        else:
+            self.model = _load_hf_model(source.path)
+            if dims.sp > 1:
+                from longloom.models.hf import enable_sequence_parallel
+
+                enable_sequence_parallel(self.model, dims)
+        self.model.to(device).eval()
+        self.vocab_size = (
+            source.model_config.vocab_size
+            if source.kind == "native"
+            else self.model.config.get_text_config().vocab_size
+        )
+        if self.tokenizer.vocab_size > self.vocab_size:
+            raise ValueError(
+                f"tokenizer {self.tokenizer.name!r} has {self.tokenizer.vocab_size} tokens but the model only "
+                f"{self.vocab_size}: pass the model's tokenizer with --tokenizer"
+            )
+
+    @torch.no_grad()
+    def predictions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] (the whole sequence, same on the SP group) -> argmax next token [B, S] on every rank."""
+        positions = torch.arange(tokens.size(1)).expand_as(tokens)
+        if self.source.kind == "native":
+            local = self.dims.shard_batch({"tokens": tokens, "position_ids": positions})
+            logits = self.model(local["tokens"].to(self.device), local["position_ids"].to(self.device))
+        else:
+            from longloom.models.hf import shard_causal_lm_batch
+
+            local = shard_causal_lm_batch(tokens, self.dims)
+            logits = self.model(
+                input_ids=local["input_ids"].to(self.device),
+                position_ids=local["position_ids"].to(self.device),
+                use_cache=False,
+            ).logits
+        # Argmax where the logits are: only [B, S/P] ids travel, not [B, S/P, vocab] logits.
+        return self.dims.unshard_sequence(logits.argmax(dim=-1)).cpu()
+
+
+def _load_hf_model(folder: Path) -> torch.nn.Module:
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise ValueError(
+            f"{folder} is a Hugging Face model but transformers is not installed: `pip install transformers`"
+        ) from None
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(folder), trust_remote_code=False, local_files_only=True, dtype=torch.float32
+        )
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"cannot load a Hugging Face causal LM from {folder} (transformers: {first_line}): pass a folder "
+            "with config.json and model weights of a model transformers supports without custom code"
+        ) from None
