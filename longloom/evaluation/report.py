@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,7 @@ def write_heatmap(table: NeedleTable, path: Path, title: str) -> None:
     axes.set_yticks(range(len(table.lengths)), [length_label(n) for n in table.lengths])
     axes.set_xlabel("needle depth (0 = start of the haystack)")
     axes.set_ylabel("sequence length (tokens)")
-    axes.set_title(title, fontsize=9)
+    axes.set_title(textwrap.fill(title, width=int(12 * width)), fontsize=8)
     for i in range(len(table.lengths)):
         for j in range(len(table.depths)):
             axes.text(j, i, f"{100 * table.accuracy[i, j]:.0f}", ha="center", va="center", fontsize=7)
