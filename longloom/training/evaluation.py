@@ -20,6 +20,7 @@ task (other seeds than training's).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -60,11 +61,12 @@ def eval_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This dp rank's micro batches of samples [0, n) of `dataset`, in order (see the module docstring).
 
-    n = len(dataset), at most `max_samples` (required for an endless synthetic dataset).
+    n = len(dataset) (DEFAULT_SYNTHETIC_EVAL_SAMPLES for an endless synthetic task), at most `max_samples`.
+    Every rank gets the same number of batches (ZeRO-3 gathers parameters in each forward, collectively).
     """
-    samples = len(dataset) if max_samples is None else min(len(dataset), max_samples)
-    if samples > 1 << 40:
-        raise ValueError(f"{dataset!r} has no end: pass max_samples to evaluate a part of it")
+    samples = len(dataset) if len(dataset) < sys.maxsize else DEFAULT_SYNTHETIC_EVAL_SAMPLES
+    if max_samples is not None:
+        samples = min(samples, max_samples)
     global_batch = dims.dp * micro_batch_size
     for first in range(0, samples, global_batch):
         start = first + dims.dp_rank * micro_batch_size

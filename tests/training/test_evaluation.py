@@ -94,6 +94,10 @@ def test_eval_source_keys_and_the_held_out_synthetic_default(tmp_path):
     held_out = eval_dataset(cfg)
     train_first = eval_dataset(load_config(None, ["data.seq_len=64", f"data.eval_source={cfg.data.source}"]))
     assert not torch.equal(held_out[0]["tokens"], train_first[0]["tokens"])  # other draws than training's
+    single = ParallelDims(dp=1, ulysses=1, ring=1, rank=0, world_size=1)
+    batches = list(eval_batches(held_out, 5, single))  # an endless task: its first 64 samples
+    assert len(batches) == 13 and (batches[-1]["labels"][4:] == -100).all()
+    assert torch.equal(batches[1]["tokens"][0], held_out[5]["tokens"])
     with pytest.raises(ConfigError, match="train.eval_every"):
         load_config(None, ["train.eval_every=-1"])
     with pytest.raises(ConfigError, match="train.eval_every"):
