@@ -24,6 +24,7 @@ Finding the assistant tokens, two ways:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ SHAREGPT_ROLES = {
     "gpt": "assistant",
     "assistant": "assistant",
 }
-GENERATION_TAG = "{% generation %}"
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def conversation_messages(record: Any, where: str) -> list[dict[str, str]]:
@@ -121,7 +122,7 @@ class ChatRenderer:
                 f"tokenizer {self.tokenizer.name!r} is a slow (Python) tokenizer: assistant masks need token "
                 "offsets; use a folder with a tokenizer.json (a fast tokenizer)"
             )
-        self.uses_generation_tags = GENERATION_TAG in template.replace("{%- generation", "{% generation")
+        self.uses_generation_tags = GENERATION_TAG.search(template) is not None
         self.name, self.eos_id, self.vocab_size = (
             self.tokenizer.name,
             self.tokenizer.eos_id,

@@ -96,6 +96,18 @@ def test_generation_tags_are_used_when_the_template_has_them(tokenizers_dir):
     assert rendered.assistant_mask.sum() > 0
 
 
+def test_a_template_that_rewrites_earlier_turns_is_refused_with_the_fix(tmp_path):
+    # Like templates that drop the reasoning of earlier answers: a turn renders differently once followed.
+    rewriting = PLAIN_TEMPLATE.replace(
+        "{{ m['content'] }}",
+        "{% if m['role'] == 'assistant' and not loop.last %}[answered]{% else %}{{ m['content'] }}{% endif %}",
+    )
+    _save_tokenizer(tmp_path / "rewriting", rewriting)
+    with pytest.raises(ValueError, match=r"line 7: .* up to turn 2 differently.*add \{% generation %\}"):
+        ChatRenderer(tmp_path / "rewriting").render(CONVERSATION, "line 7")
+    assert ChatRenderer(tmp_path / "rewriting").render(CONVERSATION[:3], "line 7").assistant_mask.any()
+
+
 def test_sharegpt_maps_to_openai_roles():
     assert conversation_messages({"conversations": SHAREGPT}, "x") == CONVERSATION
     assert conversation_messages({"messages": CONVERSATION}, "x") == CONVERSATION
