@@ -183,6 +183,17 @@ def test_bad_arguments_are_refused_before_any_worker(tmp_path, capsys):
         plan_needle_eval(
             tmp_path / "hf", "66", workers=3, overrides=["parallel.ulysses=3"], tokenizer="bytes"
         )
+    with pytest.raises(ValueError, match=r"--workers=4 is not divisible"):
+        plan_needle_eval(
+            tmp_path / "hf", "64", workers=4, overrides=["parallel.ulysses=3"], tokenizer="bytes"
+        )
+    (tmp_path / "small").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "small" / name).write_bytes((tmp_path / "hf" / name).read_bytes())
+    small = json.loads((tmp_path / "hf" / "config.json").read_text()) | {"vocab_size": 200}
+    (tmp_path / "small" / "config.json").write_text(json.dumps(small))
+    with pytest.raises(ValueError, match=r"tokenizer 'bytes' has 259 tokens but the model only 200"):
+        plan_needle_eval(tmp_path / "small", "64")
     with pytest.raises(ValueError, match="parallel.\\* overrides only"):
         plan_needle_eval(tmp_path / "hf", "64", overrides=["train.steps=3"], tokenizer="bytes")
     with pytest.raises(ValueError, match="cannot tell what"):

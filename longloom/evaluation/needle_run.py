@@ -65,19 +65,21 @@ def plan_needle_eval(
         {**tree, "launch": {"workers": workers}}
         | ({"model": source.model_config.model_dump()} if source.model_config else {})
     )
-    dp, ulysses, ring = resolve_split(cfg, workers)
-    heads = kv_heads = None
-    if source.model_config is not None and "S" in source.model_config.layer_pattern:
-        heads, kv_heads = source.model_config.heads, source.model_config.num_kv_heads
-    elif source.kind == "hf":
-        hf_config = json.loads((source.path / "config.json").read_text())
-        hf_config = hf_config.get("text_config", hf_config)
-        heads = hf_config.get("num_attention_heads")
-        kv_heads = hf_config.get("num_key_value_heads") or heads
+    try:
+        dp, ulysses, ring = resolve_split(cfg, workers)
+    except ConfigError as error:  # the eval's worker count is --workers, not a config key
+        raise ConfigError(str(error).replace("launch.workers", "--workers")) from None
+    heads, kv_heads, vocab_size = _model_shape(source)
     if heads is not None and (heads % ulysses or (kv_heads % ulysses and ulysses % kv_heads)):
         raise ConfigError(
             f"parallel.ulysses={ulysses} does not divide the model's {heads} heads / {kv_heads} KV heads: "
             "choose parallel.ulysses among the divisors of the number of heads"
+        )
+    text_tokenizer = load_tokenizer(source.tokenizer)
+    if vocab_size is not None and text_tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"tokenizer {text_tokenizer.name!r} has {text_tokenizer.vocab_size} tokens but the model only "
+            f"{vocab_size}: pass the model's tokenizer with --tokenizer"
         )
     if lengths is None:
         if source.trained_seq_len is None:
@@ -87,7 +89,7 @@ def plan_needle_eval(
         length_list = [source.trained_seq_len]
     else:
         length_list = parse_lengths(lengths)
-    haystacks = Haystacks(load_tokenizer(source.tokenizer), seed)
+    haystacks = Haystacks(text_tokenizer, seed)
     check_lengths(length_list, ulysses * ring, ring, haystacks.min_length())
     if source.run_dir is not None:
         base = source.run_dir / "eval"
@@ -104,6 +106,18 @@ def plan_needle_eval(
         f"needle-{source.name}",
         f"needle in a haystack: {source.path} ({workers} workers: dp {dp} x ulysses {ulysses} x ring {ring})",
     )
+
+
+def _model_shape(source) -> tuple[int | None, int | None, int | None]:
+    """(attention heads, KV heads, vocabulary size) of the model, read without loading it."""
+    if source.model_config is not None:
+        model = source.model_config
+        softmax = "S" in model.layer_pattern  # linear-attention layers do not split heads
+        return (model.heads if softmax else None), model.num_kv_heads, model.vocab_size
+    hf_config = json.loads((source.path / "config.json").read_text())
+    hf_config = hf_config.get("text_config", hf_config)
+    heads = hf_config.get("num_attention_heads")
+    return heads, hf_config.get("num_key_value_heads") or heads, hf_config.get("vocab_size")
 
 
 def _needle_worker(plan: NeedlePlan) -> None:
