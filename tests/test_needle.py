@@ -183,6 +183,10 @@ def test_bad_arguments_are_refused_before_any_worker(tmp_path, capsys):
         plan_needle_eval(
             tmp_path / "hf", "66", workers=3, overrides=["parallel.ulysses=3"], tokenizer="bytes"
         )
+    with pytest.raises(ValueError, match=r"eval length 32 cut into 8 chunks leaves 4 tokens a chunk.*>= 40"):
+        plan_needle_eval(
+            tmp_path / "hf", "32", workers=4, overrides=["parallel.ulysses=2", "parallel.ring=2"]
+        )
     with pytest.raises(ValueError, match=r"--workers=4 is not divisible"):
         plan_needle_eval(
             tmp_path / "hf", "64", workers=4, overrides=["parallel.ulysses=3"], tokenizer="bytes"

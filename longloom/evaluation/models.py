@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from longloom.checkpointing.commit import COMMIT_FILE, find_latest_committed, step_directories
 from longloom.config import ModelConfig
 from longloom.data.tokenize import load_tokenizer, refuse_custom_code
 from longloom.parallel.dims import ParallelDims
+from longloom.parallel.sharding import chunks_per_rank, local_chunk_ids
 
 
 @dataclass
@@ -126,16 +128,25 @@ def load_native_weights(source: ModelSource, model: torch.nn.Module) -> None:
 
 
 class SequenceParallelPredictor:
-    """Greedy next-token predictions of a model whose sequence is split over `dims.sp_group`."""
+    """Greedy next-token predictions at the end of a sequence split over `dims.sp_group`.
+
+    Only the last positions get logits (a [tokens, vocab] tensor at 64K tokens and a 128K vocabulary
+    would be 32 GiB): HF models through `logits_to_keep`, the native model through a pre-hook that
+    hands its LM head the last hidden states only. In both layouts the sequence's last chunk is the end
+    of one rank's share (contiguous: the last rank; zigzag: rank 0's second chunk), so that rank's local
+    last positions are the sequence's, and their argmax ids are broadcast over the SP group.
+    """
 
     def __init__(self, source: ModelSource, dims: ParallelDims, device: torch.device):
         self.source, self.dims, self.device = source, dims, device
         self.tokenizer = load_tokenizer(source.tokenizer)
+        self.keep_last = 0  # read by the native model's LM-head pre-hook
         if source.kind == "native":
             from longloom.models.llama import LlamaModel
 
             self.model = LlamaModel(source.model_config, dims)
             load_native_weights(source, self.model)
+            self.model.lm_head.register_forward_pre_hook(self._last_hidden_states)
         else:
             self.model = _load_hf_model(source.path)
             if dims.sp > 1:
@@ -143,23 +154,26 @@ class SequenceParallelPredictor:
 
                 enable_sequence_parallel(self.model, dims)
         self.model.to(device).eval()
-        self.vocab_size = (
-            source.model_config.vocab_size
-            if source.kind == "native"
-            else self.model.config.get_text_config().vocab_size
+        chunks = dims.sp * chunks_per_rank(dims.layout)
+        # The SP rank whose share ends with the sequence's last chunk.
+        self.last_chunk_rank = next(
+            rank for rank in range(dims.sp) if local_chunk_ids(dims.layout, rank, dims.sp)[-1] == chunks - 1
         )
-        if self.tokenizer.vocab_size > self.vocab_size:
-            raise ValueError(
-                f"tokenizer {self.tokenizer.name!r} has {self.tokenizer.vocab_size} tokens but the model only "
-                f"{self.vocab_size}: pass the model's tokenizer with --tokenizer"
-            )
+
+    def _last_hidden_states(self, head: torch.nn.Module, args: tuple) -> tuple:
+        return (args[0][:, -self.keep_last :], *args[1:])
 
     @torch.no_grad()
-    def predictions(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, S] (the whole sequence, same on the SP group) -> argmax next token [B, S] on every rank."""
+    def predictions(self, tokens: torch.Tensor, last: int) -> torch.Tensor:
+        """tokens [B, S] (the whole sequence, same on the SP group) -> argmax ids [B, last] of the last
+        `last` positions (what follows each of them), on every rank of the SP group."""
+        chunk = tokens.size(1) // (self.dims.sp * chunks_per_rank(self.dims.layout))
+        if not 0 < last <= chunk:
+            raise ValueError(f"{last} last positions do not fit in one sequence chunk of {chunk} tokens")
         positions = torch.arange(tokens.size(1)).expand_as(tokens)
         if self.source.kind == "native":
             local = self.dims.shard_batch({"tokens": tokens, "position_ids": positions})
+            self.keep_last = last
             logits = self.model(local["tokens"].to(self.device), local["position_ids"].to(self.device))
         else:
             from longloom.models.hf import shard_causal_lm_batch
@@ -169,9 +183,13 @@ class SequenceParallelPredictor:
                 input_ids=local["input_ids"].to(self.device),
                 position_ids=local["position_ids"].to(self.device),
                 use_cache=False,
+                logits_to_keep=last,
             ).logits
-        # Argmax where the logits are: only [B, S/P] ids travel, not [B, S/P, vocab] logits.
-        return self.dims.unshard_sequence(logits.argmax(dim=-1)).cpu()
+        predicted = logits[:, -last:].argmax(dim=-1).contiguous()  # [B, last]
+        if self.dims.sp > 1:
+            owner = dist.get_global_rank(self.dims.sp_group, self.last_chunk_rank)
+            dist.broadcast(predicted, src=owner, group=self.dims.sp_group)
+        return predicted.cpu()
 
 
 def _load_hf_model(folder: Path) -> torch.nn.Module:

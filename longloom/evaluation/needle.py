@@ -108,8 +108,9 @@ def parse_depths(text: str) -> list[float]:
     return depths
 
 
-def check_lengths(lengths: Sequence[int], sp: int, ring: int, min_length: int) -> None:
-    """Each length must split over the SP group as training would split it, and hold the needle."""
+def check_lengths(lengths: Sequence[int], sp: int, ring: int, min_length: int, answer_tokens: int) -> None:
+    """Each length must split over the SP group as training would split it, and hold the needle; the
+    answer must lie in the last chunk (one rank computes its logits)."""
     chunks = 2 * sp if ring > 1 else sp
     what = (
         f"2 x parallel.ring x parallel.ulysses = {chunks} (zigzag layout)"
@@ -127,6 +128,12 @@ def check_lengths(lengths: Sequence[int], sp: int, ring: int, min_length: int) -
         if length < min_length:
             raise ValueError(
                 f"eval length {length} is too short for the needle and question: use >= {min_length}"
+            )
+        if length // chunks < answer_tokens:
+            raise ValueError(
+                f"eval length {length} cut into {chunks} chunks leaves {length // chunks} tokens a chunk, fewer "
+                f"than the {answer_tokens} answer tokens: use lengths >= {answer_tokens * chunks} or a smaller "
+                "SP degree"
             )
 
 
@@ -162,8 +169,11 @@ class Haystacks:
             + len(self.question)
         )
 
+    def max_answer_tokens(self) -> int:
+        return max(len(self.encode(str(n))) for n in (10 ** (PASSKEY_DIGITS - 1), 10**PASSKEY_DIGITS - 1))
+
     def min_length(self) -> int:
-        return self.overhead(len(self.encode("9" * PASSKEY_DIGITS))) + 1
+        return self.overhead(self.max_answer_tokens()) + 1
 
     def build(self, case: NeedleCase, depth_index: int) -> tuple[np.ndarray, list[int], int]:
         """(window of length + 1 ids, answer ids, needle start): the model input is window[:-1]."""
@@ -192,12 +202,9 @@ def evaluate_cases(
     for case in cases:
         window, answer, needle_position = haystacks.build(case, depths.index(case.depth))
         tokens = torch.from_numpy(window[:-1]).unsqueeze(0)
-        predicted = predictor.predictions(tokens)[0]
         # Input position t predicts window[t + 1]: the answer window[-n:] is predicted at the input's last n.
-        n = len(answer)
+        predicted = predictor.predictions(tokens, last=len(answer))[0]
         results.append(
-            NeedleResult(
-                case.length, case.depth, case.trial, needle_position, answer, predicted[-n:].tolist()
-            )
+            NeedleResult(case.length, case.depth, case.trial, needle_position, answer, predicted.tolist())
         )
     return results

@@ -90,7 +90,7 @@ def plan_needle_eval(
     else:
         length_list = parse_lengths(lengths)
     haystacks = Haystacks(text_tokenizer, seed)
-    check_lengths(length_list, ulysses * ring, ring, haystacks.min_length())
+    check_lengths(length_list, ulysses * ring, ring, haystacks.min_length(), haystacks.max_answer_tokens())
     if source.run_dir is not None:
         base = source.run_dir / "eval"
     else:
