@@ -168,7 +168,8 @@ def _chat_documents(
             ids, mask = rendered.ids, rendered.assistant_mask
             if not len(ids) or ids[-1] != renderer.eos_id:  # the template may end with EOS already
                 ids, mask = _with_eos(ids, renderer.eos_id), np.append(mask, False)
-            if max_tokens is not None and len(ids) > max_tokens:
+            truncated = max_tokens is not None and len(ids) > max_tokens
+            if truncated:
                 if overlong == "error":
                     raise ValueError(
                         f"{where}: the conversation is {len(ids)} tokens with its EOS, more than --max-tokens="
@@ -178,13 +179,13 @@ def _chat_documents(
                     skipped["overlong"] += 1
                     yield None, None, len(line)
                     continue
-                skipped["truncated"] += 1  # kept, counted
                 ids = _with_eos(ids[: max_tokens - 1], renderer.eos_id)
                 mask = np.append(mask[: max_tokens - 1], False)
-            if not mask.any():
+            if not mask.any():  # nothing to train on (also when truncation cut every answer)
                 skipped["no_assistant_tokens"] += 1
                 yield None, None, len(line)
                 continue
+            skipped["truncated"] += truncated  # kept, and counted
             yield ids, mask, len(line)
 
 
@@ -209,22 +210,28 @@ def prepare_dataset(
     overwrite: bool = False,
     format: str = "text",
     max_tokens: int | None = None,
-    overlong: str = "error",
+    overlong: str | None = None,
 ) -> dict[str, Any]:
     """Tokenizes `source` into Arrow shards under `out_dir`; returns a summary (also in index.json).
 
     `progress` shows a bar when stderr is a terminal, else a log line every 30 s. A non-empty `out_dir`
     is replaced only with `overwrite=True` and only when an earlier `prepare_dataset` wrote it.
     `format="chat"`: conversations with assistant-only label masks (module docstring); `max_tokens` and
-    `overlong` bound their length.
+    `overlong` (error when None) say what happens to a longer conversation.
     """
     started = time.perf_counter()
     if shard_tokens < 1:
         raise ValueError(f"--shard-tokens={shard_tokens} must be positive (e.g. {DEFAULT_SHARD_TOKENS})")
     if format not in FORMATS:
         raise ValueError(f"--format={format!r} is not one of {', '.join(FORMATS)}")
-    if overlong not in OVERLONG_CHOICES:
+    if overlong is not None and overlong not in OVERLONG_CHOICES:
         raise ValueError(f"--overlong={overlong!r} is not one of {', '.join(OVERLONG_CHOICES)}")
+    if overlong is not None and max_tokens is None:
+        raise ValueError(
+            f"--overlong {overlong} says what to do with conversations longer than --max-tokens, which is not "
+            "set: pass --max-tokens N (e.g. data.seq_len)"
+        )
+    overlong = overlong or "error"
     if max_tokens is not None and (format != "chat" or max_tokens < 2):
         raise ValueError(
             f"--max-tokens={max_tokens}: it bounds conversations of --format chat and must be at least 2 "
@@ -361,8 +368,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overlong",
         choices=OVERLONG_CHOICES,
-        default="error",
-        help="chat: a conversation longer than --max-tokens stops prepare (error), is skipped, or is truncated",
+        default=None,
+        help="chat: a conversation longer than --max-tokens stops prepare (error, the default), is skipped, "
+        "or is truncated to its first --max-tokens tokens",
     )
     parser.add_argument(
         "--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file"

@@ -172,10 +172,20 @@ def test_overlong_conversations_error_skip_or_truncate(tokenizers_dir, tmp_path)
         prepare_dataset(source, tmp_path / "refused", **common)
     assert not (tmp_path / "refused").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".refused")] == []
+    with pytest.raises(ValueError, match=r"--overlong skip says .* pass --max-tokens N"):
+        prepare_dataset(source, tmp_path / "refused", **(common | {"max_tokens": None}), overlong="skip")
     skipped = prepare_dataset(source, tmp_path / "skip", overlong="skip", **common)
     assert skipped["documents"] == 1 and skipped["skipped_overlong"] == 1
     cut = prepare_dataset(source, tmp_path / "cut", overlong="truncate", **common)
-    assert cut["documents"] == 2 and cut["truncated_overlong"] == 1
+    assert (
+        cut["documents"] == 2 and cut["truncated_overlong"] == 1 and cut["skipped_no_assistant_tokens"] == 0
+    )
+    # Cut before its first answer, a conversation has nothing to train on: skipped, not counted as truncated.
+    before_answer = common | {"max_tokens": int(np.argmax(full.assistant_mask)) + 1}
+    _write_jsonl(source, [{"messages": short}, {"messages": CONVERSATION}, {"messages": short}])
+    early = prepare_dataset(source, tmp_path / "early", overlong="truncate", **before_answer)
+    assert early["truncated_overlong"] == 0 and early["skipped_no_assistant_tokens"] == 1
+    _write_jsonl(source, [{"messages": short}, {"messages": CONVERSATION}])
     shards = TokenShards(tmp_path / "cut")
     assert shards.document(1).tolist() == full.ids[: limit - 1].tolist() + [plain.eos_token_id]
     assert shards.document_label_mask(1).tolist() == full.assistant_mask[: limit - 1].tolist() + [False]
