@@ -12,8 +12,11 @@ is the window `stream[i*S : i*S + S + 1]`:
 
 Kept simple on purpose: windows overlap by one token (the last label of sample i is the first token of
 sample i+1), so only the tail shorter than a window is unused; the label at an EOS is the next
-document's first token, as in GPT-style packing, and is not masked. Nothing is padded, so no label is
--100 here.
+document's first token, as in GPT-style packing, and is not masked. Nothing is padded.
+
+Chat data (`data prepare --format chat`) carries a label mask per token: a label is -100 where the mask
+of the token it names is off (prompts, system turns, template tokens, the EOS between conversations),
+so only assistant tokens are trained on. Plain-text folders have no mask: every label counts.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import numpy as np
 import torch
 
 from longloom.data.arrow import TokenShards
+
+IGNORE_INDEX = -100  # as parallel/loss.py; not imported from there: data/ does not depend on parallel/
 
 
 def document_position_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
@@ -43,13 +48,21 @@ def document_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
     return np.cumsum(starts)
 
 
-def pack_window(window: np.ndarray, eos_id: int, document_masking: bool = True) -> dict[str, torch.Tensor]:
-    """A window of S + 1 tokens -> tokens, position_ids, labels (and document_ids), each int64 [S]."""
+def pack_window(
+    window: np.ndarray, eos_id: int, document_masking: bool = True, label_mask: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
+    """A window of S + 1 tokens -> tokens, position_ids, labels (and document_ids), each int64 [S].
+
+    `label_mask` [S + 1] bool (chat data): labels are -100 where the mask of their token is off.
+    """
     tokens = np.asarray(window[:-1], dtype=np.int64)
+    labels = np.asarray(window[1:], dtype=np.int64)
+    if label_mask is not None:
+        labels = np.where(label_mask[1:], labels, IGNORE_INDEX)
     sample = {
         "tokens": torch.from_numpy(tokens),
         "position_ids": torch.from_numpy(document_position_ids(tokens, eos_id)),
-        "labels": torch.from_numpy(np.asarray(window[1:], dtype=np.int64)),
+        "labels": torch.from_numpy(labels),
     }
     if document_masking:
         sample["document_ids"] = torch.from_numpy(document_ids(tokens, eos_id))
@@ -92,5 +105,6 @@ class PackedTokenDataset:
                 f"sample {index} is outside the {self._num_samples} samples of {self.shards.folder}"
             )
         start = index * self.seq_len
-        window = self.shards.tokens(start, start + self.seq_len + 1)
-        return pack_window(window, self.eos_id, self.document_masking)
+        stop = start + self.seq_len + 1
+        label_mask = self.shards.label_mask(start, stop) if self.shards.has_label_mask else None
+        return pack_window(self.shards.tokens(start, stop), self.eos_id, self.document_masking, label_mask)
