@@ -15,7 +15,7 @@ SAMPLES = 5  # not a multiple of dp x micro batch: the last global batch is fill
 
 
 class _Samples:
-    """Five samples with uneven ignored labels and a second document in one of them."""
+    """Five samples with uneven ignored labels and a second document in one of them (with document ids)."""
 
     shuffle = False
 
@@ -27,9 +27,17 @@ class _Samples:
             labels = torch.roll(tokens, -1)
             labels[: index * 3] = -100
             positions = torch.arange(SEQ)
-            if index == 2:
+            documents = torch.zeros(SEQ, dtype=torch.int64)
+            if index == 2:  # two packed documents: attention stays inside each (document_ids reach the model)
                 positions[SEQ // 2 :] -= SEQ // 2
-            self.samples.append({"tokens": tokens, "position_ids": positions, "labels": labels})
+                documents[SEQ // 2 :] = 1
+            sample = {
+                "tokens": tokens,
+                "position_ids": positions,
+                "labels": labels,
+                "document_ids": documents,
+            }
+            self.samples.append(sample)
 
     def __len__(self):
         return SAMPLES
@@ -47,7 +55,8 @@ def _reference_loss(pattern: str) -> float:
         tokens = torch.stack([s["tokens"] for s in data.samples])
         positions = torch.stack([s["position_ids"] for s in data.samples])
         labels = torch.stack([s["labels"] for s in data.samples])
-        logits = model(tokens, positions)
+        documents = torch.stack([s["document_ids"] for s in data.samples])
+        logits = model(tokens, positions, document_ids=documents)
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).item()
 
 
