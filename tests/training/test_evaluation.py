@@ -15,7 +15,7 @@ SAMPLES = 5  # not a multiple of dp x micro batch: the last global batch is fill
 
 
 class _Samples:
-    """Five samples with uneven ignored labels and a second document in one of them (with document ids)."""
+    """Five samples with uneven ignored labels and two documents in some of them (with document ids)."""
 
     shuffle = False
 
@@ -28,9 +28,10 @@ class _Samples:
             labels[: index * 3] = -100
             positions = torch.arange(SEQ)
             documents = torch.zeros(SEQ, dtype=torch.int64)
-            if index == 2:  # two packed documents: attention stays inside each (document_ids reach the model)
-                positions[SEQ // 2 :] -= SEQ // 2
-                documents[SEQ // 2 :] = 1
+            if index % 2:  # two packed documents: attention stays inside each (document_ids reach the model)
+                split = SEQ // 4 * (index % 3 + 1)
+                positions[split:] -= split
+                documents[split:] = 1
             sample = {
                 "tokens": tokens,
                 "position_ids": positions,
@@ -46,10 +47,21 @@ class _Samples:
         return self.samples[index]
 
 
+def _tiny_model(pattern: str, dims=None) -> LlamaModel:
+    """The tiny Llama with 8x its initial projections: sharper attention, so that a lost document mask
+    would move the loss well beyond the tolerance (6e-4 relative here, against rtol 1e-4)."""
+    torch.manual_seed(0)
+    model = LlamaModel(tiny_model_config(pattern), dims)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "proj" in name or "embed" in name:
+                parameter.mul_(8)
+    return model
+
+
 def _reference_loss(pattern: str) -> float:
     """Mean cross entropy over every valid label of the eval set, one process, whole sequences."""
-    torch.manual_seed(0)
-    model = LlamaModel(tiny_model_config(pattern)).eval()
+    model = _tiny_model(pattern).eval()
     data = _Samples()
     with torch.no_grad():
         tokens = torch.stack([s["tokens"] for s in data.samples])
@@ -62,8 +74,7 @@ def _reference_loss(pattern: str) -> float:
 
 def _evaluate_worker(pattern: str, dp: int, ulysses: int, ring: int, micro: int):
     dims = ParallelDims.build(dp=dp, ulysses=ulysses, ring=ring)
-    torch.manual_seed(0)
-    model = LlamaModel(tiny_model_config(pattern), dims).train()
+    model = _tiny_model(pattern, dims).train()
     batches = list(eval_batches(_Samples(), micro, dims))
     loss = evaluate_loss(model, batches, dims)
     # Forward only: no gradient anywhere, and the module's mode is restored.
@@ -73,8 +84,7 @@ def _evaluate_worker(pattern: str, dp: int, ulysses: int, ring: int, micro: int)
 
 def test_single_process_equals_the_plain_cross_entropy():
     dims = ParallelDims(dp=1, ulysses=1, ring=1, rank=0, world_size=1)
-    torch.manual_seed(0)
-    model = LlamaModel(tiny_model_config("S"))
+    model = _tiny_model("S")
     loss = evaluate_loss(model, eval_batches(_Samples(), 2, dims), dims)
     torch.testing.assert_close(loss, _reference_loss("S"), rtol=1e-5, atol=0)
 
