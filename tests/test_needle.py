@@ -62,10 +62,10 @@ def test_byte_cases_are_the_training_windows_of_synthetic_passkey(length):
         assert abs(cut - depth * filler_len) == min(abs(b - depth * filler_len) for b in boundaries)
 
 
-def _hf_folder(root):
+def _hf_folder(root, vocab_size=300):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=300,
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -78,9 +78,9 @@ def _hf_folder(root):
     return model.eval()
 
 
-def _reference_predictions(model, plan):
+def _reference_predictions(model, plan, tokenizer=None):
     """The needle answers of every case on one process, whole sequences, no SP."""
-    haystacks = Haystacks(ByteTokenizer(), plan.seed)
+    haystacks = Haystacks(tokenizer or ByteTokenizer(), plan.seed)
     predictions = []
     for case in cases_for(plan.lengths, plan.depths, plan.trials):
         window, answer, _ = haystacks.build(case, plan.depths.index(case.depth))
@@ -123,6 +123,28 @@ def test_hf_model_report_under_sp_matches_one_process(distributed, tmp_path, wor
     assert plan.out_dir == tmp_path / "hf" / "eval"
     distributed(world, _needle_worker, plan)
     _check_report(plan, _reference_predictions(model, plan))
+
+
+def test_hf_folder_with_its_own_tokenizer(distributed, tmp_path):
+    from longloom.data.tokenize import load_tokenizer
+    from tests.data.test_chat import PLAIN_TEMPLATE, _save_tokenizer
+
+    tokenizer = _save_tokenizer(tmp_path / "hf", PLAIN_TEMPLATE)
+    model = _hf_folder(tmp_path / "hf", vocab_size=len(tokenizer))
+    plan = plan_needle_eval(
+        tmp_path / "hf", LENGTHS, DEPTHS, trials=2, workers=2, overrides=["parallel.ring=2"]
+    )
+    assert plan.source.tokenizer == str(tmp_path / "hf")  # auto: the folder's own
+    distributed(2, _needle_worker, plan)
+    own = load_tokenizer(plan.source.tokenizer)
+    reference = _reference_predictions(model, plan, own)
+    trials = json.loads((plan.out_dir / f"{plan.stem}.json").read_text())["trials"]
+    assert [(t["answer"], t["predicted"]) for t in trials] == reference
+    haystacks = Haystacks(own, plan.seed)
+    window, answer, needle_at = haystacks.build(cases_for([64], [0.5], 1)[0], 0)
+    text = own.decode(window)
+    assert len(window) == 65 and text.endswith("key: " + own.decode(answer)) and text.count("key: ") == 2
+    assert own.decode(window[needle_at:]).startswith(f"key: {own.decode(answer)}. ")
 
 
 def test_cli_runs_in_process_and_on_spawned_workers(tmp_path, capsys):
