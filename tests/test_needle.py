@@ -220,6 +220,12 @@ def test_bad_arguments_are_refused_before_any_worker(tmp_path, capsys):
     (tmp_path / "small" / "config.json").write_text(json.dumps(small))
     with pytest.raises(ValueError, match=r"tokenizer 'bytes' has 259 tokens but the model only 200"):
         plan_needle_eval(tmp_path / "small", "64")
+    wrong = json.loads((tmp_path / "hf" / "config.json").read_text()) | {"intermediate_size": 48}
+    (tmp_path / "small" / "config.json").write_text(json.dumps(wrong))
+    with pytest.raises(
+        ValueError, match="another shape in the weights than config.json"
+    ):  # before any worker
+        plan_needle_eval(tmp_path / "small", "64", tokenizer="bytes")
     with pytest.raises(ValueError, match="parallel.\\* overrides only"):
         plan_needle_eval(tmp_path / "hf", "64", overrides=["train.steps=3"], tokenizer="bytes")
     with pytest.raises(ValueError, match="cannot tell what"):

@@ -8,8 +8,10 @@ in training (`ParallelDims.shard_batch`, the same contiguous / zigzag layout):
 - native: the run's `model.*` config (checkpoint extras, else `<run>/config.yaml`) builds a
   `LlamaModel(cfg, dims)`; the fp32 master weights of the newest committed checkpoint are read through
   checkpointing's reader (any layout it was saved with; ours or DeepSpeed's).
-- Hugging Face: `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)`, made
-  sequence-parallel by models/hf.py's `enable_sequence_parallel` when the SP degree is above 1.
+- Hugging Face: built by models/hf_loading.py as for training (transformers' own architecture, never
+  code from the folder; weights from its safetensors), made sequence-parallel by models/hf.py's
+  `enable_sequence_parallel` when the SP degree is above 1. `check_hf_model` runs its refusals (SP
+  support at the longest eval length, weights against the config) before any worker starts.
 """
 
 from __future__ import annotations
@@ -137,7 +139,8 @@ class SequenceParallelPredictor:
     last positions are the sequence's, and their argmax ids are broadcast over the SP group.
     """
 
-    def __init__(self, source: ModelSource, dims: ParallelDims, device: torch.device):
+    def __init__(self, source: ModelSource, dims: ParallelDims, device: torch.device, longest: int):
+        """`longest`: the longest sequence it will see (HF models check their attention window against it)."""
         self.source, self.dims, self.device = source, dims, device
         self.tokenizer = load_tokenizer(source.tokenizer)
         self.keep_last = 0  # read by the native model's LM-head pre-hook
@@ -148,7 +151,7 @@ class SequenceParallelPredictor:
             load_native_weights(source, self.model)
             self.model.lm_head.register_forward_pre_hook(self._last_hidden_states)
         else:
-            self.model = _load_hf_model(source.path)
+            self.model = _load_hf_model(source, longest, device)
             if dims.sp > 1:
                 from longloom.models.hf import enable_sequence_parallel
 
@@ -192,20 +195,15 @@ class SequenceParallelPredictor:
         return predicted.cpu()
 
 
-def _load_hf_model(folder: Path) -> torch.nn.Module:
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise ValueError(
-            f"{folder} is a Hugging Face model but transformers is not installed: `pip install transformers`"
-        ) from None
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            str(folder), trust_remote_code=False, local_files_only=True, dtype=torch.float32
-        )
-    except (OSError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"cannot load a Hugging Face causal LM from {folder} (transformers: {first_line}): pass a folder "
-            "with config.json and model weights of a model transformers supports without custom code"
-        ) from None
+def check_hf_model(source: ModelSource, longest: int) -> None:
+    """Whatever would stop the HF model from loading or running under SP at `longest` tokens, up front."""
+    from longloom.models.hf_loading import check_hf_folder, load_hf_config
+
+    check_hf_folder(source.path, load_hf_config(source.path), longest)
+
+
+def _load_hf_model(source: ModelSource, longest: int, device: torch.device) -> torch.nn.Module:
+    from longloom.models.hf_loading import build_hf_causal_lm, load_hf_config
+
+    config = load_hf_config(source.path)
+    return build_hf_causal_lm(source.path, config, seq_len=longest, dtype=torch.float32, device=device)

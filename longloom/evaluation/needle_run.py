@@ -49,7 +49,7 @@ def plan_needle_eval(
     """Checks every argument against the model and the split; ValueError naming the value and the fix."""
     from longloom.config import ConfigError, LongloomConfig, config_from_dict, parse_overrides, resolve_split
     from longloom.data.tokenize import load_tokenizer
-    from longloom.evaluation.models import find_model_source
+    from longloom.evaluation.models import check_hf_model, find_model_source
     from longloom.evaluation.needle import Haystacks, check_lengths, parse_depths, parse_lengths
 
     if trials < 1 or workers < 1:
@@ -89,6 +89,8 @@ def plan_needle_eval(
         length_list = [source.trained_seq_len]
     else:
         length_list = parse_lengths(lengths)
+    if source.kind == "hf":
+        check_hf_model(source, max(length_list))
     haystacks = Haystacks(text_tokenizer, seed)
     check_lengths(length_list, ulysses * ring, ring, haystacks.min_length(), haystacks.max_answer_tokens())
     if source.run_dir is not None:
@@ -131,7 +133,7 @@ def _needle_worker(plan: NeedlePlan) -> None:
 
     dp, ulysses, ring = plan.split
     dims = ParallelDims.build(dp=dp, ulysses=ulysses, ring=ring)
-    predictor = SequenceParallelPredictor(plan.source, dims, device_for_rank())
+    predictor = SequenceParallelPredictor(plan.source, dims, device_for_rank(), max(plan.lengths))
     haystacks = Haystacks(predictor.tokenizer, plan.seed)
     cases = cases_for(plan.lengths, plan.depths, plan.trials)
     mine = evaluate_cases(predictor, cases[dims.dp_rank :: dims.dp], plan.depths, haystacks)
