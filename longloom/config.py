@@ -103,6 +103,12 @@ class TrainConfig(_Section):
     zero_stage: int = Field(1, ge=0, le=3)
     output_dir: str = "runs/default"
     log_every: int = Field(1, ge=1)
+    max_nonfinite_steps: int = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="stop after this many consecutive steps with a NaN/inf loss or grad norm",
+    )
 
 
 class OffloadConfig(_Section):

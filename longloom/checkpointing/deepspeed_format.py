@@ -12,8 +12,8 @@ converter touches only the pages of the fragments it reads.
 
 Writing (`write_deepspeed_universal`): the layout `python -m deepspeed.checkpoint.ds_to_universal`
 produces and `load_checkpoint` reads with `"checkpoint": {"load_universal": true}`:
-`zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt`, `zero/optimizer_state.pt`, model-states files,
-and `latest_universal` next to the output folder. Tensors are saved as `{"param": full tensor,
+`zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt`, `zero/optimizer_state.pt`, model-states files
+(the converter writes `latest_universal` next to the output folder once it is complete). Tensors are saved as `{"param": full tensor,
 "cat_dim": 0}` for every stage (DeepSpeed's own ZeRO-3 conversion writes bare flat tensors, which
 only a ZeRO-3 engine reads; the dict form loads into stages 1-3 alike).
 """
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from longloom.checkpointing.commit import CheckpointError, safe_member
 from longloom.checkpointing.engine_state import STATE_KEYS, ParamSpec
 
 _RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -42,10 +43,35 @@ def _safe_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_deepspeed_file(path: Path) -> dict:
-    """torch.load of a DeepSpeed checkpoint file without executing pickled code (weights_only)."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+def load_deepspeed_file(path: Path, required: tuple[str, ...] = ()) -> dict:
+    """torch.load of a DeepSpeed checkpoint file without executing pickled code (weights_only).
+
+    A file that is not a torch checkpoint (garbage bytes, a pickle of something else, a dict
+    without the `required` keys) raises CheckpointError naming the file.
+    """
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            value = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path} is not a readable DeepSpeed checkpoint file ({type(error).__name__}: {reason[:300]}); "
+            "it is damaged or was not written by DeepSpeed's engine.save_checkpoint"
+        ) from None
+    missing = [key for key in required if not isinstance(value, dict) or key not in value]
+    if missing:
+        found = sorted(map(str, value))[:8] if isinstance(value, dict) else type(value).__name__
+        raise CheckpointError(
+            f"{path} is not a DeepSpeed checkpoint file: it lacks {missing} (found {found}); it was not written by "
+            "DeepSpeed's engine.save_checkpoint"
+        )
+    return value
+
+
+def resolve_latest(path: Path) -> Path:
+    """The tag folder a DeepSpeed `latest` file names; refuses tags that lead outside `path`."""
+    tag = (path / "latest").read_text().strip()
+    return safe_member(path, tag, f"{path / 'latest'}")
 
 
 def is_deepspeed_checkpoint(path: Path) -> bool:
@@ -59,18 +85,18 @@ class DeepSpeedCheckpointReader:
     def __init__(self, path: str | Path):
         path = Path(path)
         if not glob.glob(str(path / "*_optim_states.pt")) and (path / "latest").is_file():
-            path = path / (path / "latest").read_text().strip()
+            path = resolve_latest(path)
         files = {}
         for file in glob.glob(str(path / "*_optim_states.pt")):
             match = _RANK_FILE.search(file)
             if match and int(match.group(2)) == 0:
                 files[int(match.group(1))] = Path(file)
         if not files:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} holds no DeepSpeed ZeRO optimizer files (*zero_pp_rank_*_optim_states.pt)"
             )
         if int(max(files)) + 1 != len(files):
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: ZeRO rank files {sorted(files)} are not 0..{len(files) - 1}; checkpoint incomplete"
             )
         if any(
@@ -78,7 +104,7 @@ class DeepSpeedCheckpointReader:
             for m in map(_RANK_FILE.search, glob.glob(str(path / "*_optim_states.pt")))
             if m
         ):
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} was written with tensor/pipeline parallelism (mp_rank > 0), which is not supported"
             )
         self.path = path
@@ -87,6 +113,10 @@ class DeepSpeedCheckpointReader:
         self._loaded: dict[int, dict] = {}
         self._lock = threading.Lock()
         first = self._optim(0)
+        if not isinstance(first, dict):
+            raise CheckpointError(
+                f"{self.rank_files[0]}: optimizer_state_dict is a {type(first).__name__}, not a dict"
+            )
         self.zero_stage = int(first.get("zero_stage", 1))
         model_file = path / (
             "zero_pp_rank_0_mp_rank_00_model_states.pt"
@@ -94,8 +124,19 @@ class DeepSpeedCheckpointReader:
             else "mp_rank_00_model_states.pt"
         )
         if not model_file.is_file():
-            raise ValueError(f"{path}: model states file {model_file.name} is missing; checkpoint incomplete")
-        self.model_states = load_deepspeed_file(model_file)
+            raise CheckpointError(
+                f"{path}: model states file {model_file.name} is missing; checkpoint incomplete"
+            )
+        self.model_states = load_deepspeed_file(model_file, required=("param_shapes",))
+        try:
+            self._read_layout()
+        except (KeyError, TypeError, AttributeError, IndexError) as error:
+            raise CheckpointError(
+                f"{path}: the files do not have the layout of a DeepSpeed ZeRO 1/2/3 checkpoint "
+                f"({type(error).__name__}: {error}); was it written by engine.save_checkpoint?"
+            ) from None
+
+    def _read_layout(self) -> None:
         module = self.model_states.get("module") or {}
         shapes = OrderedDict()
         for group in self.model_states["param_shapes"]:
@@ -122,7 +163,8 @@ class DeepSpeedCheckpointReader:
     def _optim(self, rank: int) -> dict:
         with self._lock:
             if rank not in self._loaded:
-                self._loaded[rank] = load_deepspeed_file(self.rank_files[rank])["optimizer_state_dict"]
+                loaded = load_deepspeed_file(self.rank_files[rank], required=("optimizer_state_dict",))
+                self._loaded[rank] = loaded["optimizer_state_dict"]
             return self._loaded[rank]
 
     def _flat(self, rank: int, group: int, state: str) -> torch.Tensor:
@@ -164,7 +206,9 @@ class DeepSpeedCheckpointReader:
         for name, spec in self.specs.items():
             covered = sum(piece[4] for piece in self.pieces[name].get("fp32", []))
             if covered != spec.numel:
-                raise ValueError(f"{self.path}: fragments of {name} cover {covered} of {spec.numel} elements")
+                raise CheckpointError(
+                    f"{self.path}: fragments of {name} cover {covered} of {spec.numel} elements"
+                )
 
     @property
     def optimizer_step(self) -> int:
@@ -264,7 +308,6 @@ def write_deepspeed_universal(source, dst: Path, run_parallel) -> None:
     # Stage 1/2 engines read mp_rank_00_model_states.pt, stage 3 engines zero_pp_rank_0_mp_rank_00_....
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         torch.save(model_states, dst / name)
-    (dst.parent / "latest_universal").write_text(dst.name)
 
 
 def _zero_stage(source) -> int:
