@@ -150,7 +150,10 @@ def inspect_checkpoint(path: str | Path) -> dict:
         except CheckpointError:
             files = sorted(p for p in path.iterdir() if p.is_file())
             report["files"] = {p.name: p.stat().st_size for p in files}
-            report["finished_ranks"] = sorted(p.name.split("-")[1] for p in files if p.suffix == ".json")
+            # Ranks that published their manifest (rank-RRRRR-<token>.json) before the run stopped.
+            report["finished_ranks"] = sorted(
+                p.name.split("-")[1] for p in files if p.name.startswith("rank-") and p.suffix == ".json"
+            )
             report["ok"] = False
             return report
     report["ok"] = report["valid"]
