@@ -62,15 +62,15 @@ def _train_worker(overrides: list[str], poison_from_step: int | None = None) -> 
 
     cfg = load_config(None, TINY + overrides)
     with mock.patch.object(LlamaModel, "forward", poisoned):
-        # run_training configures logging itself; attach after it did, from the first log call on.
-        logging.getLogger().addHandler(records)
+        # On the package logger: run_training's logging.basicConfig(force=True) resets the root's handlers.
+        logging.getLogger("longloom").addHandler(records)
         try:
             summary = run_training(cfg)
             summary["error"] = None
         except (NonFiniteTrainingError, ConfigError) as error:
             summary = {"error": f"{type(error).__name__}: {error}"}
         finally:
-            logging.getLogger().removeHandler(records)
+            logging.getLogger("longloom").removeHandler(records)
     summary["log"] = records.lines
     return summary
 
