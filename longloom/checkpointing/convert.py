@@ -8,8 +8,8 @@ parameter's fp32 / exp_avg / exp_avg_sq), so each target has one writer:
 
 - `universal`: our consolidated layout, one full-shape tensor per parameter and state in
   safetensors shards plus `commit.json`; `LazyAsyncCheckpointer.load` reads it on any layout.
-- `deepspeed-universal`: DeepSpeed's universal layout (deepspeed_format.py), equal tensor for
-  tensor to what `ds_to_universal` writes and loadable with `"checkpoint": {"load_universal": true}`.
+- `deepspeed-universal`: DeepSpeed's universal layout (deepspeed_universal.py), file for file what
+  `ds_to_universal` writes and loadable with `"checkpoint": {"load_universal": true}`.
 - `hf`: `model.safetensors` (sharded above 5 GB, with an index) and `config.json` of a Hugging
   Face `LlamaForCausalLM`, weights in the dtype the model trained in.
 
@@ -40,11 +40,8 @@ from longloom.checkpointing.commit import (
     step_directories,
     verify_checkpoint,
 )
-from longloom.checkpointing.deepspeed_format import (
-    DeepSpeedCheckpointReader,
-    is_deepspeed_checkpoint,
-    write_deepspeed_universal,
-)
+from longloom.checkpointing.deepspeed_format import DeepSpeedCheckpointReader, is_deepspeed_checkpoint
+from longloom.checkpointing.deepspeed_universal import write_deepspeed_universal
 from longloom.checkpointing.engine_state import jsonable
 from longloom.checkpointing.hf_export import parse_export_dtype, write_hf
 from longloom.checkpointing.resume import find_latest_verified

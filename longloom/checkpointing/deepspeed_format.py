@@ -1,4 +1,4 @@
-"""DeepSpeed's checkpoint layouts: read ZeRO 1/2/3 checkpoints, write its universal layout.
+"""DeepSpeed's ZeRO 1/2/3 checkpoints, read as flat ranges of full parameters.
 
 Reading (`DeepSpeedCheckpointReader`): a checkpoint written by `engine.save_checkpoint` holds one
 `*_optim_states.pt` per ZeRO rank with that rank's flat fp32 partition and Adam moments, and a
@@ -10,12 +10,7 @@ treat a DeepSpeed checkpoint like one of ours. Files are opened with `torch.load
 mmap=True)` (DeepSpeed's three small helper classes allow-listed): nothing executes, and a
 converter touches only the pages of the fragments it reads.
 
-Writing (`write_deepspeed_universal`): the layout `python -m deepspeed.checkpoint.ds_to_universal`
-produces and `load_checkpoint` reads with `"checkpoint": {"load_universal": true}`:
-`zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt`, `zero/optimizer_state.pt`, model-states files
-(the converter writes `latest_universal` next to the output folder once it is complete). Tensors are saved as `{"param": full tensor,
-"cat_dim": 0}` for every stage (DeepSpeed's own ZeRO-3 conversion writes bare flat tensors, which
-only a ZeRO-3 engine reads; the dict form loads into stages 1-3 alike).
+Writing DeepSpeed's universal layout: deepspeed_universal.py.
 """
 
 from __future__ import annotations
@@ -247,71 +242,21 @@ class DeepSpeedCheckpointReader:
     def extra(self, rank: int) -> dict | None:
         return None
 
+    def optimizer_state(self, rank: int) -> dict:
+        """The `optimizer_state_dict` entry of `rank`'s optimizer file (loaded once, memory-mapped)."""
+        return self._optim(rank)
+
+    def raw_step(self, name: str):
+        """Adam's `step` of the param group holding `name`, as DeepSpeed stored it (int or tensor)."""
+        group = self.pieces[name]["fp32"][0][1]
+        optim = self._optim(0)
+        states = optim["optimizer_state_dict" if self.zero_stage == 3 else "base_optimizer_state"]["state"]
+        return states[group].get("step")
+
+    def model_state_files(self) -> list[Path]:
+        """The model-states files ds_to_universal copies: mp_rank_* (ZeRO-1/2), every *model_states.pt (ZeRO-3)."""
+        pattern = "*model_states.pt" if self.zero_stage == 3 else "mp_rank_*_model_states.pt"
+        return sorted(Path(f) for f in glob.glob(str(self.path / pattern)) if "_expert_" not in Path(f).name)
+
     def close(self) -> None:
         self._loaded.clear()
-
-
-def write_deepspeed_universal(source, dst: Path, run_parallel) -> None:
-    """Writes `source` (any reader) in DeepSpeed's universal layout under `dst`.
-
-    `run_parallel(fn, items)` applies fn to every item (the converter's thread pool + progress).
-    """
-    import deepspeed
-
-    dst = Path(dst)
-    zero = dst / "zero"
-    zero.mkdir(parents=True, exist_ok=True)
-    step = int(source.optimizer_step)
-
-    def convert(name: str) -> None:
-        folder = zero / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for state in source.states(name):
-            torch.save({"param": source.read_full(name, state), "cat_dim": 0}, folder / f"{state}.pt")
-        torch.save(step, folder / "step.pt")
-
-    run_parallel(convert, list(source.specs))
-    param_groups = [dict(group, params=[]) for group in source.param_groups]
-    torch.save(
-        {
-            "ds_version": deepspeed.__version__,
-            "zero_stage": _zero_stage(source),
-            "dynamic_loss_scale": False,
-            "overflow": False,
-            "param_groups": param_groups,
-            # ZeRO-3's universal loader reads the step and hyper-parameters from here.
-            "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": param_groups},
-        },
-        zero / "optimizer_state.pt",
-    )
-    counters = source.engine_counters
-    model_states = {
-        # In universal mode DeepSpeed restores module weights from zero/<param>/fp32.pt, so the
-        # module dict stays empty (a full copy would need the whole model in memory at once).
-        "module": {},
-        "buffer_names": [],
-        "optimizer": None,
-        "param_shapes": [OrderedDict((name, torch.Size(spec.shape)) for name, spec in source.specs.items())],
-        "frozen_param_shapes": None,
-        "shared_params": {},
-        "frozen_param_fragments": None,
-        "lr_scheduler": source.lr_scheduler,
-        "data_sampler": None,
-        "random_ltd": None,
-        "skipped_steps": int(counters.get("skipped_steps", 0)),
-        "global_steps": int(counters.get("global_steps", source.step)),
-        "global_samples": int(counters.get("global_samples", 0)),
-        "dp_world_size": int(source.meta.get("world_size", 1)),
-        "mp_world_size": 1,
-        "ds_version": deepspeed.__version__,
-    }
-    # Stage 1/2 engines read mp_rank_00_model_states.pt, stage 3 engines zero_pp_rank_0_mp_rank_00_....
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        torch.save(model_states, dst / name)
-
-
-def _zero_stage(source) -> int:
-    stage = getattr(source, "zero_stage", None)
-    if stage is None:
-        stage = source.meta.get("source", {}).get("zero_stage")
-    return max(1, int(stage or 1))
