@@ -114,7 +114,9 @@ def inspect_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(
             f"{path} is a file; a checkpoint is a folder (step-N/ or a DeepSpeed tag folder)"
         )
-    if not (path / COMMIT_FILE).is_file() and not path.name.startswith("step-"):
+    # A step-N folder, or one holding rank files, is one of ours even without its marker (never committed).
+    ours = (path / COMMIT_FILE).is_file() or path.name.startswith("step-") or any(path.glob("rank-*"))
+    if not ours:
         if is_deepspeed_checkpoint(path):
             return _inspect_deepspeed(path)
         if step_directories(path):
