@@ -348,7 +348,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per step-time measurement")
     parser.add_argument("--flush-repeats", type=int, default=9, help="checkpoints timed by part `flush`")
     parser.add_argument(
-        "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="blocked time, step time, conversion, flush throughput"
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="blocked time, step time, conversion, flush throughput",
     )
     parser.add_argument(
         "--universal", action="store_true", help="also time our checkpoint -> our universal layout"
@@ -398,7 +402,10 @@ def main() -> None:
             )
         if "flush" in args.parts:
             headers = ["what", "written", "median flush", "throughput", "checksums (overlapped)", "spread"]
-            report("background flush throughput", markdown_table(headers, flush_throughput(bench, args.flush_repeats)))
+            report(
+                "background flush throughput",
+                markdown_table(headers, flush_throughput(bench, args.flush_repeats)),
+            )
         if "conversion" in args.parts:
             # The DeepSpeed checkpoint plus ds_to_universal's temporary and final copies (~3x its size).
             needed = 3.2 * bench.checkpoint_bytes()
