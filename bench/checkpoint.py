@@ -3,6 +3,7 @@
     python bench/checkpoint.py [--record]                    # 1.1B Llama, bf16, ~8-10 minutes on one H100
     python bench/checkpoint.py --parts conversion --record   # one part: blocked | every | conversion
     python bench/checkpoint.py --preset tiny --dir /tmp/x    # CPU smoke run (timings meaningless)
+    python bench/checkpoint.py --preset small --parts flush  # CPU: background flush throughput
 
 Setup: a longloom Llama (preset 1b: hidden 2048, 20 layers, 16 heads, 8 KV heads, SwiGLU 5632,
 vocab 32000 = 1.1B parameters) trained by DeepSpeed as the trainer does (bf16, ZeRO-1 on one rank,
@@ -27,6 +28,11 @@ longer than a step, this is bound by the disk, for every method.
 Conversion of the same DeepSpeed checkpoint to DeepSpeed's universal layout: `python -m
 deepspeed.checkpoint.ds_to_universal` (--num_extract_workers 8 --num_merge_workers 4) vs
 `longloom ckpt convert --to deepspeed-universal` (8 threads); and ours -> our universal layout.
+
+Flush throughput (part `flush`): `save()` + `wait()` repeated, one checkpoint at a time; the
+background phase that writes the rank's file (pwrite + fsync) and computes the per-tensor
+checksums (xxh3_64, overlapped with the write) is timed, and bytes written / its seconds is the
+throughput (issue 14: checksums may cost at most 5% of it).
 
 Targets (issue 7): ours blocked <= 2% of torch.save; conversion >= 3x faster than ds_to_universal.
 """
@@ -61,6 +67,8 @@ from longloom.training.trainer import deepspeed_config, lr_lambda, resolve_dtype
 PRESETS = {
     "1b": ["model.vocab_size=32000", "model.hidden=2048", "model.layers=20", "model.heads=16", "model.kv_heads=8",
            "model.intermediate=5632", "data.seq_len=8192", "train.micro_batch_size=2"],
+    "small": ["model.vocab_size=32000", "model.hidden=512", "model.layers=4", "model.heads=8", "model.kv_heads=4",
+              "data.seq_len=128", "train.micro_batch_size=1", "train.dtype=fp32"],
     "tiny": ["model.vocab_size=300", "model.hidden=64", "model.layers=2", "model.heads=4", "model.kv_heads=2",
              "data.seq_len=128", "train.micro_batch_size=2", "train.dtype=fp32"],
 }  # fmt: skip
@@ -260,6 +268,35 @@ def every_step(bench: Bench, steps: int) -> list:
     return rows
 
 
+def flush_throughput(bench: Bench, repeats: int) -> list:
+    """Seconds of the background write phase (write + fsync + checksums) per checkpoint, and GB/s."""
+    root = fresh(bench.work / "ours-flush")
+    checkpointer = LazyAsyncCheckpointer(root, keep=1)
+    checkpointer.save(step=1, engine=bench.engine)  # pins / allocates the host pool (one-time)
+    checkpointer.wait()
+    seconds, checksum_seconds, written = [], [], 0
+    for step in range(2, repeats + 2):
+        checkpointer.save(step=step, engine=bench.engine)
+        checkpointer.wait()
+        seconds.append(checkpointer.last_timings["write"])
+        checksum_seconds.append(checkpointer.last_timings.get("checksum", float("nan")))
+        written = folder_bytes(root / f"step-{step}")
+    checkpointer.close()
+    shutil.rmtree(root, ignore_errors=True)
+    median = statistics.median(seconds)
+    print(f"  flush: {written / 2**20:.0f} MiB in {median:.3f} s (median of {repeats})", flush=True)
+    return [
+        [
+            "ours: background flush of one rank's file",
+            f"{written / 2**20:.0f} MiB",
+            f"{median:.3f} s",
+            f"{written / median / 1e9:.2f} GB/s",
+            f"{statistics.median(checksum_seconds):.3f} s",
+            f"min {min(seconds):.3f} s, max {max(seconds):.3f} s over {repeats}",
+        ]
+    ]
+
+
 def conversions(bench: Bench, universal: bool) -> list:
     source_root = fresh(bench.work / "conv-ds")
     bench.engine.save_checkpoint(str(source_root), tag="global_step1")
@@ -301,7 +338,7 @@ def conversions(bench: Bench, universal: bool) -> list:
     return rows
 
 
-PARTS = ("blocked", "every", "conversion")
+PARTS = ("blocked", "every", "conversion", "flush")
 
 
 def main() -> None:
@@ -309,8 +346,13 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/longloom-checkpoint-bench"))
     parser.add_argument("--steps", type=int, default=3, help="steps per step-time measurement")
+    parser.add_argument("--flush-repeats", type=int, default=9, help="checkpoints timed by part `flush`")
     parser.add_argument(
-        "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="blocked time, step time, conversion"
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="blocked time, step time, conversion, flush throughput",
     )
     parser.add_argument(
         "--universal", action="store_true", help="also time our checkpoint -> our universal layout"
@@ -357,6 +399,12 @@ def main() -> None:
             report(
                 "step time with a checkpoint every step",
                 markdown_table(["training loop", "median step time", "vs no checkpoint"], rows),
+            )
+        if "flush" in args.parts:
+            headers = ["what", "written", "median flush", "throughput", "checksums (overlapped)", "spread"]
+            report(
+                "background flush throughput",
+                markdown_table(headers, flush_throughput(bench, args.flush_repeats)),
             )
         if "conversion" in args.parts:
             # The DeepSpeed checkpoint plus ds_to_universal's temporary and final copies (~3x its size).

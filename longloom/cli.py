@@ -99,6 +99,9 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
 
     report = inspect_checkpoint(args.path)
     print(json.dumps(report, indent=2, default=str) if args.json else format_inspection(report))
+    if not report["ok"]:  # not committed, damaged or a checksum mismatch: the report says which
+        print(f"longloom: error: {report['error'] or 'the checkpoint is not usable'}", file=sys.stderr)
+        return USER_ERROR
     return 0
 
 

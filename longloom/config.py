@@ -141,6 +141,12 @@ class TrainConfig(_Section):
     output_dir: str = Field("runs/default", min_length=1)
     log_every: Whole = Field(1, ge=1)
     eval_every: Whole = Field(0, ge=0, description="steps between held-out loss evaluations; 0 = never")
+    max_nonfinite_steps: Whole = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="stop after this many consecutive steps with a NaN/inf loss or grad norm",
+    )
 
 
 class OffloadConfig(_Section):

@@ -11,6 +11,7 @@ The checks, in order (`PREFLIGHT_CHECKS`; a new deterministic check is one more 
 - data: the source opens as the workers will open it (folder, index, shards, token ids) and its
   vocabulary fits model.vocab_size;
 - output: train.output_dir is, or can be created as, a folder we may write (probed, then removed);
+- resume: a checkpoint under train.output_dir fits the configured model (training/resume.py);
 - memory: the estimate (offload/memory.py) against the GPU when there is one, against this host when
   the run trains on its CPU, and the pinned host memory; what could not be checked is said plainly.
 What cannot be checked from here (a remote cluster's files and devices) is reported in `notes`.
@@ -149,10 +150,23 @@ def check_memory(cfg: LongloomConfig, report: PreflightReport) -> None:
     check_host_memory(cfg, estimate)
 
 
+def check_resume(cfg: LongloomConfig, report: PreflightReport) -> None:
+    """A checkpoint under train.output_dir written for another model shape cannot be resumed."""
+    if not cfg.checkpoint.resume:
+        return
+    from longloom.training.resume import check_resume_compatible
+
+    check_resume_compatible(cfg)
+
+
 # The order matters only for which message a config with several faults shows first.
-# Hook: the resume-compatibility check (a checkpoint under train.output_dir written for another model
-# size or layout) belongs right after check_output_dir, as one more PreflightCheck.
-PREFLIGHT_CHECKS: list[PreflightCheck] = [check_layout, check_data, check_output_dir, check_memory]
+PREFLIGHT_CHECKS: list[PreflightCheck] = [
+    check_layout,
+    check_data,
+    check_output_dir,
+    check_resume,
+    check_memory,
+]
 
 
 def preflight(cfg: LongloomConfig, checks: list[PreflightCheck] | None = None) -> PreflightReport:

@@ -1,4 +1,4 @@
-"""DeepSpeed's checkpoint layouts: read ZeRO 1/2/3 checkpoints, write its universal layout.
+"""DeepSpeed's ZeRO 1/2/3 checkpoints, read as flat ranges of full parameters.
 
 Reading (`DeepSpeedCheckpointReader`): a checkpoint written by `engine.save_checkpoint` holds one
 `*_optim_states.pt` per ZeRO rank with that rank's flat fp32 partition and Adam moments, and a
@@ -10,12 +10,7 @@ treat a DeepSpeed checkpoint like one of ours. Files are opened with `torch.load
 mmap=True)` (DeepSpeed's three small helper classes allow-listed): nothing executes, and a
 converter touches only the pages of the fragments it reads.
 
-Writing (`write_deepspeed_universal`): the layout `python -m deepspeed.checkpoint.ds_to_universal`
-produces and `load_checkpoint` reads with `"checkpoint": {"load_universal": true}`:
-`zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt`, `zero/optimizer_state.pt`, model-states files,
-and `latest_universal` next to the output folder. Tensors are saved as `{"param": full tensor,
-"cat_dim": 0}` for every stage (DeepSpeed's own ZeRO-3 conversion writes bare flat tensors, which
-only a ZeRO-3 engine reads; the dict form loads into stages 1-3 alike).
+Writing DeepSpeed's universal layout: deepspeed_universal.py.
 """
 
 from __future__ import annotations
@@ -29,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from longloom.checkpointing.commit import CheckpointError, safe_member
 from longloom.checkpointing.engine_state import STATE_KEYS, ParamSpec
 
 _RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -42,10 +38,35 @@ def _safe_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_deepspeed_file(path: Path) -> dict:
-    """torch.load of a DeepSpeed checkpoint file without executing pickled code (weights_only)."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+def load_deepspeed_file(path: Path, required: tuple[str, ...] = ()) -> dict:
+    """torch.load of a DeepSpeed checkpoint file without executing pickled code (weights_only).
+
+    A file that is not a torch checkpoint (garbage bytes, a pickle of something else, a dict
+    without the `required` keys) raises CheckpointError naming the file.
+    """
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            value = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path} is not a readable DeepSpeed checkpoint file ({type(error).__name__}: {reason[:300]}); "
+            "it is damaged or was not written by DeepSpeed's engine.save_checkpoint"
+        ) from None
+    missing = [key for key in required if not isinstance(value, dict) or key not in value]
+    if missing:
+        found = sorted(map(str, value))[:8] if isinstance(value, dict) else type(value).__name__
+        raise CheckpointError(
+            f"{path} is not a DeepSpeed checkpoint file: it lacks {missing} (found {found}); it was not written by "
+            "DeepSpeed's engine.save_checkpoint"
+        )
+    return value
+
+
+def resolve_latest(path: Path) -> Path:
+    """The tag folder a DeepSpeed `latest` file names; refuses tags that lead outside `path`."""
+    tag = (path / "latest").read_text().strip()
+    return safe_member(path, tag, f"{path / 'latest'}")
 
 
 def is_deepspeed_checkpoint(path: Path) -> bool:
@@ -59,18 +80,18 @@ class DeepSpeedCheckpointReader:
     def __init__(self, path: str | Path):
         path = Path(path)
         if not glob.glob(str(path / "*_optim_states.pt")) and (path / "latest").is_file():
-            path = path / (path / "latest").read_text().strip()
+            path = resolve_latest(path)
         files = {}
         for file in glob.glob(str(path / "*_optim_states.pt")):
             match = _RANK_FILE.search(file)
             if match and int(match.group(2)) == 0:
                 files[int(match.group(1))] = Path(file)
         if not files:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} holds no DeepSpeed ZeRO optimizer files (*zero_pp_rank_*_optim_states.pt)"
             )
         if int(max(files)) + 1 != len(files):
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: ZeRO rank files {sorted(files)} are not 0..{len(files) - 1}; checkpoint incomplete"
             )
         if any(
@@ -78,7 +99,7 @@ class DeepSpeedCheckpointReader:
             for m in map(_RANK_FILE.search, glob.glob(str(path / "*_optim_states.pt")))
             if m
         ):
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} was written with tensor/pipeline parallelism (mp_rank > 0), which is not supported"
             )
         self.path = path
@@ -87,6 +108,10 @@ class DeepSpeedCheckpointReader:
         self._loaded: dict[int, dict] = {}
         self._lock = threading.Lock()
         first = self._optim(0)
+        if not isinstance(first, dict):
+            raise CheckpointError(
+                f"{self.rank_files[0]}: optimizer_state_dict is a {type(first).__name__}, not a dict"
+            )
         self.zero_stage = int(first.get("zero_stage", 1))
         model_file = path / (
             "zero_pp_rank_0_mp_rank_00_model_states.pt"
@@ -94,8 +119,19 @@ class DeepSpeedCheckpointReader:
             else "mp_rank_00_model_states.pt"
         )
         if not model_file.is_file():
-            raise ValueError(f"{path}: model states file {model_file.name} is missing; checkpoint incomplete")
-        self.model_states = load_deepspeed_file(model_file)
+            raise CheckpointError(
+                f"{path}: model states file {model_file.name} is missing; checkpoint incomplete"
+            )
+        self.model_states = load_deepspeed_file(model_file, required=("param_shapes",))
+        try:
+            self._read_layout()
+        except (KeyError, TypeError, AttributeError, IndexError) as error:
+            raise CheckpointError(
+                f"{path}: the files do not have the layout of a DeepSpeed ZeRO 1/2/3 checkpoint "
+                f"({type(error).__name__}: {error}); was it written by engine.save_checkpoint?"
+            ) from None
+
+    def _read_layout(self) -> None:
         module = self.model_states.get("module") or {}
         shapes = OrderedDict()
         for group in self.model_states["param_shapes"]:
@@ -122,7 +158,8 @@ class DeepSpeedCheckpointReader:
     def _optim(self, rank: int) -> dict:
         with self._lock:
             if rank not in self._loaded:
-                self._loaded[rank] = load_deepspeed_file(self.rank_files[rank])["optimizer_state_dict"]
+                loaded = load_deepspeed_file(self.rank_files[rank], required=("optimizer_state_dict",))
+                self._loaded[rank] = loaded["optimizer_state_dict"]
             return self._loaded[rank]
 
     def _flat(self, rank: int, group: int, state: str) -> torch.Tensor:
@@ -164,7 +201,9 @@ class DeepSpeedCheckpointReader:
         for name, spec in self.specs.items():
             covered = sum(piece[4] for piece in self.pieces[name].get("fp32", []))
             if covered != spec.numel:
-                raise ValueError(f"{self.path}: fragments of {name} cover {covered} of {spec.numel} elements")
+                raise CheckpointError(
+                    f"{self.path}: fragments of {name} cover {covered} of {spec.numel} elements"
+                )
 
     @property
     def optimizer_step(self) -> int:
@@ -203,72 +242,21 @@ class DeepSpeedCheckpointReader:
     def extra(self, rank: int) -> dict | None:
         return None
 
+    def optimizer_state(self, rank: int) -> dict:
+        """The `optimizer_state_dict` entry of `rank`'s optimizer file (loaded once, memory-mapped)."""
+        return self._optim(rank)
+
+    def raw_step(self, name: str):
+        """Adam's `step` of the param group holding `name`, as DeepSpeed stored it (int or tensor)."""
+        group = self.pieces[name]["fp32"][0][1]
+        optim = self._optim(0)
+        states = optim["optimizer_state_dict" if self.zero_stage == 3 else "base_optimizer_state"]["state"]
+        return states[group].get("step")
+
+    def model_state_files(self) -> list[Path]:
+        """The model-states files ds_to_universal copies: mp_rank_* (ZeRO-1/2), every *model_states.pt (ZeRO-3)."""
+        pattern = "*model_states.pt" if self.zero_stage == 3 else "mp_rank_*_model_states.pt"
+        return sorted(Path(f) for f in glob.glob(str(self.path / pattern)) if "_expert_" not in Path(f).name)
+
     def close(self) -> None:
         self._loaded.clear()
-
-
-def write_deepspeed_universal(source, dst: Path, run_parallel) -> None:
-    """Writes `source` (any reader) in DeepSpeed's universal layout under `dst`.
-
-    `run_parallel(fn, items)` applies fn to every item (the converter's thread pool + progress).
-    """
-    import deepspeed
-
-    dst = Path(dst)
-    zero = dst / "zero"
-    zero.mkdir(parents=True, exist_ok=True)
-    step = int(source.optimizer_step)
-
-    def convert(name: str) -> None:
-        folder = zero / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for state in source.states(name):
-            torch.save({"param": source.read_full(name, state), "cat_dim": 0}, folder / f"{state}.pt")
-        torch.save(step, folder / "step.pt")
-
-    run_parallel(convert, list(source.specs))
-    param_groups = [dict(group, params=[]) for group in source.param_groups]
-    torch.save(
-        {
-            "ds_version": deepspeed.__version__,
-            "zero_stage": _zero_stage(source),
-            "dynamic_loss_scale": False,
-            "overflow": False,
-            "param_groups": param_groups,
-            # ZeRO-3's universal loader reads the step and hyper-parameters from here.
-            "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": param_groups},
-        },
-        zero / "optimizer_state.pt",
-    )
-    counters = source.engine_counters
-    model_states = {
-        # In universal mode DeepSpeed restores module weights from zero/<param>/fp32.pt, so the
-        # module dict stays empty (a full copy would need the whole model in memory at once).
-        "module": {},
-        "buffer_names": [],
-        "optimizer": None,
-        "param_shapes": [OrderedDict((name, torch.Size(spec.shape)) for name, spec in source.specs.items())],
-        "frozen_param_shapes": None,
-        "shared_params": {},
-        "frozen_param_fragments": None,
-        "lr_scheduler": source.lr_scheduler,
-        "data_sampler": None,
-        "random_ltd": None,
-        "skipped_steps": int(counters.get("skipped_steps", 0)),
-        "global_steps": int(counters.get("global_steps", source.step)),
-        "global_samples": int(counters.get("global_samples", 0)),
-        "dp_world_size": int(source.meta.get("world_size", 1)),
-        "mp_world_size": 1,
-        "ds_version": deepspeed.__version__,
-    }
-    # Stage 1/2 engines read mp_rank_00_model_states.pt, stage 3 engines zero_pp_rank_0_mp_rank_00_....
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        torch.save(model_states, dst / name)
-    (dst.parent / "latest_universal").write_text(dst.name)
-
-
-def _zero_stage(source) -> int:
-    stage = getattr(source, "zero_stage", None)
-    if stage is None:
-        stage = source.meta.get("source", {}).get("zero_stage")
-    return max(1, int(stage or 1))

@@ -10,7 +10,7 @@ resumes on any number of ranks, ZeRO stage or dp/sp split.
 Usage (every rank, same order of calls)::
 
     ckpt = LazyAsyncCheckpointer(root=out / "checkpoints", keep=3, asynchronous=True)
-    path = find_latest_committed(root)                  # None if nothing committed
+    path = find_latest_verified(root)                   # collective; None if nothing committed
     extra = ckpt.load(path, engine) if path else None   # collective; returns this rank's extra
     for step in ...:
         ckpt.wait_for_snapshot()     # before engine.step(): the previous snapshot must be taken
@@ -21,7 +21,7 @@ Usage (every rank, same order of calls)::
 
 `ckpt.wait()` blocks until the checkpoint in flight is committed; `ckpt.last_timings` holds the
 seconds each phase of the last finished checkpoint took (save_call, snapshot, write, commit,
-wait_for_snapshot).
+wait_for_snapshot; checksum: the per-tensor hashing, which overlaps the write).
 
 `extra` is per rank (RNG states differ per rank; pass the global loader state on every rank):
 JSON values and torch tensors. `load` returns the extra saved by the same rank, or rank 0's when
@@ -29,7 +29,8 @@ the checkpoint had fewer ranks. After `load`, `engine.global_steps` is the saved
 
 On disk: `<root>/step-N/rank-RRRRR-<token>.safetensors` (each rank's share of fp32 masters and
 Adam moments, 1-D pieces, plus its extra tensors) and `commit.json` (commit.py), written by rank 0
-once every rank has fsynced its file and published a small manifest. The host pool is one uint8
+once every rank has fsynced its file and published a small manifest with its file's size and
+per-tensor checksums (computed in the flush thread, overlapped with the write). The host pool is one uint8
 buffer laid out like the data section of the rank's file, so flushing is a single write.
 """
 
@@ -119,6 +120,8 @@ class LazyAsyncCheckpointer:
         self._thread: threading.Thread | None = None
         self._abort = threading.Event()
         self.last_timings: dict = {}
+        # The checkpoint this run resumed from (verified then): pruning never removes it.
+        self.resumed_from: Path | None = None
 
     # ------------------------------------------------------------------ public API
     def save(self, step: int, engine, extra: dict | None = None) -> None:
@@ -154,7 +157,6 @@ class LazyAsyncCheckpointer:
             "token": self.token,
             "rank": self.rank,
             "file": data_file,
-            "bytes": layout.file_bytes,
             "pieces": pieces,
             "extra": extra_json,
         }
@@ -227,7 +229,9 @@ class LazyAsyncCheckpointer:
     def load(self, path: str | Path, engine) -> dict | None:
         """Restores `path` onto `engine` (collective, any layout it was saved from); returns this rank's extra."""
         self._finish_previous()
-        return load_into_engine(path, engine)
+        extra = load_into_engine(path, engine)
+        self.resumed_from = Path(path)
+        return extra
 
     # ------------------------------------------------------------------ internals
     def _share(self, engine, state: EngineState) -> list[tuple[FlatRange, dict[str, torch.Tensor]]]:
@@ -291,7 +295,9 @@ class LazyAsyncCheckpointer:
             job.snapshot_done.set()
             begin = time.perf_counter()
             job.directory.mkdir(parents=True, exist_ok=True)
-            write_tensor_file(job.directory / job.manifest["file"], job.layout, pool)
+            job.manifest["record"] = write_tensor_file(
+                job.directory / job.manifest["file"], job.layout, pool, timings=job.seconds
+            )
             atomic_write_json(job.directory / _manifest_name(self.rank, self.token), job.manifest)
             job.seconds["write"] = time.perf_counter() - begin
             if self.rank == 0:
@@ -316,7 +322,7 @@ class LazyAsyncCheckpointer:
             layout="distributed",
             token=self.token,
             world_size=self.world_size,
-            files={m["file"]: m["bytes"] for m in manifests},
+            files={m["file"]: m["record"] for m in manifests},
             specs=fields["specs"],
             pieces=pieces,
             optimizer=fields["optimizer"],
@@ -326,7 +332,7 @@ class LazyAsyncCheckpointer:
             source=fields["source"],
         )
         atomic_write_json(job.directory / COMMIT_FILE, commit)
-        removed = prune(self.root, self.keep, job.step)
+        removed = prune(self.root, self.keep, job.step, protect=self.resumed_from)
         logger.info("committed %s (pruned %d older)", job.directory, len(removed))
 
     def _wait_for_manifests(self, job: _Job) -> list[dict]:

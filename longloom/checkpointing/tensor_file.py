@@ -18,12 +18,15 @@ import json
 import math
 import os
 import struct
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from longloom.checkpointing.checksums import checksum, file_record
 
 DTYPE_TO_SAFETENSORS = {
     torch.float64: "F64",
@@ -127,29 +130,47 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def write_tensor_file(
-    path: Path, layout: TensorFileLayout, data: torch.Tensor, threads: int = WRITE_THREADS
-) -> None:
-    """Writes header + `data` (uint8 host tensor of the data section) to `path` and fsyncs it."""
+    path: Path,
+    layout: TensorFileLayout,
+    data: torch.Tensor,
+    threads: int = WRITE_THREADS,
+    timings: dict | None = None,
+) -> dict:
+    """Writes header + `data` (uint8 host tensor of the data section) to `path` and fsyncs it.
+
+    Returns the file's record for the commit marker (size and per-tensor checksums); the
+    checksums are computed by one more thread while the others write (both release the GIL),
+    so they add little to the time the write takes. `timings["checksum"]` receives the seconds
+    the hashing took.
+    """
     if data.numel() != layout.data_bytes or data.dtype != torch.uint8:
         raise ValueError(
             f"data buffer has {data.numel()} {data.dtype} elements, layout needs {layout.data_bytes} bytes"
         )
+    body = memoryview(data.numpy()).cast("B") if layout.data_bytes else memoryview(b"")
+
+    def tensor_checksums() -> dict[str, str]:
+        begin = time.perf_counter()
+        sums = {name: checksum(body[slot.begin : slot.end]) for name, slot in layout.slots.items()}
+        if timings is not None:
+            timings["checksum"] = time.perf_counter() - begin
+        return sums
+
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         _write_all(fd, memoryview(layout.header), 0)
-        body = memoryview(data.numpy()).cast("B") if layout.data_bytes else memoryview(b"")
         # Contiguous 1 MiB-aligned ranges, one per thread (os.pwrite releases the GIL).
         per_thread = -(-len(body) // max(1, threads))
         step = max(1, -(-per_thread // (1 << 20)) * (1 << 20))
         ranges = [(begin, body[begin : begin + step]) for begin in range(0, len(body), step)]
-        if len(ranges) > 1:
-            with ThreadPoolExecutor(max_workers=len(ranges)) as pool:
-                list(pool.map(lambda item: _write_all(fd, item[1], len(layout.header) + item[0]), ranges))
-        elif ranges:
-            _write_all(fd, ranges[0][1], len(layout.header))
+        with ThreadPoolExecutor(max_workers=len(ranges) + 1) as pool:
+            sums = pool.submit(tensor_checksums)
+            list(pool.map(lambda item: _write_all(fd, item[1], len(layout.header) + item[0]), ranges))
+            tensors = sums.result()
         os.fsync(fd)
     finally:
         os.close(fd)
+    return file_record(layout.file_bytes, layout.header, tensors)
 
 
 class TensorFileWriter:
@@ -158,6 +179,7 @@ class TensorFileWriter:
     def __init__(self, path: Path, layout: TensorFileLayout):
         self.path = path
         self.layout = layout
+        self.checksums: dict[str, str] = {}
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         _write_all(self.fd, memoryview(layout.header), 0)
         os.ftruncate(self.fd, layout.file_bytes)
@@ -169,12 +191,20 @@ class TensorFileWriter:
                 f"{self.path}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
                 f"the file layout expects {slot.shape} {slot.dtype}"
             )
-        host = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
-        _write_all(self.fd, memoryview(host.numpy()).cast("B"), len(self.layout.header) + slot.begin)
+        host = memoryview(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()).cast("B")
+        _write_all(self.fd, host, len(self.layout.header) + slot.begin)
+        self.checksums[name] = checksum(host)
 
     def close(self) -> None:
         os.fsync(self.fd)
         os.close(self.fd)
+
+    def record(self) -> dict:
+        """The file's record for the commit marker (size and per-tensor checksums), once every tensor is written."""
+        missing = sorted(set(self.layout.slots) - set(self.checksums))
+        if missing:
+            raise RuntimeError(f"{self.path}: tensors {missing[:5]} were never written")
+        return file_record(self.layout.file_bytes, self.layout.header, self.checksums)
 
 
 def read_header(path: Path) -> dict:
@@ -232,11 +262,12 @@ def _group_into_shards(entries: list[tuple[str, torch.dtype, tuple]], limit: int
 
 def write_sharded(
     entries, limit: int, names: tuple[str, str], dst: Path, produce: Callable, run_parallel
-) -> dict[str, str]:
+) -> tuple[dict[str, str], dict[str, dict]]:
     """Writes the tensors of `entries` = [(key, dtype, shape, item)] into safetensors shards.
 
     `produce(item)` returns [(key, tensor)] for one item; items run in parallel. `names` is
-    (single-file name, pattern with {index} and {count}). Returns key -> file name.
+    (single-file name, pattern with {index} and {count}). Returns (key -> file name, file name ->
+    record for a commit marker with the per-tensor checksums).
     """
     shards = _group_into_shards([(key, dtype, shape) for key, dtype, shape, _ in entries], limit)
     writers, where = [], {}
@@ -257,4 +288,4 @@ def write_sharded(
     finally:
         for writer in writers:
             writer.close()
-    return where
+    return where, {writer.path.name: writer.record() for writer in writers}

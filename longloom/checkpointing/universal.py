@@ -12,7 +12,8 @@ One format serves two layouts, told apart by `layout` in the commit marker:
 - "universal" (`longloom ckpt convert --to universal`): one full-shape tensor per parameter and
   state (`<name>:<state>`), sharded over files; the same reader loads it.
 
-`commit.json` (see commit.py) holds: step, layout, world_size, files with sizes, per-parameter
+`commit.json` (see commit.py) holds: step, layout, world_size, files with sizes and per-tensor
+checksums (checksums.py; a read of a whole stored tensor checks it), per-parameter
 shape/dtype/pieces, the optimizer step and param-group hyper-parameters, the LR scheduler state,
 the engine counters and every rank's extras (JSON, tensors referenced by key). Loading never
 unpickles anything: JSON and safetensors only.
@@ -26,11 +27,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from longloom.checkpointing.checksums import checksum
 from longloom.checkpointing.commit import (
     FORMAT,
     FORMAT_VERSION,
     CheckpointError,
     read_commit,
+    safe_member,
     validate_checkpoint,
 )
 from longloom.checkpointing.engine_state import STATE_KEYS, EngineState, ParamSpec
@@ -78,7 +81,7 @@ def build_commit(
     layout: str,
     token: str,
     world_size: int,
-    files: dict[str, int],
+    files: dict[str, dict],
     specs: dict[str, ParamSpec],
     pieces: dict[str, dict[str, list]],
     optimizer: dict,
@@ -87,7 +90,10 @@ def build_commit(
     extras: list,
     source: dict | None = None,
 ) -> dict:
-    """The commit marker's content; `pieces[name][state]` = [[file, key, start, numel], ...]."""
+    """The commit marker's content; `pieces[name][state]` = [[file, key, start, numel], ...].
+
+    `files[name]` is the file's record (size and checksums) from tensor_file's writers.
+    """
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -95,7 +101,7 @@ def build_commit(
         "layout": layout,
         "token": token,
         "world_size": world_size,
-        "files": {name: {"bytes": size} for name, size in sorted(files.items())},
+        "files": dict(sorted(files.items())),
         "params": {
             name: {"shape": list(spec.shape), "dtype": dtype_name(spec.dtype), "pieces": pieces[name]}
             for name, spec in specs.items()
@@ -110,7 +116,13 @@ def build_commit(
 
 # --------------------------------------------------------------------------- reader
 class CheckpointReader:
-    """Reads any flat range of any parameter state from one of our checkpoints (either layout)."""
+    """Reads any flat range of any parameter state from one of our checkpoints (either layout).
+
+    A read that covers a whole stored tensor (every read of a conversion, the extras) checks the
+    tensor's recorded checksum and raises CheckpointError naming the tensor and file on a mismatch.
+    Reads of part of a stored tensor (resume on another layout) cannot be checked one by one:
+    resume verifies the whole checkpoint first (resume.find_latest_verified).
+    """
 
     def __init__(self, path: str | Path, validate: bool = True):
         self.path = Path(path)
@@ -136,8 +148,23 @@ class CheckpointReader:
         # safe_open handles are not shared between threads: the converter reads from a pool.
         handles = self._local.__dict__.setdefault("handles", {})
         if file not in handles:
-            handles[file] = safe_open(str(self.path / file), framework="pt", device="cpu")
+            handles[file] = safe_open(
+                str(safe_member(self.path, file, "a piece")), framework="pt", device="cpu"
+            )
         return handles[file]
+
+    def _checked(self, file: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor`, the whole stored tensor `key` of `file`, after checking its recorded checksum."""
+        expected = self.meta["files"][file].get("checksums", {}).get("tensors", {}).get(key)
+        if expected is not None:
+            raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+            found = checksum(memoryview(raw).cast("B"))
+            if found != expected:
+                raise CheckpointError(
+                    f"checkpoint {self.path} is corrupt: tensor {key!r} in {file} has checksum {found}, the "
+                    f"commit recorded {expected} (its bytes changed after the checkpoint was written)"
+                )
+        return tensor
 
     def states(self, name: str) -> list[str]:
         return [state for state in STATE_KEYS if state in self.pieces[name]]
@@ -152,9 +179,15 @@ class CheckpointReader:
             a, b = max(start, piece_start), min(start + numel, piece_start + piece_numel)
             if a < b:
                 try:
-                    out[a - start : b - start] = read_flat_range(
-                        self._handle(file), key, a - piece_start, b - a
-                    )
+                    if (a, b) == (piece_start, piece_start + piece_numel):
+                        piece = self._checked(
+                            file, key, read_flat_range(self._handle(file), key, 0, piece_numel)
+                        )
+                    else:
+                        piece = read_flat_range(self._handle(file), key, a - piece_start, b - a)
+                    out[a - start : b - start] = piece
+                except CheckpointError:
+                    raise
                 except (SafetensorError, OSError, RuntimeError, ValueError) as error:
                     raise CheckpointError(
                         f"checkpoint {self.path}: reading {key} from {file} failed: {error}"
@@ -177,7 +210,10 @@ class CheckpointReader:
         if not extras:
             return None
         entry = extras[rank] if rank < len(extras) else extras[0]
-        return decode_extra(entry["value"], lambda key: self._handle(entry["file"]).get_tensor(key))
+        file = entry["file"]
+        return decode_extra(
+            entry["value"], lambda key: self._checked(file, key, self._handle(file).get_tensor(key))
+        )
 
     def close(self) -> None:
         self._local = threading.local()

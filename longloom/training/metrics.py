@@ -1,5 +1,10 @@
 """Training metrics on rank 0: a console line, a progress bar on a terminal, TensorBoard, metrics.jsonl.
 
+A run resumed at step N continues the same metrics.jsonl and TensorBoard folder: lines of steps after
+N (logged by the run that wrote a newer checkpoint, or none, before it stopped) are dropped from
+metrics.jsonl, and TensorBoard is told to purge them (SummaryWriter's purge_step), so every step appears
+once.
+
 Throughput: tokens/s counts the global batch (dp x micro x seq_len) per step; TFLOP/s per GPU uses the
 model's training FLOPs per token; MFU divides by the device's dense bf16 peak where it is known.
 """
@@ -8,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +34,31 @@ def device_peak_tflops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
+def drop_steps_after(path: Path, step: int) -> None:
+    """Removes the lines of `path` (metrics.jsonl) whose step is after `step`; atomic (tmp + rename)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            logged = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            logged = None  # a torn last line of a killed run: drop it too
+        if isinstance(logged, int) and logged <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    logger.info(
+        "metrics.jsonl: dropped %d lines after step %d (the run continues from there)",
+        len(lines) - len(kept),
+        step,
+    )
+
+
 class MetricsLogger:
     def __init__(
         self, output_dir: Path, enabled: bool, total_steps: int, start_step: int, device: torch.device
@@ -42,10 +73,11 @@ class MetricsLogger:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
+        drop_steps_after(output_dir / "metrics.jsonl", start_step)
         self.jsonl = (output_dir / "metrics.jsonl").open("a")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(output_dir / "tb"))
+        self.writer = SummaryWriter(log_dir=str(output_dir / "tb"), purge_step=start_step + 1)
         if sys.stderr.isatty():
             from tqdm import tqdm
 

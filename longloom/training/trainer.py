@@ -8,7 +8,14 @@ the same parameters, averaging over dp x sp of `local_sum / global_count * world
 gradient of the global mean loss, whatever the split.
 
 Checkpoints: the lazy asynchronous checkpointer snapshots right after a step and only makes the next
-optimizer step wait; re-running the same command resumes from the newest committed step, on any split.
+optimizer step wait; re-running the same command resumes from the newest checkpoint whose checksums
+verify (checkpointing/resume.py), on any split. Nothing under train.output_dir is written before the
+run really starts: a refused resume leaves config.yaml as it was, and a resume with nothing left to do
+changes nothing.
+
+A NaN/inf loss or gradient norm is never checkpointed; `train.max_nonfinite_steps` of them in a row
+stop the run (NonFiniteTrainingError) after committing the checkpoint still in flight, which was
+saved from a finite state.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from longloom.checkpointing.lazy_async import LazyAsyncCheckpointer, find_latest_committed
+from longloom.checkpointing.commit import atomic_write_text, read_commit
+from longloom.checkpointing.lazy_async import LazyAsyncCheckpointer
+from longloom.checkpointing.resume import find_latest_verified
 from longloom.config import LongloomConfig, validate_layout
 from longloom.data.loader import GlobalBatchLoader
 from longloom.data.synthetic import build_dataset
@@ -34,6 +43,10 @@ from longloom.parallel.dims import ParallelDims
 from longloom.training.metrics import MetricsLogger
 
 logger = logging.getLogger("longloom")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The loss or gradient norm was NaN/inf for train.max_nonfinite_steps steps in a row."""
 
 
 def resolve_dtype(cfg: LongloomConfig, device: torch.device) -> torch.dtype:
@@ -99,9 +112,27 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
     device = device_for_rank()
     dtype = resolve_dtype(cfg, device)
     output_dir = Path(cfg.train.output_dir)
+    # Decided before anything is built or written (collective: every rank hashes a share).
+    latest = find_latest_verified(output_dir / "checkpoints") if cfg.checkpoint.resume else None
+    saved = read_commit(latest)["step"] if latest is not None else 0
+    if saved >= cfg.train.steps:
+        if rank == 0:
+            logger.info(
+                "nothing to train: the newest checkpoint %s is at step %d and train.steps=%d; nothing was "
+                "changed. Set train.steps above %d to train further.",
+                latest,
+                saved,
+                cfg.train.steps,
+                saved,
+            )
+        return {
+            "rank": rank,
+            "losses": [],
+            "steps": cfg.train.steps,
+            "output_dir": str(output_dir),
+            "start_step": saved,
+        }
     if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(cfg.to_yaml())
         logger.info(
             "split: dp=%d ulysses=%d ring=%d (%d workers, %s, %s, backend %s)",
             dp,
@@ -143,7 +174,6 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
         root=output_dir / "checkpoints", keep=cfg.checkpoint.keep, asynchronous=cfg.checkpoint.async_
     )
     start_step = 0
-    latest = find_latest_committed(output_dir / "checkpoints") if cfg.checkpoint.resume else None
     if latest is not None:
         extra = checkpointer.load(latest, engine)
         loader.load_state_dict(extra["loader"])
@@ -153,10 +183,16 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
             _set_rng_state(rng)
         if rank == 0:
             logger.info("resumed from %s (step %d)", latest, start_step)
+    if rank == 0:
+        # Only now that the run really starts (a refused resume raised above).
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "config.yaml", cfg.to_yaml())
 
     metrics = MetricsLogger(output_dir, rank == 0, cfg.train.steps, start_step, device)
     global_tokens = dp * cfg.train.micro_batch_size * cfg.data.seq_len
     losses: list[float] = []
+    nonfinite_steps: list[int] = []  # the current run of consecutive NaN/inf steps
+    last_checkpoint = latest
     try:
         for step in range(start_step + 1, cfg.train.steps + 1):
             metrics.step_started()
@@ -187,6 +223,10 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
                 "valid_tokens": int(stats.tokens.item()),
             }
             losses.append(values["loss"])
+            finite = math.isfinite(values["loss"]) and (
+                grad_norm is None or math.isfinite(values["grad_norm"])
+            )
+            nonfinite_steps = [] if finite else [*nonfinite_steps, step]
             if offloader is not None and step == start_step + 1 and rank == 0:
                 logger.info(
                     "activation offload: %s per step to host memory (layer inputs and the attention outputs "
@@ -196,9 +236,21 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
                     human_bytes(offloader.pool.total_bytes),
                     offloader.pool.num_buffers,
                 )
-            write = step % cfg.train.log_every == 0 or step == cfg.train.steps
+            write = step % cfg.train.log_every == 0 or step == cfg.train.steps or not finite
             metrics.log(step, values, global_tokens, flops_per_token, world_size, write)
-            if cfg.checkpoint.interval and (step % cfg.checkpoint.interval == 0 or step == cfg.train.steps):
+            if len(nonfinite_steps) >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteTrainingError(
+                    f"stopping: the loss or gradient norm was NaN/inf at steps {nonfinite_steps} "
+                    f"({len(nonfinite_steps)} in a row, train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
+                    f"no checkpoint was saved from them, the newest is {last_checkpoint or 'none'}. Lower train.lr "
+                    "or train.grad_clip, check the data, and resume from that checkpoint"
+                )
+            interval = cfg.checkpoint.interval
+            checkpoint_due = bool(interval) and (step % interval == 0 or step == cfg.train.steps)
+            if checkpoint_due and not finite:
+                if rank == 0:
+                    logger.warning("step %d: loss or gradient norm is NaN/inf: not saving a checkpoint", step)
+            elif checkpoint_due:
                 extra = {
                     "step": step,
                     "loader": loader.state_dict(),
@@ -206,7 +258,11 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
                     "config": cfg.model_dump(mode="json", by_alias=True),
                 }
                 checkpointer.save(step=step, engine=engine, extra=extra)
+                last_checkpoint = output_dir / "checkpoints" / f"step-{step}"
         checkpointer.close()
+    except NonFiniteTrainingError:
+        checkpointer.close()  # the checkpoint in flight was saved from a finite state: commit it
+        raise
     except BaseException:
         checkpointer.close(abort=True)
         raise
@@ -214,4 +270,10 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
         metrics.close()
     if dist.is_initialized():
         dist.barrier()
-    return {"rank": rank, "losses": losses, "steps": cfg.train.steps, "output_dir": str(output_dir)}
+    return {
+        "rank": rank,
+        "losses": losses,
+        "steps": cfg.train.steps,
+        "output_dir": str(output_dir),
+        "start_step": start_step,
+    }

@@ -59,6 +59,27 @@ def _ds_to_universal(src: Path, dst: Path) -> None:
         main(args)
 
 
+def _assert_same(actual, expected, where: str) -> None:
+    """Same structure, types, tensor shapes/dtypes/values (torch.equal) and plain values."""
+    if torch.is_tensor(expected):
+        assert torch.is_tensor(actual), where
+        assert (actual.shape, actual.dtype) == (expected.shape, expected.dtype), where
+        assert torch.equal(actual, expected), where
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and sorted(map(str, actual)) == sorted(map(str, expected)), where
+        for key in expected:
+            _assert_same(actual[key], expected[key], f"{where}/{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert type(actual) is type(expected) and len(actual) == len(expected), where
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            _assert_same(a, e, f"{where}/{index}")
+    elif hasattr(expected, "__dict__") and not isinstance(expected, type):
+        assert type(actual) is type(expected), where
+        _assert_same(vars(actual), vars(expected), where)
+    else:
+        assert type(actual) is type(expected) and actual == expected, f"{where}: {actual!r} vs {expected!r}"
+
+
 def _tensor(path: Path) -> torch.Tensor:
     value = torch.load(path, map_location="cpu", weights_only=False)
     return value["param"] if isinstance(value, dict) else value
@@ -71,29 +92,25 @@ def test_deepspeed_zero_checkpoint_converts_like_ds_to_universal(distributed, tm
     _ds_to_universal(source, tmp_path / "theirs" / "global_step3")
     convert_checkpoint(source, tmp_path / "ours" / "global_step3", to="deepspeed-universal", progress=False)
 
-    theirs, ours = tmp_path / "theirs" / "global_step3" / "zero", tmp_path / "ours" / "global_step3" / "zero"
-    names = sorted(p.name for p in theirs.iterdir() if p.is_dir())
-    assert (
-        names
-        == sorted(p.name for p in ours.iterdir() if p.is_dir())
-        == sorted(k for k in trained if k != "__scalars__")
-    )
+    # File for file what ds_to_universal writes: the same files, and in each the same structure,
+    # tensor shapes, dtypes and values (ZeRO-3: bare flat tensors and no step.pt; ZeRO-1/2: dicts).
+    theirs, ours = tmp_path / "theirs" / "global_step3", tmp_path / "ours" / "global_step3"
+    files = sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(ours)) for p in ours.rglob("*") if p.is_file())
+    assert (tmp_path / "ours" / "latest_universal").read_text() == "global_step3"
+    for file in files:
+        _assert_same(
+            torch.load(ours / file, weights_only=False), torch.load(theirs / file, weights_only=False), file
+        )
+    names = sorted(p.name for p in (theirs / "zero").iterdir() if p.is_dir())
+    assert names == sorted(k for k in trained if k != "__scalars__")
     for name in names:
         for state in STATES:
-            expected = _tensor(theirs / name / f"{state}.pt")
-            actual = _tensor(ours / name / f"{state}.pt")
-            assert actual.shape == trained[name][state].shape
-            torch.testing.assert_close(actual.flatten(), expected.flatten(), rtol=0, atol=0)
-            torch.testing.assert_close(actual, trained[name][state], rtol=0, atol=0)
-        if stage < 3:  # DeepSpeed's ZeRO-3 conversion writes no step.pt
-            assert torch.load(ours / name / "step.pt") == torch.load(
-                theirs / name / "step.pt", weights_only=False
+            expected = trained[name][state].flatten() if stage == 3 else trained[name][state]
+            torch.testing.assert_close(
+                _tensor(ours / "zero" / name / f"{state}.pt"), expected, rtol=0, atol=0
             )
-    groups = torch.load(theirs / "optimizer_state.pt", weights_only=False)["param_groups"]
-    ours_groups = torch.load(ours / "optimizer_state.pt", weights_only=False)["param_groups"]
-    assert [{k: v for k, v in g.items() if k != "params"} for g in ours_groups] == [
-        {k: v for k, v in g.items() if k != "params"} for g in groups
-    ]
+    assert (stage == 3) == (not any((ours / "zero").glob("*/step.pt")))
 
     # The same DeepSpeed checkpoint through our universal layout resumes on 4 ranks, ZeRO-2.
     convert_checkpoint(source, tmp_path / "universal", to="universal", progress=False)

@@ -83,8 +83,8 @@ def _unfused_train_worker(overrides: list[str]) -> list[float]:
 
     logits_forward = LlamaModel.forward
 
-    def forward(self, tokens, position_ids, labels=None, loss_group=None):
-        logits = logits_forward(self, tokens, position_ids)
+    def forward(self, tokens, position_ids, labels=None, loss_group=None, document_ids=None):
+        logits = logits_forward(self, tokens, position_ids, document_ids=document_ids)
         return sequence_parallel_cross_entropy(logits, labels, group=loss_group)
 
     with mock.patch.object(LlamaModel, "forward", forward):
