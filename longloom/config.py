@@ -144,6 +144,9 @@ class LaunchConfig(_Section):
     address: str | None = None
     max_failures: int = Field(0, ge=0)
     collective_timeout_s: float = Field(600.0, gt=0, description="a hung collective fails after this")
+    connect_timeout_s: float = Field(
+        45.0, gt=0, le=3600, description="joining launch.address fails after this when nothing answers"
+    )
 
 
 class DebugConfig(_Section):

@@ -7,6 +7,9 @@
 - ray: the Ray launcher, also for one worker.
 In-process runs restart in-process after a failure (launch.max_failures) except under torchrun,
 whose agent restarts the group (`torchrun --max-restarts`).
+
+Stopping: Ctrl-C (SIGINT) and SIGTERM (what `ray job stop`, Slurm and Kubernetes send) both stop
+every worker and the Ray cluster we started, say so once, and exit 130 / 143 (128 + the signal).
 """
 
 from __future__ import annotations
@@ -23,14 +26,14 @@ import torch.distributed as dist
 
 from longloom.config import ConfigError, LongloomConfig, validate_layout
 from longloom.launch.env import ATTEMPT_ENV, under_torchrun
-from longloom.launch.supervisor import RunFailed, WorkerFailure, run_with_restarts
+from longloom.launch.supervisor import RunFailed, WorkerFailure, is_deterministic, run_with_restarts
 
 logger = logging.getLogger(__name__)
 
 Entry = Callable[[LongloomConfig], Any]
 
 EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 def _inside_worker() -> bool:
@@ -81,16 +84,20 @@ def _default_entry(cfg: LongloomConfig) -> Any:
 
 
 def _run_in_process(cfg: LongloomConfig, entry: Entry, attempt: int) -> Any:
+    from longloom.launch.worker_setup import prepare_worker_process
+
     if not under_torchrun():
         os.environ[ATTEMPT_ENV] = str(attempt)
+    prepare_worker_process(cfg)
     try:
         return entry(cfg)
     except (ConfigError, KeyboardInterrupt):
         raise
-    except Exception:  # noqa: BLE001 - any error of the entry is a failed attempt, restarted or reported
+    except Exception as error:  # noqa: BLE001 - any error of the entry is a failed attempt, restarted or reported
         # The process group stays: a lone worker has no peer stuck in it, and DeepSpeed keeps
         # groups derived from it in module state that a new group would leave dangling.
-        raise WorkerFailure(int(os.environ.get("RANK", "0")), traceback.format_exc()) from None
+        rank = int(os.environ.get("RANK", "0"))
+        raise WorkerFailure(rank, traceback.format_exc(), retryable=not is_deterministic(error)) from None
 
 
 def run_workers(cfg: LongloomConfig, entry: Entry | None = None) -> Any:
@@ -118,8 +125,16 @@ def run_workers(cfg: LongloomConfig, entry: Entry | None = None) -> Any:
     return RayLauncher(cfg, entry).run()
 
 
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class StopSignal(KeyboardInterrupt):
+    """SIGTERM arrived: stop like Ctrl-C (KeyboardInterrupt unwinds every `finally` that stops workers)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _raise_stop_signal(signum: int, frame: Any) -> None:
+    raise StopSignal(signum)
 
 
 def launch(cfg: LongloomConfig, entry: Entry | None = None) -> int:
@@ -131,7 +146,7 @@ def launch(cfg: LongloomConfig, entry: Entry | None = None) -> int:
     """
     previous = None
     try:
-        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        previous = signal.signal(signal.SIGTERM, _raise_stop_signal)
     except ValueError:
         pass  # not the main thread: signals stay with whoever owns it
     try:
@@ -140,6 +155,10 @@ def launch(cfg: LongloomConfig, entry: Entry | None = None) -> int:
     except RunFailed as failure:
         logger.error("%s", failure)
         return EXIT_FAILED
+    except StopSignal as stop:
+        name = signal.Signals(stop.signum).name
+        logger.error("stopped by %s: every worker was stopped", name)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         logger.error("interrupted: every worker was stopped")
         return EXIT_INTERRUPTED
