@@ -74,20 +74,19 @@ def wait_until_reachable(address: str, timeout_s: float, what: str, fix: str) ->
     if target is None:
         return  # nothing to probe (e.g. a bare host): the library's own error applies
     deadline = time.monotonic() + timeout_s
-    last_error: OSError | None = None
     while True:
         remaining = deadline - time.monotonic()
         try:
-            with socket.create_connection(target, timeout=max(min(remaining, 5.0), 0.1)):
+            with socket.create_connection(target, timeout=min(max(remaining, 0.1), 5.0)):
                 return
         except OSError as error:
-            last_error = error
-        if time.monotonic() + _PROBE_INTERVAL_S > deadline:
-            raise ConfigError(
-                f"launch.address={address!r}: no {what} answered within launch.connect_timeout_s="
-                f"{timeout_s:g} s ({last_error}); {fix}"
-            )
-        time.sleep(_PROBE_INTERVAL_S)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConfigError(
+                    f"launch.address={address!r}: no {what} answered within launch.connect_timeout_s="
+                    f"{timeout_s:g} s ({error}); {fix}"
+                ) from None
+        time.sleep(min(_PROBE_INTERVAL_S, remaining))
 
 
 def _resolved_auto_address() -> str | None:

@@ -55,7 +55,7 @@ def processes_with_mark(mark: str) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """False once `pid` exited, also while it is a zombie its parent has not reaped yet."""
     try:
         state = Path("/proc", str(pid), "stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -94,7 +94,7 @@ class ClusterReaper:
 
 
 def _wait_for_driver(driver_pid: int) -> None:
-    while _alive(driver_pid):
+    while process_alive(driver_pid):
         readable, _, _ = select.select([sys.stdin], [], [], _POLL_S)
         if readable and not os.read(sys.stdin.fileno(), 1):
             return  # end-of-file: the driver's end of the pipe closed, so the driver is gone
