@@ -20,7 +20,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch.distributed as dist
 
@@ -125,16 +125,32 @@ def run_workers(cfg: LongloomConfig, entry: Entry | None = None) -> Any:
     return RayLauncher(cfg, entry).run()
 
 
-class StopSignal(KeyboardInterrupt):
-    """SIGTERM arrived: stop like Ctrl-C (KeyboardInterrupt unwinds every `finally` that stops workers)."""
+class _SigtermAsInterrupt:
+    """While active, SIGTERM stops the run the way Ctrl-C does, and remembers that it came.
 
-    def __init__(self, signum: int):
-        super().__init__(f"signal {signum}")
-        self.signum = signum
+    The handler raises KeyboardInterrupt, which unwinds every `finally` that stops workers and the
+    cluster. The signal is remembered here rather than in the exception: Ray re-raises an interrupt
+    that arrives inside `ray.wait`/`ray.get` as a plain KeyboardInterrupt.
+    """
 
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = None
 
-def _raise_stop_signal(signum: int, frame: Any) -> None:
-    raise StopSignal(signum)
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __enter__(self) -> Self:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:
+            pass  # not the main thread: signals stay with whoever owns it
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def launch(cfg: LongloomConfig, entry: Entry | None = None) -> int:
@@ -144,24 +160,16 @@ def launch(cfg: LongloomConfig, entry: Entry | None = None) -> int:
     as `ray job stop` sends) stops every worker and the Ray cluster we started.
     ConfigError is left to the caller, which prints it as a short message.
     """
-    previous = None
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_stop_signal)
-    except ValueError:
-        pass  # not the main thread: signals stay with whoever owns it
-    try:
-        run_workers(cfg, entry)
-        return 0
-    except RunFailed as failure:
-        logger.error("%s", failure)
-        return EXIT_FAILED
-    except StopSignal as stop:
-        name = signal.Signals(stop.signum).name
-        logger.error("stopped by %s: every worker was stopped", name)
-        return 128 + stop.signum
-    except KeyboardInterrupt:
-        logger.error("interrupted: every worker was stopped")
-        return EXIT_INTERRUPTED
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with _SigtermAsInterrupt() as sigterm:
+        try:
+            run_workers(cfg, entry)
+            return 0
+        except RunFailed as failure:
+            logger.error("%s", failure)
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            if sigterm.received is not None:
+                logger.error("stopped by SIGTERM: every worker was stopped")
+                return 128 + sigterm.received
+            logger.error("interrupted: every worker was stopped")
+            return EXIT_INTERRUPTED
