@@ -20,7 +20,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import torch.distributed as dist
 
@@ -141,14 +141,13 @@ class _SigtermAsInterrupt:
         self.received = signum
         raise KeyboardInterrupt(f"signal {signum}")
 
-    def __enter__(self) -> Self:
+    def install(self) -> None:
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:
             pass  # not the main thread: signals stay with whoever owns it
-        return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
@@ -160,16 +159,19 @@ def launch(cfg: LongloomConfig, entry: Entry | None = None) -> int:
     as `ray job stop` sends) stops every worker and the Ray cluster we started.
     ConfigError is left to the caller, which prints it as a short message.
     """
-    with _SigtermAsInterrupt() as sigterm:
-        try:
-            run_workers(cfg, entry)
-            return 0
-        except RunFailed as failure:
-            logger.error("%s", failure)
-            return EXIT_FAILED
-        except KeyboardInterrupt:
-            if sigterm.received is not None:
-                logger.error("stopped by SIGTERM: every worker was stopped")
-                return 128 + sigterm.received
-            logger.error("interrupted: every worker was stopped")
-            return EXIT_INTERRUPTED
+    sigterm = _SigtermAsInterrupt()
+    sigterm.install()
+    try:
+        run_workers(cfg, entry)
+        return 0
+    except RunFailed as failure:
+        logger.error("%s", failure)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        if sigterm.received is not None:
+            logger.error("stopped by SIGTERM: every worker was stopped")
+            return 128 + sigterm.received
+        logger.error("interrupted: every worker was stopped")
+        return EXIT_INTERRUPTED
+    finally:
+        sigterm.restore()
