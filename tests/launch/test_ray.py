@@ -160,7 +160,8 @@ def test_deterministic_worker_error_is_not_retried(tmp_path, caplog, monkeypatch
     # workers=1 runs in this process (which then gets a process group of one and torchrun's
     # variables: both undone afterwards); workers=2 on the embedded Ray cluster.
     for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LONGLOOM_ATTEMPT"):
-        monkeypatch.delenv(variable, raising=False)
+        monkeypatch.setenv(variable, "")  # records the variable's state before, restored afterwards
+        monkeypatch.delenv(variable)
     cfg = load_config(
         None,
         [f"launch.workers={workers}", f"train.output_dir={tmp_path}", "launch.max_failures=2"]
