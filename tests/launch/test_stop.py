@@ -52,14 +52,20 @@ def _running(session_id: int) -> list[int]:
     return [pid for pid in session_processes(session_id) if process_alive(pid)]
 
 
-def _left_behind(session_id: int) -> list[int]:
+def _left_behind(session_id: int) -> list[str]:
     """Processes of the driver's session still running after a few seconds (killed, then reported)."""
     deadline = time.monotonic() + LEFT_BEHIND_GRACE_S
     while _running(session_id) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = _running(session_id)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
+    left = []
+    for pid in _running(session_id):
+        try:
+            command = Path("/proc", str(pid), "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            marked = b"LONGLOOM_EMBEDDED_CLUSTER=" in Path("/proc", str(pid), "environ").read_bytes()
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+        left.append(f"{pid} {command[:120]!r} marked={marked}")
     return left
 
 
