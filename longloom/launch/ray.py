@@ -69,6 +69,7 @@ _POLL_S = 1.0
 _LOG_DRAIN_S = 1.0
 _FAILURE_GRACE_S = 3.0  # after one rank fails, how long the others may take to report theirs
 _PLACEMENT_REPORT_S = 30.0
+_DIED = "its worker process died"
 
 
 class RankWorker:
@@ -207,9 +208,6 @@ def _outcome(ref: ray.ObjectRef) -> tuple[str, Any]:
         return ray.get(ref)
     except ray.exceptions.RayActorError as error:
         return "error", f"{_DIED}: {error}"
-
-
-_DIED = "its worker process died"
 
 
 def _failure(failures: dict[int, tuple[str, str]]) -> WorkerFailure:
