@@ -188,6 +188,9 @@ class LaunchConfig(_Section):
     address: str | None = Field(None, min_length=1)
     max_failures: Whole = Field(0, ge=0)
     collective_timeout_s: Real = Field(600.0, gt=0, description="a hung collective fails after this")
+    connect_timeout_s: Real = Field(
+        45.0, gt=0, le=3600, description="joining launch.address fails after this when nothing answers"
+    )
 
 
 class DebugConfig(_Section):

@@ -7,6 +7,9 @@
 - ray: the Ray launcher, also for one worker.
 In-process runs restart in-process after a failure (launch.max_failures) except under torchrun,
 whose agent restarts the group (`torchrun --max-restarts`).
+
+Stopping: Ctrl-C (SIGINT) and SIGTERM (what `ray job stop`, Slurm and Kubernetes send) both stop
+every worker and the Ray cluster we started, say so once, and exit 130 / 143 (128 + the signal).
 """
 
 from __future__ import annotations
@@ -23,14 +26,14 @@ import torch.distributed as dist
 
 from longloom.config import ConfigError, LongloomConfig, validate_layout
 from longloom.launch.env import ATTEMPT_ENV, under_torchrun
-from longloom.launch.supervisor import RunFailed, WorkerFailure, run_with_restarts
+from longloom.launch.supervisor import RunFailed, WorkerFailure, is_deterministic, run_with_restarts
 
 logger = logging.getLogger(__name__)
 
 Entry = Callable[[LongloomConfig], Any]
 
 EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 def _inside_worker() -> bool:
@@ -81,16 +84,20 @@ def _default_entry(cfg: LongloomConfig) -> Any:
 
 
 def _run_in_process(cfg: LongloomConfig, entry: Entry, attempt: int) -> Any:
+    from longloom.launch.worker_setup import prepare_worker_process
+
     if not under_torchrun():
         os.environ[ATTEMPT_ENV] = str(attempt)
+    prepare_worker_process(cfg)
     try:
         return entry(cfg)
     except (ConfigError, KeyboardInterrupt):
         raise
-    except Exception:  # noqa: BLE001 - any error of the entry is a failed attempt, restarted or reported
+    except Exception as error:  # noqa: BLE001 - any error of the entry is a failed attempt, restarted or reported
         # The process group stays: a lone worker has no peer stuck in it, and DeepSpeed keeps
         # groups derived from it in module state that a new group would leave dangling.
-        raise WorkerFailure(int(os.environ.get("RANK", "0")), traceback.format_exc()) from None
+        rank = int(os.environ.get("RANK", "0"))
+        raise WorkerFailure(rank, traceback.format_exc(), retryable=not is_deterministic(error)) from None
 
 
 def run_workers(cfg: LongloomConfig, entry: Entry | None = None) -> Any:
@@ -118,8 +125,31 @@ def run_workers(cfg: LongloomConfig, entry: Entry | None = None) -> Any:
     return RayLauncher(cfg, entry).run()
 
 
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class _SigtermAsInterrupt:
+    """While active, SIGTERM stops the run the way Ctrl-C does, and remembers that it came.
+
+    The handler raises KeyboardInterrupt, which unwinds every `finally` that stops workers and the
+    cluster. The signal is remembered here rather than in the exception: Ray re-raises an interrupt
+    that arrives inside `ray.wait`/`ray.get` as a plain KeyboardInterrupt.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def install(self) -> None:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:
+            pass  # not the main thread: signals stay with whoever owns it
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def launch(cfg: LongloomConfig, entry: Entry | None = None) -> int:
@@ -129,11 +159,8 @@ def launch(cfg: LongloomConfig, entry: Entry | None = None) -> int:
     as `ray job stop` sends) stops every worker and the Ray cluster we started.
     ConfigError is left to the caller, which prints it as a short message.
     """
-    previous = None
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    except ValueError:
-        pass  # not the main thread: signals stay with whoever owns it
+    sigterm = _SigtermAsInterrupt()
+    sigterm.install()
     try:
         run_workers(cfg, entry)
         return 0
@@ -141,8 +168,10 @@ def launch(cfg: LongloomConfig, entry: Entry | None = None) -> int:
         logger.error("%s", failure)
         return EXIT_FAILED
     except KeyboardInterrupt:
+        if sigterm.received is not None:
+            logger.error("stopped by SIGTERM: every worker was stopped")
+            return 128 + sigterm.received
         logger.error("interrupted: every worker was stopped")
         return EXIT_INTERRUPTED
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        sigterm.restore()

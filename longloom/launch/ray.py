@@ -15,13 +15,11 @@ checkpoint concept we do not use (our checkpoints are written and found by the t
 One GPU per rank where the cluster has GPUs (NCCL; ranks on one node see all of that node's GPUs
 of the group, as under torchrun, so NCCL can use peer-to-peer), otherwise one CPU per rank (gloo).
 
-Where the cluster comes from (`launch.address`):
-- null: RAY_ADDRESS when set (as inside `ray job submit`), else an embedded cluster on this
-  machine: `ray.init(address="local")` without a dashboard, num_cpus = max(workers, cores),
-  stopped at the end;
-- "auto", "host:port" or "ray://host:10001": an existing cluster, joined with `ray.init(address)`;
-- "http://head:8265": the run is submitted as a Ray job to that cluster's dashboard (the resolved
-  config and this longloom package travel with it) and its logs are streamed here.
+Where the cluster comes from (`launch.address`): launch/ray_cluster.py (embedded or joined, in
+bounded time); "http://head:8265" submits the run as a Ray job instead: launch/ray_job.py.
+
+Errors a restart cannot fix (a ConfigError, a ValueError, see supervisor.DETERMINISTIC_ERRORS) end the
+run at once instead of using up launch.max_failures.
 
 Token authentication (Ray 2.60 enables it):
 - embedded cluster: nothing to set. Ray turns token auth on for the cluster it starts and creates
@@ -34,14 +32,11 @@ Token authentication (Ray 2.60 enables it):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 # Ray folds lines that differ only in numbers and come from different processes into
@@ -61,7 +56,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from longloom.config import ConfigError, LongloomConfig
 from longloom.launch.env import free_port, rank_environment
 from longloom.launch.progress import MetricsFollower, driver_progress
-from longloom.launch.supervisor import RunFailed, WorkerFailure, run_with_restarts
+from longloom.launch.ray_cluster import connect
+from longloom.launch.supervisor import WorkerFailure, is_deterministic, run_with_restarts
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +68,8 @@ Entry = Callable[[LongloomConfig], Any]
 _POLL_S = 1.0
 _LOG_DRAIN_S = 1.0
 _FAILURE_GRACE_S = 3.0  # after one rank fails, how long the others may take to report theirs
-_DIED = "its worker process died"
 _PLACEMENT_REPORT_S = 30.0
+_DIED = "its worker process died"
 
 
 class RankWorker:
@@ -86,53 +82,33 @@ class RankWorker:
         # Ray prefixes every forwarded log line with this: "(rank0 pid=123)".
         return f"rank{self.rank}"
 
-    def placement(self) -> tuple[str, list[str]]:
-        """(node IP, GPU ids Ray gave this actor)."""
-        return ray.util.get_node_ip_address(), [str(gpu) for gpu in ray.get_gpu_ids()]
+    def placement(self) -> tuple[str, str, list[str]]:
+        """(node id, node IP, GPU ids Ray gave this actor)."""
+        node_id = ray.get_runtime_context().get_node_id()
+        return node_id, ray.util.get_node_ip_address(), [str(gpu) for gpu in ray.get_gpu_ids()]
 
     def free_port(self) -> int:
         return free_port()
 
     def run(self, entry: Entry | None, cfg: LongloomConfig, env: dict[str, str]) -> tuple[str, Any]:
-        """Runs the entry as one rank; ("ok", result), ("config", message) or ("error", traceback)."""
+        """Runs the entry as one rank: ("ok", result), ("config", message), ("deterministic",
+        traceback) for an error a restart cannot fix, or ("error", traceback)."""
         os.environ.update(env)
         try:
+            from longloom.launch.worker_setup import prepare_worker_process
+
+            prepare_worker_process(cfg)
             if entry is None:
                 from longloom.training.trainer import run_training as entry
             return "ok", entry(cfg)
         except ConfigError as error:
             return "config", str(error)
-        except BaseException:  # noqa: BLE001 - the driver reports it with the rank and restarts
-            return "error", traceback.format_exc()
+        except BaseException as error:  # noqa: BLE001 - the driver reports it with the rank and restarts
+            return ("deterministic" if is_deterministic(error) else "error"), traceback.format_exc()
 
 
 def _inside_ray_worker() -> bool:
     return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
-
-
-def _connect(cfg: LongloomConfig) -> bool:
-    """Connects to the cluster `launch.address` names; True when we started it (and must stop it)."""
-    if ray.is_initialized():
-        return False
-    address = cfg.launch.address
-    if address is None and os.environ.get("RAY_ADDRESS"):
-        address = os.environ["RAY_ADDRESS"]
-        logger.info("launch.address is null and RAY_ADDRESS=%s: joining that cluster", address)
-    if address is None:
-        num_cpus = max(cfg.launch.workers, os.cpu_count() or 1)
-        # "local" rather than no address: a bare ray.init() joins the last cluster `ray start` left
-        # in /tmp/ray (possibly stale or someone else's) instead of starting ours.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
-        logger.info("started an embedded Ray cluster on this machine (%d CPUs)", num_cpus)
-        return True
-    try:
-        ray.init(address=address)
-    except ConnectionError as error:
-        raise ConfigError(
-            f"launch.address={address!r}: no Ray cluster answered ({error}); start one with "
-            "`ray start --head` or set launch.address=null for an embedded cluster on this machine"
-        ) from None
-    return False
 
 
 def _bundle(cfg: LongloomConfig) -> dict[str, float]:
@@ -148,9 +124,8 @@ def _bundle(cfg: LongloomConfig) -> dict[str, float]:
     return {"CPU": 1, "GPU": 1}
 
 
-def _reserve(workers: int, bundle: dict[str, float]) -> PlacementGroup:
-    """A placement group of one bundle per rank, packed so a node's ranks are neighbours."""
-    group = placement_group([dict(bundle)] * workers, strategy="PACK")
+def _wait_until_placed(group: PlacementGroup, workers: int, bundle: dict[str, float]) -> None:
+    """Waits until every bundle of the group has a node (at the start, and after a node was lost)."""
     waited = 0.0
     while not ray.wait([group.ready()], timeout=_PLACEMENT_REPORT_S)[0]:
         waited += _PLACEMENT_REPORT_S
@@ -163,6 +138,12 @@ def _reserve(workers: int, bundle: dict[str, float]) -> PlacementGroup:
             workers,
             ray.available_resources(),
         )
+
+
+def _reserve(workers: int, bundle: dict[str, float]) -> PlacementGroup:
+    """A placement group of one bundle per rank, packed so a node's ranks are neighbours."""
+    group = placement_group([dict(bundle)] * workers, strategy="PACK")
+    _wait_until_placed(group, workers, bundle)
     return group
 
 
@@ -213,6 +194,40 @@ def rank_environments(
     return environments
 
 
+def ranks_by_node(nodes: list[str]) -> str:
+    """ "node 1a2b3c4d: ranks 0,1; node 5e6f7a8b: ranks 2,3" for the log line of each attempt."""
+    ranks: dict[str, list[int]] = {}
+    for rank, node in enumerate(nodes):
+        ranks.setdefault(node, []).append(rank)
+    return "; ".join(f"node {node[:8]}: ranks {','.join(map(str, r))}" for node, r in ranks.items())
+
+
+def _outcome(ref: ray.ObjectRef) -> tuple[str, Any]:
+    """What one rank's `run` returned; a process that died (no Python exception) is an "error"."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayActorError as error:
+        return "error", f"{_DIED}: {error}"
+
+
+def _failure(failures: dict[int, tuple[str, str]]) -> WorkerFailure:
+    """One WorkerFailure for an attempt whose ranks reported `failures` ({rank: (status, detail)}).
+
+    The culprit is a rank whose process died, else one with an error a restart cannot fix, else the
+    first to report: its peers' errors (a broken connection) are consequences, named after it.
+    """
+    died = [rank for rank, (_, detail) in failures.items() if detail.startswith(_DIED)]
+    deterministic = [rank for rank, (status, _) in failures.items() if status == "deterministic"]
+    culprit = (died or deterministic or list(failures))[0]
+    status, detail = failures[culprit]
+    others = "".join(
+        f"\n(rank {rank} also failed: {other.strip().splitlines()[-1]})"
+        for rank, (_, other) in sorted(failures.items())
+        if rank != culprit
+    )
+    return WorkerFailure(culprit, detail + others, retryable=status != "deterministic")
+
+
 class RayLauncher:
     """Runs `entry(cfg)` (default: `run_training`) on `launch.workers` Ray actors, restarting on failure."""
 
@@ -220,15 +235,16 @@ class RayLauncher:
         self.cfg = cfg
         self.entry = entry
         self._actors: list[Any] = []
+        self._nodes: list[str] = []  # each rank's node id, in rank order, of the current attempt
         self._progress: MetricsFollower | None = None
 
     def run(self) -> Any:
         """Rank 0's return value; raises RunFailed once launch.max_failures restarts are used up."""
-        if self.cfg.launch.address is not None and self.cfg.launch.address.startswith(
-            ("http://", "https://")
-        ):
+        if (self.cfg.launch.address or "").startswith(("http://", "https://")):
+            from longloom.launch.ray_job import submit_job
+
             return submit_job(self.cfg)
-        started = _connect(self.cfg)
+        cluster = connect(self.cfg)
         group = None
         self._progress = driver_progress(self.cfg.train.output_dir, self.cfg.train.steps)
         try:
@@ -241,16 +257,16 @@ class RayLauncher:
             if self._progress is not None:
                 self._progress.close()
             self._stop_actors()
-            if group is not None:
+            if group is not None and ray.is_initialized():
                 remove_placement_group(group)
-            if started:
-                ray.shutdown()
-                logger.info("stopped the embedded Ray cluster")
+            cluster.close()
 
     def _start_actors(
         self, group: PlacementGroup, bundle: dict[str, float], attempt: int
     ) -> list[dict[str, str]]:
         """Starts one actor per rank in its bundle; returns each rank's environment, in rank order."""
+        # After a lost node the group's bundles wait for a node again (an autoscaler's, a restarted one).
+        _wait_until_placed(group, self.cfg.launch.workers, bundle)
         actor_class = ray.remote(RankWorker)
         bundles = _bundles_in_rank_order(group)
         self._actors = [
@@ -265,7 +281,9 @@ class RayLauncher:
         ]
         placements = ray.get([actor.placement.remote() for actor in self._actors])
         master_port = ray.get(self._actors[0].free_port.remote())
-        return rank_environments([node for _, node in bundles], placements, master_port, attempt)
+        nodes = [node for node, _, _ in placements]
+        self._nodes = nodes
+        return rank_environments(nodes, [(ip, gpus) for _, ip, gpus in placements], master_port, attempt)
 
     def _attempt(self, group: PlacementGroup, bundle: dict[str, float], attempt: int) -> Any:
         try:
@@ -274,10 +292,11 @@ class RayLauncher:
             self._stop_actors()
             raise WorkerFailure(None, f"a worker process died while starting: {error}") from None
         logger.info(
-            "attempt %d: %d ranks on %d node(s), rendezvous at %s:%s",
+            "attempt %d: %d ranks on %d node(s) (%s), rendezvous at %s:%s",
             attempt,
-            len(environments),
-            len({env["MASTER_ADDR"] for env in environments}),
+            len(self._nodes),
+            len(set(self._nodes)),
+            ranks_by_node(self._nodes),
             environments[0]["MASTER_ADDR"],
             environments[0]["MASTER_PORT"],
         )
@@ -291,94 +310,30 @@ class RayLauncher:
                 self._progress.poll()
             for ref in done:
                 rank = pending.pop(ref)
-                try:
-                    status, value = ray.get(ref)
-                except ray.exceptions.RayActorError as error:
-                    status, value = "error", f"{_DIED}: {error}"
+                status, value = _outcome(ref)
                 if status == "config":
                     self._stop_actors()
                     raise ConfigError(f"rank {rank}: {value}")
-                if status == "error":
+                if status != "ok":
                     # Its peers now wait in a collective that cannot finish: stop them soon rather
                     # than after launch.collective_timeout_s, but first give them a moment to report,
                     # so that a dead process (the cause) is named rather than a peer's broken link.
-                    failures = {rank: value, **self._collect_failures(pending)}
+                    failures = {rank: (status, value), **self._collect_failures(pending)}
                     self._stop_actors()
-                    died = [r for r, detail in failures.items() if detail.startswith(_DIED)]
-                    culprit = died[0] if died else rank
-                    others = "".join(
-                        f"\n(rank {r} also failed: {detail.strip().splitlines()[-1]})"
-                        for r, detail in sorted(failures.items())
-                        if r != culprit
-                    )
-                    raise WorkerFailure(culprit, failures[culprit] + others)
+                    raise _failure(failures)
                 results[rank] = value
         time.sleep(_LOG_DRAIN_S)
         self._stop_actors()
         return results[0]
 
     @staticmethod
-    def _collect_failures(pending: dict) -> dict[int, str]:
-        """Errors the other ranks report within _FAILURE_GRACE_S (ranks still running are left out)."""
-        failures = {}
+    def _collect_failures(pending: dict) -> dict[int, tuple[str, str]]:
+        """Failures the other ranks report within _FAILURE_GRACE_S (ranks still running are left out)."""
         done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=_FAILURE_GRACE_S)
-        for ref in done:
-            rank = pending[ref]
-            try:
-                status, value = ray.get(ref)
-            except ray.exceptions.RayActorError as error:
-                status, value = "error", f"{_DIED}: {error}"
-            if status == "error":
-                failures[rank] = value
-        return failures
+        outcomes = {pending[ref]: _outcome(ref) for ref in done}
+        return {rank: outcome for rank, outcome in outcomes.items() if outcome[0] not in ("ok", "config")}
 
     def _stop_actors(self) -> None:
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         self._actors = []
-
-
-def submit_job(cfg: LongloomConfig) -> Any:
-    """Submits the run to the cluster whose dashboard is at `launch.address` and streams its logs."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    import longloom
-
-    address = cfg.launch.address
-    if not Path(cfg.train.output_dir).is_absolute():
-        logger.warning(
-            "train.output_dir=%r is relative: on the cluster it lands in the job's working directory, "
-            "which Ray deletes later; give a path on storage the cluster shares",
-            cfg.train.output_dir,
-        )
-    job_cfg = cfg.model_copy(deep=True)
-    job_cfg.launch.address = "auto"
-    job_cfg.launch.backend = "ray"
-    client = JobSubmissionClient(address)
-    with tempfile.TemporaryDirectory(prefix="longloom-job-") as folder:
-        (Path(folder) / "config.yaml").write_text(job_cfg.to_yaml())
-        job_id = client.submit_job(
-            entrypoint="python -m longloom train config.yaml",
-            runtime_env={"working_dir": folder, "py_modules": [os.path.dirname(longloom.__file__)]},
-        )
-    logger.info("submitted Ray job %s to %s", job_id, address)
-
-    final_states = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-
-    async def stream_logs() -> None:
-        async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
-
-    try:
-        asyncio.run(stream_logs())
-        while (status := client.get_job_status(job_id)) not in final_states:
-            time.sleep(_POLL_S)
-    except KeyboardInterrupt:
-        client.stop_job(job_id)
-        raise
-    if status != JobStatus.SUCCEEDED:
-        failure = WorkerFailure(
-            None, f"Ray job {job_id} ended {status}: {client.get_job_info(job_id).message}"
-        )
-        raise RunFailed([failure], cfg.launch.max_failures)
-    return {"job_id": job_id}

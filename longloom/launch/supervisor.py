@@ -5,6 +5,11 @@ approach of torchelastic and Ray Train): a failed rank leaves its peers inside c
 whole group is torn down and started again, and the trainer reloads its state by itself on start.
 `launch.max_failures` bounds the restarts; the attempt number (0, 1, ...) reaches every worker as
 LONGLOOM_ATTEMPT so test knobs like `debug.fail_at_step` can fire on the first attempt only.
+
+Only failures a restart can fix are retried: a dead worker process, a lost node, a RuntimeError (a
+broken collective, an injected failure). An error the same inputs raise again on every start (a
+ValueError from a config or checkpoint that does not fit, a missing module, an unwritable folder)
+ends the run at once with that error, whatever launch.max_failures says.
 """
 
 from __future__ import annotations
@@ -17,13 +22,32 @@ logger = logging.getLogger(__name__)
 
 Result = TypeVar("Result")
 
+# Errors that come back on every start with the same config and files (ConfigError and the
+# checkpoint errors are ValueErrors): retrying them only delays the message.
+DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    ImportError,
+    PermissionError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
+def is_deterministic(error: BaseException) -> bool:
+    """True for an error a restart cannot fix (see DETERMINISTIC_ERRORS)."""
+    return isinstance(error, DETERMINISTIC_ERRORS)
+
 
 class WorkerFailure(Exception):
-    """One attempt of the worker group failed: which rank (None when unknown) and why (a traceback)."""
+    """One attempt of the worker group failed: which rank (None when unknown), why (a traceback) and
+    whether a restart can fix it (False for a deterministic error)."""
 
-    def __init__(self, rank: int | None, detail: str):
+    def __init__(self, rank: int | None, detail: str, retryable: bool = True):
         self.rank = rank
         self.detail = detail
+        self.retryable = retryable
         where = f"rank {rank}" if rank is not None else "a worker"
         super().__init__(f"{where} failed:\n{detail.rstrip()}")
 
@@ -40,10 +64,16 @@ class RunFailed(RuntimeError):
         last = self.failures[-1]
         where = f"rank {last.rank}" if last.rank is not None else "a worker"
         lines = [line for line in last.detail.splitlines() if line.strip()]
+        error = lines[-1].strip() if lines else "no detail"
+        if not last.retryable:
+            return (
+                f"training failed on {where}: {error}\n"
+                f"not retried (launch.max_failures={self.max_failures}): this error comes back on every "
+                "start with the same config and files; fix its cause and run the command again"
+            )
         return (
             f"training failed after {len(self.failures)} attempt(s) "
-            f"(launch.max_failures={self.max_failures}); "
-            f"last error on {where}: {lines[-1].strip() if lines else 'no detail'}"
+            f"(launch.max_failures={self.max_failures}); last error on {where}: {error}"
         )
 
 
@@ -60,6 +90,8 @@ def run_with_restarts(run_attempt: Callable[[int], Result], max_failures: int) -
         except WorkerFailure as failure:
             failures.append(failure)
             logger.error("attempt %d: %s", attempt, failure)
+            if not failure.retryable:
+                break
             if attempt < max_failures:
                 logger.warning(
                     "restarting the worker group (restart %d of launch.max_failures=%d); "

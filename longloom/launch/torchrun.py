@@ -23,6 +23,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from longloom.config import ConfigError, LongloomConfig, load_config
 from longloom.launch.env import ATTEMPT_ENV
+from longloom.launch.worker_setup import prepare_worker_process
 
 EXIT_CONFIG_ERROR = 2
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None, entry: Callable[[LongloomConfig], Any] |
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     os.environ[ATTEMPT_ENV] = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prepare_worker_process(cfg)
     if entry is None:
         from longloom.training.trainer import run_training as entry
     try:

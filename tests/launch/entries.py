@@ -83,3 +83,13 @@ def read_metrics(output_dir: str | Path) -> dict[int, dict]:
         record = json.loads(line)
         records[record["step"]] = record
     return records
+
+
+def config_mistake_on_last_rank(cfg: LongloomConfig) -> None:
+    """A worker-side error that every start hits again (as a model that does not fit its checkpoint)."""
+    rank, world_size = init_distributed(timeout_s=cfg.launch.collective_timeout_s)
+    with open(Path(cfg.train.output_dir) / f"started-rank{rank}-attempt{attempt_number()}", "w"):
+        pass
+    if rank == world_size - 1:
+        raise ValueError("model.hidden=64 does not match the checkpoint's 128: set model.hidden=128")
+    dist.barrier()  # the peers wait here until the driver stops them

@@ -2,6 +2,10 @@
 `ray job submit --address http://HEAD:DASHBOARD -- longloom train ... launch.address=auto`, and
 `longloom train ... launch.address=http://HEAD:DASHBOARD`, which submits the job itself.
 
+Every process here has a PATH whose `python` and `python3` are a stand-in that fails: a job or
+worker started with a bare `python` instead of the interpreter of the command that started it fails
+(as on a fresh machine, where the `python` on PATH lacks longloom's packages).
+
 The head runs as `ray start --head --block` in a session of its own: SIGTERM makes it stop the
 processes it started, and what is left in that session afterwards (dashboard helpers) is killed by
 process group. Nothing else on the machine is touched (never `ray stop`, which stops every Ray
@@ -40,11 +44,22 @@ def _wait_for_dashboard(url: str, token: str, head: subprocess.Popen) -> None:
     raise TimeoutError(f"the dashboard at {url} did not answer within {HEAD_START_TIMEOUT_S} s")
 
 
+def _path_with_a_wrong_python(folder) -> str:
+    """A PATH whose `python`/`python3` exit 97, followed by system folders without longloom's venv."""
+    folder.mkdir()
+    for name in ("python", "python3"):
+        stand_in = folder / name
+        stand_in.write_text("#!/bin/sh\necho 'wrong interpreter: a bare python from PATH' >&2\nexit 97\n")
+        stand_in.chmod(0o755)
+    return os.pathsep.join([str(folder), "/usr/bin", "/bin"])
+
+
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory):
     """A one-node Ray cluster with its dashboard and token auth; yields (dashboard URL, environment)."""
     token = secrets.token_hex(16)
-    env = subprocess_env() | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    path = _path_with_a_wrong_python(tmp_path_factory.mktemp("path") / "bin")
+    env = subprocess_env() | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": path}
     dashboard_port = free_port()
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block"]
     command += ["--port", str(free_port()), "--dashboard-port", str(dashboard_port)]
@@ -81,7 +96,7 @@ def test_ray_job_submit_runs_longloom_train(tmp_path, head_node, reference_run):
     url, env = head_node
     output_dir = tmp_path / "run"
     command = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", url, "--"]
-    command += ["python", "-m", "longloom", "train", TINY_CONFIG, *TINY_OVERRIDES, "launch.workers=2"]
+    command += [sys.executable, "-m", "longloom", "train", TINY_CONFIG, *TINY_OVERRIDES, "launch.workers=2"]
     command += ["launch.backend=ray", "launch.address=auto", f"train.output_dir={output_dir}"]
     done = subprocess.run(
         command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
@@ -107,4 +122,5 @@ def test_train_with_http_address_submits_a_job(tmp_path, head_node, reference_ru
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "submitted Ray job" in output and "[rank 0] step      5 | loss" in output
+    assert "wrong interpreter" not in output
     assert losses(output_dir) == pytest.approx(reference_run.losses, rel=1e-4)
