@@ -22,9 +22,16 @@ logger = logging.getLogger(__name__)
 
 Result = TypeVar("Result")
 
+
+class DeterministicFailure(RuntimeError):
+    """A run failure that a restart from the newest checkpoint would meet again (e.g. a loss that turns
+    non-finite at the same step with the same data): raised by the trainer, never retried."""
+
+
 # Errors that come back on every start with the same config and files (ConfigError and the
 # checkpoint errors are ValueErrors): retrying them only delays the message.
 DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
+    DeterministicFailure,
     ValueError,
     TypeError,
     ImportError,

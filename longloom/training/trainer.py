@@ -35,6 +35,7 @@ from longloom.config import LongloomConfig, validate_layout
 from longloom.data.loader import GlobalBatchLoader
 from longloom.data.synthetic import build_dataset
 from longloom.launch.env import attempt_number, device_for_rank, init_distributed
+from longloom.launch.supervisor import DeterministicFailure
 from longloom.models.llama import LlamaModel, plain_checkpoint
 from longloom.offload.activations import ActivationOffloader
 from longloom.offload.memory import human_bytes
@@ -45,7 +46,7 @@ from longloom.training.metrics import MetricsLogger
 logger = logging.getLogger("longloom")
 
 
-class NonFiniteTrainingError(RuntimeError):
+class NonFiniteTrainingError(DeterministicFailure):
     """The loss or gradient norm was NaN/inf for train.max_nonfinite_steps steps in a row."""
 
 

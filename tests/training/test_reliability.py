@@ -176,3 +176,12 @@ def test_resume_with_nothing_to_do_or_another_model_changes_nothing(distributed,
     ]
     assert "does not match the model" in summary["error"]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_nonfinite_stop_is_not_retried_by_the_launchers():
+    """A restart resumes from the last finite checkpoint and meets the same data: launch.max_failures
+    must not spend its restarts on it."""
+    from longloom.launch.supervisor import is_deterministic
+
+    assert is_deterministic(NonFiniteTrainingError("loss nan at steps 4-6"))
+    assert not is_deterministic(RuntimeError("a worker died"))
