@@ -11,6 +11,7 @@ The checks, in order (`PREFLIGHT_CHECKS`; a new deterministic check is one more 
 - data: the source opens as the workers will open it (folder, index, shards, token ids) and its
   vocabulary fits model.vocab_size;
 - output: train.output_dir is, or can be created as, a folder we may write (probed, then removed);
+- eval data: with train.eval_every, data.eval_source (or held-out synthetic draws) opens the same way;
 - resume: a checkpoint under train.output_dir fits the configured model (training/resume.py);
 - memory: the estimate (offload/memory.py) against the GPU when there is one, against this host when
   the run trains on its CPU, and the pinned host memory; what could not be checked is said plainly.
@@ -148,6 +149,15 @@ def check_memory(cfg: LongloomConfig, report: PreflightReport) -> None:
             "GPU memory not checked: no CUDA device on this machine (the run trains on its CPU)"
         )
     check_host_memory(cfg, estimate)
+
+
+def check_eval_data(cfg: LongloomConfig, report: PreflightReport) -> None:
+    """train.eval_every needs held-out data that opens like data.source (training/evaluation.py)."""
+    if not cfg.train.eval_every or (cfg.launch.address or "").startswith(("http://", "https://")):
+        return
+    from longloom.training.evaluation import eval_dataset
+
+    eval_dataset(cfg)
 
 
 def check_resume(cfg: LongloomConfig, report: PreflightReport) -> None:

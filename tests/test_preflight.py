@@ -93,6 +93,7 @@ def test_checks_are_a_list_that_a_new_check_joins(tmp_path):
     assert preflight.PREFLIGHT_CHECKS == [
         preflight.check_layout,
         preflight.check_data,
+        preflight.check_eval_data,
         preflight.check_output_dir,
         preflight.check_resume,
         preflight.check_memory,

@@ -94,9 +94,11 @@ class MetricsLogger:
         flops_per_token: float,
         world_size: int,
         write: bool,
+        excluded_s: float = 0.0,
     ) -> None:
-        """Records one finished step; `tokens` is the global batch's token count."""
-        elapsed = time.perf_counter() - self.last_time
+        """Records one finished step; `tokens` is the global batch's token count. `excluded_s` (time spent
+        on evaluation inside the step) is left out of the step time, so tokens/s stays training's."""
+        elapsed = time.perf_counter() - self.last_time - excluded_s
         if not self.enabled:
             return
         tokens_per_s = tokens / max(elapsed, 1e-9)
@@ -121,8 +123,10 @@ class MetricsLogger:
         self.jsonl.flush()
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
-                self.writer.add_scalar(f"train/{key}", value, step)
+                self.writer.add_scalar("eval/loss" if key == "eval_loss" else f"train/{key}", value, step)
         line = f"step {step:>6} | loss {values['loss']:.4f} | grad_norm {values.get('grad_norm', float('nan')):.3f}"
+        if "eval_loss" in values:
+            line += f" | eval_loss {values['eval_loss']:.4f}"
         line += f" | lr {values.get('lr', 0):.2e} | {tokens_per_s:,.0f} tok/s | {tflops:.2f} TFLOP/s/GPU"
         if "mfu" in record:
             line += f" | MFU {record['mfu']:.1%}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from longloom.offload.activations import ActivationOffloader
 from longloom.offload.memory import human_bytes
 from longloom.offload.optimizer import build_optimizer, optimizer_settings
 from longloom.parallel.dims import ParallelDims
+from longloom.training.evaluation import eval_batches, eval_dataset, evaluate_loss
 from longloom.training.metrics import MetricsLogger
 
 logger = logging.getLogger("longloom")
@@ -189,6 +191,8 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output_dir / "config.yaml", cfg.to_yaml())
 
+    # Held-out loss (train.eval_every): the same split and loss as training, forward only.
+    eval_data = eval_dataset(cfg) if cfg.train.eval_every else None
     metrics = MetricsLogger(output_dir, rank == 0, cfg.train.steps, start_step, device)
     global_tokens = dp * cfg.train.micro_batch_size * cfg.data.seq_len
     losses: list[float] = []
@@ -238,7 +242,13 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
                     offloader.pool.num_buffers,
                 )
             write = step % cfg.train.log_every == 0 or step == cfg.train.steps or not finite
-            metrics.log(step, values, global_tokens, flops_per_token, world_size, write)
+            eval_s = 0.0
+            if eval_data is not None and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                eval_started = time.perf_counter()
+                micro_batches = eval_batches(eval_data, cfg.train.micro_batch_size, dims)
+                values["eval_loss"] = evaluate_loss(engine, micro_batches, dims, device)
+                eval_s, write = time.perf_counter() - eval_started, True
+            metrics.log(step, values, global_tokens, flops_per_token, world_size, write, excluded_s=eval_s)
             if len(nonfinite_steps) >= cfg.train.max_nonfinite_steps:
                 raise NonFiniteTrainingError(
                     f"stopping: the loss or gradient norm was NaN/inf at steps {nonfinite_steps} "

@@ -126,3 +126,30 @@ def test_eval_source_keys_and_the_held_out_synthetic_default(tmp_path):
     folder = load_config(None, [f"data.source={tmp_path}", "train.eval_every=5"])
     with pytest.raises(ConfigError, match="set data.eval_source"):
         eval_dataset(folder)
+
+
+def test_trainer_logs_the_same_eval_loss_under_every_split(distributed, tmp_path):
+    """train.eval_every through the trainer: eval_loss in metrics.jsonl, the same on 1 and 2 workers."""
+    import json
+
+    from tests.training.test_trainer import _losses
+
+    logged = {}
+    for name, workers, split in (
+        ("one", 1, []),
+        ("ulysses2", 2, ["parallel.ulysses=2"]),
+        ("ring2", 2, ["parallel.ring=2"]),
+    ):
+        _losses(
+            distributed, workers, tmp_path, name, "train.eval_every=2", "train.micro_batch_size=2", *split
+        )
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        logged[name] = {row["step"]: row["eval_loss"] for row in rows if "eval_loss" in row}
+    assert sorted(logged["one"]) == [2, 4]
+    for name in ("ulysses2", "ring2"):
+        assert sorted(logged[name]) == [2, 4]
+        assert [logged[name][s] for s in (2, 4)] == pytest.approx(
+            [logged["one"][s] for s in (2, 4)], rel=1e-4
+        )
+    # Training changes the model between the two evaluations.
+    assert logged["one"][2] != logged["one"][4]
