@@ -173,6 +173,7 @@ def check_resume(cfg: LongloomConfig, report: PreflightReport) -> None:
 PREFLIGHT_CHECKS: list[PreflightCheck] = [
     check_layout,
     check_data,
+    check_eval_data,
     check_output_dir,
     check_resume,
     check_memory,
