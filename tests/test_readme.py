@@ -21,7 +21,8 @@ def test_readme_config_table_lists_every_key():
     rows = _table_rows()
     missing = []
     for section, field in LongloomConfig.model_fields.items():
-        documented = set(re.findall(r"`([\w.]+)", rows.get(section, "")))
+        spans = re.findall(r"`([^`]+)`", rows.get(section, ""))
+        documented = {name.strip() for span in spans for name in span.split(",")}
         for key, sub_field in field.annotation.model_fields.items():
             name = sub_field.alias or key
             if name not in documented:
