@@ -17,8 +17,9 @@ diagonal), the plan names it and the dense fused kernels (cuDNN) run on the slic
 
 The plan is built on the host (`plan_segments`, from host ids: ring schedules already hold them there),
 so the kernels get max lengths without a device sync. `RaggedKernel` is the one thing that differs
-between cuDNN ragged, flash varlen and the plain-torch emulation the CPU tests run through the same
-plumbing; the GPU kernels are used only after a one-time probe against that emulation (attention/blocks.py).
+between aten's flash varlen kernel and the plain-torch emulation the CPU tests run through the same
+plumbing; a GPU kernel is used only after a one-time probe against that emulation (attention/blocks.py).
+Flash varlen gives empty query segments lse +inf (cuDNN ragged gave 0), hence the overwrite above.
 
 Shapes: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]; out like q; lse [B, Hq, Sq] fp32.
 """
@@ -216,44 +217,13 @@ def _flash_backward(dout, q, k, v, out, lse, plan, scale):
     )  # fmt: skip
 
 
-# cuDNN's ragged lse layout is not documented: [Hq, Tq] or [Tq, Hq, 1]; the forward records which
-# one it returned so the backward hands it back the same way (the probe checks the pair).
-_cudnn_lse_tokens_first: dict[str, bool] = {}
-
-
-def _cudnn_forward(q, k, v, plan, scale):
-    result = torch.ops.aten._cudnn_attention_forward(
-        q, k, v, None, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.max_q, plan.max_k, True, 0.0,
-        plan.causal, False, scale=scale,
-    )  # fmt: skip
-    lse = result[1]
-    tokens_first = lse.size(0) == q.size(0) and lse.size(0) != q.size(1)
-    _cudnn_lse_tokens_first["value"] = tokens_first
-    lse = lse.reshape(q.size(0), q.size(1)).t() if tokens_first else lse.reshape(q.size(1), q.size(0))
-    return result[0], lse.float().contiguous()
-
-
-def _cudnn_backward(dout, q, k, v, out, lse, plan, scale):
-    if _cudnn_lse_tokens_first.get("value", False):
-        lse = lse.t().unsqueeze(-1)
-    backward = getattr(torch.ops.aten, "_cudnn_attention_backward", None)
-    if backward is None:  # older torch: the SDPA op takes the cumulative lengths too
-        backward = torch.ops.aten._scaled_dot_product_cudnn_attention_backward
-    zero = _undefined_rng(q.device)
-    return backward(
-        dout, q, k, v, out, lse.contiguous(), zero, zero, None, plan.cu_seqlens_q, plan.cu_seqlens_k,
-        plan.max_q, plan.max_k, 0.0, plan.causal, scale=scale,
-    )  # fmt: skip
-
-
-CUDNN_RAGGED = RaggedKernel("cudnn-ragged", _cudnn_forward, _cudnn_backward, grouped_kv=True)
 FLASH_VARLEN = RaggedKernel("flash-varlen", _flash_forward, _flash_backward, grouped_kv=True)
-CUDNN_RAGGED_EXPANDED = RaggedKernel(
-    "cudnn-ragged-expanded-kv", _cudnn_forward, _cudnn_backward, grouped_kv=False
-)
-# In order of preference: cuDNN measures fastest on Hopper (attention/blocks.py), flash varlen next;
-# cuDNN with copied K/V heads last (4x the K/V memory at 32/8 heads).
-GPU_KERNELS = (CUDNN_RAGGED, FLASH_VARLEN, CUDNN_RAGGED_EXPANDED)
+# Why not cuDNN's ragged kernel (`aten._cudnn_attention_forward` with cu_seqlens): on torch 2.11 / H200
+# it passed a small probe but hit an illegal memory access (which kills the CUDA context, so no probe
+# or fallback can catch it) at 128K tokens in 8K or 128K segments, with and without GQA, and ran at
+# 67 TFLOP/s in 2K segments; torch 2.13's own varlen_attn keeps it switched off. Flash varlen ran
+# fwd+bwd at 331 / 316 / 263 TFLOP/s in 128K / 8K / 2K causal segments (32/8 heads, D 128).
+GPU_KERNELS = (FLASH_VARLEN,)
 
 DenseForward = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]

@@ -148,9 +148,10 @@ class RingDocuments:
         rows = (plan.q_rows.start, plan.q_rows.stop, plan.kv_rows.start, plan.kv_rows.stop)
         key = (q_owner, kv_owner, *rows, plan.causal)  # slices are unhashable before Python 3.12
         if key not in self.segments:
-            self.segments[key] = plan_segments(
+            segments = plan_segments(
                 self.host[q_owner][:, plan.q_rows], self.host[kv_owner][:, plan.kv_rows], plan.causal
             )
+            self.segments[key] = None if segments is None else segments.to(self.device.device)
         return self.segments[key]
 
 
