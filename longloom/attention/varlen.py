@@ -44,6 +44,9 @@ class SegmentPlan:
     queries_without_keys: torch.Tensor | None  # bool [B * Sq]; None if every query has a key
     keys_without_queries: torch.Tensor | None  # bool [B * Sk]; None if every key has a query
     rectangle: tuple[slice, slice] | None  # (query rows, key rows) of the only work, same in every row
+    # Long documents, run one by one through the dense kernel: (batch row, query rows, key rows).
+    dense_documents: tuple[tuple[int, slice, slice], ...] = ()
+    ragged_work: bool = True  # whether any segment is left for the ragged kernel
 
     def to(self, device: torch.device) -> SegmentPlan:
         """The plan's tensors on `device` (pinned and asynchronous from the host: no stream sync)."""
@@ -64,6 +67,8 @@ class SegmentPlan:
             move(self.queries_without_keys),
             move(self.keys_without_queries),
             self.rectangle,
+            self.dense_documents,
+            self.ragged_work,
         )
 
 
@@ -72,8 +77,20 @@ def _runs(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, counts
 
 
-def plan_segments(q_docs: torch.Tensor, k_docs: torch.Tensor, causal: bool) -> SegmentPlan | None:
+# From this many query and key rows on, a document runs alone through the dense kernel (cuDNN, about
+# 520 TFLOP/s fwd+bwd on H200 at 256K) rather than in the ragged call (flash varlen: 331 / 316 / 263 at
+# 128K / 8K / 2K segments). The dense kernel's rate at 8K is assumed, not measured: bench/documents.py
+# on lognormal documents is the test of this number.
+DENSE_DOCUMENT_TOKENS = 8192
+
+
+def plan_segments(
+    q_docs: torch.Tensor, k_docs: torch.Tensor, causal: bool, dense_from: int = DENSE_DOCUMENT_TOKENS
+) -> SegmentPlan | None:
     """The segments of a block from host ids q_docs [B, Sq], k_docs [B, Sk] (each row non-decreasing).
+
+    A shared document with at least `dense_from` rows on both sides goes to `dense_documents` and
+    leaves two partnerless segments in its place (so the ragged kernel skips it).
 
     None where ragged kernels cannot express the block: a causal block whose shared documents do not
     sit at the same rows on both sides (the kernels align a segment's causal mask bottom-right, the
@@ -84,6 +101,7 @@ def plan_segments(q_docs: torch.Tensor, k_docs: torch.Tensor, causal: bool) -> S
     seq_k = k_docs.size(1)
     q_lengths, k_lengths = [], []
     rectangles = set()
+    dense_documents = []
     for row in range(batch):
         q_ids, q_counts = _runs(q_docs[row])
         k_ids, k_counts = _runs(k_docs[row])
@@ -103,6 +121,17 @@ def plan_segments(q_docs: torch.Tensor, k_docs: torch.Tensor, causal: bool) -> S
             )
         else:
             rectangles.add(None)
+        long = shared & (q_len >= dense_from) & (k_len >= dense_from)
+        for i in long.nonzero().flatten().tolist():
+            q0, k0 = int(q_start[i]), int(k_start[i])
+            dense_documents.append((row, slice(q0, q0 + int(q_len[i])), slice(k0, k0 + int(k_len[i]))))
+        if bool(long.any()):  # split each long segment into (queries, no keys) + (no queries, keys)
+            copies = 1 + long.long()
+            first = (copies.cumsum(0) - copies)[long]
+            index = torch.repeat_interleave(torch.arange(ids.numel()), copies)
+            q_len, k_len = q_len[index], k_len[index]
+            k_len[first] = 0
+            q_len[first + 1] = 0
         q_lengths.append(q_len)
         k_lengths.append(k_len)
     q_len, k_len = torch.cat(q_lengths), torch.cat(k_lengths)
@@ -126,6 +155,8 @@ def plan_segments(q_docs: torch.Tensor, k_docs: torch.Tensor, causal: bool) -> S
         queries_without_keys if bool(queries_without_keys.any()) else None,
         keys_without_queries if bool(keys_without_queries.any()) else None,
         rectangle,
+        tuple(dense_documents),
+        bool(((q_len > 0) & (k_len > 0)).any()),
     )
 
 
@@ -257,18 +288,31 @@ def ragged_forward(
         lse[:, :, q_rows] = part_lse
         return out, lse
     group = 1 if kernel.grouped_kv else heads // k.size(2)
-    out, lse = kernel.forward(
-        q.reshape(batch * seq_q, heads, dim),
-        _expand(k.reshape(-1, k.size(2), dim), group),
-        _expand(v.reshape(-1, v.size(2), v.size(3)), group),
-        plan,
-        scale,
-    )
+    if plan.ragged_work:
+        out, lse = kernel.forward(
+            q.reshape(batch * seq_q, heads, dim),
+            _expand(k.reshape(-1, k.size(2), dim), group),
+            _expand(v.reshape(-1, v.size(2), v.size(3)), group),
+            plan,
+            scale,
+        )
+    else:
+        out = q.new_zeros(batch * seq_q, heads, v.size(-1))
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        lse = torch.full((heads, batch * seq_q), float("-inf"), dtype=lse_dtype, device=q.device)
     if plan.queries_without_keys is not None:  # out 0 and lse -inf: they add nothing to the merge
         out = out.masked_fill(plan.queries_without_keys[:, None, None], 0.0)
         lse = lse.masked_fill(plan.queries_without_keys[None, :], float("-inf"))
     lse = lse.reshape(heads, batch, seq_q).transpose(0, 1).contiguous()
-    return out.reshape(batch, seq_q, heads, -1), lse
+    out = out.reshape(batch, seq_q, heads, -1)
+    for row, q_rows, k_rows in plan.dense_documents:
+        rows = slice(row, row + 1)
+        part_out, part_lse = dense_forward(
+            q[rows, q_rows], k[rows, k_rows], v[rows, k_rows], plan.causal, scale
+        )
+        out[row, q_rows] = part_out[0].to(out.dtype)
+        lse[row, :, q_rows] = part_lse[0].to(lse.dtype)
+    return out, lse
 
 
 def ragged_backward(
@@ -302,19 +346,23 @@ def ragged_backward(
     kv_heads = k.size(2)
     group = 1 if kernel.grouped_kv else heads // kv_heads
     flat_q = batch * seq_q
-    dq, dk, dv = kernel.backward(
-        dout.to(q.dtype).reshape(flat_q, heads, dim),
-        q.reshape(flat_q, heads, dim),
-        _expand(k.reshape(-1, kv_heads, dim), group),
-        _expand(v.reshape(-1, kv_heads, v.size(3)), group),
-        out.to(q.dtype).reshape(flat_q, heads, -1),
-        (lse if lse.dtype == torch.float64 else lse.float())
-        .transpose(0, 1)
-        .reshape(heads, flat_q)
-        .contiguous(),
-        plan,
-        scale,
-    )
+    if plan.ragged_work:
+        final_lse = lse if lse.dtype == torch.float64 else lse.float()
+        dq, dk, dv = kernel.backward(
+            dout.to(q.dtype).reshape(flat_q, heads, dim),
+            q.reshape(flat_q, heads, dim),
+            _expand(k.reshape(-1, kv_heads, dim), group),
+            _expand(v.reshape(-1, kv_heads, v.size(3)), group),
+            out.to(q.dtype).reshape(flat_q, heads, -1),
+            final_lse.transpose(0, 1).reshape(heads, flat_q).contiguous(),
+            plan,
+            scale,
+        )
+    else:  # every document went to the dense kernel
+        group = 1
+        dq = q.new_zeros(flat_q, heads, dim)
+        dk = k.new_zeros(batch * k.size(1), kv_heads, dim)
+        dv = v.new_zeros(batch * v.size(1), kv_heads, v.size(3))
     if group > 1:  # the copies of each K/V head sum back
         dk, dv = (g.unflatten(1, (kv_heads, group)).sum(2) for g in (dk, dv))
     if plan.queries_without_keys is not None:
@@ -322,7 +370,15 @@ def ragged_backward(
     if plan.keys_without_queries is not None:
         dk = dk.masked_fill(plan.keys_without_queries[:, None, None], 0.0)
         dv = dv.masked_fill(plan.keys_without_queries[:, None, None], 0.0)
-    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+    dq, dk, dv = dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+    for row, q_rows, k_rows in plan.dense_documents:
+        rows = slice(row, row + 1)
+        parts = dense_backward(
+            dout[rows, q_rows], q[rows, q_rows], k[rows, k_rows], v[rows, k_rows], out[rows, q_rows],
+            lse[rows, :, q_rows], plan.causal, scale,
+        )  # fmt: skip
+        dq[row, q_rows], dk[row, k_rows], dv[row, k_rows] = (part[0] for part in parts)
+    return dq, dk, dv
 
 
 _probed: dict[str, RaggedKernel | None] = {}

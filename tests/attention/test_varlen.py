@@ -124,6 +124,29 @@ def test_keys_before_queries_share_one_rectangle():
     assert plan.rectangle == (slice(0, 8), slice(15, 16))  # document 2: queries 26..33, key 25
 
 
+def test_long_documents_leave_the_ragged_call_for_the_dense_kernel():
+    q_docs = torch.tensor([[0, 1, 1, 1, 1, 2, 2]])
+    plan = plan_segments(q_docs, q_docs, True, dense_from=4)
+    assert plan.dense_documents == ((0, slice(1, 5), slice(1, 5)),)
+    # Document 1 becomes (4 queries, no key) + (no query, 4 keys): the ragged kernel skips it.
+    assert plan.cu_seqlens_q.tolist() == [0, 1, 5, 5, 7] and plan.cu_seqlens_k.tolist() == [0, 1, 1, 5, 7]
+    assert plan.ragged_work and plan.rectangle is None
+    only_long = plan_segments(torch.tensor([[3] * 5 + [4] * 5]), torch.tensor([[3] * 5 + [4] * 5]), True, 5)
+    assert not only_long.ragged_work and len(only_long.dense_documents) == 2
+
+
+@pytest.mark.parametrize("dense_from", [3, 8])
+@pytest.mark.parametrize("q_rows, k_rows, causal", BLOCKS)
+def test_long_documents_through_the_dense_kernel_match_the_reference(q_rows, k_rows, causal, dense_from):
+    q, k, v = _qkv(2, 40, 40)
+    ids = packed_document_ids(40, 4)
+    q_docs, k_docs = ids[:, q_rows], ids[:, k_rows]
+    plan = plan_segments(q_docs, k_docs, causal, dense_from=dense_from)
+    if plan.rectangle is None and dense_from == 3:
+        assert plan.dense_documents, "the case must send some document to the dense kernel"
+    _check_block(q[:, q_rows], k[:, k_rows], v[:, k_rows], q_docs, k_docs, causal, plan=plan)
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_zigzag_ring_blocks_match_the_reference(world_size):
     """Every (Q owner, K/V owner) block the ring plans for zigzag shards, segments from the host ids."""

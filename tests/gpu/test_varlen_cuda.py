@@ -61,7 +61,7 @@ def _kernel_or_skip(name: str) -> varlen.RaggedKernel:
     return kernel
 
 
-def _check_block(kernel, q, k, v, q_docs, k_docs, causal, bound, segments=None):
+def _check_block(kernel, q, k, v, q_docs, k_docs, causal, bound, segments=None, dense_from=None):
     """`kernel` on one block within `bound` (2x the dense errors), rows without a key exact."""
     dense_backend = select_backend(q)
 
@@ -71,7 +71,9 @@ def _check_block(kernel, q, k, v, q_docs, k_docs, causal, bound, segments=None):
     def dense_backward(dout, q, k, v, out, lse, causal, scale):
         return block_attention_backward(dout, q, k, v, out, lse, causal, scale, dense_backend)
 
-    plan = segments or varlen.plan_segments(q_docs, k_docs, causal)
+    plan = segments or varlen.plan_segments(
+        q_docs, k_docs, causal, dense_from or varlen.DENSE_DOCUMENT_TOKENS
+    )
     assert plan is not None
     plan = plan.to(q.device)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
@@ -97,7 +99,8 @@ def _check_block(kernel, q, k, v, q_docs, k_docs, causal, bound, segments=None):
 
 @pytest.mark.parametrize("name", [kernel.name for kernel in varlen.GPU_KERNELS])
 @pytest.mark.parametrize("causal", [True, False])
-def test_ulysses_shaped_block(name, causal):
+@pytest.mark.parametrize("dense_from", [None, 1024])  # 1024: the long documents run on the dense kernel
+def test_ulysses_shaped_block(name, causal, dense_from):
     """The whole gathered sequence at once (document_attention under Ulysses), B = 2, GQA."""
     kernel = _kernel_or_skip(name)
     torch.manual_seed(0)
@@ -105,7 +108,7 @@ def test_ulysses_shaped_block(name, causal):
     q = torch.randn(2, seq, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(2, seq, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     bound = [2 * e for e in _dense_error(q, k, v, causal, torch.randn_like(q))]
-    _check_block(kernel, q, k, v, *(2 * [_ids(seq, 0)]), causal, bound)
+    _check_block(kernel, q, k, v, *(2 * [_ids(seq, 0)]), causal, bound, dense_from=dense_from)
 
 
 @pytest.mark.parametrize("name", [kernel.name for kernel in varlen.GPU_KERNELS])
