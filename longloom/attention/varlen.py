@@ -300,9 +300,10 @@ def ragged_forward(
         out = q.new_zeros(batch * seq_q, heads, v.size(-1))
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         lse = torch.full((heads, batch * seq_q), float("-inf"), dtype=lse_dtype, device=q.device)
-    if plan.queries_without_keys is not None:  # out 0 and lse -inf: they add nothing to the merge
-        out = out.masked_fill(plan.queries_without_keys[:, None, None], 0.0)
-        lse = lse.masked_fill(plan.queries_without_keys[None, :], float("-inf"))
+    # In place: the kernels' outputs are fresh tensors. Out 0 and lse -inf add nothing to the merge.
+    if plan.queries_without_keys is not None:
+        out.masked_fill_(plan.queries_without_keys[:, None, None], 0.0)
+        lse.masked_fill_(plan.queries_without_keys[None, :], float("-inf"))
     lse = lse.reshape(heads, batch, seq_q).transpose(0, 1).contiguous()
     out = out.reshape(batch, seq_q, heads, -1)
     for row, q_rows, k_rows in plan.dense_documents:
@@ -366,10 +367,10 @@ def ragged_backward(
     if group > 1:  # the copies of each K/V head sum back
         dk, dv = (g.unflatten(1, (kv_heads, group)).sum(2) for g in (dk, dv))
     if plan.queries_without_keys is not None:
-        dq = dq.masked_fill(plan.queries_without_keys[:, None, None], 0.0)
+        dq.masked_fill_(plan.queries_without_keys[:, None, None], 0.0)
     if plan.keys_without_queries is not None:
-        dk = dk.masked_fill(plan.keys_without_queries[:, None, None], 0.0)
-        dv = dv.masked_fill(plan.keys_without_queries[:, None, None], 0.0)
+        dk.masked_fill_(plan.keys_without_queries[:, None, None], 0.0)
+        dv.masked_fill_(plan.keys_without_queries[:, None, None], 0.0)
     dq, dk, dv = dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
     for row, q_rows, k_rows in plan.dense_documents:
         rows = slice(row, row + 1)
