@@ -12,12 +12,13 @@ arguments, so they agree on whether a message exists and on its size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from longloom.attention.documents import meeting_rows
+from longloom.attention.varlen import SegmentPlan, plan_segments
 from longloom.parallel import sharding
 from longloom.parallel.p2p import RingComm
 
@@ -83,6 +84,8 @@ class RingDocuments:
 
     host: torch.Tensor
     device: torch.Tensor
+    # Ragged segment plans by block (CUDA only), built from the host ids once for forward and backward.
+    segments: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def gather(document_ids: torch.Tensor | None, comm: RingComm) -> RingDocuments | None:
@@ -128,12 +131,28 @@ class RingDocuments:
             return None
         return BlockPlan(slice(q_start, q_stop), slice(kv_start, kv_stop), plan.causal)
 
-    def block(self, plan: BlockPlan, q_owner: int, kv_owner: int) -> dict[str, torch.Tensor]:
-        """The `q_docs` / `k_docs` arguments of block attention for this block."""
-        return {
+    def block(self, plan: BlockPlan, q_owner: int, kv_owner: int) -> dict:
+        """The `q_docs` / `k_docs` (and on CUDA `segments`) arguments of block attention for this block.
+
+        The segments come from the host ids, so the ragged kernels need no device-to-host copy per block.
+        """
+        arguments = {
             "q_docs": self.device[q_owner][:, plan.q_rows],
             "k_docs": self.device[kv_owner][:, plan.kv_rows],
         }
+        if self.device.is_cuda:
+            arguments["segments"] = self.segment_plan(plan, q_owner, kv_owner)
+        return arguments
+
+    def segment_plan(self, plan: BlockPlan, q_owner: int, kv_owner: int) -> SegmentPlan | None:
+        rows = (plan.q_rows.start, plan.q_rows.stop, plan.kv_rows.start, plan.kv_rows.stop)
+        key = (q_owner, kv_owner, *rows, plan.causal)  # slices are unhashable before Python 3.12
+        if key not in self.segments:
+            segments = plan_segments(
+                self.host[q_owner][:, plan.q_rows], self.host[kv_owner][:, plan.kv_rows], plan.causal
+            )
+            self.segments[key] = None if segments is None else segments.to(self.device.device)
+        return self.segments[key]
 
 
 def _pieces(rows: slice, chunk_len: int) -> list[slice]:
@@ -159,7 +178,5 @@ def plan_pair(
     return documents.plan(plan, q_owner, kv_owner, local_len // sharding.chunks_per_rank(layout))
 
 
-def block_documents(
-    documents: RingDocuments | None, plan: BlockPlan, q_owner: int, kv_owner: int
-) -> dict[str, torch.Tensor]:
+def block_documents(documents: RingDocuments | None, plan: BlockPlan, q_owner: int, kv_owner: int) -> dict:
     return {} if documents is None else documents.block(plan, q_owner, kv_owner)

@@ -134,10 +134,11 @@ def test_bad_document_ids_raise_with_the_fix():
         block_attention_forward(q, q, q, True, backend="flash", q_docs=ids, k_docs=ids)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled Triton kernels")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled kernels")
+@pytest.mark.parametrize("backend", ["triton", None])  # None: what select_backend picks (varlen)
 @pytest.mark.parametrize("causal", [True, False])
-def test_compiled_triton_document_kernels_bf16(causal):
-    """The GPU path (select_backend picks Triton with documents) in bf16 against fp64, fwd and bwd."""
+def test_compiled_document_kernels_bf16(causal, backend):
+    """The GPU paths (Triton; the default, the ragged fused kernels) in bf16 against fp64, fwd and bwd."""
     torch.manual_seed(0)
     lengths = [1, 300, 700, 47, 1000]  # 2048 tokens; tile edges fall inside documents
     ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None].cuda()
@@ -147,8 +148,8 @@ def test_compiled_triton_document_kernels_bf16(causal):
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     want, want_lse = attention_with_lse(*leaves, causal, None, ids, ids)
     want.backward(dout.double())
-    out, lse = block_attention_forward(q, k, v, causal, q_docs=ids, k_docs=ids)
-    grads = block_attention_backward(dout, q, k, v, out, lse, causal, q_docs=ids, k_docs=ids)
+    out, lse = block_attention_forward(q, k, v, causal, None, backend, q_docs=ids, k_docs=ids)
+    grads = block_attention_backward(dout, q, k, v, out, lse, causal, None, backend, q_docs=ids, k_docs=ids)
     for name, got, expected in zip(
         ("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), (want, want_lse, *(x.grad for x in leaves))
     ):

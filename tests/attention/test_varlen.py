@@ -1,0 +1,176 @@
+"""The ragged (varlen) plumbing of packed-document blocks, on CPU through the plain-torch emulation.
+
+The GPU kernels (cuDNN ragged, flash varlen) plug into the same `ragged_forward` / `ragged_backward`,
+so these tests pin the segment plan, the THD layouts, the lse layout and the rows without a partner;
+tests/gpu/test_varlen_cuda.py checks each kernel on the GPU.
+"""
+
+import pytest
+import torch
+
+from longloom.attention.blocks import block_attention_backward, block_attention_forward
+from longloom.attention.reference import attention_with_lse
+from longloom.attention.varlen import EMULATED, plan_segments, ragged_backward, ragged_forward
+from longloom.parallel import sharding
+from longloom.parallel.ring_plan import RingDocuments, plan_pair
+from tests.parallel.documents import lengths_to_ids, packed_document_ids
+
+
+def _dense_forward(q, k, v, causal, scale):
+    return block_attention_forward(q, k, v, causal, scale, "torch")
+
+
+def _dense_backward(dout, q, k, v, out, lse, causal, scale):
+    return block_attention_backward(dout, q, k, v, out, lse, causal, scale, "torch")
+
+
+def test_plan_segments_lays_out_documents_and_rows_without_partners():
+    q_docs = torch.tensor([[2, 2, 3, 3, 3], [5, 5, 5, 5, 5]])
+    k_docs = torch.tensor([[0, 1, 2, 2, 2], [4, 4, 5, 6, 6]])
+    plan = plan_segments(q_docs, k_docs, causal=False)
+    # Row 0: doc 0 (k 1), doc 1 (k 1), doc 2 (q 2, k 3), doc 3 (q 3); row 1: doc 4 (k 2), 5 (q 5, k 1), 6 (k 2).
+    assert plan.cu_seqlens_q.tolist() == [0, 0, 0, 2, 5, 5, 10, 10]
+    assert plan.cu_seqlens_k.tolist() == [0, 1, 2, 5, 5, 7, 8, 10]
+    assert plan.cu_seqlens_q.dtype == torch.int32 and (plan.max_q, plan.max_k) == (5, 3)
+    assert plan.queries_without_keys.tolist() == [False, False, True, True, True] + [False] * 5
+    assert plan.keys_without_queries.tolist() == [
+        True,
+        True,
+        False,
+        False,
+        False,
+        True,
+        True,
+        False,
+        True,
+        True,
+    ]
+    assert plan.rectangle is None  # rows 0 and 1 share different rectangles
+
+
+def test_plan_segments_finds_a_single_rectangle_and_refuses_misaligned_causal_blocks():
+    q_docs = torch.tensor([[3, 3, 3, 4]])
+    k_docs = torch.tensor([[1, 2, 3, 3]])
+    assert plan_segments(q_docs, k_docs, False).rectangle == (slice(0, 3), slice(2, 4))
+    ids = torch.tensor([[1, 1, 1, 1]])
+    plan = plan_segments(ids, ids, True)
+    assert plan.rectangle == (slice(0, 4), slice(0, 4)) and plan.queries_without_keys is None
+    assert plan_segments(torch.tensor([[0, 0, 1, 1]]), torch.tensor([[0, 1, 1, 1]]), True) is None
+
+
+def _check_block(q, k, v, q_docs, k_docs, causal, expect_rectangle=None, plan=None):
+    """Emulated ragged block == fp64 reference with the document mask, forward and q/k/v grads."""
+    plan = plan or plan_segments(q_docs, k_docs, causal)
+    assert plan is not None
+    if expect_rectangle is not None:
+        assert (plan.rectangle is not None) == expect_rectangle
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want, want_lse = attention_with_lse(*leaves, causal, None, q_docs, k_docs)
+    dout = torch.randn_like(want)
+    want.backward(dout)
+    scale = q.size(-1) ** -0.5
+    out, lse = ragged_forward(q, k, v, plan, scale, EMULATED, _dense_forward)
+    assert lse.shape == want_lse.shape
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse)), "rows without a key must have lse -inf"
+    finite = ~torch.isinf(want_lse)
+    torch.testing.assert_close(lse[finite], want_lse[finite], rtol=0, atol=1e-10)
+    torch.testing.assert_close(out, want.detach(), rtol=0, atol=1e-10)
+    # Given the final lse: a row without a key here has a finite lse from another block, and no grads here.
+    final_lse = torch.where(finite, want_lse, torch.full_like(want_lse, 0.5)).detach()
+    grads = ragged_backward(dout, q, k, v, want.detach(), final_lse, plan, scale, EMULATED, _dense_backward)
+    assert not any(bool(g.isnan().any()) for g in grads)
+    for got, expected in zip(grads, (x.grad for x in leaves)):
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-10)
+    return plan
+
+
+def _qkv(batch, seq_q, seq_k, heads=4, kv_heads=2, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq_q, heads, dim, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, seq_k, kv_heads, dim, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, seq_k, kv_heads, dim, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+BLOCKS = [
+    pytest.param(slice(0, 40), slice(0, 40), True, id="diagonal-causal"),
+    pytest.param(slice(0, 40), slice(0, 40), False, id="diagonal-full"),
+    pytest.param(slice(20, 40), slice(0, 20), False, id="later-queries"),
+    pytest.param(slice(0, 20), slice(13, 40), False, id="earlier-queries"),
+]
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("q_rows, k_rows, causal", BLOCKS)
+def test_emulated_ragged_blocks_match_the_reference(q_rows, k_rows, causal, kv_heads):
+    """B = 2 with different documents per row (one-token documents, rows with no key), GQA and MQA."""
+    q, k, v = _qkv(2, 40, 40, kv_heads=kv_heads)
+    ids = packed_document_ids(40, 4)
+    _check_block(q[:, q_rows], k[:, k_rows], v[:, k_rows], ids[:, q_rows], ids[:, k_rows], causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_one_document_runs_the_dense_kernel_on_the_whole_block(causal):
+    q, k, v = _qkv(1, 24, 24)
+    ids = torch.zeros(1, 24, dtype=torch.long)
+    _check_block(q, k, v, ids, ids, causal, expect_rectangle=True)
+
+
+def test_keys_before_queries_share_one_rectangle():
+    """Off the diagonal with B = 1 at most one document is shared: the dense kernel on its slices."""
+    ids = lengths_to_ids([5, 20, 9, 14])[None]  # documents [0,5) [5,25) [25,34) [34,48)
+    q, k, v = _qkv(1, 22, 16)
+    plan = _check_block(q, k, v, ids[:, 26:], ids[:, 10:26], False, expect_rectangle=True)
+    assert plan.rectangle == (slice(0, 8), slice(15, 16))  # document 2: queries 26..33, key 25
+
+
+def test_long_documents_leave_the_ragged_call_for_the_dense_kernel():
+    q_docs = torch.tensor([[0, 1, 1, 1, 1, 2, 2]])
+    plan = plan_segments(q_docs, q_docs, True, dense_from=4)
+    assert plan.dense_documents == ((0, slice(1, 5), slice(1, 5)),)
+    # Document 1 becomes (4 queries, no key) + (no query, 4 keys): the ragged kernel skips it.
+    assert plan.cu_seqlens_q.tolist() == [0, 1, 5, 5, 7] and plan.cu_seqlens_k.tolist() == [0, 1, 1, 5, 7]
+    assert plan.ragged_work and plan.rectangle is None
+    only_long = plan_segments(torch.tensor([[3] * 5 + [4] * 5]), torch.tensor([[3] * 5 + [4] * 5]), True, 5)
+    assert not only_long.ragged_work and len(only_long.dense_documents) == 2
+
+
+@pytest.mark.parametrize("dense_from", [3, 8])
+@pytest.mark.parametrize("q_rows, k_rows, causal", BLOCKS)
+def test_long_documents_through_the_dense_kernel_match_the_reference(q_rows, k_rows, causal, dense_from):
+    q, k, v = _qkv(2, 40, 40)
+    ids = packed_document_ids(40, 4)
+    q_docs, k_docs = ids[:, q_rows], ids[:, k_rows]
+    plan = plan_segments(q_docs, k_docs, causal, dense_from=dense_from)
+    if plan.rectangle is None and dense_from == 3:
+        assert plan.dense_documents, "the case must send some document to the dense kernel"
+    _check_block(q[:, q_rows], k[:, k_rows], v[:, k_rows], q_docs, k_docs, causal, plan=plan)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_zigzag_ring_blocks_match_the_reference(world_size):
+    """Every (Q owner, K/V owner) block the ring plans for zigzag shards, segments from the host ids."""
+    seq = 16 * world_size
+    ids = packed_document_ids(seq, 2 * world_size, seed=3)
+    q_full, k_full, v_full = _qkv(2, seq, seq, seed=1)
+    shards = [
+        [sharding.shard_tensor(t, 1, rank, world_size, "zigzag") for t in (ids, q_full, k_full, v_full)]
+        for rank in range(world_size)
+    ]
+    host = torch.stack([shard[0] for shard in shards])
+    documents = RingDocuments(host=host, device=host)
+    blocks = 0
+    for q_owner in range(world_size):
+        for kv_owner in range(world_size):
+            plan = plan_pair(q_owner, kv_owner, world_size, "zigzag", True, seq // world_size, documents)
+            if plan is None:
+                continue
+            q = shards[q_owner][1][:, plan.q_rows]
+            k, v = shards[kv_owner][2][:, plan.kv_rows], shards[kv_owner][3][:, plan.kv_rows]
+            q_docs, kv_docs = host[q_owner][:, plan.q_rows], host[kv_owner][:, plan.kv_rows]
+            # The plan the ring hands the block (from its host ids) is run against the reference.
+            segments = documents.segment_plan(plan, q_owner, kv_owner)
+            _check_block(q, k, v, q_docs, kv_docs, plan.causal, plan=segments)
+            assert segments is documents.segment_plan(plan, q_owner, kv_owner)  # built once, for the backward
+            blocks += 1
+    assert blocks >= world_size
