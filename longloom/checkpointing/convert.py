@@ -92,12 +92,25 @@ def _runner(workers: int, progress: bool, description: str) -> Callable:
     return run_parallel
 
 
-def _new_destination(dst: Path) -> tuple[Path, list[Path]]:
-    """Checks `dst` can be created; returns (temporary sibling to write into, parents created for it)."""
+def _check_destination(dst: Path) -> None:
+    """Refuses, before any source is read, a destination that is a file, lies under a file, or holds files."""
     if dst.exists() and not dst.is_dir():
-        raise CheckpointError(f"destination {dst} is a file: choose a new folder")
+        raise CheckpointError(f"destination {dst} is a file, a folder was expected: choose a new folder")
+    for parent in dst.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(
+                    f"destination {dst} lies under {parent}, which is a file, a folder was expected: "
+                    "choose a new folder"
+                )
+            break
     if dst.is_dir() and any(dst.iterdir()):
         raise CheckpointError(f"destination {dst} exists and is not empty: choose a new folder")
+
+
+def _new_destination(dst: Path) -> tuple[Path, list[Path]]:
+    """Checks `dst` can be created; returns (temporary sibling to write into, parents created for it)."""
+    _check_destination(dst)
     created = []
     parent = dst.absolute().parent
     while not parent.exists():
@@ -151,6 +164,7 @@ def convert_checkpoint(
     out_dtype = parse_export_dtype(dtype) if dtype is not None else None
     dst = Path(dst)
     workers = workers or min(8, os.cpu_count() or 1)
+    _check_destination(dst)
     source = open_source(src)
     try:
         tmp, created = _new_destination(dst)
