@@ -27,25 +27,22 @@ def _train_worker(overrides: list[str]) -> list[float]:
 
 
 def _losses(distributed, workers: int, out, *overrides: str) -> tuple[list[float], list[dict]]:
-    results = distributed(workers, _train_worker, [f"train.output_dir={out}", f"launch.workers={workers}", *overrides])
+    results = distributed(
+        workers, _train_worker, [f"train.output_dir={out}", f"launch.workers={workers}", *overrides]
+    )
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return results[0], logged
 
 
 def test_accumulation_equals_data_parallel_and_bigger_micro_batches(distributed, tmp_path):
-    dp2, _ = _losses(distributed, 2, tmp_path / "dp2", "parallel.dp=2", "train.micro_batch_size=1")
-    accum2, logged = _losses(distributed, 1, tmp_path / "accum2", "train.grad_accum=2", "train.micro_batch_size=1")
+    dp2, dp2_logged = _losses(distributed, 2, tmp_path / "dp2", "parallel.dp=2", "train.micro_batch_size=1")
+    accum2, logged = _losses(
+        distributed, 1, tmp_path / "accum2", "train.grad_accum=2", "train.micro_batch_size=1"
+    )
     micro2, _ = _losses(distributed, 1, tmp_path / "micro2", "train.micro_batch_size=2")
     assert accum2 == pytest.approx(dp2, rel=1e-4)
     assert accum2 == pytest.approx(micro2, rel=1e-4)
     assert len(set(accum2)) == len(accum2), "the steps trained: losses change"
-    # Tokens per optimizer step: 2 samples of 32 tokens, 31 valid labels each (synthetic tasks shift).
-    assert all(row["step"] == i + 1 for i, row in enumerate(logged))
-
-
-def test_accumulation_with_packed_documents_and_uneven_label_counts(distributed, tmp_path):
-    """Micro batches with different valid-label counts: the token-weighted mean over the whole step."""
-    common = ["data.source=synthetic:recall"]
-    accum, _ = _losses(distributed, 1, tmp_path / "a", *common, "train.grad_accum=4", "train.micro_batch_size=1")
-    whole, _ = _losses(distributed, 1, tmp_path / "w", *common, "train.micro_batch_size=4")
-    assert accum == pytest.approx(whole, rel=1e-4)
+    # Metrics count the valid labels of the whole optimizer step (both micro batches).
+    assert [row["valid_tokens"] for row in logged] == [row["valid_tokens"] for row in dp2_logged]
+    assert all(row["valid_tokens"] > 32 for row in logged), "more than one sample's labels per step"
