@@ -209,7 +209,7 @@ def check_eval_data(cfg: LongloomConfig, report: PreflightReport) -> None:
         return
     from longloom.training.evaluation import eval_dataset
 
-    eval_dataset(cfg)
+    eval_dataset(resolve_model(cfg))  # hf: models: the folder's vocab_size
 
 
 def check_resume(cfg: LongloomConfig, report: PreflightReport) -> None:

@@ -39,10 +39,10 @@ def test_accumulation_equals_data_parallel_and_bigger_micro_batches(distributed,
     accum2, logged = _losses(
         distributed, 1, tmp_path / "accum2", "train.grad_accum=2", "train.micro_batch_size=1"
     )
-    micro2, _ = _losses(distributed, 1, tmp_path / "micro2", "train.micro_batch_size=2")
+    micro2, micro2_logged = _losses(distributed, 1, tmp_path / "micro2", "train.micro_batch_size=2")
     assert accum2 == pytest.approx(dp2, rel=1e-4)
     assert accum2 == pytest.approx(micro2, rel=1e-4)
     assert len(set(accum2)) == len(accum2), "the steps trained: losses change"
     # Metrics count the valid labels of the whole optimizer step (both micro batches).
     assert [row["valid_tokens"] for row in logged] == [row["valid_tokens"] for row in dp2_logged]
-    assert all(row["valid_tokens"] > 32 for row in logged), "more than one sample's labels per step"
+    assert [row["valid_tokens"] for row in logged] == [row["valid_tokens"] for row in micro2_logged]
