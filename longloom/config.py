@@ -21,6 +21,7 @@ from pydantic import (
     StrictInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 
@@ -47,7 +48,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
+# With model.source hf:<folder> these come from the folder's config.json (models/hf_loading.py checks
+# that any of them set explicitly agrees with the folder: a silent mismatch would train another shape).
+NATIVE_SHAPE_KEYS = ("vocab_size", "hidden", "layers", "heads", "kv_heads", "intermediate")
+NATIVE_ROPE_THETA = 10000.0
+
+
 class ModelConfig(_Section):
+    source: str = Field(
+        "native",
+        min_length=1,
+        description="native (longloom's Llama) or hf:<local transformers folder> (its architecture and weights)",
+    )
     vocab_size: Whole = Field(259, ge=2)
     hidden: Whole = Field(64, ge=1)
     layers: Whole = Field(2, ge=1)
@@ -55,7 +67,14 @@ class ModelConfig(_Section):
     kv_heads: Whole | None = Field(None, ge=1, description="None = heads (no GQA)")
     layer_pattern: str = Field("S", description="S softmax, L linear; repeated over the layers")
     intermediate: Whole | None = Field(None, ge=1, description="SwiGLU width; None = 8/3 hidden rounded to 8")
-    rope_theta: Real = Field(10000.0, gt=0)
+    rope_theta: Real | None = Field(
+        None, gt=0, description="RoPE base; None = 10000 for native, the folder's for hf: models"
+    )
+    rope_scaling: dict[str, Any] | None = Field(
+        None,
+        description="hf: models only: {type: linear | dynamic | yarn | llama3, factor, "
+        "original_max_position_embeddings, ...} replacing the folder's RoPE scaling",
+    )
     norm_eps: Real = Field(1e-5, gt=0, lt=1)
     activation_checkpointing: Flag = True
     linear_decay: Flag = Field(True, description="per-head decay in linear layers (Lightning style)")
@@ -73,6 +92,32 @@ class ModelConfig(_Section):
         if not pattern or set(pattern) - {"S", "L"}:
             raise ValueError(f"layer_pattern {pattern!r} must be a non-empty string of 'S' and 'L'")
         return pattern
+
+    @field_validator("source")
+    @classmethod
+    def _native_or_hf(cls, source: str) -> str:
+        if source == "native" or (source.startswith("hf:") and len(source) > 3):
+            return source
+        raise ValueError(
+            f"model.source={source!r} must be 'native' or 'hf:<local transformers model folder>' "
+            "(e.g. hf:/models/llama-3-8b)"
+        )
+
+    @model_validator(mode="after")
+    def _rope_for_source(self) -> ModelConfig:
+        if not self.is_hf and self.rope_scaling is not None:
+            raise ValueError(
+                f"model.rope_scaling={self.rope_scaling} is for model.source hf:<folder> only: the native model "
+                "has plain RoPE; drop model.rope_scaling or set model.rope_theta"
+            )
+        if not self.is_hf and self.rope_theta is None:
+            # The native default, written out so saved configs and checkpoints read as before.
+            self.__dict__["rope_theta"] = NATIVE_ROPE_THETA
+        return self
+
+    @property
+    def is_hf(self) -> bool:
+        return self.source.startswith("hf:")
 
     @field_validator("mlp_tiles", mode="before")
     @classmethod
@@ -106,6 +151,12 @@ class DataConfig(_Section):
     source: str = Field("synthetic:passkey", min_length=1)
     seq_len: Whole = Field(256, ge=2)
     text_column: str = Field("text", min_length=1)
+    tokenizer: str | None = Field(
+        None,
+        min_length=1,
+        description="bytes or a local HF tokenizer folder, the vocabulary the data was made with; None = the "
+        "model folder's tokenizer for hf: models that have one, else bytes",
+    )
     document_masking: Flag = Field(
         True,
         description="packed samples carry document ids, so attention stays inside each document; "
@@ -127,7 +178,10 @@ class ParallelConfig(_Section):
 
 class TrainConfig(_Section):
     steps: Whole = Field(20, ge=1)
-    micro_batch_size: Whole = Field(1, ge=1, description="samples per data-parallel rank per step")
+    micro_batch_size: Whole = Field(1, ge=1, description="samples per data-parallel rank per micro step")
+    grad_accum: Whole = Field(
+        1, ge=1, le=65536, description="micro steps per optimizer step (gradient accumulation)"
+    )
     lr: Real = Field(1e-3, gt=0)
     min_lr_ratio: Real = Field(0.1, ge=0, le=1)
     warmup_steps: Whole = Field(2, ge=0)
@@ -400,8 +454,22 @@ def resolve_split(cfg: LongloomConfig, world_size: int | None = None) -> tuple[i
     return dp, ulysses, ring
 
 
+def resolve_model(cfg: LongloomConfig) -> LongloomConfig:
+    """`cfg` with model.* shapes from the folder for `model.source: hf:<folder>` (unchanged for native)."""
+    if not cfg.model.is_hf:
+        return cfg
+    from longloom.models.hf_loading import resolve_hf_model
+
+    try:
+        model, _ = resolve_hf_model(cfg.model)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return cfg.model_copy(update={"model": model})
+
+
 def validate_layout(cfg: LongloomConfig, world_size: int | None = None) -> tuple[int, int, int]:
     """Checks the split against the model and data; returns (dp, ulysses, ring)."""
+    cfg = resolve_model(cfg)
     dp, ulysses, ring = resolve_split(cfg, world_size)
     m = cfg.model
     if m.hidden % m.heads:

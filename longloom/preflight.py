@@ -7,9 +7,11 @@ worker would reject would otherwise fail after the cluster started, and be retri
 (launch.max_failures).
 
 The checks, in order (`PREFLIGHT_CHECKS`; a new deterministic check is one more function there):
+- hf model: for model.source hf:<folder>, config.json, the architecture (SP support) and the
+  safetensors headers against it (models/hf_loading.check_hf_folder), no weights read;
 - layout: the dp x ulysses x ring split and the divisibility rules (config.validate_layout);
 - data: the source opens as the workers will open it (folder, index, shards, token ids) and its
-  vocabulary fits model.vocab_size;
+  vocabulary, and data.tokenizer's, fit the model's (the folder's vocab_size for hf: models);
 - output: train.output_dir is, or can be created as, a folder we may write (probed, then removed);
 - eval data: with train.eval_every, data.eval_source (or held-out synthetic draws) opens the same way;
 - resume: a checkpoint under train.output_dir fits the configured model (training/resume.py);
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longloom.config import ConfigError, LongloomConfig, validate_layout
+from longloom.config import ConfigError, LongloomConfig, resolve_model, validate_layout
 
 # The memory estimate comes out 12-23% above the peaks measured on an H200 (offload/memory.py): a run is
 # refused only when it would not fit even if the estimate were this much too high.
@@ -55,15 +57,64 @@ def check_layout(cfg: LongloomConfig, report: PreflightReport) -> None:
     report.split = validate_layout(cfg)
 
 
-def check_data(cfg: LongloomConfig, report: PreflightReport) -> None:
-    """Opens data.source as every worker will (data/arrow.py validates the index, shards and token ids)."""
-    from longloom.data.synthetic import SYNTHETIC_PREFIX, build_dataset
+def check_hf_model(cfg: LongloomConfig, report: PreflightReport) -> None:
+    """model.source hf:<folder>: config.json, the architecture and every safetensors header, no weights read."""
+    if not cfg.model.is_hf:
+        return
+    from longloom.models.hf_loading import check_hf_folder, hf_folder, resolve_hf_model
 
+    try:
+        _, hf_config = resolve_hf_model(cfg.model, cfg.data.seq_len)
+        check_hf_folder(hf_folder(cfg.model.source), hf_config, cfg.data.seq_len)
+    except ValueError as error:
+        raise ConfigError(f"model.source={cfg.model.source!r}: {error}") from None
+
+
+def data_tokenizer(cfg: LongloomConfig) -> str:
+    """data.tokenizer, or its default: an hf: model folder's own tokenizer when it has one, else bytes."""
+    if cfg.data.tokenizer is not None:
+        return cfg.data.tokenizer
+    if cfg.model.is_hf:
+        folder = Path(cfg.model.source[len("hf:") :]).expanduser()
+        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+            return str(folder)
+    return "bytes"
+
+
+def check_data(cfg: LongloomConfig, report: PreflightReport) -> None:
+    """Opens data.source as every worker will (data/arrow.py validates the index, shards and token ids).
+
+    The data's and the tokenizer's vocabulary must fit the model's (for hf: models the folder's
+    vocab_size, often padded above the tokenizer's: only a larger tokenizer is an error).
+    """
+    from longloom.data.synthetic import SYNTHETIC_PREFIX, build_dataset
+    from longloom.data.tokenize import load_tokenizer
+
+    model = resolve_model(cfg).model
+    what = f"the model's vocab_size {model.vocab_size} ({'config.json of ' + cfg.model.source if cfg.model.is_hf else 'model.vocab_size'})"
+    tokenizer_spec = data_tokenizer(cfg)
+    if tokenizer_spec != "bytes" or cfg.data.tokenizer is not None:
+        tokenizer = load_tokenizer(tokenizer_spec)
+        if tokenizer.vocab_size > model.vocab_size:
+            raise ConfigError(
+                f"data.tokenizer={tokenizer_spec!r} has {tokenizer.vocab_size} tokens, more than {what}: use the "
+                "model's own tokenizer (data.tokenizer) or a model with a large enough vocabulary"
+            )
     remote = _remote_cluster(cfg)
     if remote and not cfg.data.source.startswith(SYNTHETIC_PREFIX):
         report.notes.append(f"data.source not checked here: it is read on the cluster at {remote}")
         return
-    build_dataset(cfg.data, seed=cfg.train.seed, vocab_size=cfg.model.vocab_size)
+    dataset = build_dataset(cfg.data, seed=cfg.train.seed)
+    if dataset.vocab_size > model.vocab_size:
+        raise ConfigError(
+            f"data.source={cfg.data.source!r} uses a vocabulary of {dataset.vocab_size} tokens, more than {what}: "
+            "prepare the data with the model's tokenizer (longloom data prepare --tokenizer), or "
+            + (
+                "use a model with that vocabulary"
+                if cfg.model.is_hf
+                else f"set model.vocab_size={dataset.vocab_size}"
+            )
+        )
 
 
 def check_output_dir(cfg: LongloomConfig, report: PreflightReport) -> None:
@@ -109,7 +160,8 @@ def check_memory(cfg: LongloomConfig, report: PreflightReport) -> None:
 
     from longloom.offload.memory import check_host_memory, estimate_memory, host_memory_bytes, human_bytes
 
-    estimate = estimate_memory(cfg, cfg.launch.workers)
+    # hf: models: the folder's shapes as model.* (a Llama-like estimate: the families longloom runs are).
+    estimate = estimate_memory(resolve_model(cfg), cfg.launch.workers)
     report.estimate = estimate
     per_worker = estimate["per_gpu"]["total"]
     if cfg.launch.address is not None:
@@ -157,7 +209,7 @@ def check_eval_data(cfg: LongloomConfig, report: PreflightReport) -> None:
         return
     from longloom.training.evaluation import eval_dataset
 
-    eval_dataset(cfg)
+    eval_dataset(resolve_model(cfg))  # hf: models: the folder's vocab_size
 
 
 def check_resume(cfg: LongloomConfig, report: PreflightReport) -> None:
@@ -171,6 +223,7 @@ def check_resume(cfg: LongloomConfig, report: PreflightReport) -> None:
 
 # The order matters only for which message a config with several faults shows first.
 PREFLIGHT_CHECKS: list[PreflightCheck] = [
+    check_hf_model,
     check_layout,
     check_data,
     check_eval_data,

@@ -91,6 +91,7 @@ def test_output_dir_must_be_a_writable_folder_and_nothing_is_left(tmp_path, monk
 
 def test_checks_are_a_list_that_a_new_check_joins(tmp_path):
     assert preflight.PREFLIGHT_CHECKS == [
+        preflight.check_hf_model,
         preflight.check_layout,
         preflight.check_data,
         preflight.check_eval_data,

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedModel
 
-from longloom.models.hf import enable_sequence_parallel
+from longloom.models.hf import DOCUMENT_IDS_KWARG, enable_sequence_parallel
 from longloom.models.llama import LanguageModelHead
 from longloom.parallel.dims import ParallelDims
 from longloom.parallel.loss import LossStats
@@ -72,15 +72,27 @@ class HFCausalLM(nn.Module):
         position_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         loss_group: dist.ProcessGroup | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, LossStats]:
         """tokens, position_ids: [B, S_local] -> logits [B, S_local, vocab]; with labels, (loss_for_backward, stats).
 
-        As LlamaModel.forward: labels pre-shifted, -100 ignored; the loss normalised over `loss_group`.
+        As LlamaModel.forward: labels pre-shifted, -100 ignored; the loss normalised over `loss_group`;
+        `document_ids` [B, S_local] (packed documents, sharded with the tokens) keep attention inside each
+        document, handed to SP attention through HF's attention kwargs.
         """
-        if self.dims is not None:
+        extra = {}
+        if document_ids is not None:
+            if self.dims is None:
+                raise ValueError(
+                    "document_ids need longloom SP attention: build HFCausalLM with dims (ParallelDims)"
+                )
+            extra[DOCUMENT_IDS_KWARG] = document_ids
+        elif self.dims is not None:
             _check_consecutive_positions(position_ids, self.dims)
         decoder = getattr(self, self.decoder_name)
-        hidden = decoder(input_ids=tokens, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = decoder(
+            input_ids=tokens, position_ids=position_ids, use_cache=False, **extra
+        ).last_hidden_state
         return self.lm_head(hidden, labels=labels, loss_group=loss_group)
 
     def num_parameters(self) -> int:
@@ -133,7 +145,7 @@ def _check_consecutive_positions(position_ids: torch.Tensor, dims: ParallelDims)
     """What enable_sequence_parallel's input check does on the HF model's own forward, which this bypasses.
 
     The positions must be this rank's share of consecutive ones (an offset per row is fine): per-document
-    positions mean packed documents, which SP attention (no document mask here) would let attend each other.
+    positions mean packed documents, which SP attention would let attend each other without document_ids.
     """
     local = position_ids.size(-1)
     expected = shard_tensor(
@@ -143,5 +155,5 @@ def _check_consecutive_positions(position_ids: torch.Tensor, dims: ParallelDims)
     if not bool((offset == offset[..., :1]).all()):
         raise ValueError(
             "position_ids are not this rank's share of consecutive positions (packed documents restart them): "
-            "longloom SP attention in HF models has no document mask; use one document per sample"
+            "pass their document_ids (data.document_masking: true), or use one document per sample"
         )

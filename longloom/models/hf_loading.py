@@ -276,3 +276,52 @@ def _build_zero3(config: PretrainedConfig, dtype: torch.dtype, zero3_config: dic
         for context in contexts:
             stack.enter_context(context)
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+
+
+def hf_model_shape(config: PretrainedConfig) -> dict[str, Any]:
+    """The folder's shape in longloom's model.* keys (validate_layout, memory estimate, saved config)."""
+    text = config.get_text_config()
+    rope = getattr(text, "rope_parameters", None) or {}
+    shape = {
+        "vocab_size": text.vocab_size,
+        "hidden": text.hidden_size,
+        "layers": text.num_hidden_layers,
+        "heads": text.num_attention_heads,
+        "kv_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        "intermediate": text.intermediate_size,
+        "norm_eps": getattr(text, "rms_norm_eps", None) or 1e-5,
+    }
+    if rope.get("rope_theta") is not None:
+        shape["rope_theta"] = float(rope["rope_theta"])
+    return shape
+
+
+def resolve_hf_model(model_cfg, seq_len: int | None = None):
+    """(model.* with the folder's shape, the folder's checked transformers config) for `model.source: hf:`.
+
+    A shape key (model.hidden, ...) set explicitly to something else than the folder's is refused: the
+    folder decides the architecture, and a silently ignored model.layers=4 would train another model than
+    the user meant. The same value (a config.yaml a run wrote back) is accepted.
+    """
+    from longloom.config import NATIVE_SHAPE_KEYS
+
+    folder = hf_folder(model_cfg.source)
+    config = load_hf_config(folder, rope_theta=model_cfg.rope_theta, rope_scaling=model_cfg.rope_scaling)
+    shape = hf_model_shape(config)
+    conflicts = [
+        f"model.{key}={getattr(model_cfg, key)} (config.json: {shape[key]})"
+        for key in NATIVE_SHAPE_KEYS
+        if key in model_cfg.model_fields_set and getattr(model_cfg, key) != shape[key]
+    ]
+    if conflicts:
+        raise ValueError(
+            f"model.source={model_cfg.source!r} takes its shape from {folder / 'config.json'}, but "
+            f"{', '.join(conflicts)}: drop these keys (the folder decides the architecture)"
+        )
+    if seq_len is not None:
+        check_sequence_parallel_support(config, seq_len)
+    update = {key: value for key, value in shape.items() if key != "rope_theta"}
+    update["rope_theta"] = (
+        model_cfg.rope_theta if model_cfg.rope_theta is not None else shape.get("rope_theta")
+    )
+    return model_cfg.model_copy(update=update | {"layer_pattern": "S"}), config

@@ -41,8 +41,13 @@ def check_resume_compatible(cfg: LongloomConfig) -> None:
         return
     meta = read_commit(latest)
     saved = {name: tuple(entry["shape"]) for name, entry in meta["params"].items()}
-    with torch.device("meta"):
-        model = LlamaModel(cfg.model)
+    if cfg.model.is_hf:
+        from longloom.models.hf_loading import meta_causal_lm, resolve_hf_model
+
+        model = meta_causal_lm(resolve_hf_model(cfg.model)[1])  # HFCausalLM keeps the HF parameter names
+    else:
+        with torch.device("meta"):
+            model = LlamaModel(cfg.model)
     ours = {name: tuple(param.shape) for name, param in model.named_parameters()}
     if saved == ours:
         return

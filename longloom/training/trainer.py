@@ -32,7 +32,7 @@ import torch.distributed as dist
 from longloom.checkpointing.commit import atomic_write_text, read_commit
 from longloom.checkpointing.lazy_async import LazyAsyncCheckpointer
 from longloom.checkpointing.resume import find_latest_verified
-from longloom.config import LongloomConfig, validate_layout
+from longloom.config import LongloomConfig, resolve_model, validate_layout
 from longloom.data.loader import GlobalBatchLoader
 from longloom.data.synthetic import build_dataset
 from longloom.launch.env import attempt_number, device_for_rank, init_distributed
@@ -42,6 +42,7 @@ from longloom.offload.activations import ActivationOffloader
 from longloom.offload.memory import human_bytes
 from longloom.offload.optimizer import build_optimizer, optimizer_settings
 from longloom.parallel.dims import ParallelDims
+from longloom.parallel.loss import IGNORE_INDEX, LossStats
 from longloom.training.evaluation import eval_batches, eval_dataset, evaluate_loss
 from longloom.training.metrics import MetricsLogger
 
@@ -75,7 +76,7 @@ def deepspeed_config(cfg: LongloomConfig, dtype: torch.dtype) -> dict[str, Any]:
     t = cfg.train
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": dtype == torch.bfloat16},
@@ -84,6 +85,89 @@ def deepspeed_config(cfg: LongloomConfig, dtype: torch.dtype) -> dict[str, Any]:
     }
     config.update(optimizer_settings(cfg))
     return config
+
+
+def build_model(
+    cfg: LongloomConfig,
+    dims: ParallelDims,
+    device: torch.device,
+    dtype: torch.dtype,
+    ds_config: dict[str, Any],
+) -> tuple[torch.nn.Module, ActivationOffloader | None]:
+    """The model of model.source with the trainer's call (LlamaModel or HFCausalLM), and its activation offloader.
+
+    hf:<folder>: transformers builds the folder's architecture and loads its weights; under ZeRO-3 inside
+    deepspeed.zero.Init with the engine's config, so each rank reads only its partitions.
+    """
+    share = cfg.offload.activation_share
+    if not cfg.model.is_hf:
+        offloader = ActivationOffloader(share, device) if share > 0 else None
+        checkpoint_fn = offloader.checkpoint if offloader else plain_checkpoint
+        return LlamaModel(cfg.model, dims, checkpoint_fn=checkpoint_fn), offloader
+    from longloom.models.hf_causal_lm import HFCausalLM
+    from longloom.models.hf_loading import build_hf_causal_lm, hf_folder, resolve_hf_model
+    from longloom.models.hf_offload import enable_activation_offload
+
+    _, hf_config = resolve_hf_model(cfg.model, cfg.data.seq_len)
+    causal_lm = build_hf_causal_lm(
+        hf_folder(cfg.model.source),
+        hf_config,
+        seq_len=cfg.data.seq_len,
+        dtype=dtype,
+        device=device,
+        zero3_config=ds_config if cfg.train.zero_stage == 3 else None,
+    )
+    model = HFCausalLM(causal_lm, dims)  # installs SP attention first: offload then keeps attention outputs
+    offloader = None
+    if share > 0:
+        offloader = enable_activation_offload(causal_lm, share, device)
+    elif cfg.model.activation_checkpointing:
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    causal_lm.train()  # HF checkpoints (and offloads) in training mode only
+    return model, offloader
+
+
+def split_micro_batches(batch: dict[str, torch.Tensor], accum: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's samples of an optimizer step [accum x micro, S] -> accum micro batches [micro, S]."""
+    parts = {name: tensor.chunk(accum) for name, tensor in batch.items()}
+    return [{name: chunks[i] for name, chunks in parts.items()} for i in range(accum)]
+
+
+def accumulate_gradients(engine, micro_batches: list[dict[str, torch.Tensor]], before_step) -> LossStats:
+    """Forward + backward of every micro batch, then the optimizer step; the step's global loss stats.
+
+    The loss of the optimizer step is the mean over the valid labels of ALL its micro batches, so each
+    micro loss (parallel/loss.py normalises by its own global count c) is rescaled by c / C, C the count
+    over the whole step, known before any forward (the labels are): then the accumulated gradient is that
+    of the step's global mean loss, exactly as one big batch. DeepSpeed's own 1/accum scaling is off.
+    """
+    world = dist.group.WORLD
+    step_count = None
+    if len(micro_batches) > 1:
+        counts = torch.stack([(batch["labels"] != IGNORE_INDEX).sum() for batch in micro_batches]).double()
+        dist.all_reduce(counts, group=world)
+        step_count = counts.sum().clamp(min=1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    tokens = torch.zeros((), dtype=torch.long)
+    for batch in micro_batches:
+        # The LM head is fused into the loss (no [tokens, vocab] logits), called through the module so
+        # ZeRO-3 gathers its weight. Normalised by the valid-label count over the whole dp x sp world,
+        # matching DeepSpeed's gradient averaging over that world (see the module docstring).
+        loss, stats = engine(
+            batch["tokens"],
+            batch["position_ids"],
+            labels=batch["labels"],
+            loss_group=world,
+            document_ids=batch.get("document_ids"),
+        )
+        if step_count is not None:
+            loss = loss * (stats.tokens.clamp(min=1).double() / step_count).to(loss.dtype)
+        engine.backward(loss, scale_wrt_gas=False)
+        loss_sum += stats.loss.double().cpu() * stats.tokens.cpu()
+        tokens += stats.tokens.cpu()
+        before_step()  # the lazy snapshot of the last save overlapped fwd/bwd
+        engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+    return LossStats(loss=(loss_sum / tokens.clamp(min=1)).float(), tokens=tokens)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -149,16 +233,15 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
 
     # Same seed on every rank before construction: identical initial weights whatever the split.
     torch.manual_seed(cfg.train.seed)
-    offloader = (
-        ActivationOffloader(cfg.offload.activation_share, device)
-        if cfg.offload.activation_share > 0
-        else None
-    )
-    model = LlamaModel(cfg.model, dims, checkpoint_fn=offloader.checkpoint if offloader else plain_checkpoint)
+    ds_config = deepspeed_config(cfg, dtype)
+    model, offloader = build_model(cfg, dims, device, dtype, ds_config)
+    # hf: models: model.* now holds the folder's shape (data checks, config.yaml, checkpoint metadata).
+    cfg = resolve_model(cfg)
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
     if rank == 0:
         logger.info(
-            "model: %.2fM parameters, layers %s",
+            "model: %s, %.2fM parameters, layers %s",
+            cfg.model.source,
             model.num_parameters() / 1e6,
             "".join(cfg.model.layer_kinds()),
         )
@@ -166,13 +249,18 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
         model=model,
         model_parameters=model.parameters(),
         optimizer=build_optimizer(cfg, model.parameters(), device=device, world_size=world_size),
-        config=deepspeed_config(cfg, dtype),
+        config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)),
         dist_init_required=False,
     )
 
     dataset = build_dataset(cfg.data, seed=cfg.train.seed, vocab_size=cfg.model.vocab_size)
-    loader = GlobalBatchLoader(dataset, cfg.train.micro_batch_size, dims.dp_rank, dp, seed=cfg.train.seed)
+    accum = cfg.train.grad_accum
+    # The loader gives this dp rank all accum micro batches of an optimizer step at once (global batch
+    # dp x micro x accum), so the samples of a step do not depend on how they are split into micro steps.
+    loader = GlobalBatchLoader(
+        dataset, cfg.train.micro_batch_size * accum, dims.dp_rank, dp, seed=cfg.train.seed
+    )
     checkpointer = LazyAsyncCheckpointer(
         root=output_dir / "checkpoints", keep=cfg.checkpoint.keep, asynchronous=cfg.checkpoint.async_
     )
@@ -194,7 +282,7 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
     # Held-out loss (train.eval_every): the same split and loss as training, forward only.
     eval_data = eval_dataset(cfg) if cfg.train.eval_every else None
     metrics = MetricsLogger(output_dir, rank == 0, cfg.train.steps, start_step, device)
-    global_tokens = dp * cfg.train.micro_batch_size * cfg.data.seq_len
+    global_tokens = dp * cfg.train.micro_batch_size * accum * cfg.data.seq_len  # per optimizer step
     losses: list[float] = []
     nonfinite_steps: list[int] = []  # the current run of consecutive NaN/inf steps
     last_checkpoint = latest
@@ -205,27 +293,20 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
                 raise RuntimeError(
                     f"debug.fail_at_step={step}: injected failure on rank {rank} (first attempt only)"
                 )
-            batch = dims.shard_batch(loader.batch(step - 1))
-            batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
-            # The LM head is fused into the loss (no [tokens, vocab] logits), called through the module so
-            # ZeRO-3 gathers its weight. Normalised by the valid-label count over the whole dp x sp world,
-            # matching DeepSpeed's gradient averaging over that world (see the module docstring).
-            loss, stats = engine(
-                batch["tokens"],
-                batch["position_ids"],
-                labels=batch["labels"],
-                loss_group=dist.group.WORLD,
-                document_ids=batch.get("document_ids"),
-            )
-            engine.backward(loss)
-            checkpointer.wait_for_snapshot()  # the lazy snapshot of the last save overlapped fwd/bwd
-            engine.step()
+            micro_batches = [
+                {
+                    name: tensor.to(device, non_blocking=True)
+                    for name, tensor in dims.shard_batch(part).items()
+                }
+                for part in split_micro_batches(loader.batch(step - 1), accum)
+            ]
+            step_stats = accumulate_gradients(engine, micro_batches, checkpointer.wait_for_snapshot)
             grad_norm = engine.get_global_grad_norm()
             values = {
-                "loss": stats.loss.item(),
+                "loss": step_stats.loss.item(),
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "lr": scheduler.get_last_lr()[0],
-                "valid_tokens": int(stats.tokens.item()),
+                "valid_tokens": int(step_stats.tokens.item()),
             }
             losses.append(values["loss"])
             finite = math.isfinite(values["loss"]) and (
