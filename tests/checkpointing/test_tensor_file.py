@@ -113,3 +113,22 @@ def test_writer_checksums_of_multi_piece_tensors(tmp_path):
     record = writer.record()
     assert record["checksums"]["tensors"]["w:fp32"] == checksum(reference["w:fp32"].numpy())
     assert verify_files(tmp_path, {"b.safetensors": record}) == []
+
+
+def test_failed_write_raises_without_leaving_the_hashing_threads_waiting(tmp_path, monkeypatch):
+    import longloom.checkpointing.tensor_file as tensor_file
+
+    reference = _reference()
+    layout = TensorFileLayout([(k, v.dtype, tuple(v.shape)) for k, v in reference.items()])
+    pool = torch.zeros(layout.data_bytes, dtype=torch.uint8)
+    real_write_all, calls = tensor_file._write_all, []
+
+    def full_disk_after_header(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real_write_all(fd, data, offset)
+
+    monkeypatch.setattr(tensor_file, "_write_all", full_disk_after_header)
+    with pytest.raises(OSError, match="No space left"):
+        write_tensor_file(tmp_path / "a.safetensors", layout, pool, threads=3)
