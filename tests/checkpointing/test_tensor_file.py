@@ -115,8 +115,8 @@ def test_writer_checksums_of_multi_piece_tensors(tmp_path):
     assert verify_files(tmp_path, {"b.safetensors": record}) == []
 
 
-def test_failed_write_raises_without_leaving_the_hashing_threads_waiting(tmp_path, monkeypatch):
-    import longloom.checkpointing.tensor_file as tensor_file
+def test_failed_write_raises_and_closes_the_file(tmp_path, monkeypatch):
+    from longloom.checkpointing import tensor_file
 
     reference = _reference()
     layout = TensorFileLayout([(k, v.dtype, tuple(v.shape)) for k, v in reference.items()])
