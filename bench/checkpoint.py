@@ -4,6 +4,8 @@
     python bench/checkpoint.py --parts conversion --record   # one part: blocked | every | conversion
     python bench/checkpoint.py --preset tiny --dir /tmp/x    # CPU smoke run (timings meaningless)
     python bench/checkpoint.py --preset small --parts flush  # CPU: background flush throughput
+    python bench/checkpoint.py --preset small --parts flush --checksums on,off --dir /dev/shm/ll /tmp/ll
+                                                            # checksum cost of the flush (no GPU needed)
 
 Setup: a longloom Llama (preset 1b: hidden 2048, 20 layers, 16 heads, 8 KV heads, SwiGLU 5632,
 vocab 32000 = 1.1B parameters) trained by DeepSpeed as the trainer does (bf16, ZeRO-1 on one rank,
@@ -34,6 +36,13 @@ background phase that writes the rank's file (pwrite + fsync) and computes the p
 checksums (xxh3_64, overlapped with the write) is timed, and bytes written / its seconds is the
 throughput (issue 14: checksums may cost at most 5% of it).
 
+Checksum cost (part `flush` with `--checksums on,off`): no engine, no GPU; the host buffer (pinned
+when CUDA is present) has the layout a single rank's checkpoint of the preset has (every parameter's
+fp32 master, exp_avg, exp_avg_sq), and the flush itself (`write_tensor_file`: pwrite on 4 threads +
+fsync) is timed with and without per-tensor checksums in alternating pairs (on-off, off-on, ...)
+in one process, under each `--dir` (e.g. /dev/shm, where the write is a memory copy and hashing
+costs most, and a disk folder). The loss is 1 - median over pairs of (time off / time on).
+
 Targets (issue 7): ours blocked <= 2% of torch.save; conversion >= 3x faster than ds_to_universal.
 """
 
@@ -58,6 +67,7 @@ import torch
 from bench.common import append_record, markdown_table
 from longloom.checkpointing.convert import convert_checkpoint
 from longloom.checkpointing.lazy_async import LazyAsyncCheckpointer
+from longloom.checkpointing.tensor_file import TensorFileLayout, write_tensor_file
 from longloom.config import load_config
 from longloom.launch.env import device_for_rank, free_port, init_distributed
 from longloom.models.llama import LlamaModel
@@ -297,6 +307,81 @@ def flush_throughput(bench: Bench, repeats: int) -> list:
     ]
 
 
+def checkpoint_layout(preset: str) -> TensorFileLayout:
+    """The file layout of a one-rank checkpoint of `preset`: fp32 master + two Adam moments per parameter."""
+    cfg = load_config(None, PRESETS[preset])
+    init_distributed()  # a one-process group: the model's parallel dims need one
+    dims = ParallelDims.build(dp=1, ulysses=1, ring=1)
+    with torch.device("meta"):  # shapes only: nothing allocated
+        model = LlamaModel(cfg.model, dims)
+    entries = [
+        (f"{name}:{state}:0", torch.float32, (parameter.numel(),))
+        for name, parameter in model.named_parameters()
+        for state in ("fp32", "exp_avg", "exp_avg_sq")
+    ]
+    return TensorFileLayout(entries, metadata={"step": 1, "rank": 0})
+
+
+def timed_flush(
+    path: Path, layout: TensorFileLayout, pool: torch.Tensor, checksums: bool, hashing: list
+) -> float:
+    """Seconds of one flush (write_tensor_file); appends its hashing seconds to `hashing`."""
+    timings = {}
+    begin = time.perf_counter()
+    write_tensor_file(path, layout, pool, timings=timings, checksums=checksums)
+    elapsed = time.perf_counter() - begin
+    if "checksum" in timings:
+        hashing.append(timings["checksum"])
+    path.unlink()  # both modes write a new file (tmpfs frees the pages), outside the timing
+    return elapsed
+
+
+def checksum_cost(preset: str, directories: list[Path], modes: list[str], pairs: int) -> list:
+    """Flush seconds with and without checksums, alternating in pairs, per directory; rows for a table."""
+    layout = checkpoint_layout(preset)
+    pinned = torch.cuda.is_available()
+    pool = torch.empty(layout.data_bytes, dtype=torch.uint8, pin_memory=pinned)
+    pool.random_(0, 256)
+    print(
+        f"  flush of {layout.data_bytes / 2**20:.0f} MiB ({len(layout.slots)} tensors, "
+        f"{'pinned' if pinned else 'pageable'} host buffer), {pairs} pairs per folder",
+        flush=True,
+    )
+    rows = []
+    for directory in directories:
+        work = fresh(directory / "longloom-flush-bench")  # only this subfolder is deleted afterwards
+        path = work / "flush.safetensors"
+        seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+        hashing: list[float] = []
+        for mode in modes:  # warm-up: page cache, thread start-up
+            timed_flush(path, layout, pool, mode == "on", hashing)
+        hashing.clear()
+        for index in range(pairs):
+            for mode in modes if index % 2 == 0 else modes[::-1]:
+                seconds[mode].append(timed_flush(path, layout, pool, mode == "on", hashing))
+        shutil.rmtree(work, ignore_errors=True)
+        ratios = [off / on for on, off in zip(seconds["on"], seconds["off"])]  # throughput on / off
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        loss = 100 * (1 - statistics.median(ratios))
+        rates = {mode: layout.file_bytes / statistics.median(seconds[mode]) / 1e9 for mode in modes}
+        rows.append(
+            [
+                str(directory),
+                f"{rates['off']:.2f} GB/s",
+                f"{rates['on']:.2f} GB/s",
+                f"{statistics.median(ratios):.3f} (quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f})",
+                f"{loss:.1f}%",
+                f"{statistics.median(hashing):.3f} s" if hashing else "",
+                "yes" if loss <= 5 else "NO",
+            ]
+        )
+        print(
+            f"  {directory}: off {rates['off']:.2f} GB/s, on {rates['on']:.2f} GB/s, loss {loss:.1f}%",
+            flush=True,
+        )
+    return rows
+
+
 def conversions(bench: Bench, universal: bool) -> list:
     source_root = fresh(bench.work / "conv-ds")
     bench.engine.save_checkpoint(str(source_root), tag="global_step1")
@@ -344,9 +429,22 @@ PARTS = ("blocked", "every", "conversion", "flush")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/longloom-checkpoint-bench"))
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        nargs="+",
+        default=[Path("/tmp/longloom-checkpoint-bench")],
+        help="work folder (deleted afterwards); with --checksums: one comparison per folder, each in a "
+        "subfolder longloom-flush-bench (only that is deleted)",
+    )
     parser.add_argument("--steps", type=int, default=3, help="steps per step-time measurement")
     parser.add_argument("--flush-repeats", type=int, default=9, help="checkpoints timed by part `flush`")
+    parser.add_argument(
+        "--checksums",
+        type=lambda text: text.split(","),
+        help="on,off: part `flush` compares the flush with and without checksums (no engine, no GPU)",
+    )
+    parser.add_argument("--pairs", type=int, default=20, help="with --checksums: on/off pairs per folder")
     parser.add_argument(
         "--parts",
         nargs="+",
@@ -360,6 +458,15 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="append each table to BENCHMARKS.md when done")
     args = parser.parse_args()
     started = time.perf_counter()
+    if args.checksums is not None:
+        if sorted(args.checksums) != ["off", "on"] or args.parts != ["flush"] or args.pairs < 1:
+            parser.error(
+                f"--checksums {','.join(args.checksums)} --parts {' '.join(args.parts)} --pairs {args.pairs}: "
+                "use --checksums on,off (or off,on) with --parts flush and --pairs >= 1"
+            )
+        checksum_table(args, started)
+        return
+    args.dir = args.dir[0]
     bench = Bench(args.preset, fresh(args.dir))
     print(
         f"model: {bench.params / 1e9:.2f}B parameters, preset {args.preset}, files under {args.dir}",
@@ -422,6 +529,27 @@ def main() -> None:
             )
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
+    print(f"total bench time {time.perf_counter() - started:.0f} s")
+
+
+def checksum_table(args, started: float) -> None:
+    headers = [
+        "folder",
+        "flush, no checksums",
+        "flush, checksums",
+        "throughput on/off",
+        "loss",
+        "hashing (thread-summed)",
+        "within 5%",
+    ]
+    table = markdown_table(headers, checksum_cost(args.preset, args.dir, args.checksums, args.pairs))
+    print(table, flush=True)
+    if args.record:
+        what = (
+            f"Background flush of a one-rank checkpoint of preset {args.preset} (write_tensor_file, 4 threads, "
+            f"fsync) with vs without per-tensor xxh3_64 checksums, {args.pairs} alternating pairs per folder."
+        )
+        append_record("Checkpoints: checksum cost of the flush", what, table, 1)
     print(f"total bench time {time.perf_counter() - started:.0f} s")
 
 

@@ -6,8 +6,9 @@ changed after it was written (a bad disk, a copy that went wrong, a stray write)
 verification naming the tensor and the file, instead of loading as NaN weights.
 
 XXH3 hashes about 17 GB/s on one CPU core and the `xxhash` package releases the GIL while it
-hashes a buffer, so the checkpointer hashes in its background flush, overlapped with the file
-write, off the training thread. Verification memory-maps the file and hashes every tensor's byte
+hashes a buffer, so the checkpointer hashes in its background flush, off the training thread:
+each write thread hashes a piece of a tensor right before writing it, while the piece is in the
+CPU cache (tensor_file.write_tensor_file), so the bytes are read from memory once. Verification memory-maps the file and hashes every tensor's byte
 range on a thread pool; a split of the work over ranks (`items`) lets a resuming job read each
 byte once.
 """
@@ -32,6 +33,11 @@ VERIFY_THREADS = 4
 def checksum(data) -> str:
     """XXH3-64 of a bytes-like object (bytes, memoryview, numpy array), as 16 hex digits."""
     return xxhash.xxh3_64_hexdigest(data)
+
+
+def hasher():
+    """A streaming XXH3-64: `update(piece)` for each piece in order, then `hexdigest()` == checksum(all)."""
+    return xxhash.xxh3_64()
 
 
 def file_record(nbytes: int, header: bytes, tensors: dict[str, str]) -> dict:

@@ -21,7 +21,8 @@ Usage (every rank, same order of calls)::
 
 `ckpt.wait()` blocks until the checkpoint in flight is committed; `ckpt.last_timings` holds the
 seconds each phase of the last finished checkpoint took (save_call, snapshot, write, commit,
-wait_for_snapshot; checksum: the per-tensor hashing, which overlaps the write).
+wait_for_snapshot; checksum: the seconds spent hashing, summed over the write threads, each of
+which hashes a piece right before writing it).
 
 `extra` is per rank (RNG states differ per rank; pass the global loader state on every rank):
 JSON values and torch tensors. `load` returns the extra saved by the same rank, or rank 0's when
@@ -30,7 +31,7 @@ the checkpoint had fewer ranks. After `load`, `engine.global_steps` is the saved
 On disk: `<root>/step-N/rank-RRRRR-<token>.safetensors` (each rank's share of fp32 masters and
 Adam moments, 1-D pieces, plus its extra tensors) and `commit.json` (commit.py), written by rank 0
 once every rank has fsynced its file and published a small manifest with its file's size and
-per-tensor checksums (computed in the flush thread, overlapped with the write). The host pool is one uint8
+per-tensor checksums (computed by the write threads, each piece hashed right before it is written). The host pool is one uint8
 buffer laid out like the data section of the rank's file, so flushing is a single write.
 """
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from longloom.checkpointing.checksums import checksum, file_record
+from longloom.checkpointing.checksums import file_record, hasher
 
 DTYPE_TO_SAFETENSORS = {
     torch.float64: "F64",
@@ -42,6 +42,8 @@ DTYPE_TO_SAFETENSORS = {
 }
 SAFETENSORS_TO_DTYPE = {name: dtype for dtype, name in DTYPE_TO_SAFETENSORS.items()}
 WRITE_CHUNK_BYTES = 64 << 20
+# Hashed then written while still in the CPU cache (a core's L2 is 1-2 MiB on current servers).
+HASH_PIECE_BYTES = 1 << 20
 # Several writers keep an NVMe queue busy; one Python thread tops out well below a fast drive.
 WRITE_THREADS = 4
 
@@ -129,47 +131,89 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
         written += os.pwrite(fd, data[written : written + WRITE_CHUNK_BYTES], offset + written)
 
 
+def _write_hashed(fd: int, data: memoryview, offset: int, digest) -> float:
+    """Writes `data` at `offset` in pieces, each hashed right before its write; returns the hashing seconds.
+
+    A piece is small enough to stay in the CPU cache between the hash and the copy into the page
+    cache, so the bytes come from memory once; hashing the whole buffer in a separate pass (as an
+    earlier version did, on its own thread) read them twice and cost ~7% of a memory-backed
+    flush. On a 16-core H200 host this order even wrote faster than the same pieces unhashed (the
+    hash brings the piece into the cache for the copy), and beat a companion hashing thread per
+    writer. `digest` None writes the same pieces without hashing (benchmarks compare the two).
+    """
+    hashing = 0.0
+    for begin in range(0, len(data), HASH_PIECE_BYTES):
+        piece = data[begin : begin + HASH_PIECE_BYTES]
+        if digest is not None:
+            started = time.perf_counter()
+            digest.update(piece)
+            hashing += time.perf_counter() - started
+        _write_all(fd, piece, offset + begin)
+    return hashing
+
+
+def _balanced_groups(slots: Iterable[TensorSlot], count: int) -> list[list[TensorSlot]]:
+    """Splits tensors into `count` groups of about equal bytes (largest first, each to the lightest group)."""
+    groups: list[list[TensorSlot]] = [[] for _ in range(max(1, count))]
+    loads = [0] * len(groups)
+    for slot in sorted(slots, key=lambda slot: slot.begin - slot.end):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(slot)
+        loads[lightest] += slot.end - slot.begin
+    return [group for group in groups if group]
+
+
 def write_tensor_file(
     path: Path,
     layout: TensorFileLayout,
     data: torch.Tensor,
     threads: int = WRITE_THREADS,
     timings: dict | None = None,
+    checksums: bool = True,
 ) -> dict:
     """Writes header + `data` (uint8 host tensor of the data section) to `path` and fsyncs it.
 
-    Returns the file's record for the commit marker (size and per-tensor checksums); the
-    checksums are computed by one more thread while the others write (both release the GIL),
-    so they add little to the time the write takes. `timings["checksum"]` receives the seconds
-    the hashing took.
+    Returns the file's record for the commit marker (size and per-tensor checksums). Each write
+    thread takes whole tensors (about equal bytes per thread) and hashes every piece of a tensor
+    right before writing it (`_write_hashed`), so the checksum of a tensor is the XXH3-64 of all
+    its bytes, as verification computes it. `timings["checksum"]` receives the seconds spent
+    hashing, summed over the threads (it overlaps the writes of the other threads).
+    `checksums=False` records the size only (for benchmarks; checkpoints always hash).
     """
     if data.numel() != layout.data_bytes or data.dtype != torch.uint8:
         raise ValueError(
             f"data buffer has {data.numel()} {data.dtype} elements, layout needs {layout.data_bytes} bytes"
         )
+    # A view of the (pinned) host buffer: no copy of the bytes before they are written.
     body = memoryview(data.numpy()).cast("B") if layout.data_bytes else memoryview(b"")
+    tensors: dict[str, str] = {}
 
-    def tensor_checksums() -> dict[str, str]:
-        begin = time.perf_counter()
-        sums = {name: checksum(body[slot.begin : slot.end]) for name, slot in layout.slots.items()}
-        if timings is not None:
-            timings["checksum"] = time.perf_counter() - begin
-        return sums
+    def write_group(group: list[TensorSlot]) -> float:
+        hashing = 0.0
+        for slot in group:
+            digest = hasher() if checksums else None
+            offset = len(layout.header) + slot.begin
+            hashing += _write_hashed(fd, body[slot.begin : slot.end], offset, digest)
+            if digest is not None:
+                tensors[slot.name] = digest.hexdigest()  # one key per thread: dict writes are atomic
+        return hashing
 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         _write_all(fd, memoryview(layout.header), 0)
-        # Contiguous 1 MiB-aligned ranges, one per thread (os.pwrite releases the GIL).
-        per_thread = -(-len(body) // max(1, threads))
-        step = max(1, -(-per_thread // (1 << 20)) * (1 << 20))
-        ranges = [(begin, body[begin : begin + step]) for begin in range(0, len(body), step)]
-        with ThreadPoolExecutor(max_workers=len(ranges) + 1) as pool:
-            sums = pool.submit(tensor_checksums)
-            list(pool.map(lambda item: _write_all(fd, item[1], len(layout.header) + item[0]), ranges))
-            tensors = sums.result()
+        groups = _balanced_groups(layout.slots.values(), threads)
+        if len(groups) <= 1:
+            hashing = [write_group(group) for group in groups]
+        else:  # os.pwrite and xxhash release the GIL, so the threads write and hash in parallel
+            with ThreadPoolExecutor(max_workers=len(groups)) as pool:
+                hashing = list(pool.map(write_group, groups))
         os.fsync(fd)
     finally:
         os.close(fd)
+    if timings is not None and checksums:
+        timings["checksum"] = sum(hashing)
+    if not checksums:
+        return {"bytes": int(layout.file_bytes)}
     return file_record(layout.file_bytes, layout.header, tensors)
 
 
@@ -192,8 +236,9 @@ class TensorFileWriter:
                 f"the file layout expects {slot.shape} {slot.dtype}"
             )
         host = memoryview(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()).cast("B")
-        _write_all(self.fd, host, len(self.layout.header) + slot.begin)
-        self.checksums[name] = checksum(host)
+        digest = hasher()
+        _write_hashed(self.fd, host, len(self.layout.header) + slot.begin, digest)
+        self.checksums[name] = digest.hexdigest()
 
     def close(self) -> None:
         os.fsync(self.fd)

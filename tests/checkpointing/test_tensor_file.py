@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from longloom.checkpointing.checksums import checksum, verify_files
 from longloom.checkpointing.tensor_file import (
     TensorFileLayout,
     TensorFileWriter,
@@ -78,3 +79,56 @@ def test_truncated_file_header_is_rejected(tmp_path):
     (tmp_path / "y.safetensors").write_bytes((10**6).to_bytes(8, "little") + b"{}")
     with pytest.raises(ValueError, match="truncated or corrupt"):
         read_header(tmp_path / "y.safetensors")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_checksums_hashed_while_writing_equal_whole_tensor_checksums(tmp_path, threads):
+    # Each write thread hashes 1 MiB pieces right before writing them; the recorded checksum of a
+    # tensor must still be the XXH3-64 of all its bytes (what verification computes).
+    reference = _reference()
+    layout = TensorFileLayout([(k, v.dtype, tuple(v.shape)) for k, v in reference.items()])
+    pool = torch.empty(layout.data_bytes, dtype=torch.uint8)
+    for key, value in reference.items():
+        layout.view(pool, key).copy_(value)
+    timings = {}
+    record = write_tensor_file(tmp_path / "a.safetensors", layout, pool, threads=threads, timings=timings)
+    for key, value in reference.items():
+        expected = checksum(value.contiguous().view(-1).view(torch.uint8).numpy())
+        assert record["checksums"]["tensors"][key] == expected, key
+    assert timings["checksum"] > 0
+    assert verify_files(tmp_path, {"a.safetensors": record}) == []
+
+    plain = write_tensor_file(tmp_path / "b.safetensors", layout, pool, threads=threads, checksums=False)
+    assert plain == {"bytes": layout.file_bytes}
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_writer_checksums_of_multi_piece_tensors(tmp_path):
+    reference = _reference()
+    layout = TensorFileLayout([(k, v.dtype, tuple(v.shape)) for k, v in reference.items()])
+    writer = TensorFileWriter(tmp_path / "b.safetensors", layout)
+    for key, value in reference.items():
+        writer.write(key, value)
+    writer.close()
+    record = writer.record()
+    assert record["checksums"]["tensors"]["w:fp32"] == checksum(reference["w:fp32"].numpy())
+    assert verify_files(tmp_path, {"b.safetensors": record}) == []
+
+
+def test_failed_write_raises_and_closes_the_file(tmp_path, monkeypatch):
+    from longloom.checkpointing import tensor_file
+
+    reference = _reference()
+    layout = TensorFileLayout([(k, v.dtype, tuple(v.shape)) for k, v in reference.items()])
+    pool = torch.zeros(layout.data_bytes, dtype=torch.uint8)
+    real_write_all, calls = tensor_file._write_all, []
+
+    def full_disk_after_header(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real_write_all(fd, data, offset)
+
+    monkeypatch.setattr(tensor_file, "_write_all", full_disk_after_header)
+    with pytest.raises(OSError, match="No space left"):
+        write_tensor_file(tmp_path / "a.safetensors", layout, pool, threads=3)
