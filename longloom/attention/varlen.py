@@ -187,7 +187,10 @@ def _emulated_forward(q, k, v, plan, scale):
     group = q.size(1) // k.size(1)
     out = torch.full_like(q, float("nan"))
     lse = torch.full(
-        (q.size(1), q.size(0)), float("nan"), dtype=torch.float32 if q.dtype != torch.float64 else q.dtype
+        (q.size(1), q.size(0)),
+        float("nan"),
+        dtype=torch.float32 if q.dtype != torch.float64 else q.dtype,
+        device=q.device,
     )
     for q_rows, k_rows in _segment_pairs(plan):
         scores = torch.einsum("qhd,khd->hqk", q[q_rows], k[k_rows].repeat_interleave(group, 1)) * scale
