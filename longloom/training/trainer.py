@@ -20,6 +20,8 @@ saved from a finite state.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import time
@@ -245,14 +247,19 @@ def run_training(cfg: LongloomConfig) -> dict[str, Any]:
             model.num_parameters() / 1e6,
             "".join(cfg.model.layer_kinds()),
         )
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=model.parameters(),
-        optimizer=build_optimizer(cfg, model.parameters(), device=device, world_size=world_size),
-        config=ds_config,
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)),
-        dist_init_required=False,
-    )
+    # DeepSpeed print()s "DeepSpeed shm_comm_op built successfully" on every rank each time it loads the
+    # op (the build itself is announced by launch/worker_setup.py); its logging is untouched by this.
+    with contextlib.redirect_stdout(io.StringIO()) as deepspeed_prints:
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=model.parameters(),
+            optimizer=build_optimizer(cfg, model.parameters(), device=device, world_size=world_size),
+            config=ds_config,
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)),
+            dist_init_required=False,
+        )
+    if deepspeed_prints.getvalue().strip():
+        logger.debug("deepspeed.initialize printed: %s", deepspeed_prints.getvalue().strip())
 
     dataset = build_dataset(cfg.data, seed=cfg.train.seed, vocab_size=cfg.model.vocab_size)
     accum = cfg.train.grad_accum
