@@ -426,9 +426,9 @@ def resolve_split(cfg: LongloomConfig, world_size: int | None = None) -> tuple[i
     ulysses = cfg.parallel.ulysses
     ring = cfg.parallel.ring
     if ring == "auto":
-        # The SP degree is what dp leaves of the workers; parallel/hybrid.py's cost model splits it
+        # The SP degree is what dp leaves of the workers; parallel/two_d.py's cost model splits it
         # into ulysses x ring (parallel.ulysses is then ignored).
-        from longloom.parallel.hybrid import choose_ring_degree
+        from longloom.parallel.two_d import choose_ring_degree
 
         fixed_dp = 1 if cfg.parallel.dp == "auto" else cfg.parallel.dp
         if workers % fixed_dp:

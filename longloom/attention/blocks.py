@@ -11,7 +11,7 @@ Backends, chosen per call by `select_backend`:
   dK/dV group sums), imported on use (Triton is Linux-only). Without ids only on request: cuDNN
   measures faster on Hopper. With ids, the fallback of "varlen" (below).
 - "varlen": packed documents through aten's ragged fused kernels (attention/varlen.py), below.
-- "torch": the plain math path of attention/reference.py, used on CPU (and for fp64).
+- "torch": the plain math path (attention/local.py `attention_scores`), used on CPU (and for fp64).
 
 Shapes: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]; out like q; lse [B, Hq, Sq] fp32.
 Causal masks are aligned top-left and need Sq == Sk (ring schedules only use diagonal blocks causally).
@@ -42,7 +42,7 @@ import math
 
 import torch
 
-from longloom.attention.reference import attention_scores, check_heads, expand_kv_heads
+from longloom.attention.local import attention_scores, check_heads, expand_kv_heads
 from longloom.attention.varlen import (
     SegmentPlan,
     plan_segments,

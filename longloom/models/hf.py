@@ -2,7 +2,7 @@
 
 Idea: HF decoders call attention through `transformers.AttentionInterface`, and everything else in
 them (embeddings, norms, MLPs, lm_head) works token by token. Registering an attention function that
-runs longloom's Ulysses x TokenRing attention (parallel/hybrid.py) on this rank's share of the
+runs longloom's Ulysses x TokenRing attention (parallel/two_d.py) on this rank's share of the
 sequence therefore makes an unmodified HF model sequence-parallel, once RoPE sees global positions.
 
     enable_sequence_parallel(model, dims)                       # once, after ParallelDims.build
@@ -32,9 +32,9 @@ import torch.distributed as dist
 from transformers import AttentionInterface, PreTrainedModel
 
 from longloom.parallel.dims import ParallelDims
-from longloom.parallel.hybrid import sequence_parallel_attention
 from longloom.parallel.loss import IGNORE_INDEX, LossStats, sequence_parallel_cross_entropy
 from longloom.parallel.sharding import shard_tensor
+from longloom.parallel.two_d import sequence_parallel_attention
 from longloom.parallel.ulysses import kv_head_replication
 
 # Keyword arguments through which HF models ask their attention function for math SP does not do.

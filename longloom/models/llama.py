@@ -1,7 +1,7 @@
 """Llama-style decoder (RMSNorm, RoPE from position ids, SwiGLU, GQA) with per-layer attention kind.
 
 `model.layer_pattern` picks each layer's token mixer: "S" softmax attention (sequence-parallel via
-parallel/hybrid.py: Ulysses, TokenRing or both) or "L" linear attention (LASP-2, parallel/lasp2.py)
+parallel/two_d.py: Ulysses, TokenRing or both) or "L" linear attention (LASP-2, parallel/lasp2.py)
 as in Lightning Attention / the Linear-Llama3 of the LASP-2 paper: SiLU feature map on q and k, a
 fixed per-head decay, an RMS norm on the output and a SiLU output gate. "LLLS" gives a LASP-2H hybrid.
 
@@ -17,7 +17,7 @@ which fuses the LM head into the loss so that the [tokens, vocab] logits never e
 
 Packed documents: `document_ids` [B, S_local] (sharded with the tokens; data/packing.py makes them)
 go to every attention layer, softmax and linear, so that no token sees another document
-(parallel/hybrid.py, parallel/lasp2.py); None keeps plain causal attention over the whole sample.
+(parallel/two_d.py, parallel/lasp2.py); None keeps plain causal attention over the whole sample.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from longloom.attention.blocks import document_attention
+from longloom.attention.local import sdpa_attention
 from longloom.attention.tokenwise import AttentionOutputs, LocalCausalSchedule, tokenwise_attention
 from longloom.config import ModelConfig
 from longloom.models.tiled_mlp import resolve_mlp_tiles, tiled_mlp
 from longloom.parallel.dims import ParallelDims
-from longloom.parallel.hybrid import sequence_parallel_attention
 from longloom.parallel.lasp2 import lasp2_linear_attention
 from longloom.parallel.loss import LossStats, sequence_parallel_linear_cross_entropy
-from longloom.parallel.ulysses import sdpa_attention
+from longloom.parallel.two_d import sequence_parallel_attention
 
 # checkpoint_fn(layer, hidden, cos, sin[, document_ids], is_last_layer=...) -> hidden
 CheckpointFn = Callable[..., torch.Tensor]

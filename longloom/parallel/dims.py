@@ -6,7 +6,7 @@ sequence-parallel (SP) group is the ring x ulysses block of one data-parallel in
 
 SP layout: contiguous when ring == 1; otherwise zigzag over the whole SP group (2 * SP chunks), so
 the TokenRing half of 2D SP sees a zigzag layout of "super-chunks" after the Ulysses all-to-all
-(see parallel/hybrid.py) and every rank does the same causal work.
+(see parallel/two_d.py) and every rank does the same causal work.
 """
 
 from __future__ import annotations

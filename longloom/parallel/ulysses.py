@@ -21,7 +21,7 @@ GQA: K/V heads are sent unexpanded when Hkv % P == 0. When Hkv < P (and P % Hkv 
 is replicated P / Hkv times, to exactly P heads, so every rank receives the one K/V head its query
 heads read. Anything else raises ValueError.
 
-Building blocks for 2D SP (parallel/hybrid.py): `seq_to_heads`, `heads_to_seq` and
+Building blocks for 2D SP (parallel/two_d.py): `seq_to_heads`, `heads_to_seq` and
 `qkv_seq_to_heads` are public and autograd-aware; `ulysses_attention(..., local_attention=fn)` runs
 any `fn(q, k, v) -> out` on the gathered [B, S, H/P, D] tensors. The gathered sequence is the ranks'
 local chunks concatenated in group-rank order; a layout other than contiguous (zigzag over a larger
@@ -38,11 +38,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from longloom.attention.blocks import document_attention
 from longloom.attention.documents import check_document_ids
-from longloom.attention.reference import check_heads, expand_kv_heads
+from longloom.attention.local import check_heads, expand_kv_heads, sdpa_attention
 
 LocalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -231,24 +230,6 @@ def qkv_seq_to_heads(
     k, v = expand_kv_heads(k, replication), expand_kv_heads(v, replication)
     q_heads, k_heads, v_heads = seq_to_heads_fused([q, k, v], group)
     return q_heads, k_heads, v_heads
-
-
-def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float | None = None
-) -> torch.Tensor:
-    """Attention on [B, S, H, D] tensors (k/v may have fewer heads: GQA) through torch SDPA.
-
-    Under autograd on CUDA, aten picks cuDNN or flash attention (bf16/fp16); on CPU it is exact math.
-    """
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        is_causal=causal,
-        scale=softmax_scale,
-        enable_gqa=q.size(2) != k.size(2),
-    )
-    return out.transpose(1, 2)
 
 
 def gather_document_ids(document_ids: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

@@ -11,11 +11,11 @@ import torch.distributed as dist
 
 from longloom.attention.reference import reference_attention, reference_linear_attention
 from longloom.parallel import ParallelDims, tokenring
-from longloom.parallel.hybrid import sequence_parallel_attention
 from longloom.parallel.lasp2 import lasp2_linear_attention
 from longloom.parallel.ring_baseline import ring_attention
 from longloom.parallel.sharding import chunks_per_rank, shard_sequence, shard_tensor, unshard_tensors
 from longloom.parallel.tokenring import tokenring_attention
+from longloom.parallel.two_d import sequence_parallel_attention
 from longloom.parallel.ulysses import ulysses_attention
 from tests.parallel.documents import lengths_to_ids, packed_document_ids
 

@@ -4,6 +4,12 @@ Papers: USP, "A Unified Sequence Parallelism Approach for Long Context Generativ
 2024) for the 2D split; TokenRing (parallel/tokenring.py) for the ring half. Idea: Ulysses is one
 all-to-all pair per layer but limited by the head count and the all-to-all reach; the ring scales
 past both and hides its transfers behind the block attention. Use each where it is cheapest.
+`sequence_parallel_attention` is the one entry point for softmax attention under any split (none,
+Ulysses, TokenRing or both); `choose_ring_degree` picks the split for `parallel.ring=auto`.
+
+Naming: "2D" is this split of the SP group. "Hybrid" in longloom means LASP-2H models (linear and
+softmax layers mixed, `model.layer_pattern`, parallel/lasp2.py), not this file. parallel/hybrid.py
+only re-exports these names for the public import path of earlier releases.
 
 Layout (parallel/dims.py): the sequence is zigzag over the whole SP group of P = R * U ranks; SP
 rank p = r * U + u holds chunks p and 2P-1-p of 2P. The Ulysses all-to-all of ring rank r gathers
@@ -26,10 +32,11 @@ import torch.distributed as dist
 
 from longloom.attention.blocks import document_attention
 from longloom.attention.documents import check_document_ids
+from longloom.attention.local import sdpa_attention
 from longloom.attention.tokenwise import AttentionOutputs, LocalCausalSchedule, tokenwise_attention
 from longloom.parallel.dims import ParallelDims
 from longloom.parallel.tokenring import tokenring_attention
-from longloom.parallel.ulysses import kv_head_replication, sdpa_attention, ulysses_attention
+from longloom.parallel.ulysses import kv_head_replication, ulysses_attention
 
 
 def _zigzag_shards_to_super_chunks(x: torch.Tensor, ulysses: int) -> torch.Tensor:

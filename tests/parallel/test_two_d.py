@@ -2,18 +2,18 @@ import pytest
 import torch
 
 from longloom.parallel import ParallelDims
-from longloom.parallel.hybrid import (
+from longloom.parallel.sharding import shard_tensor, unshard_tensors
+from longloom.parallel.two_d import (
     _super_chunks_to_zigzag_shards,
     _zigzag_shards_to_super_chunks,
     choose_ring_degree,
     ring_layer_cost,
     sequence_parallel_attention,
 )
-from longloom.parallel.sharding import shard_tensor, unshard_tensors
 from tests.parallel.test_tokenring import make_inputs, reference_with_grads
 
 
-def hybrid_worker(dp, ulysses, ring, seed, kv_heads, causal):
+def two_d_worker(dp, ulysses, ring, seed, kv_heads, causal):
     dims = ParallelDims.build(dp=dp, ulysses=ulysses, ring=ring)
     q, k, v, dout = make_inputs(seed, kv_heads)
     local = [dims.shard_sequence(t.float()).requires_grad_() for t in (q, k, v)]
@@ -39,7 +39,7 @@ def hybrid_worker(dp, ulysses, ring, seed, kv_heads, causal):
 def test_sequence_parallel_attention_matches_reference(distributed, dp, ulysses, ring, kv_heads, causal):
     seed = 100 * ulysses + 10 * ring + kv_heads
     sp, layout = ulysses * ring, "zigzag" if ring > 1 else "contiguous"
-    results = distributed(dp * sp, hybrid_worker, dp, ulysses, ring, seed, kv_heads, causal)
+    results = distributed(dp * sp, two_d_worker, dp, ulysses, ring, seed, kv_heads, causal)
     want = reference_with_grads(*make_inputs(seed, kv_heads), causal)
     for replica in range(dp):
         shards = results[replica * sp : (replica + 1) * sp]
