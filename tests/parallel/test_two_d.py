@@ -95,3 +95,11 @@ def test_choose_ring_degree_follows_the_cost_model():
         assert costs[chosen] == min(costs.values())
     with pytest.raises(ValueError, match=r"data\.seq_len=100"):
         choose_ring_degree(8, heads=4, kv_heads=4, seq_len=100)
+
+
+def test_the_public_import_path_parallel_hybrid_still_gives_the_2d_functions():
+    # shared/DESIGN.md's contract `from longloom.parallel.hybrid import sequence_parallel_attention`.
+    from longloom.parallel import hybrid, two_d
+
+    for name in ("sequence_parallel_attention", "choose_ring_degree", "ring_layer_cost"):
+        assert getattr(hybrid, name) is getattr(two_d, name), name
