@@ -17,6 +17,10 @@ rank, P sequential hops), kept for bench/linear.py.
 
 Local compute: the Triton scan (attention/triton_linear.py) on CUDA, the chunked torch scan on CPU.
 
+LASP-2H ("hybrid" in longloom means only this): a model whose `model.layer_pattern` mixes linear "L"
+layers (here) with softmax "S" layers (parallel/two_d.py), on the same sharding of the sequence
+(configs/tiny-lasp2h.yaml is a small one).
+
 Packed documents (`document_ids` [B, S/P], sharded like q): a document's tokens see nothing of the
 previous one, also across ranks. Locally the scan runs per document (linear_chunked.document_scan: the
 incoming state enters only the first document of a chunk, only the last one's state leaves it); across
