@@ -43,13 +43,8 @@ import math
 import torch
 
 from longloom.attention.local import attention_scores, check_heads, expand_kv_heads
-from longloom.attention.varlen import (
-    SegmentPlan,
-    plan_segments,
-    ragged_backward,
-    ragged_forward,
-    ragged_kernel,
-)
+from longloom.attention.varlen import ragged_backward, ragged_forward, ragged_kernel
+from longloom.attention.varlen_plan import SegmentPlan, plan_segments
 
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -194,7 +189,7 @@ def block_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Sq, Hq, D] in q's dtype, lse [B, Hq, Sq] fp32). Not differentiable by autograd.
 
-    `segments`: the block's ragged plan where the caller has it (attention/varlen.plan_segments).
+    `segments`: the block's ragged plan where the caller has it (attention/varlen_plan.plan_segments).
     """
     group_size = check_heads(q, k, v)
     scale = _scale(q, softmax_scale)

@@ -1,25 +1,15 @@
-"""Packed-document blocks through aten's fused ragged (varlen) kernels: the segment plan and its plumbing.
+"""Packed-document blocks through aten's fused ragged (varlen) kernels, given a block's segment plan.
 
-Documents are contiguous and their ids never decrease along a block's rows (attention/documents.py),
-so in a (query rows, key rows) block every document is one run of query rows and one run of key rows.
-Attention within documents is then ragged attention over "segments", one per document per batch row,
-on the rows flattened to [B * S, H, D] (the THD layout of flash-attention's varlen kernels):
+attention/varlen_plan.py cuts a block into ragged segments (one per document) and dense groups; here
+they run: the ragged kernel over the THD layout [B * S, H, D], the dense fused kernel (cuDNN) on the
+plan's rectangle and dense groups (a group of equal-length documents as one batch [count, length, H,
+D]), and the rows without a partner are overwritten afterwards (out 0, lse -inf, zero gradients)
+rather than trusting each kernel's empty-segment convention.
 
-- causal diagonal block (the same rows on both sides): every document is a causal square;
-- non-causal block: a shared document's query run attends its key run (separate cu_seqlens_q / _k);
-  a block whose keys all precede its queries shares at most one document, one dense rectangle;
-- a document present on one side only becomes a segment with no partner rows (its queries get out 0
-  and lse -inf, its keys zero dK/dV), so both sides' segments stay back to back as cu_seqlens need.
-  Those rows are overwritten afterwards rather than trusting each kernel's empty-segment convention.
-
-Where the block holds one rectangle per batch row at the same rows (one document, or B = 1 off the
-diagonal), the plan names it and the dense fused kernels (cuDNN) run on the slices instead.
-
-The plan is built on the host (`plan_segments`, from host ids: ring schedules already hold them there),
-so the kernels get max lengths without a device sync. `RaggedKernel` is the one thing that differs
-between aten's flash varlen kernel and the plain-torch emulation the CPU tests run through the same
-plumbing; a GPU kernel is used only after a one-time probe against that emulation (attention/blocks.py).
-Flash varlen gives empty query segments lse +inf (cuDNN ragged gave 0), hence the overwrite above.
+`RaggedKernel` is the one thing that differs between aten's flash varlen kernel and the plain-torch
+emulation the CPU tests run through the same plumbing; a GPU kernel is used only after a one-time probe
+against that emulation (attention/blocks.py). Flash varlen gives empty query segments lse +inf (cuDNN
+ragged gave 0), hence the overwrite above.
 
 Shapes: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]; out like q; lse [B, Hq, Sq] fp32.
 """
@@ -31,133 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class SegmentPlan:
-    """A packed-document block as ragged segments over rows flattened to [B * Sq] / [B * Sk]."""
-
-    cu_seqlens_q: torch.Tensor  # int32 [N + 1]
-    cu_seqlens_k: torch.Tensor  # int32 [N + 1]
-    max_q: int
-    max_k: int
-    causal: bool
-    queries_without_keys: torch.Tensor | None  # bool [B * Sq]; None if every query has a key
-    keys_without_queries: torch.Tensor | None  # bool [B * Sk]; None if every key has a query
-    rectangle: tuple[slice, slice] | None  # (query rows, key rows) of the only work, same in every row
-    # Long documents, run one by one through the dense kernel: (batch row, query rows, key rows).
-    dense_documents: tuple[tuple[int, slice, slice], ...] = ()
-    ragged_work: bool = True  # whether any segment is left for the ragged kernel
-
-    def to(self, device: torch.device) -> SegmentPlan:
-        """The plan's tensors on `device` (pinned and asynchronous from the host: no stream sync)."""
-
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None or t.device == device:
-                return t
-            if device.type == "cuda":
-                t = t.pin_memory()
-            return t.to(device, non_blocking=True)
-
-        return SegmentPlan(
-            move(self.cu_seqlens_q),
-            move(self.cu_seqlens_k),
-            self.max_q,
-            self.max_k,
-            self.causal,
-            move(self.queries_without_keys),
-            move(self.keys_without_queries),
-            self.rectangle,
-            self.dense_documents,
-            self.ragged_work,
-        )
-
-
-def _runs(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    values, counts = torch.unique_consecutive(ids, return_counts=True)
-    return values, counts
-
-
-# From this many query and key rows on, a document runs alone through the dense kernel (cuDNN, about
-# 520 TFLOP/s fwd+bwd on H200 at 256K) rather than in the ragged call (flash varlen: 331 / 316 / 263 at
-# 128K / 8K / 2K segments). The dense kernel's rate at 8K is assumed, not measured: bench/documents.py
-# on lognormal documents is the test of this number.
-DENSE_DOCUMENT_TOKENS = 8192
-
-
-def plan_segments(
-    q_docs: torch.Tensor, k_docs: torch.Tensor, causal: bool, dense_from: int = DENSE_DOCUMENT_TOKENS
-) -> SegmentPlan | None:
-    """The segments of a block from host ids q_docs [B, Sq], k_docs [B, Sk] (each row non-decreasing).
-
-    A shared document with at least `dense_from` rows on both sides goes to `dense_documents` and
-    leaves two partnerless segments in its place (so the ragged kernel skips it).
-
-    None where ragged kernels cannot express the block: a causal block whose shared documents do not
-    sit at the same rows on both sides (the kernels align a segment's causal mask bottom-right, the
-    block's is top-left; only diagonal blocks are causal in our schedules, and there they coincide).
-    """
-    q_docs, k_docs = q_docs.cpu(), k_docs.cpu()
-    batch, seq_q = q_docs.shape
-    seq_k = k_docs.size(1)
-    q_lengths, k_lengths = [], []
-    rectangles = set()
-    dense_documents = []
-    for row in range(batch):
-        q_ids, q_counts = _runs(q_docs[row])
-        k_ids, k_counts = _runs(k_docs[row])
-        ids = torch.unique(torch.cat((q_ids, k_ids)))  # sorted: both sides' runs in document order
-        q_len = torch.zeros(ids.numel(), dtype=torch.int64)
-        k_len = torch.zeros(ids.numel(), dtype=torch.int64)
-        q_len[torch.searchsorted(ids, q_ids)] = q_counts
-        k_len[torch.searchsorted(ids, k_ids)] = k_counts
-        shared = (q_len > 0) & (k_len > 0)
-        q_start, k_start = q_len.cumsum(0) - q_len, k_len.cumsum(0) - k_len
-        if causal and not bool(((q_start == k_start) & (q_len == k_len))[shared].all()):
-            return None
-        if int(shared.sum()) == 1:
-            i = int(shared.nonzero())
-            rectangles.add(
-                (int(q_start[i]), int(q_start[i] + q_len[i]), int(k_start[i]), int(k_start[i] + k_len[i]))
-            )
-        else:
-            rectangles.add(None)
-        long = shared & (q_len >= dense_from) & (k_len >= dense_from)
-        for i in long.nonzero().flatten().tolist():
-            q0, k0 = int(q_start[i]), int(k_start[i])
-            dense_documents.append((row, slice(q0, q0 + int(q_len[i])), slice(k0, k0 + int(k_len[i]))))
-        if bool(long.any()):  # split each long segment into (queries, no keys) + (no queries, keys)
-            copies = 1 + long.long()
-            first = (copies.cumsum(0) - copies)[long]
-            index = torch.repeat_interleave(torch.arange(ids.numel()), copies)
-            q_len, k_len = q_len[index], k_len[index]
-            k_len[first] = 0
-            q_len[first + 1] = 0
-        q_lengths.append(q_len)
-        k_lengths.append(k_len)
-    q_len, k_len = torch.cat(q_lengths), torch.cat(k_lengths)
-    zero = torch.zeros(1, dtype=torch.int64)
-    cu_q = torch.cat((zero, q_len.cumsum(0))).to(torch.int32)
-    cu_k = torch.cat((zero, k_len.cumsum(0))).to(torch.int32)
-    # Rows of segments with no partner: a query with no key of its document, a key with no query.
-    queries_without_keys = torch.repeat_interleave(k_len == 0, q_len)
-    keys_without_queries = torch.repeat_interleave(q_len == 0, k_len)
-    assert queries_without_keys.numel() == batch * seq_q and keys_without_queries.numel() == batch * seq_k
-    rectangle = None
-    if len(rectangles) == 1 and None not in rectangles:
-        q0, q1, k0, k1 = rectangles.pop()
-        rectangle = (slice(q0, q1), slice(k0, k1))
-    return SegmentPlan(
-        cu_q,
-        cu_k,
-        int(q_len.max()),
-        int(k_len.max()),
-        causal,
-        queries_without_keys if bool(queries_without_keys.any()) else None,
-        keys_without_queries if bool(keys_without_queries.any()) else None,
-        rectangle,
-        tuple(dense_documents),
-        bool(((q_len > 0) & (k_len > 0)).any()),
-    )
+from longloom.attention.varlen_plan import DenseGroup, SegmentPlan, plan_segments
 
 
 @dataclass(frozen=True)
@@ -269,6 +133,11 @@ def _expand(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x if group_size == 1 else x.repeat_interleave(group_size, dim=1)
 
 
+def _batch(x: torch.Tensor, group: DenseGroup, rows: slice) -> torch.Tensor:
+    """A dense group's rows of x [B, S, H, D] as a batch [count, S_doc, H, D] (a view)."""
+    return x[group.row, rows].unflatten(0, (group.count, -1))
+
+
 def ragged_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -309,13 +178,13 @@ def ragged_forward(
         lse.masked_fill_(plan.queries_without_keys[None, :], float("-inf"))
     lse = lse.reshape(heads, batch, seq_q).transpose(0, 1).contiguous()
     out = out.reshape(batch, seq_q, heads, -1)
-    for row, q_rows, k_rows in plan.dense_documents:
-        rows = slice(row, row + 1)
+    for group in plan.dense_groups:
         part_out, part_lse = dense_forward(
-            q[rows, q_rows], k[rows, k_rows], v[rows, k_rows], plan.causal, scale
-        )
-        out[row, q_rows] = part_out[0].to(out.dtype)
-        lse[row, :, q_rows] = part_lse[0].to(lse.dtype)
+            _batch(q, group, group.q_rows), _batch(k, group, group.k_rows), _batch(v, group, group.k_rows),
+            plan.causal, scale,
+        )  # fmt: skip
+        out[group.row, group.q_rows] = part_out.flatten(0, 1).to(out.dtype)
+        lse[group.row, :, group.q_rows] = part_lse.transpose(0, 1).flatten(1).to(lse.dtype)
     return out, lse
 
 
@@ -375,13 +244,14 @@ def ragged_backward(
         dk.masked_fill_(plan.keys_without_queries[:, None, None], 0.0)
         dv.masked_fill_(plan.keys_without_queries[:, None, None], 0.0)
     dq, dk, dv = dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
-    for row, q_rows, k_rows in plan.dense_documents:
-        rows = slice(row, row + 1)
+    for group in plan.dense_groups:
+        q_rows, k_rows = group.q_rows, group.k_rows
+        group_lse = lse[group.row, :, q_rows].unflatten(1, (group.count, -1)).transpose(0, 1).contiguous()
         parts = dense_backward(
-            dout[rows, q_rows], q[rows, q_rows], k[rows, k_rows], v[rows, k_rows], out[rows, q_rows],
-            lse[rows, :, q_rows], plan.causal, scale,
+            _batch(dout, group, q_rows), _batch(q, group, q_rows), _batch(k, group, k_rows),
+            _batch(v, group, k_rows), _batch(out, group, q_rows), group_lse, plan.causal, scale,
         )  # fmt: skip
-        dq[row, q_rows], dk[row, k_rows], dv[row, k_rows] = (part[0] for part in parts)
+        dq[group.row, q_rows], dk[group.row, k_rows], dv[group.row, k_rows] = (p.flatten(0, 1) for p in parts)
     return dq, dk, dv
 
 

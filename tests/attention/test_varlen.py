@@ -10,7 +10,8 @@ import torch
 
 from longloom.attention.blocks import block_attention_backward, block_attention_forward
 from longloom.attention.reference import attention_with_lse
-from longloom.attention.varlen import EMULATED, plan_segments, ragged_backward, ragged_forward
+from longloom.attention.varlen import EMULATED, ragged_backward, ragged_forward
+from longloom.attention.varlen_plan import DenseGroup, plan_segments
 from longloom.parallel import sharding
 from longloom.parallel.ring_plan import RingDocuments, plan_pair
 from tests.parallel.documents import lengths_to_ids, packed_document_ids
@@ -127,12 +128,15 @@ def test_keys_before_queries_share_one_rectangle():
 def test_long_documents_leave_the_ragged_call_for_the_dense_kernel():
     q_docs = torch.tensor([[0, 1, 1, 1, 1, 2, 2]])
     plan = plan_segments(q_docs, q_docs, True, dense_from=4)
-    assert plan.dense_documents == ((0, slice(1, 5), slice(1, 5)),)
+    assert plan.dense_groups == (DenseGroup(0, slice(1, 5), slice(1, 5), 1),)
     # Document 1 becomes (4 queries, no key) + (no query, 4 keys): the ragged kernel skips it.
     assert plan.cu_seqlens_q.tolist() == [0, 1, 5, 5, 7] and plan.cu_seqlens_k.tolist() == [0, 1, 1, 5, 7]
     assert plan.ragged_work and plan.rectangle is None
     only_long = plan_segments(torch.tensor([[3] * 5 + [4] * 5]), torch.tensor([[3] * 5 + [4] * 5]), True, 5)
-    assert not only_long.ragged_work and len(only_long.dense_documents) == 2
+    # Two long documents of equal length side by side: one dense call over both, as a batch of 2.
+    assert not only_long.ragged_work and only_long.dense_groups == (
+        DenseGroup(0, slice(0, 10), slice(0, 10), 2),
+    )
 
 
 @pytest.mark.parametrize("dense_from", [3, 8])
@@ -143,7 +147,7 @@ def test_long_documents_through_the_dense_kernel_match_the_reference(q_rows, k_r
     q_docs, k_docs = ids[:, q_rows], ids[:, k_rows]
     plan = plan_segments(q_docs, k_docs, causal, dense_from=dense_from)
     if plan.rectangle is None and dense_from == 3:
-        assert plan.dense_documents, "the case must send some document to the dense kernel"
+        assert plan.dense_groups, "the case must send some document to the dense kernel"
     _check_block(q[:, q_rows], k[:, k_rows], v[:, k_rows], q_docs, k_docs, causal, plan=plan)
 
 
@@ -174,3 +178,31 @@ def test_zigzag_ring_blocks_match_the_reference(world_size):
             assert segments is documents.segment_plan(plan, q_owner, kv_owner)  # built once, for the backward
             blocks += 1
     assert blocks >= world_size
+
+
+def test_equal_length_documents_side_by_side_form_one_dense_batch():
+    # Documents 1-3 have 3 rows each (9 rows together): one batched dense group; 0 and 4 stay ragged.
+    ids = lengths_to_ids([2, 3, 3, 3, 1])[None]
+    plan = plan_segments(ids, ids, True, dense_from=100, batch_from=9, batch_min_length=2)
+    assert plan.dense_groups == (DenseGroup(0, slice(2, 11), slice(2, 11), 3),)
+    assert plan.ragged_work and plan.rectangle is None
+    # Too few tokens together, or documents shorter than the minimum: all ragged.
+    assert plan_segments(ids, ids, True, dense_from=100, batch_from=10, batch_min_length=2).dense_groups == ()
+    assert plan_segments(ids, ids, True, dense_from=100, batch_from=9, batch_min_length=4).dense_groups == ()
+    # Off the diagonal: the shared documents' key runs have their own (equal) length.
+    q_docs, k_docs = torch.tensor([[1, 1, 2, 2, 3]]), torch.tensor([[0, 1, 1, 1, 2, 2, 2]])
+    plan = plan_segments(q_docs, k_docs, False, dense_from=100, batch_from=4, batch_min_length=2)
+    assert plan.dense_groups == (DenseGroup(0, slice(0, 4), slice(1, 7), 2),)
+
+
+@pytest.mark.parametrize("q_rows, k_rows, causal", BLOCKS[:2])
+def test_equal_length_groups_through_the_dense_kernel_match_the_reference(q_rows, k_rows, causal):
+    """Fixed-length packing with ragged ends: the batched dense call, the ragged rest and the overwrite.
+
+    Diagonal blocks only: off the diagonal a row shares at most one document (the rectangle case)."""
+    q, k, v = _qkv(2, 40, 40)
+    ids = torch.stack([lengths_to_ids([3, 4, 4, 4, 4, 4, 4, 4, 4, 5]), lengths_to_ids([6] * 6 + [4])])
+    q_docs, k_docs = ids[:, q_rows], ids[:, k_rows]
+    plan = plan_segments(q_docs, k_docs, causal, dense_from=100, batch_from=8, batch_min_length=2)
+    assert plan.rectangle is None and [group.count for group in plan.dense_groups] == [8, 6]
+    _check_block(q[:, q_rows], k[:, k_rows], v[:, k_rows], q_docs, k_docs, causal, plan=plan)

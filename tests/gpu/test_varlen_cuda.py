@@ -10,7 +10,7 @@ plans, with rows that have no key). A kernel that fails its probe on this GPU / 
 import pytest
 import torch
 
-from longloom.attention import varlen
+from longloom.attention import varlen, varlen_plan
 from longloom.attention.blocks import block_attention_backward, block_attention_forward, select_backend
 from longloom.attention.reference import attention_with_lse
 from longloom.parallel import sharding
@@ -71,8 +71,8 @@ def _check_block(kernel, q, k, v, q_docs, k_docs, causal, bound, segments=None, 
     def dense_backward(dout, q, k, v, out, lse, causal, scale):
         return block_attention_backward(dout, q, k, v, out, lse, causal, scale, dense_backend)
 
-    plan = segments or varlen.plan_segments(
-        q_docs, k_docs, causal, dense_from or varlen.DENSE_DOCUMENT_TOKENS
+    plan = segments or varlen_plan.plan_segments(
+        q_docs, k_docs, causal, dense_from or varlen_plan.DENSE_DOCUMENT_TOKENS
     )
     assert plan is not None
     plan = plan.to(q.device)
