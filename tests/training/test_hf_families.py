@@ -34,6 +34,7 @@ VOCAB = 264  # the byte tokenizer's 259 ids of the synthetic data, padded as HF 
 SEQ = 32
 STEPS = 3
 YARN = {"type": "yarn", "factor": 2.0}
+THETA = 20000.0  # qwen3's run also moves rope_theta (the folder's: 10000)
 
 # family -> (its split and what else it covers, workers, save_pretrained overrides)
 RUNS = {
@@ -41,7 +42,7 @@ RUNS = {
     "mistral": (["parallel.ring=2", "offload.activations=0.5"], 2, {}),
     "qwen2": (["parallel.ulysses=2", "parallel.ring=2"], 4, {}),
     "qwen3": (
-        ["parallel.ulysses=2", "model.rope_scaling={type: yarn, factor: 2.0}"],
+        ["parallel.ulysses=2", "model.rope_scaling={type: yarn, factor: 2.0}", f"model.rope_theta={THETA}"],
         2,
         {"tie_word_embeddings": True},
     ),
@@ -82,7 +83,7 @@ def _reference_config(folder, rope_scaling: bool):
         config.rope_parameters = {
             "rope_type": "yarn",
             "factor": YARN["factor"],
-            "rope_theta": config.rope_parameters["rope_theta"],
+            "rope_theta": THETA,
             "original_max_position_embeddings": config.max_position_embeddings,
         }
     return config
@@ -115,9 +116,10 @@ def _plain_training(folder, cfg, rope_scaling: bool) -> tuple[list[float], torch
     return losses, model.eval()
 
 
-def _longloom_logits(folder, checkpoint, rope_scaling: dict | None, tokens) -> torch.Tensor:
+def _longloom_logits(folder, checkpoint, rope_scaling: bool, tokens) -> torch.Tensor:
     """The longloom model (HFCausalLM around the folder's architecture) with the checkpoint's fp32 masters."""
-    model = HFCausalLM(build_hf_causal_lm(folder, load_hf_config(folder, rope_scaling=rope_scaling), SEQ))
+    rope = {"rope_scaling": YARN, "rope_theta": THETA} if rope_scaling else {}
+    model = HFCausalLM(build_hf_causal_lm(folder, load_hf_config(folder, **rope), SEQ))
     with CheckpointReader(checkpoint) as reader, torch.no_grad():
         assert set(reader.specs) == {name for name, _ in model.named_parameters()}
         for name, param in model.named_parameters():
