@@ -250,12 +250,21 @@ def test_hf_export_of_a_trained_llama(distributed, tmp_path):
 
     # The exported weights are the trained fp32 masters: a model built from them reproduces the
     # logits of a model loaded straight from our checkpoint.
-    ours, exported = distributed(1, _logits_worker, str(step), str(tmp_path / "hf" / "model.safetensors"))[0]
+    tokens, ours, exported = distributed(
+        1, _logits_worker, str(step), str(tmp_path / "hf" / "model.safetensors")
+    )[0]
     torch.testing.assert_close(exported, ours, rtol=0, atol=0)
     assert ours.abs().max() > 0
+    # And transformers' own LlamaForCausalLM loads the folder to the same logits (its SDPA attention
+    # against ours: equal up to fp32 rounding).
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(input_ids=tokens).logits
+    torch.testing.assert_close(theirs / ours.abs().max(), ours / ours.abs().max(), rtol=0, atol=1e-5)
 
 
-def _logits_worker(step: str, hf_file: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits_worker(step: str, hf_file: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from longloom.config import load_config
     from longloom.models.llama import LlamaModel
     from longloom.parallel import ParallelDims
@@ -269,7 +278,7 @@ def _logits_worker(step: str, hf_file: str) -> tuple[torch.Tensor, torch.Tensor]
     exported.load_state_dict({name: weights[hf_name(name)] for name, _ in exported.named_parameters()})
     tokens, positions = torch.randint(0, 259, (1, 16)), torch.arange(16).unsqueeze(0)
     with torch.no_grad():
-        return ours(tokens, positions), exported(tokens, positions)
+        return tokens, ours(tokens, positions), exported(tokens, positions)
 
 
 # --------------------------------------------------------------------------- HF folders in and out
