@@ -109,7 +109,13 @@ def cmd_ckpt_convert(args: argparse.Namespace) -> int:
     from longloom.checkpointing.convert import convert_checkpoint
 
     convert_checkpoint(
-        args.source, args.destination, to=args.to, progress=True, workers=args.workers, dtype=args.dtype
+        args.source,
+        args.destination,
+        to=args.to,
+        progress=True,
+        workers=args.workers,
+        dtype=args.dtype,
+        hf_folder=args.hf_folder,
     )
     print(f"wrote {args.to} checkpoint to {args.destination}")
     return 0
@@ -169,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=["universal", "deepspeed-universal", "hf"])
     convert.add_argument("--workers", type=int, default=None, help="parallel tensor readers/writers")
     convert.add_argument("--dtype", default=None, help="--to hf: dtype of the exported weights (e.g. bf16)")
+    convert.add_argument(
+        "--hf-folder",
+        default=None,
+        help="--to hf of a model.source=hf:<folder> run: where that folder is now (default: the path it trained from)",
+    )
     convert.set_defaults(handler=cmd_ckpt_convert)
 
     evaluation = commands.add_parser("eval", help="evaluate a trained model").add_subparsers(

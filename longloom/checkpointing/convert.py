@@ -10,8 +10,12 @@ parameter's fp32 / exp_avg / exp_avg_sq), so each target has one writer:
   safetensors shards plus `commit.json`; `LazyAsyncCheckpointer.load` reads it on any layout.
 - `deepspeed-universal`: DeepSpeed's universal layout (deepspeed_universal.py), file for file what
   `ds_to_universal` writes and loadable with `"checkpoint": {"load_universal": true}`.
-- `hf`: `model.safetensors` (sharded above 5 GB, with an index) and `config.json` of a Hugging
-  Face `LlamaForCausalLM`, weights in the dtype the model trained in.
+- `hf`: a Hugging Face model folder (hf_export.py): `model.safetensors` (sharded above 5 GB, with an
+  index), `config.json` and tokenizer files; the folder's own architecture for `model.source: hf:`
+  runs, `LlamaForCausalLM` for the native model; weights in the dtype the model trained in.
+
+A Hugging Face model folder is a source too, for `universal` only (hf_import.py): the state of a
+`model.source: hf:<folder>` run before its first step.
 
 Conversions stream parameter by parameter on a thread pool: memory stays at about `workers`
 parameters, and shard files are written in place (`os.pwrite`) as tensors are ready.
@@ -39,6 +43,7 @@ from longloom.checkpointing.deepspeed_format import DeepSpeedCheckpointReader, i
 from longloom.checkpointing.deepspeed_universal import write_deepspeed_universal
 from longloom.checkpointing.engine_state import jsonable
 from longloom.checkpointing.hf_export import parse_export_dtype, write_hf
+from longloom.checkpointing.hf_import import HFFolderReader, is_hf_model_folder
 from longloom.checkpointing.inspection import format_inspection, inspect_checkpoint
 from longloom.checkpointing.resume import find_latest_verified
 from longloom.checkpointing.tensor_file import TensorFileLayout, write_sharded, write_tensor_file
@@ -69,7 +74,8 @@ def open_source(path: str | Path):
         )
     raise CheckpointError(
         f"cannot tell the format of {path}: expected a longloom checkpoint (commit.json), a checkpoints/ "
-        "folder of step-N checkpoints, or a DeepSpeed checkpoint (*_optim_states.pt or a `latest` file)"
+        "folder of step-N checkpoints, a DeepSpeed checkpoint (*_optim_states.pt or a `latest` file), or "
+        "(for --to universal) a Hugging Face model folder (config.json + safetensors)"
     )
 
 
@@ -147,13 +153,15 @@ def convert_checkpoint(
     progress: bool = True,
     workers: int | None = None,
     dtype: str | None = None,
+    hf_folder: str | Path | None = None,
 ) -> Path:
     """Converts the checkpoint at `src` (format auto-detected) into format `to` under `dst`.
 
     The output appears at `dst` complete or not at all: it is written into a hidden sibling
     folder that is renamed to `dst` at the end, and removed (with any parent folders the command
     created) when the conversion fails. Every tensor read from one of our checkpoints is checked
-    against its recorded checksum.
+    against its recorded checksum. `hf_folder` (--to hf): where the model folder of a `model.source:
+    hf:` run is now, when it moved since training.
     """
     if to not in TARGETS:
         raise CheckpointError(f"--to {to!r} is not one of {', '.join(TARGETS)}")
@@ -161,11 +169,23 @@ def convert_checkpoint(
         raise CheckpointError(
             f"--dtype {dtype} applies to --to hf only: {to} stores fp32 masters and Adam moments"
         )
+    if hf_folder is not None and to != "hf":
+        raise CheckpointError(
+            f"--hf-folder applies to --to hf only (the model folder a run trained from), not {to}"
+        )
     out_dtype = parse_export_dtype(dtype) if dtype is not None else None
     dst = Path(dst)
     workers = workers or min(8, os.cpu_count() or 1)
     _check_destination(dst)
-    source = open_source(src)
+    if is_hf_model_folder(Path(src)):
+        if to != "universal":
+            raise CheckpointError(
+                f"{src} is a Hugging Face model folder: it converts --to universal only (the state before step 0 "
+                f"of a run); to train from it, set model.source=hf:{src}"
+            )
+        source = HFFolderReader(src)
+    else:
+        source = open_source(src)
     try:
         tmp, created = _new_destination(dst)
         try:
@@ -175,7 +195,7 @@ def convert_checkpoint(
             elif to == "deepspeed-universal":
                 write_deepspeed_universal(source, tmp, run_parallel)
             else:
-                write_hf(source, tmp, run_parallel, out_dtype)
+                write_hf(source, tmp, run_parallel, out_dtype, Path(hf_folder) if hf_folder else None)
             os.replace(tmp, dst)  # atomic; replaces an empty `dst` folder the user made
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

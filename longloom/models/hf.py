@@ -204,6 +204,9 @@ def _input_check(signature: inspect.Signature, dims: ParallelDims, name: str):
 def packed_document_ids(positions: torch.Tensor, dims: ParallelDims) -> torch.Tensor | None:
     """Document ids [B, S/P] from this rank's share of position ids; None if every row is one document.
 
+    The one derivation of packed documents from positions: the input hook passes them to SP attention,
+    and HFCausalLM refuses packed positions that come without the trainer's document ids.
+
     A token's id is its index in the full sample minus its position: the index where its document
     starts. Whether a row holds several documents is decided over the whole SP group (one tiny
     all-reduce): a boundary on a shard edge leaves each rank's own ids constant, and every rank must

@@ -26,11 +26,10 @@ import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedModel
 
-from longloom.models.hf import DOCUMENT_IDS_KWARG, enable_sequence_parallel
+from longloom.models.hf import DOCUMENT_IDS_KWARG, enable_sequence_parallel, packed_document_ids
 from longloom.models.llama import LanguageModelHead
 from longloom.parallel.dims import ParallelDims
 from longloom.parallel.loss import LossStats
-from longloom.parallel.sharding import shard_tensor
 
 # Output transforms an HF head applies to the logits that the fused loss (a plain linear head) would skip.
 LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -87,8 +86,15 @@ class HFCausalLM(nn.Module):
                     "document_ids need longloom SP attention: build HFCausalLM with dims (ParallelDims)"
                 )
             extra[DOCUMENT_IDS_KWARG] = document_ids
-        elif self.dims is not None:
-            _check_consecutive_positions(position_ids, self.dims)
+        elif self.dims is not None and packed_document_ids(position_ids, self.dims) is not None:
+            # The trainer gives document ids exactly when the data asks for document masking
+            # (data.document_masking); positions that restart without them would let SP attention run
+            # across documents, as the HF model's own forward (models/hf.py's input hook) never does.
+            raise ValueError(
+                "position_ids restart at 0 inside a sample (packed documents) but no document_ids were given: "
+                "SP attention would attend across the documents; pass their document_ids "
+                "(data.document_masking: true), or use one document per sample"
+            )
         decoder = getattr(self, self.decoder_name)
         hidden = decoder(
             input_ids=tokens, position_ids=position_ids, use_cache=False, **extra
@@ -138,22 +144,4 @@ def _check_plain_head(causal_lm: PreTrainedModel) -> None:
         raise ValueError(
             f"{type(causal_lm).__name__} transforms its logits ({transforms}), which the fused LM-head loss "
             "does not: use a model with a plain linear head"
-        )
-
-
-def _check_consecutive_positions(position_ids: torch.Tensor, dims: ParallelDims) -> None:
-    """What enable_sequence_parallel's input check does on the HF model's own forward, which this bypasses.
-
-    The positions must be this rank's share of consecutive ones (an offset per row is fine): per-document
-    positions mean packed documents, which SP attention would let attend each other without document_ids.
-    """
-    local = position_ids.size(-1)
-    expected = shard_tensor(
-        torch.arange(local * dims.sp, device=position_ids.device), 0, dims.sp_rank, dims.sp, dims.layout
-    )
-    offset = position_ids - expected
-    if not bool((offset == offset[..., :1]).all()):
-        raise ValueError(
-            "position_ids are not this rank's share of consecutive positions (packed documents restart them): "
-            "pass their document_ids (data.document_masking: true), or use one document per sample"
         )

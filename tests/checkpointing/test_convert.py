@@ -250,12 +250,21 @@ def test_hf_export_of_a_trained_llama(distributed, tmp_path):
 
     # The exported weights are the trained fp32 masters: a model built from them reproduces the
     # logits of a model loaded straight from our checkpoint.
-    ours, exported = distributed(1, _logits_worker, str(step), str(tmp_path / "hf" / "model.safetensors"))[0]
+    tokens, ours, exported = distributed(
+        1, _logits_worker, str(step), str(tmp_path / "hf" / "model.safetensors")
+    )[0]
     torch.testing.assert_close(exported, ours, rtol=0, atol=0)
     assert ours.abs().max() > 0
+    # And transformers' own LlamaForCausalLM loads the folder to the same logits (its SDPA attention
+    # against ours: equal up to fp32 rounding).
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(input_ids=tokens).logits
+    torch.testing.assert_close(theirs / ours.abs().max(), ours / ours.abs().max(), rtol=0, atol=1e-5)
 
 
-def _logits_worker(step: str, hf_file: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits_worker(step: str, hf_file: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from longloom.config import load_config
     from longloom.models.llama import LlamaModel
     from longloom.parallel import ParallelDims
@@ -269,4 +278,104 @@ def _logits_worker(step: str, hf_file: str) -> tuple[torch.Tensor, torch.Tensor]
     exported.load_state_dict({name: weights[hf_name(name)] for name, _ in exported.named_parameters()})
     tokens, positions = torch.randint(0, 259, (1, 16)), torch.arange(16).unsqueeze(0)
     with torch.no_grad():
-        return ours(tokens, positions), exported(tokens, positions)
+        return tokens, ours(tokens, positions), exported(tokens, positions)
+
+
+# --------------------------------------------------------------------------- HF folders in and out
+# Training an HF family and exporting it: tests/training/test_hf_families.py. Here, in process: the
+# import (an HF folder as a run's step 0), which is also a model.source hf: checkpoint to export.
+def _tiny_folder(folder: Path, dtype=torch.float32, **overrides):
+    from tests.models.hf_tiny import save_tiny_model
+
+    model = save_tiny_model(folder, "qwen3", **overrides)
+    if dtype != torch.float32:
+        model.to(dtype).save_pretrained(folder)
+    return model
+
+
+def _save_word_tokenizer(folder: Path) -> None:
+    import tokenizers
+    import transformers
+
+    vocab = {"<unk>": 0, "</s>": 1, "hello": 2, "world": 3}
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+
+
+def test_hf_folder_imports_as_step_0_and_exports_back_bit_for_bit(tmp_path):
+    from longloom import cli
+
+    _tiny_folder(tmp_path / "hf", torch.bfloat16, tie_word_embeddings=True)
+    _save_word_tokenizer(tmp_path / "hf")
+    assert cli.main(["ckpt", "convert", str(tmp_path / "hf"), str(tmp_path / "u"), "--to", "universal"]) == 0
+    report = inspect_checkpoint(tmp_path / "u")
+    assert report["committed"] and report["valid"] and report["step"] == 0
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    with CheckpointReader(tmp_path / "u") as reader:
+        assert set(reader.specs) == set(original), "the model's parameter names; the tied head once"
+        assert "lm_head.weight" not in reader.specs and reader.optimizer_step == 0
+        for name, tensor in original.items():
+            assert reader.specs[name].dtype == torch.bfloat16
+            assert torch.equal(reader.read_full(name, "fp32"), tensor.float())
+            assert (
+                not reader.read_full(name, "exp_avg").any() and not reader.read_full(name, "exp_avg_sq").any()
+            )
+        assert reader.extra(0)["loader"] == {"next_step": 0, "consumed_samples": 0}
+    assert cli.main(["ckpt", "convert", str(tmp_path / "u"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert back.keys() == original.keys()
+    assert all(
+        back[name].dtype == torch.bfloat16 and torch.equal(back[name], original[name]) for name in original
+    )
+    config, saved = (json.loads((tmp_path / f / "config.json").read_text()) for f in ("back", "hf"))
+    assert config == saved
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "back" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
+    # --dtype casts the weights and says so in config.json.
+    convert_checkpoint(tmp_path / "u", tmp_path / "fp32", to="hf", progress=False, dtype="fp32")
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"
+    assert load_file(tmp_path / "fp32" / "model.safetensors")["model.norm.weight"].dtype == torch.float32
+
+
+def test_hf_conversions_refuse_bad_input_and_write_nothing(tmp_path, capsys):
+    from longloom import cli
+
+    _tiny_folder(tmp_path / "hf")
+    convert_checkpoint(tmp_path / "hf", tmp_path / "u", to="universal", progress=False)
+    with pytest.raises(ValueError, match=r"is a Hugging Face model folder: it converts --to universal only"):
+        convert_checkpoint(tmp_path / "hf", tmp_path / "out", to="hf", progress=False)
+    with pytest.raises(ValueError, match=r"--hf-folder applies to --to hf only"):
+        convert_checkpoint(tmp_path / "u", tmp_path / "out", to="universal", hf_folder=tmp_path / "hf")
+    # Weights that do not fit config.json: the key and file are named.
+    wrong = tmp_path / "wrong"
+    shutil.copytree(tmp_path / "hf", wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps(config | {"intermediate_size": 64}))
+    with pytest.raises(
+        ValueError, match=r"mlp.down_proj.weight: \[48, 96\] in model.safetensors, \[48, 64\]"
+    ):
+        convert_checkpoint(wrong, tmp_path / "out", to="universal", progress=False)
+    # The run's folder moved: named, with the flag that fixes it; --hf-folder of another shape is refused.
+    moved = tmp_path / "moved"
+    (tmp_path / "hf").rename(moved)
+    assert cli.main(["ckpt", "convert", str(tmp_path / "u"), str(tmp_path / "out"), "--to", "hf"]) == 2
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'hf' / 'config.json'}" in error and "pass --hf-folder <folder>" in error
+    with pytest.raises(
+        ValueError, match=r"model.layers.0.mlp.down_proj.weight: \[48, 96\] in the checkpoint, \[48, 64\]"
+    ):
+        convert_checkpoint(tmp_path / "u", tmp_path / "out", to="hf", progress=False, hf_folder=wrong)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    args = [
+        "ckpt",
+        "convert",
+        str(tmp_path / "u"),
+        str(tmp_path / "out"),
+        "--to",
+        "hf",
+        "--hf-folder",
+        str(moved),
+    ]
+    assert cli.main(args) == 0 and (tmp_path / "out" / "model.safetensors").is_file()

@@ -253,21 +253,26 @@ def test_parameters_and_flops_count_like_the_native_llama():
     assert tied.flops_per_token(1024) == untied.flops_per_token(1024), "a tied head is still a matmul"
 
 
-def _packed_documents_worker():
+def _packed_documents_worker(document_length: int):
     dims = ParallelDims.build(dp=1, ulysses=2)
     model = HFCausalLM(tiny_model("llama"), dims)
     batch = _batch()
-    batch["position_ids"] = torch.arange(SEQ).remainder(10).expand(BATCH, -1)  # documents of 10 tokens
+    batch["position_ids"] = torch.arange(SEQ).remainder(document_length).expand(BATCH, -1)
     local = dims.shard_batch({key: batch[key] for key in ("tokens", "position_ids", "labels")})
-    with pytest.raises(
-        ValueError, match=r"not this rank's share of consecutive positions \(packed documents"
-    ):
+    with pytest.raises(ValueError, match=r"position_ids restart at 0 inside a sample \(packed documents\)"):
         model(local["tokens"], local["position_ids"], labels=local["labels"])
-    return True
+    # With their document ids the same positions train (the trainer's path for data.document_masking).
+    document_ids = (torch.arange(SEQ) // document_length).expand(BATCH, -1)
+    local_ids = dims.shard_batch({"document_ids": document_ids})["document_ids"]
+    loss, _ = model(local["tokens"], local["position_ids"], labels=local["labels"], document_ids=local_ids)
+    return bool(torch.isfinite(loss))
 
 
-def test_packed_documents_are_refused_under_sequence_parallelism(distributed):
-    assert all(distributed(2, _packed_documents_worker))
+# 10: boundaries inside each rank's share; 16: the only boundary on the shard edge, where each rank alone
+# sees consecutive positions (the group decides, models/hf.py's packed_document_ids).
+@pytest.mark.parametrize("document_length", [10, SEQ // 2])
+def test_packed_documents_without_ids_are_refused_under_sequence_parallelism(distributed, document_length):
+    assert all(distributed(2, _packed_documents_worker, document_length))
 
 
 def test_heads_the_fused_loss_cannot_reproduce_are_refused():
