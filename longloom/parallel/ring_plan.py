@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from longloom.attention.documents import meeting_rows
-from longloom.attention.varlen import SegmentPlan, plan_segments
+from longloom.attention.varlen_plan import SegmentPlan, plan_segments
 from longloom.parallel import sharding
 from longloom.parallel.p2p import RingComm
 
