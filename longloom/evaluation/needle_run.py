@@ -128,8 +128,8 @@ def _needle_worker(plan: NeedlePlan) -> None:
     from longloom.evaluation.models import SequenceParallelPredictor
     from longloom.evaluation.needle import Haystacks, cases_for, evaluate_cases
     from longloom.evaluation.report import write_report
-    from longloom.launch.env import device_for_rank
     from longloom.parallel.dims import ParallelDims
+    from longloom.runtime.process import device_for_rank
 
     dp, ulysses, ring = plan.split
     dims = ParallelDims.build(dp=dp, ulysses=ulysses, ring=ring)

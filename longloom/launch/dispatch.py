@@ -25,8 +25,8 @@ from typing import Any, Literal
 import torch.distributed as dist
 
 from longloom.config import ConfigError, LongloomConfig, validate_layout
-from longloom.launch.env import ATTEMPT_ENV, under_torchrun
 from longloom.launch.supervisor import RunFailed, WorkerFailure, is_deterministic, run_with_restarts
+from longloom.runtime.ranks import ATTEMPT_ENV, under_torchrun
 
 logger = logging.getLogger(__name__)
 

@@ -37,14 +37,15 @@ from longloom.checkpointing.resume import find_latest_verified
 from longloom.config import LongloomConfig, resolve_model, validate_layout
 from longloom.data.loader import GlobalBatchLoader
 from longloom.data.synthetic import build_dataset
-from longloom.launch.env import attempt_number, device_for_rank, init_distributed
-from longloom.launch.supervisor import DeterministicFailure
 from longloom.models.llama import LlamaModel, plain_checkpoint
 from longloom.offload.activations import ActivationOffloader
 from longloom.offload.memory import human_bytes
 from longloom.offload.optimizer import build_optimizer, optimizer_settings
 from longloom.parallel.dims import ParallelDims
 from longloom.parallel.loss import IGNORE_INDEX, LossStats
+from longloom.runtime.failures import DeterministicFailure
+from longloom.runtime.process import device_for_rank, init_distributed
+from longloom.runtime.ranks import attempt_number
 from longloom.training.evaluation import eval_batches, eval_dataset, evaluate_loss
 from longloom.training.metrics import MetricsLogger
 
