@@ -74,14 +74,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """The preflight of `train` without starting anything: OK only when the run can start."""
-    from longloom.offload.memory import format_estimate
-
     cfg = _load(args)
     report = preflight(cfg)
-    dp, ulysses, ring = report.split
     print(cfg.to_yaml(), end="")
-    print(f"# split: {cfg.launch.workers} workers = dp {dp} x ulysses {ulysses} x ring {ring}")
-    print(format_estimate(report.estimate))
+    print(report.plan.describe())  # split, dtype, MLP tiles, optimizer GPU share, memory estimate
     print(describe_notes(report), end="")
     print("# config OK: the run can start")
     return 0

@@ -1,6 +1,7 @@
 import pytest
 
-from longloom.config import ConfigError, load_config, parse_overrides, resolve_split, validate_layout
+from longloom.config import ConfigError, load_config, parse_overrides
+from longloom.training.split import resolve_split, validate_layout
 
 
 def test_file_then_overrides_then_defaults(tmp_path):
