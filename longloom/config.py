@@ -82,7 +82,7 @@ class ModelConfig(_Section):
     linear_decay: Flag = Field(True, description="per-head decay in linear layers (Lightning style)")
     # Default untiled: tiling costs one more MLP forward per step, which no GPU run has weighed yet
     # against the memory it saves; long-sequence configs (configs/llama8b-1m.yaml) turn it on.
-    mlp_tiles: Whole | Literal["auto"] = Field(
+    mlp_tiles: PositiveWhole | Literal["auto"] = Field(
         1,
         description="token tiles of the tiled MLP (models/tiled_mlp.py); auto = ceil(local tokens / hidden), "
         "1 = untiled",
@@ -206,7 +206,7 @@ class TrainConfig(_Section):
 
 
 class OffloadConfig(_Section):
-    activations: Flag | Real = Field(
+    activations: Flag | Annotated[Real, Field(ge=0, le=1)] = Field(
         False,
         description="swap checkpointed layer inputs to host memory, with the attention output of this "
         "share of the tokens (true = 1.0: no attention recomputation); the other tokens are recomputed",
@@ -217,10 +217,11 @@ class OffloadConfig(_Section):
     )
     host_memory_limit_gb: Real | None = Field(None, gt=0, description="None = what the host has")
 
-    @field_validator("activations")
+    @field_validator("activations", mode="before")
     @classmethod
-    def _share_in_range(cls, value: bool | float) -> bool | float:
-        if not isinstance(value, bool) and not 0.0 <= value <= 1.0:
+    def _share_in_range(cls, value: object) -> object:
+        # One message, instead of pydantic's pair of errors for the two union members.
+        if isinstance(value, int | float) and not isinstance(value, bool) and not 0.0 <= value <= 1.0:
             raise ValueError(f"offload.activations={value} must be true, false or a share in [0, 1]")
         return value
 
@@ -242,8 +243,11 @@ class LaunchConfig(_Section):
     backend: Literal["auto", "local", "torchrun", "ray"] = "auto"
     workers: Whole = Field(1, ge=1)
     address: str | None = Field(None, min_length=1)
-    max_failures: Whole = Field(0, ge=0)
-    collective_timeout_s: Real = Field(600.0, gt=0, description="a hung collective fails after this")
+    max_failures: Whole = Field(0, ge=0, le=1000, description="worker-group restarts after failures")
+    # torch.distributed keeps the timeout as a C++ duration: an absurd value overflows at init, not here.
+    collective_timeout_s: Real = Field(
+        600.0, gt=0, le=86400, description="a hung collective fails after this (at most a day)"
+    )
     connect_timeout_s: Real = Field(
         45.0, gt=0, le=3600, description="joining launch.address fails after this when nothing answers"
     )
