@@ -147,6 +147,9 @@ def test_format_and_cli_check(tmp_path):
     command = [sys.executable, "-m", "longloom", "check", str(config)]
     ok = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "pinned host memory per worker: activations" in ok.stdout, ok.stderr
+    assert (
+        "# split: 1 workers = dp 1 x ulysses 1 x ring 1" in ok.stdout and "# plan: " in ok.stdout
+    )  # the run plan
     refused = subprocess.run(
         [*command, "offload.host_memory_limit_gb=0.000001"],
         check=False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -88,6 +89,11 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, list[float]]:
     out = tmp_path_factory.mktemp("runs") / "a"
     summary = run_distributed(1, _train_worker, [f"train.output_dir={out}"])[0]
     assert summary["error"] is None and len(summary["losses"]) == 6
+    # Time to first step: each build phase is logged as it ends, with its duration.
+    phases = [r"model: native, .*M parameters, layers S+, built in \d+\.\d s", r"DeepSpeed engine .* ready in",
+              r"data \(synthetic:passkey\) ready in", r"first step \(1\) in \d+\.\d s"]  # fmt: skip
+    lines = iter(summary["log"])
+    assert all(any(re.search(phase, line) for line in lines) for phase in phases), summary["log"]
     return out, summary["losses"]
 
 
