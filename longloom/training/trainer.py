@@ -181,6 +181,7 @@ class Trainer:
         self._build_model(plan)
         self._build_engine(deepspeed, plan)
         self._build_data_and_resume(latest)
+        self._build_step_pieces()
         return True
 
     def _build_model(self, plan: RunPlan) -> None:
@@ -242,6 +243,9 @@ class Trainer:
             # Only now that the run really starts (a refused resume raised above).
             self.output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.output_dir / "config.yaml", cfg.to_yaml())
+
+    def _build_step_pieces(self) -> None:
+        cfg = self.cfg
         # Held-out loss (train.eval_every): the same split and loss as training, forward only.
         self.eval_data = eval_dataset(cfg) if cfg.train.eval_every else None
         self.metrics = MetricsLogger(
