@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from longloom.config import ConfigError, LongloomConfig
-from longloom.training.split import resolve_model
 
 if TYPE_CHECKING:
     from longloom.training.plan import RunPlan
@@ -111,7 +110,7 @@ def check_data(cfg: LongloomConfig, report: PreflightReport) -> None:
     from longloom.data.synthetic import SYNTHETIC_PREFIX, build_dataset
     from longloom.data.tokenize import load_tokenizer
 
-    model = resolve_model(cfg).model
+    model = run_plan(cfg, report).config.model  # hf: the folder's shapes
     what = f"the model's vocab_size {model.vocab_size} ({'config.json of ' + cfg.model.source if cfg.model.is_hf else 'model.vocab_size'})"
     tokenizer_spec = data_tokenizer(cfg)
     if tokenizer_spec != "bytes" or cfg.data.tokenizer is not None:
@@ -230,7 +229,7 @@ def check_eval_data(cfg: LongloomConfig, report: PreflightReport) -> None:
         return
     from longloom.training.evaluation import eval_dataset
 
-    eval_dataset(resolve_model(cfg))  # hf: models: the folder's vocab_size
+    eval_dataset(run_plan(cfg, report).config)  # hf: models: the folder's vocab_size
 
 
 def check_resume(cfg: LongloomConfig, report: PreflightReport) -> None:
