@@ -65,10 +65,10 @@ import time
 import torch
 
 from bench.common import append_record, markdown_table
-from longloom.checkpointing.convert import convert_checkpoint
 from longloom.checkpointing.lazy_async import LazyAsyncCheckpointer
 from longloom.checkpointing.tensor_file import TensorFileLayout, write_tensor_file
 from longloom.config import load_config
+from longloom.conversion.convert import convert_checkpoint
 from longloom.launch.env import device_for_rank, free_port, init_distributed
 from longloom.models.llama import LlamaModel
 from longloom.parallel import ParallelDims

@@ -52,9 +52,9 @@ from bench.common import (
     time_ms,
 )
 from longloom.parallel import ParallelDims
-from longloom.parallel.hybrid import sequence_parallel_attention
 from longloom.parallel.sharding import shard_sequence, unshard_sequence
 from longloom.parallel.tokenring import tokenring_attention
+from longloom.parallel.two_d import sequence_parallel_attention
 from longloom.parallel.ulysses import kv_head_replication, ulysses_attention
 
 DISTRIBUTIONS = ("full", "lognormal", "fixed")

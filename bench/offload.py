@@ -58,6 +58,7 @@ from longloom.models.llama import LlamaModel, plain_checkpoint
 from longloom.offload.activations import ActivationOffloader
 from longloom.offload.optimizer import build_optimizer
 from longloom.parallel import ParallelDims
+from longloom.training.plan import build_run_plan
 from longloom.training.trainer import deepspeed_config, resolve_dtype
 
 GIB = 1 << 30
@@ -217,7 +218,8 @@ def optimizer_case(args, dims: ParallelDims, device: torch.device, overrides: li
     dtype = resolve_dtype(cfg, device)
     torch.manual_seed(0)
     model = LlamaModel(cfg.model, dims)
-    optimizer = build_optimizer(cfg, model.parameters(), device=device)
+    plan = build_run_plan(cfg, torch.distributed.get_world_size(), device)  # measures gpu_share=auto
+    optimizer = build_optimizer(cfg, model.parameters(), gpu_share=plan.gpu_share)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=model.parameters(),

@@ -74,14 +74,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """The preflight of `train` without starting anything: OK only when the run can start."""
-    from longloom.offload.memory import format_estimate
-
     cfg = _load(args)
     report = preflight(cfg)
-    dp, ulysses, ring = report.split
     print(cfg.to_yaml(), end="")
-    print(f"# split: {cfg.launch.workers} workers = dp {dp} x ulysses {ulysses} x ring {ring}")
-    print(format_estimate(report.estimate))
+    print(report.plan.describe())  # split, dtype, MLP tiles, optimizer GPU share, memory estimate
     print(describe_notes(report), end="")
     print("# config OK: the run can start")
     return 0
@@ -95,7 +91,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
-    from longloom.checkpointing.convert import format_inspection, inspect_checkpoint
+    from longloom.conversion.convert import format_inspection, inspect_checkpoint
 
     report = inspect_checkpoint(args.path)
     print(json.dumps(report, indent=2, default=str) if args.json else format_inspection(report))
@@ -106,7 +102,7 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_convert(args: argparse.Namespace) -> int:
-    from longloom.checkpointing.convert import convert_checkpoint
+    from longloom.conversion.convert import convert_checkpoint
 
     convert_checkpoint(
         args.source,

@@ -1,8 +1,10 @@
 """Typed run configuration: pydantic v2 models, a YAML file plus dotted overrides (CLI > file > defaults).
 
 The section and key names of DESIGN.md are a contract; every model forbids unknown keys so a typo
-fails loudly with the key's full dotted path. `validate_layout` checks everything that can be
-checked without starting workers (split sizes, divisibility) and says which key to change.
+fails loudly with the key's full dotted path, and every value is range-checked here, at load time.
+What follows from the config and the world size (the split, dtype, MLP tiles, optimizer GPU share,
+memory estimate) is decided once by the run plan (training/plan.py), not here: this module imports
+no other part of longloom.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class ModelConfig(_Section):
     linear_decay: Flag = Field(True, description="per-head decay in linear layers (Lightning style)")
     # Default untiled: tiling costs one more MLP forward per step, which no GPU run has weighed yet
     # against the memory it saves; long-sequence configs (configs/llama8b-1m.yaml) turn it on.
-    mlp_tiles: Whole | Literal["auto"] = Field(
+    mlp_tiles: PositiveWhole | Literal["auto"] = Field(
         1,
         description="token tiles of the tiled MLP (models/tiled_mlp.py); auto = ceil(local tokens / hidden), "
         "1 = untiled",
@@ -204,7 +206,7 @@ class TrainConfig(_Section):
 
 
 class OffloadConfig(_Section):
-    activations: Flag | Real = Field(
+    activations: Flag | Annotated[Real, Field(ge=0, le=1)] = Field(
         False,
         description="swap checkpointed layer inputs to host memory, with the attention output of this "
         "share of the tokens (true = 1.0: no attention recomputation); the other tokens are recomputed",
@@ -215,10 +217,11 @@ class OffloadConfig(_Section):
     )
     host_memory_limit_gb: Real | None = Field(None, gt=0, description="None = what the host has")
 
-    @field_validator("activations")
+    @field_validator("activations", mode="before")
     @classmethod
-    def _share_in_range(cls, value: bool | float) -> bool | float:
-        if not isinstance(value, bool) and not 0.0 <= value <= 1.0:
+    def _share_in_range(cls, value: object) -> object:
+        # One message, instead of pydantic's pair of errors for the two union members.
+        if isinstance(value, int | float) and not isinstance(value, bool) and not 0.0 <= value <= 1.0:
             raise ValueError(f"offload.activations={value} must be true, false or a share in [0, 1]")
         return value
 
@@ -240,8 +243,11 @@ class LaunchConfig(_Section):
     backend: Literal["auto", "local", "torchrun", "ray"] = "auto"
     workers: Whole = Field(1, ge=1)
     address: str | None = Field(None, min_length=1)
-    max_failures: Whole = Field(0, ge=0)
-    collective_timeout_s: Real = Field(600.0, gt=0, description="a hung collective fails after this")
+    max_failures: Whole = Field(0, ge=0, le=1000, description="worker-group restarts after failures")
+    # torch.distributed keeps the timeout as a C++ duration: an absurd value overflows at init, not here.
+    collective_timeout_s: Real = Field(
+        600.0, gt=0, le=86400, description="a hung collective fails after this (at most a day)"
+    )
     connect_timeout_s: Real = Field(
         45.0, gt=0, le=3600, description="joining launch.address fails after this when nothing answers"
     )
@@ -418,79 +424,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = loaded
     tree = _merge(tree, parse_overrides(overrides or []))
     return config_from_dict(tree)
-
-
-def resolve_split(cfg: LongloomConfig, world_size: int | None = None) -> tuple[int, int, int]:
-    """(dp, ulysses, ring) for `world_size` workers, filling in `auto` and checking the product."""
-    workers = world_size if world_size is not None else cfg.launch.workers
-    ulysses = cfg.parallel.ulysses
-    ring = cfg.parallel.ring
-    if ring == "auto":
-        # The SP degree is what dp leaves of the workers; parallel/two_d.py's cost model splits it
-        # into ulysses x ring (parallel.ulysses is then ignored).
-        from longloom.parallel.two_d import choose_ring_degree
-
-        fixed_dp = 1 if cfg.parallel.dp == "auto" else cfg.parallel.dp
-        if workers % fixed_dp:
-            raise ConfigError(f"launch.workers={workers} is not divisible by parallel.dp={fixed_dp}")
-        sp = workers // fixed_dp
-        m = cfg.model
-        ring = choose_ring_degree(sp, m.heads, m.num_kv_heads, cfg.data.seq_len, head_dim=m.head_dim)
-        ulysses = sp // ring
-    dp = cfg.parallel.dp
-    if dp == "auto":
-        if workers % (ulysses * ring):
-            raise ConfigError(
-                f"launch.workers={workers} is not divisible by parallel.ulysses * parallel.ring = "
-                f"{ulysses} * {ring}: change launch.workers or the SP degrees"
-            )
-        dp = workers // (ulysses * ring)
-    if dp * ulysses * ring != workers:
-        raise ConfigError(
-            f"parallel.dp * parallel.ulysses * parallel.ring = {dp} * {ulysses} * {ring} = "
-            f"{dp * ulysses * ring} must equal the number of workers ({workers}): set launch.workers="
-            f"{dp * ulysses * ring} or change parallel.*"
-        )
-    return dp, ulysses, ring
-
-
-def resolve_model(cfg: LongloomConfig) -> LongloomConfig:
-    """`cfg` with model.* shapes from the folder for `model.source: hf:<folder>` (unchanged for native)."""
-    if not cfg.model.is_hf:
-        return cfg
-    from longloom.models.hf_loading import resolve_hf_model
-
-    try:
-        model, _ = resolve_hf_model(cfg.model)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    return cfg.model_copy(update={"model": model})
-
-
-def validate_layout(cfg: LongloomConfig, world_size: int | None = None) -> tuple[int, int, int]:
-    """Checks the split against the model and data; returns (dp, ulysses, ring)."""
-    cfg = resolve_model(cfg)
-    dp, ulysses, ring = resolve_split(cfg, world_size)
-    m = cfg.model
-    if m.hidden % m.heads:
-        raise ConfigError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
-    if m.heads % m.num_kv_heads:
-        raise ConfigError(f"model.heads={m.heads} is not divisible by model.kv_heads={m.num_kv_heads}")
-    if "S" in m.layer_pattern and m.heads % ulysses:
-        raise ConfigError(
-            f"model.heads={m.heads} is not divisible by parallel.ulysses={ulysses}: "
-            f"choose parallel.ulysses among the divisors of {m.heads}"
-        )
-    if "S" in m.layer_pattern and m.num_kv_heads % ulysses and ulysses % m.num_kv_heads:
-        raise ConfigError(
-            f"model.kv_heads={m.num_kv_heads} and parallel.ulysses={ulysses}: one must divide the other"
-        )
-    sp = ulysses * ring
-    chunks = sp * 2 if ring > 1 else sp
-    if cfg.data.seq_len % chunks:
-        what = f"2 * parallel.ring * parallel.ulysses = {chunks}" if ring > 1 else f"the SP degree {sp}"
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} must be divisible by {what}; "
-            f"e.g. data.seq_len={(cfg.data.seq_len // chunks + 1) * chunks}"
-        )
-    return dp, ulysses, ring

@@ -9,13 +9,14 @@ worker would reject would otherwise fail after the cluster started, and be retri
 The checks, in order (`PREFLIGHT_CHECKS`; a new deterministic check is one more function there):
 - hf model: for model.source hf:<folder>, config.json, the architecture (SP support) and the
   safetensors headers against it (models/hf_loading.check_hf_folder), no weights read;
-- layout: the dp x ulysses x ring split and the divisibility rules (config.validate_layout);
+- layout: the run plan (training/plan.py): the dp x ulysses x ring split and its divisibility rules,
+  dtype, MLP tiles, optimizer GPU share and memory estimate, made once and kept in the report;
 - data: the source opens as the workers will open it (folder, index, shards, token ids) and its
   vocabulary, and data.tokenizer's, fit the model's (the folder's vocab_size for hf: models);
 - output: train.output_dir is, or can be created as, a folder we may write (probed, then removed);
 - eval data: with train.eval_every, data.eval_source (or held-out synthetic draws) opens the same way;
 - resume: a checkpoint under train.output_dir fits the configured model (training/resume.py);
-- memory: the estimate (offload/memory.py) against the GPU when there is one, against this host when
+- memory: the plan's estimate (offload/memory.py) against the GPU when there is one, against this host when
   the run trains on its CPU, and the pinned host memory; what could not be checked is said plainly.
 What cannot be checked from here (a remote cluster's files and devices) is reported in `notes`.
 """
@@ -26,9 +27,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from longloom.config import ConfigError, LongloomConfig, resolve_model, validate_layout
+from longloom.config import ConfigError, LongloomConfig
+
+if TYPE_CHECKING:
+    from longloom.training.plan import RunPlan
 
 # The memory estimate comes out 12-23% above the peaks measured on an H200 (offload/memory.py): a run is
 # refused only when it would not fit even if the estimate were this much too high.
@@ -37,11 +41,18 @@ ESTIMATE_SLACK = 1.25
 
 @dataclass
 class PreflightReport:
-    """What the checks found: the split, the memory estimate, and what they could not check."""
+    """What the checks found: the run plan (split, dtype, tiles, GPU share, memory) and what they could not check."""
 
-    split: tuple[int, int, int] | None = None
-    estimate: dict[str, Any] | None = None
+    plan: RunPlan | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def split(self) -> tuple[int, int, int] | None:
+        return self.plan.split if self.plan is not None else None
+
+    @property
+    def estimate(self) -> dict[str, Any] | None:
+        return self.plan.memory if self.plan is not None else None
 
 
 PreflightCheck = Callable[[LongloomConfig, PreflightReport], None]
@@ -53,8 +64,17 @@ def _remote_cluster(cfg: LongloomConfig) -> str | None:
     return address if address.startswith(("http://", "https://")) else None
 
 
+def run_plan(cfg: LongloomConfig, report: PreflightReport) -> RunPlan:
+    """The report's run plan for launch.workers workers, made on first use (ConfigError for a bad split)."""
+    if report.plan is None:
+        from longloom.training.plan import build_run_plan
+
+        report.plan = build_run_plan(cfg, cfg.launch.workers)
+    return report.plan
+
+
 def check_layout(cfg: LongloomConfig, report: PreflightReport) -> None:
-    report.split = validate_layout(cfg)
+    run_plan(cfg, report)
 
 
 def check_hf_model(cfg: LongloomConfig, report: PreflightReport) -> None:
@@ -90,7 +110,7 @@ def check_data(cfg: LongloomConfig, report: PreflightReport) -> None:
     from longloom.data.synthetic import SYNTHETIC_PREFIX, build_dataset
     from longloom.data.tokenize import load_tokenizer
 
-    model = resolve_model(cfg).model
+    model = run_plan(cfg, report).config.model  # hf: the folder's shapes
     what = f"the model's vocab_size {model.vocab_size} ({'config.json of ' + cfg.model.source if cfg.model.is_hf else 'model.vocab_size'})"
     tokenizer_spec = data_tokenizer(cfg)
     if tokenizer_spec != "bytes" or cfg.data.tokenizer is not None:
@@ -158,11 +178,11 @@ def check_memory(cfg: LongloomConfig, report: PreflightReport) -> None:
     """The memory estimate against the device that will hold it, and the pinned host memory."""
     import torch  # here, not at the top: `longloom data ...` and config errors need no torch import
 
-    from longloom.offload.memory import check_host_memory, estimate_memory, host_memory_bytes, human_bytes
+    from longloom.offload.memory import check_host_memory, host_memory_bytes, human_bytes
 
     # hf: models: the folder's shapes as model.* (a Llama-like estimate: the families longloom runs are).
-    estimate = estimate_memory(resolve_model(cfg), cfg.launch.workers)
-    report.estimate = estimate
+    plan = run_plan(cfg, report)
+    estimate = plan.memory
     per_worker = estimate["per_gpu"]["total"]
     if cfg.launch.address is not None:
         report.notes.append(
@@ -200,7 +220,7 @@ def check_memory(cfg: LongloomConfig, report: PreflightReport) -> None:
         report.notes.append(
             "GPU memory not checked: no CUDA device on this machine (the run trains on its CPU)"
         )
-    check_host_memory(cfg, estimate)
+    check_host_memory(plan.config, plan, estimate)
 
 
 def check_eval_data(cfg: LongloomConfig, report: PreflightReport) -> None:
@@ -209,7 +229,7 @@ def check_eval_data(cfg: LongloomConfig, report: PreflightReport) -> None:
         return
     from longloom.training.evaluation import eval_dataset
 
-    eval_dataset(resolve_model(cfg))  # hf: models: the folder's vocab_size
+    eval_dataset(run_plan(cfg, report).config)  # hf: models: the folder's vocab_size
 
 
 def check_resume(cfg: LongloomConfig, report: PreflightReport) -> None:

@@ -54,7 +54,7 @@ def _pool_worker(rank: int, world_size: int, port: int, tasks, results) -> None:
 
 class WorkerPool:
     def __init__(self, world_size: int):
-        from longloom.launch.env import free_port
+        from longloom.runtime.ranks import free_port
 
         self.world_size = world_size
         context = mp.get_context("spawn")

@@ -1,6 +1,7 @@
 import pytest
 
-from longloom.config import ConfigError, load_config, parse_overrides, resolve_split, validate_layout
+from longloom.config import ConfigError, load_config, parse_overrides
+from longloom.training.split import resolve_split, validate_layout
 
 
 def test_file_then_overrides_then_defaults(tmp_path):
@@ -113,3 +114,44 @@ def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"override 'train.steps=\[1': the value is not valid YAML"):
         load_config(None, ["train.steps=[1"])
+
+
+def _number_keys(schema: dict, definitions: dict, path: str = ""):
+    """(dotted key, JSON schema) of every whole or real number a config takes, union members included."""
+    if "$ref" in schema:
+        schema = definitions[schema["$ref"].rsplit("/", 1)[-1]]
+    for name, field in schema.get("properties", {}).items():
+        key = f"{path}{name}"
+        if "$ref" in field or "properties" in field:
+            yield from _number_keys(field, definitions, f"{key}.")
+            continue
+        options = field.get("anyOf", [field])
+        options += [item for option in options for item in option.get("prefixItems", [])]
+        yield from ((key, option) for option in options if option.get("type") in ("integer", "number"))
+
+
+def test_every_number_key_is_range_checked_at_load_time():
+    from longloom.config import LongloomConfig
+
+    schema = LongloomConfig.model_json_schema(by_alias=True)
+    keys = list(_number_keys(schema, schema["$defs"]))
+    assert len(keys) > 30
+    lower = ("minimum", "exclusiveMinimum", "ge", "gt")
+    unbounded = [key for key, option in keys if not any(bound in option for bound in lower)]
+    assert not unbounded, f"number keys without a lower bound: {unbounded}"
+
+
+@pytest.mark.parametrize(
+    ("override", "allowed"),
+    [
+        ("offload.gpu_share=1.5", "> 0 and <= 1 or 'auto'"),
+        ("launch.collective_timeout_s=1e300", "<= 86400"),
+        ("launch.max_failures=100000", "<= 1000"),
+        ("model.norm_eps=2", "< 1"),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_the_key_and_the_range(override, allowed):
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=f"config key '{key}'") as error:
+        load_config(None, [override])
+    assert allowed in str(error.value)

@@ -91,8 +91,8 @@ def find_model_source(path: str | Path, tokenizer: str = "auto") -> ModelSource:
             "(step-N folder with commit.json, or a checkpoints/ folder), or a Hugging Face model folder "
             "(config.json and *.safetensors, e.g. from `longloom ckpt convert --to hf`)"
         )
-    from longloom.checkpointing.convert import open_source
-    from longloom.checkpointing.hf_export import _model_config  # the run's model.* and data.seq_len
+    from longloom.conversion.convert import open_source
+    from longloom.conversion.hf_export import _model_config  # the run's model.* and data.seq_len
 
     reader = open_source(checkpoint)
     try:
@@ -114,7 +114,7 @@ def find_model_source(path: str | Path, tokenizer: str = "auto") -> ModelSource:
 
 def load_native_weights(source: ModelSource, model: torch.nn.Module) -> None:
     """Copies the checkpoint's fp32 master weights into `model` (every name and shape must match)."""
-    from longloom.checkpointing.convert import open_source
+    from longloom.conversion.convert import open_source
 
     reader = open_source(source.path)
     try:

@@ -47,10 +47,11 @@ def plan_needle_eval(
     out_dir: str | Path | None = None,
 ) -> NeedlePlan:
     """Checks every argument against the model and the split; ValueError naming the value and the fix."""
-    from longloom.config import ConfigError, LongloomConfig, config_from_dict, parse_overrides, resolve_split
+    from longloom.config import ConfigError, LongloomConfig, config_from_dict, parse_overrides
     from longloom.data.tokenize import load_tokenizer
     from longloom.evaluation.models import check_hf_model, find_model_source
     from longloom.evaluation.needle import Haystacks, check_lengths, parse_depths, parse_lengths
+    from longloom.training.split import resolve_split
 
     if trials < 1 or workers < 1:
         raise ValueError(f"--trials={trials} and --workers={workers} must be at least 1")
@@ -128,8 +129,8 @@ def _needle_worker(plan: NeedlePlan) -> None:
     from longloom.evaluation.models import SequenceParallelPredictor
     from longloom.evaluation.needle import Haystacks, cases_for, evaluate_cases
     from longloom.evaluation.report import write_report
-    from longloom.launch.env import device_for_rank
     from longloom.parallel.dims import ParallelDims
+    from longloom.runtime.process import device_for_rank
 
     dp, ulysses, ring = plan.split
     dims = ParallelDims.build(dp=dp, ulysses=ulysses, ring=ring)

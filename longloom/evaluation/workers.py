@@ -3,7 +3,7 @@
 Evaluation is a short job on one host (a checkpoint read, forward passes, a report), so its workers are
 started here with torch.multiprocessing (spawn) rather than through the training launchers: no Ray
 cluster, no restarts, no config file. Each worker gets torchrun's environment variables
-(launch/env.py `rank_environment`) and joins the group with `init_distributed`, like a training worker;
+(runtime/ranks.py `rank_environment`) and joins the group with `init_distributed`, like a training worker;
 gloo on CPU, NCCL with one GPU per worker when there are GPUs. W = 1 runs in this process (a group of one).
 A worker's exception ends the run with that worker's traceback.
 """
@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from longloom.launch.env import free_port, init_distributed, rank_environment
+from longloom.runtime.process import init_distributed
+from longloom.runtime.ranks import free_port, rank_environment
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple) -> None:

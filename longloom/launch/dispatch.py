@@ -24,9 +24,9 @@ from typing import Any, Literal
 
 import torch.distributed as dist
 
-from longloom.config import ConfigError, LongloomConfig, validate_layout
-from longloom.launch.env import ATTEMPT_ENV, under_torchrun
+from longloom.config import ConfigError, LongloomConfig
 from longloom.launch.supervisor import RunFailed, WorkerFailure, is_deterministic, run_with_restarts
+from longloom.runtime.ranks import ATTEMPT_ENV, under_torchrun
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +115,9 @@ def run_workers(cfg: LongloomConfig, entry: Entry | None = None) -> Any:
         return run_with_restarts(lambda attempt: _run_in_process(cfg, entry, attempt), max_failures)
 
     from longloom.launch.ray import RayLauncher
+    from longloom.training.split import validate_layout
 
-    validate_layout(cfg, cfg.launch.workers)
+    validate_layout(cfg, cfg.launch.workers)  # before any Ray worker starts
     # Relative paths mean "relative to where the command ran", as for an in-process run; Ray
     # workers of an embedded cluster share this machine but not necessarily this directory.
     if not (cfg.launch.address or "").startswith(("http://", "https://")):

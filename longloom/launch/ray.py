@@ -54,10 +54,10 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from longloom.config import ConfigError, LongloomConfig
-from longloom.launch.env import free_port, rank_environment
 from longloom.launch.progress import MetricsFollower, driver_progress
 from longloom.launch.ray_cluster import connect
 from longloom.launch.supervisor import WorkerFailure, is_deterministic, run_with_restarts
+from longloom.runtime.ranks import free_port, rank_environment
 
 logger = logging.getLogger(__name__)
 

@@ -18,33 +18,20 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
+from longloom.runtime.failures import DETERMINISTIC_ERRORS, DeterministicFailure, is_deterministic
+
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "DETERMINISTIC_ERRORS",
+    "DeterministicFailure",
+    "RunFailed",
+    "WorkerFailure",
+    "is_deterministic",
+    "run_with_restarts",
+]
+
 Result = TypeVar("Result")
-
-
-class DeterministicFailure(RuntimeError):
-    """A run failure that a restart from the newest checkpoint would meet again (e.g. a loss that turns
-    non-finite at the same step with the same data): raised by the trainer, never retried."""
-
-
-# Errors that come back on every start with the same config and files (ConfigError and the
-# checkpoint errors are ValueErrors): retrying them only delays the message.
-DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
-    DeterministicFailure,
-    ValueError,
-    TypeError,
-    ImportError,
-    PermissionError,
-    FileExistsError,
-    IsADirectoryError,
-    NotADirectoryError,
-)
-
-
-def is_deterministic(error: BaseException) -> bool:
-    """True for an error a restart cannot fix (see DETERMINISTIC_ERRORS)."""
-    return isinstance(error, DETERMINISTIC_ERRORS)
 
 
 class WorkerFailure(Exception):

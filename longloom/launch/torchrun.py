@@ -22,8 +22,8 @@ from typing import Any
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from longloom.config import ConfigError, LongloomConfig, load_config
-from longloom.launch.env import ATTEMPT_ENV
 from longloom.launch.worker_setup import prepare_worker_process
+from longloom.runtime.ranks import ATTEMPT_ENV
 
 EXIT_CONFIG_ERROR = 2
 

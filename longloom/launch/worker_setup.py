@@ -1,7 +1,7 @@
 """What every training process does before the trainer starts, whoever started it (Ray, torchrun, us).
 
 - DeepSpeed's ops are built (once per environment, with a message) before the ranks need them, so
-  no rank stops for a minute in the middle of its first collective (launch/extensions.py);
+  no rank stops for a minute in the middle of its first collective (runtime/extensions.py);
 - third-party notices that tell a longloom user nothing are silenced, so the console shows our
   lines and real errors. Each filter names one known notice; errors and other warnings stay:
   - DeepSpeed's "Setting accelerator to CPU. If you have GPU ... we were unable to detect it": we
@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from longloom.config import LongloomConfig
-from longloom.launch.extensions import build_deepspeed_ops, needed_ops, use_stable_extensions_dir
+from longloom.runtime.extensions import build_deepspeed_ops, needed_ops, use_stable_extensions_dir
 
 
 def quiet_third_party_notices() -> None:

@@ -12,7 +12,8 @@ equals the unsharded model. Activation checkpointing wraps each layer through `c
 `attention_outputs`, for token-wise attention recomputation).
 
 Long-sequence memory (ALST, "Arctic Long Sequence Training", 2025): the MLP runs over tiles of tokens
-(models/tiled_mlp.py, `model.mlp_tiles`), and training calls `model(tokens, positions, labels=...)`,
+(models/tiled_mlp.py, `model.mlp_tiles`; the trainer passes the run plan's resolved count as
+`mlp_tiles`, training/plan.py), and training calls `model(tokens, positions, labels=...)`,
 which fuses the LM head into the loss so that the [tokens, vocab] logits never exist at once.
 
 Packed documents: `document_ids` [B, S_local] (sharded with the tokens; data/packing.py makes them)
@@ -182,13 +183,15 @@ class SwiGLU(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, kind: str, dims: ParallelDims | None):
+    def __init__(
+        self, cfg: ModelConfig, kind: str, dims: ParallelDims | None, mlp_tiles: int | str | None = None
+    ):
         super().__init__()
         self.kind = kind
         self.input_layernorm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
         self.self_attn = SoftmaxAttention(cfg, dims) if kind == "S" else LinearAttention(cfg, dims)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.hidden, cfg.mlp_width, cfg.mlp_tiles)
+        self.mlp = SwiGLU(cfg.hidden, cfg.mlp_width, cfg.mlp_tiles if mlp_tiles is None else mlp_tiles)
 
     def forward(
         self,
@@ -229,13 +232,20 @@ class LanguageModelHead(nn.Linear):
 
 
 class LlamaModel(nn.Module):
+    """mlp_tiles: the MLP's token tiles as the run plan resolved them (training/plan.py); None keeps
+    `cfg.mlp_tiles` ("auto" is then resolved per call from the tokens seen: evaluation at other lengths)."""
+
     def __init__(
-        self, cfg: ModelConfig, dims: ParallelDims | None = None, checkpoint_fn: CheckpointFn | None = None
+        self,
+        cfg: ModelConfig,
+        dims: ParallelDims | None = None,
+        checkpoint_fn: CheckpointFn | None = None,
+        mlp_tiles: int | None = None,
     ):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, kind, dims) for kind in cfg.layer_kinds())
+        self.layers = nn.ModuleList(DecoderLayer(cfg, kind, dims, mlp_tiles) for kind in cfg.layer_kinds())
         self.norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
         self.lm_head = LanguageModelHead(cfg.hidden, cfg.vocab_size, bias=False)
         self.checkpoint_fn = checkpoint_fn or plain_checkpoint

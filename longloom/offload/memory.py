@@ -12,18 +12,20 @@ Activation offload (offload/activations.py) moves every layer input but the last
 tokens' attention outputs, to pinned host memory; optimizer offload moves master weights and moments
 (cpu) or a share of the moments (interleaved). These are estimates for planning: allocator
 fragmentation and communication buffers come on top.
+
+The split, dtype and MLP tiles are the run plan's (training/plan.py decides them once and passes
+itself in as `plan`); nothing here derives them again.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from longloom.config import ConfigError, LongloomConfig, ModelConfig, resolve_split
-from longloom.models.tiled_mlp import resolve_mlp_tiles
+from longloom.config import ConfigError, LongloomConfig, ModelConfig
 from longloom.parallel.loss import FUSED_CHUNK_ELEMENTS
 
 GIB = 1 << 30
@@ -31,6 +33,19 @@ GIB = 1 << 30
 DEFAULT_PINNABLE_SHARE = 0.8
 # Share of the GPU the interleaved optimizer may plan to fill (allocator slack, NCCL buffers, kernels).
 DEVICE_USABLE_SHARE = 0.9
+
+
+class PlannedRun(Protocol):
+    """What the estimate needs of the run plan (training/plan.py's RunPlan has it)."""
+
+    world_size: int
+    dp: int
+    ulysses: int
+    ring: int
+    mlp_tiles: int  # model.mlp_tiles resolved for this rank's tokens
+
+    @property
+    def dtype_bytes(self) -> int: ...  # bytes of a weight / activation element in the training dtype
 
 
 def parameter_count(m: ModelConfig) -> int:
@@ -44,12 +59,6 @@ def parameter_count(m: ModelConfig) -> int:
         else:
             total += 5 * h * inner + d + mlp + 2 * h
     return total
-
-
-def _training_dtype_bytes(cfg: LongloomConfig) -> int:
-    """Bytes of a model weight / activation element: the trainer's dtype rule, for a GPU when one is here."""
-    bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and torch.cuda.is_available())
-    return 2 if bf16 else 4
 
 
 def _workers_per_host(cfg: LongloomConfig) -> int:
@@ -67,9 +76,9 @@ def host_memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _optimizer_bytes(cfg: LongloomConfig, n: int, world: int, gpu_share: float) -> dict[str, float]:
+def _optimizer_bytes(cfg: LongloomConfig, plan: PlannedRun, n: int, gpu_share: float) -> dict[str, float]:
     """Per worker: device bytes of params / grads / fp32 master / moments, and pinned host bytes."""
-    stage, b = cfg.train.zero_stage, _training_dtype_bytes(cfg)
+    stage, b, world = cfg.train.zero_stage, plan.dtype_bytes, plan.world_size
     part = n / world  # one worker's ZeRO partition
     states_n = part if stage >= 1 else n
     device = {
@@ -94,7 +103,7 @@ def _optimizer_bytes(cfg: LongloomConfig, n: int, world: int, gpu_share: float) 
     return {**device, "host": host}
 
 
-def _kept_attention_bytes(cfg: LongloomConfig, ulysses: int, ring: int, share: float) -> float:
+def _kept_attention_bytes(cfg: LongloomConfig, plan: PlannedRun, share: float) -> float:
     """Bytes of one softmax layer's kept attention outputs (attention/tokenwise.py) per worker.
 
     Token-wise recomputation runs where the attention runs: on S / ring tokens (the whole sequence
@@ -104,20 +113,22 @@ def _kept_attention_bytes(cfg: LongloomConfig, ulysses: int, ring: int, share: f
     m = cfg.model
     if share == 0.0:
         return 0.0
-    tokens = cfg.data.seq_len // ring
+    tokens = cfg.data.seq_len // plan.ring
     kept = min(tokens, round(share * tokens))
-    heads = m.heads / ulysses
-    return cfg.train.micro_batch_size * kept * heads * (m.head_dim * _training_dtype_bytes(cfg) + 4)
+    heads = m.heads / plan.ulysses
+    return cfg.train.micro_batch_size * kept * heads * (m.head_dim * plan.dtype_bytes + 4)
 
 
-def _activation_bytes(cfg: LongloomConfig, ulysses: int, ring: int) -> dict[str, float]:
-    m, b = cfg.model, _training_dtype_bytes(cfg)
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_len / (ulysses * ring)  # this worker's tokens
+def _activation_bytes(cfg: LongloomConfig, plan: PlannedRun) -> dict[str, float]:
+    m, b = cfg.model, plan.dtype_bytes
+    tokens = (
+        cfg.train.micro_batch_size * cfg.data.seq_len / (plan.ulysses * plan.ring)
+    )  # this worker's tokens
     layer_input = tokens * m.hidden * b
     share = cfg.offload.activation_share if m.activation_checkpointing else 0.0
     kv_width = 2 * m.num_kv_heads * m.head_dim
     # The tiled MLP (models/tiled_mlp.py) holds its [tokens, width] tensors for one tile of tokens only.
-    mlp_tokens = math.ceil(tokens / resolve_mlp_tiles(m.mlp_tiles, math.ceil(tokens), m.hidden))
+    mlp_tokens = math.ceil(tokens / plan.mlp_tiles)
     # One layer's backward, at its peak in the MLP backward: the recomputed layer's saved tensors (input,
     # two norm outputs, q, attention output, residual: 6 x hidden; k and v) and the gradient flowing in
     # (hidden), with the MLP's gate, up, SiLU and product and, at worst, two of their gradients
@@ -142,7 +153,7 @@ def _activation_bytes(cfg: LongloomConfig, ulysses: int, ring: int) -> dict[str,
         # offload/activations.py: every layer but the last sends its input and its softmax attention's
         # kept tokens to the host; the last keeps its input on the device; backward brings one layer's
         # tensors back ahead of time.
-        kept = _kept_attention_bytes(cfg, ulysses, ring, share)
+        kept = _kept_attention_bytes(cfg, plan, share)
         swapped = [layer_input + (kept if kind == "S" else 0.0) for kind in m.layer_kinds()[:-1]]
         host = sum(swapped)
         inputs = layer_input + max(swapped, default=0.0)
@@ -155,18 +166,16 @@ def _activation_bytes(cfg: LongloomConfig, ulysses: int, ring: int) -> dict[str,
     }
 
 
-def estimate_memory(cfg: LongloomConfig, world_size: int, gpu_share: float | None = None) -> dict[str, Any]:
-    """Bytes per GPU (by component) and pinned host bytes (per worker and per host) for `cfg`.
+def estimate_memory(cfg: LongloomConfig, plan: PlannedRun, gpu_share: float | None = None) -> dict[str, Any]:
+    """Bytes per GPU (by component) and pinned host bytes (per worker and per host) for `cfg` run as `plan`.
 
-    gpu_share: the interleaved optimizer's GPU share; None = offload.gpu_share, or for "auto" the most
-    the GPU memory allows (what the optimizer will pick at most), or 0.5 without a GPU here.
+    gpu_share: the interleaved optimizer's GPU share of the moments (the plan's); None: not interleaved.
     """
-    dp, ulysses, ring = resolve_split(cfg, world_size)
     n = parameter_count(cfg.model)
-    if gpu_share is None:
-        gpu_share = _planned_gpu_share(cfg, world_size)
-    optimizer = _optimizer_bytes(cfg, n, world_size, gpu_share)
-    activations = _activation_bytes(cfg, ulysses, ring)
+    if cfg.offload.optimizer == "interleaved" and gpu_share is None:
+        raise ValueError("estimate_memory: offload.optimizer=interleaved needs the plan's gpu_share")
+    optimizer = _optimizer_bytes(cfg, plan, n, gpu_share or 0.0)
+    activations = _activation_bytes(cfg, plan)
     per_gpu = {
         key: optimizer[key] for key in ("parameters", "gradients", "master_weights", "optimizer_states")
     }
@@ -177,9 +186,9 @@ def estimate_memory(cfg: LongloomConfig, world_size: int, gpu_share: float | Non
     workers_per_host = _workers_per_host(cfg)
     return {
         "parameters_count": n,
-        "world_size": world_size,
-        "split": {"dp": dp, "ulysses": ulysses, "ring": ring},
-        "dtype_bytes": _training_dtype_bytes(cfg),
+        "world_size": plan.world_size,
+        "split": {"dp": plan.dp, "ulysses": plan.ulysses, "ring": plan.ring},
+        "dtype_bytes": plan.dtype_bytes,
         "gpu_share": gpu_share if cfg.offload.optimizer == "interleaved" else None,
         "per_gpu": {key: int(value) for key, value in per_gpu.items()},
         "activation_detail": {key: int(v) for key, v in activations.items() if key not in ("total", "host")},
@@ -189,22 +198,14 @@ def estimate_memory(cfg: LongloomConfig, world_size: int, gpu_share: float | Non
     }
 
 
-def interleaved_share_memory_cap(cfg: LongloomConfig, world_size: int, device_bytes: int | None) -> float:
+def interleaved_share_memory_cap(cfg: LongloomConfig, plan: PlannedRun, device_bytes: int | None) -> float:
     """The largest GPU share of moments that fits next to everything else; 1.0 without a separate device."""
     if device_bytes is None:
         return 1.0
-    without = estimate_memory(cfg, world_size, gpu_share=0.0)["per_gpu"]["total"]
-    states_n = parameter_count(cfg.model) / (world_size if cfg.train.zero_stage >= 1 else 1)
+    without = estimate_memory(cfg, plan, gpu_share=0.0)["per_gpu"]["total"]
+    states_n = parameter_count(cfg.model) / (plan.world_size if cfg.train.zero_stage >= 1 else 1)
     room = DEVICE_USABLE_SHARE * device_bytes - without
     return float(min(1.0, max(0.0, room / (8 * states_n))))
-
-
-def _planned_gpu_share(cfg: LongloomConfig, world_size: int) -> float:
-    if cfg.offload.gpu_share != "auto":
-        return float(cfg.offload.gpu_share)
-    if torch.cuda.is_available():
-        return interleaved_share_memory_cap(cfg, world_size, torch.cuda.get_device_properties(0).total_memory)
-    return 0.5
 
 
 def host_pinned_limit(cfg: LongloomConfig) -> tuple[int, str]:
@@ -217,7 +218,7 @@ def host_pinned_limit(cfg: LongloomConfig) -> tuple[int, str]:
     ), f"{DEFAULT_PINNABLE_SHARE:.0%} of this host's {human_bytes(total)}"
 
 
-def check_host_memory(cfg: LongloomConfig, estimate: dict[str, Any]) -> None:
+def check_host_memory(cfg: LongloomConfig, plan: PlannedRun, estimate: dict[str, Any]) -> None:
     """Raises ConfigError when the pinned host memory of one host's workers exceeds what may be pinned."""
     needed = estimate["host_pinned_per_host"]
     limit, source = host_pinned_limit(cfg)
@@ -228,22 +229,23 @@ def check_host_memory(cfg: LongloomConfig, estimate: dict[str, Any]) -> None:
             f"{human_bytes(worker['total'])}: activations {human_bytes(worker['activations'])} "
             f"(offload.activations={cfg.offload.activations}), optimizer {human_bytes(worker['optimizer'])} "
             f"(offload.optimizer={cfg.offload.optimizer})) exceeds the {human_bytes(limit)} allowed "
-            f"({source}): {_activation_share_advice(cfg, estimate, limit)}use offload.optimizer=interleaved or "
+            f"({source}): {_activation_share_advice(cfg, plan, estimate, limit)}use offload.optimizer=interleaved or "
             "raise offload.gpu_share, spread the run over more hosts, or set offload.host_memory_limit_gb if "
             "this host has more to give"
         )
 
 
-def _activation_share_advice(cfg: LongloomConfig, estimate: dict[str, Any], limit: float) -> str:
+def _activation_share_advice(
+    cfg: LongloomConfig, plan: PlannedRun, estimate: dict[str, Any], limit: float
+) -> str:
     """'set offload.activations to at most X, ' where a lower share fits the host, else ''."""
     if cfg.offload.activation_share == 0.0:
         return ""
-    # Host bytes of activation offload are linear in the share: layer inputs + share x attention outputs.
-    _, ulysses, ring = resolve_split(cfg, estimate["world_size"])
 
+    # Host bytes of activation offload are linear in the share: layer inputs + share x attention outputs.
     def host_bytes(share: float) -> float:
         offload = cfg.offload.model_copy(update={"activations": share})
-        return _activation_bytes(cfg.model_copy(update={"offload": offload}), ulysses, ring)["host"]
+        return _activation_bytes(cfg.model_copy(update={"offload": offload}), plan)["host"]
 
     per_share = 2 * (host_bytes(1.0) - host_bytes(0.5))
     inputs_only = host_bytes(1.0) - per_share

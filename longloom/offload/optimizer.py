@@ -11,7 +11,8 @@ the others live on the host and are updated by CPU Adam, at the same time: while
 the CPU works through its subgroups chunk by chunk, each chunk's gradient and weights coming over PCIe
 on one stream and going back on another. The GPU share comes from a small performance model measured
 once at startup (offload/update_rates.py: GPU and CPU update rates, PCIe each way): the share that makes both
-sides finish together, capped by what the GPU memory estimate leaves free for moments.
+sides finish together, capped by what the GPU memory estimate leaves free for moments. The run plan
+(training/plan.py) decides it; `build_optimizer` receives it.
 
 It plugs into DeepSpeed as a client optimizer (`deepspeed.initialize(optimizer=build_optimizer(...))`):
 each subgroup is one param group, so every ZeRO stage gives it one flat fp32 tensor per subgroup whose
@@ -34,7 +35,6 @@ from torch.optim.adam import adam as adam_functional
 
 from longloom.config import ConfigError, LongloomConfig
 from longloom.offload.cpu_adam import CpuAdamKernel, cpu_adam_kernel
-from longloom.offload.update_rates import choose_gpu_share
 
 logger = logging.getLogger("longloom")
 
@@ -269,23 +269,26 @@ class InterleavedAdamW(torch.optim.Optimizer):
 
 
 def build_optimizer(
-    cfg: LongloomConfig, params, device: torch.device | None = None, world_size: int | None = None
+    cfg: LongloomConfig, params, gpu_share: float | None = None
 ) -> torch.optim.Optimizer | None:
-    """The client optimizer for deepspeed.initialize(optimizer=...): InterleavedAdamW, or None otherwise."""
+    """The client optimizer for deepspeed.initialize(optimizer=...): InterleavedAdamW, or None otherwise.
+
+    gpu_share: the run plan's share of the moments kept on the GPU (training/plan.py; measured there
+    for offload.gpu_share=auto); None takes a fixed offload.gpu_share from the config.
+    """
     if cfg.offload.optimizer != "interleaved":
         return None
-    if device is None:
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if torch.cuda.is_available()
-            else torch.device("cpu")
-        )
-    if world_size is None:
-        world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if gpu_share is None:
+        if cfg.offload.gpu_share == "auto":
+            raise ConfigError(
+                "offload.gpu_share=auto is measured by the run plan: pass build_optimizer the plan's gpu_share "
+                "(longloom.training.plan.build_run_plan(cfg, world_size, device).gpu_share), or set "
+                "offload.gpu_share to a share in (0, 1]"
+            )
+        gpu_share = float(cfg.offload.gpu_share)
     params = [p for p in params if p.requires_grad]
     subgroups = split_into_subgroups(params)
-    share = choose_gpu_share(cfg, device, world_size)
-    on_cpu = interleave([sum(p.numel() for p in group) for group in subgroups], share)
+    on_cpu = interleave([sum(p.numel() for p in group) for group in subgroups], gpu_share)
     hyper = adamw_hyperparameters(cfg)
     optimizer = InterleavedAdamW(
         [{"params": group, "on_cpu": flag} for group, flag in zip(subgroups, on_cpu)],

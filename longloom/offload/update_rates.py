@@ -2,7 +2,8 @@
 
 "Deep Optimizer States" (Maurya et al., 2024): measure once at startup, on small buffers, how fast the
 GPU and the CPU apply Adam and how fast PCIe moves data each way; the GPU share is the one at which
-both sides finish their part of the step together, capped by the GPU memory left for moments.
+both sides finish their part of the step together, capped by the GPU memory left for moments (the
+cap comes from the run plan, training/plan.py, which calls `choose_gpu_share` for gpu_share=auto).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import torch
 import torch.distributed as dist
 from torch.optim.adam import adam as adam_functional
 
-from longloom.config import ConfigError, LongloomConfig
 from longloom.offload.cpu_adam import cpu_adam_kernel
 
 logger = logging.getLogger("longloom")
@@ -113,23 +113,18 @@ def _agreed_rates(rates: UpdateRates) -> UpdateRates:
     return rates
 
 
-def choose_gpu_share(cfg: LongloomConfig, device: torch.device, world_size: int) -> float:
-    """offload.gpu_share, or ("auto") the balanced share capped by the GPU memory left for moments."""
-    if cfg.offload.gpu_share != "auto":
-        share = float(cfg.offload.gpu_share)
-        if not 0.0 <= share <= 1.0:
-            raise ConfigError(f"offload.gpu_share={share} must be 'auto' or a share in [0, 1]")
-        return share
-    from longloom.offload.memory import interleaved_share_memory_cap
+def choose_gpu_share(device: torch.device, memory_cap: float) -> float:
+    """offload.gpu_share=auto: the balanced share of the measured rates, capped by `memory_cap`.
 
+    memory_cap: the largest share the GPU memory leaves room for (the run plan's, training/plan.py).
+    Collective when torch.distributed is initialised: rank 0 measures, every rank uses its numbers.
+    """
     rates = _agreed_rates(measure_update_rates(device))
     balanced = balanced_gpu_share(rates)
-    device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    cap = interleaved_share_memory_cap(cfg, world_size, device_bytes)
-    share = min(balanced, cap)
+    share = min(balanced, memory_cap)
     if not dist.is_initialized() or dist.get_rank() == 0:
         logger.info(
             "interleaved optimizer: %s -> balanced GPU share %.3f, GPU memory allows %.3f: GPU share %.3f",
-            rates.describe(), balanced, cap, share,
+            rates.describe(), balanced, memory_cap, share,
         )  # fmt: skip
     return share

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from longloom.checkpointing.commit import COMMIT_FILE, CheckpointError, prune, validate_checkpoint
-from longloom.checkpointing.convert import convert_checkpoint, format_inspection, inspect_checkpoint
 from longloom.checkpointing.deepspeed_format import DeepSpeedCheckpointReader, load_deepspeed_file
-from longloom.checkpointing.hf_export import parse_export_dtype
 from longloom.checkpointing.resume import find_latest_verified
 from longloom.checkpointing.universal import CheckpointReader
 from longloom.cli import main
+from longloom.conversion.convert import convert_checkpoint, format_inspection, inspect_checkpoint
+from longloom.conversion.hf_export import parse_export_dtype
 from tests.checkpointing.toy import save_run
 
 

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from longloom.checkpointing.commit import COMMIT_FILE
-from longloom.checkpointing.convert import convert_checkpoint, format_inspection, inspect_checkpoint
-from longloom.checkpointing.hf_export import hf_name
 from longloom.checkpointing.lazy_async import LazyAsyncCheckpointer
 from longloom.checkpointing.universal import CheckpointReader
+from longloom.conversion.convert import convert_checkpoint, format_inspection, inspect_checkpoint
+from longloom.conversion.hf_export import hf_name
 from tests.checkpointing.toy import assert_states_equal, build_engine, full_state, save_run, train
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")

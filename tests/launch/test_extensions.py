@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from longloom.launch import extensions
-from longloom.launch.extensions import (
+from longloom.runtime import extensions
+from longloom.runtime.extensions import (
     CPU_ADAM_OP,
     CPU_COLLECTIVES_OP,
     build_deepspeed_ops,
@@ -98,7 +98,7 @@ def test_a_fresh_process_uses_the_environments_folder_and_builds_nothing():
         "import json, os\n"
         "from longloom.config import load_config\n"
         "from longloom.launch.worker_setup import prepare_worker_process\n"
-        "from longloom.launch.extensions import build_deepspeed_ops, CPU_COLLECTIVES_OP\n"
+        "from longloom.runtime.extensions import build_deepspeed_ops, CPU_COLLECTIVES_OP\n"
         "prepare_worker_process(load_config(None, []))\n"
         "print(json.dumps([os.environ['TORCH_EXTENSIONS_DIR'], build_deepspeed_ops([CPU_COLLECTIVES_OP])]))\n"
     )

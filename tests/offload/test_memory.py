@@ -18,6 +18,18 @@ from longloom.offload.memory import (
     interleaved_share_memory_cap,
     parameter_count,
 )
+from longloom.training.plan import build_run_plan
+
+
+def _memory(cfg, world_size: int) -> dict:
+    """The run plan's estimate (training/plan.py decides the split, dtype and tiles it is made for)."""
+    return build_run_plan(cfg, world_size).memory
+
+
+def _check_host(cfg, world_size: int = 1) -> None:
+    plan = build_run_plan(cfg, world_size)
+    check_host_memory(cfg, plan, plan.memory)
+
 
 MODEL = ["model.hidden=64", "model.heads=8", "model.kv_heads=2", "model.layers=3", "train.dtype=fp32"]
 
@@ -31,17 +43,17 @@ def test_parameter_count_matches_the_model(pattern):
 def test_zero_partitioning_and_optimizer_offload():
     base = [*MODEL, "launch.workers=4", "parallel.ulysses=2"]
     n = parameter_count(load_config(None, base).model)
-    stage0 = estimate_memory(load_config(None, [*base, "train.zero_stage=0"]), 4)["per_gpu"]
-    stage1 = estimate_memory(load_config(None, [*base, "train.zero_stage=1"]), 4)["per_gpu"]
-    stage3 = estimate_memory(load_config(None, [*base, "train.zero_stage=3"]), 4)["per_gpu"]
+    stage0 = _memory(load_config(None, [*base, "train.zero_stage=0"]), 4)["per_gpu"]
+    stage1 = _memory(load_config(None, [*base, "train.zero_stage=1"]), 4)["per_gpu"]
+    stage3 = _memory(load_config(None, [*base, "train.zero_stage=3"]), 4)["per_gpu"]
     assert stage0["optimizer_states"] == 8 * n and stage1["optimizer_states"] == 8 * n // 4
     assert stage1["parameters"] == 4 * n and stage3["parameters"] == 4 * n // 4
 
-    cpu = estimate_memory(load_config(None, [*base, "offload.optimizer=cpu"]), 4)
+    cpu = _memory(load_config(None, [*base, "offload.optimizer=cpu"]), 4)
     assert cpu["per_gpu"]["optimizer_states"] == 0 and cpu["per_gpu"]["master_weights"] == 0
     assert cpu["host_pinned_per_worker"]["optimizer"] == int((16 + 4) * n / 4)
 
-    interleaved = estimate_memory(
+    interleaved = _memory(
         load_config(None, [*base, "offload.optimizer=interleaved", "offload.gpu_share=0.25"]), 4
     )
     assert interleaved["per_gpu"]["optimizer_states"] == int(0.25 * 8 * n / 4)
@@ -54,13 +66,13 @@ def test_activation_host_bytes_match_what_the_offloader_moves(activations, share
     cfg = load_config(
         None, [*MODEL, "data.seq_len=48", "train.micro_batch_size=2", f"offload.activations={activations}"]
     )
-    estimate = estimate_memory(cfg, 1)
+    estimate = _memory(cfg, 1)
     offloader = ActivationOffloader(cfg.offload.activation_share, torch.device("cpu"))
     model = LlamaModel(cfg.model, checkpoint_fn=offloader.checkpoint)
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 48))
     model(tokens, torch.arange(48).expand(2, 48)).sum().backward()
     assert offloader.swapped_bytes == estimate["host_pinned_per_worker"]["activations"] > 0
-    off = estimate_memory(load_config(None, [*MODEL, "data.seq_len=48", "train.micro_batch_size=2"]), 1)
+    off = _memory(load_config(None, [*MODEL, "data.seq_len=48", "train.micro_batch_size=2"]), 1)
     assert off["host_pinned_per_worker"]["activations"] == 0
     saved = (
         off["activation_detail"]["checkpointed_inputs"] - estimate["activation_detail"]["checkpointed_inputs"]
@@ -75,16 +87,15 @@ def test_activation_host_bytes_match_what_the_offloader_moves(activations, share
 
 def test_check_refuses_pinned_memory_that_does_not_fit():
     cfg = load_config(None, [*MODEL, "offload.activations=true", "offload.host_memory_limit_gb=0.000001"])
-    estimate = estimate_memory(cfg, 1)
     with pytest.raises(ConfigError, match=r"pinned host memory needed: .* exceeds the 1.05 KiB allowed"):
-        check_host_memory(cfg, estimate)
-    check_host_memory(load_config(None, [*MODEL, "offload.activations=true"]), estimate)  # the host has room
+        _check_host(cfg)
+    _check_host(load_config(None, [*MODEL, "offload.activations=true"]))  # the host has room
 
 
 def test_refusal_names_the_largest_activation_share_that_fits():
     def host_bytes(share: str, *extra: str) -> int:
         cfg = load_config(None, [*MODEL, "data.seq_len=4096", f"offload.activations={share}", *extra])
-        return estimate_memory(cfg, 1)["host_pinned_per_worker"]["activations"]
+        return _memory(cfg, 1)["host_pinned_per_worker"]["activations"]
 
     per_share = 2 * (host_bytes("1.0") - host_bytes("0.5"))
     inputs_only = host_bytes("1.0") - per_share
@@ -100,33 +111,34 @@ def test_refusal_names_the_largest_activation_share_that_fits():
         ],
     )
     with pytest.raises(ConfigError, match=r"set offload.activations to at most 0.40 "):
-        check_host_memory(cfg, estimate_memory(cfg, 1))
+        _check_host(cfg)
     fitting = [
         *MODEL,
         "data.seq_len=4096",
         "offload.activations=0.4",
         f"offload.host_memory_limit_gb={limit_gib}",
     ]
-    check_host_memory(load_config(None, fitting), estimate_memory(load_config(None, fitting), 1))
+    _check_host(load_config(None, fitting))
     tiny = [*MODEL, "data.seq_len=4096", "offload.activations=0.4", "offload.host_memory_limit_gb=0.000001"]
     with pytest.raises(ConfigError, match=r"the layer inputs alone need .* set offload.activations=false"):
-        check_host_memory(load_config(None, tiny), estimate_memory(load_config(None, tiny), 1))
+        _check_host(load_config(None, tiny))
 
 
 def test_interleaved_memory_cap_follows_device_size():
     cfg = load_config(None, [*MODEL, "offload.optimizer=interleaved"])
-    without = estimate_memory(cfg, 1, gpu_share=0.0)["per_gpu"]["total"]
+    plan = build_run_plan(cfg, 1)
+    without = estimate_memory(cfg, plan, gpu_share=0.0)["per_gpu"]["total"]
     states = 8 * parameter_count(cfg.model)
-    assert interleaved_share_memory_cap(cfg, 1, None) == 1.0
-    assert interleaved_share_memory_cap(cfg, 1, int(without / 0.9)) == 0.0
-    half = interleaved_share_memory_cap(cfg, 1, int((without + states / 2) / 0.9) + 1)
+    assert interleaved_share_memory_cap(cfg, plan, None) == 1.0
+    assert interleaved_share_memory_cap(cfg, plan, int(without / 0.9)) == 0.0
+    half = interleaved_share_memory_cap(cfg, plan, int((without + states / 2) / 0.9) + 1)
     assert half == pytest.approx(0.5, abs=1e-3)
-    assert interleaved_share_memory_cap(cfg, 1, 10 * (without + states)) == 1.0
+    assert interleaved_share_memory_cap(cfg, plan, 10 * (without + states)) == 1.0
 
 
 def test_format_and_cli_check(tmp_path):
     cfg = load_config(None, [*MODEL, "offload.optimizer=interleaved", "offload.gpu_share=0.5"])
-    text = format_estimate(estimate_memory(cfg, 1))
+    text = format_estimate(_memory(cfg, 1))
     assert (
         "per GPU:" in text and "pinned host memory per worker" in text and "GPU share of moments 0.50" in text
     )
@@ -135,6 +147,9 @@ def test_format_and_cli_check(tmp_path):
     command = [sys.executable, "-m", "longloom", "check", str(config)]
     ok = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "pinned host memory per worker: activations" in ok.stdout, ok.stderr
+    assert (
+        "# split: 1 workers = dp 1 x ulysses 1 x ring 1" in ok.stdout and "# plan: " in ok.stdout
+    )  # the run plan
     refused = subprocess.run(
         [*command, "offload.host_memory_limit_gb=0.000001"],
         check=False,
@@ -159,6 +174,6 @@ def test_activation_estimate_is_conservative_and_close_to_measured_peaks(seq_len
          "model.intermediate=14336", "model.layers=8", "train.dtype=bf16", "train.zero_stage=0",
          f"data.seq_len={seq_len}", f"offload.activations={activations}"],
     )  # fmt: skip
-    per_gpu = estimate_memory(cfg, 1)["per_gpu"]
+    per_gpu = _memory(cfg, 1)["per_gpu"]
     estimate_gib = (per_gpu["parameters"] + per_gpu["gradients"] + per_gpu["activations"]) / 2**30
     assert measured_gib <= estimate_gib <= 1.25 * measured_gib

@@ -20,6 +20,7 @@ from longloom.offload.update_rates import (
     choose_gpu_share,
     measure_update_rates,
 )
+from longloom.training.plan import build_run_plan
 
 
 def test_settings_none_cpu_interleaved():
@@ -171,18 +172,25 @@ def test_performance_model_measures_and_respects_fixed_share():
         rates.h2d_bytes_per_s,
     ):
         assert 0 < value < float("inf")
-    auto = choose_gpu_share(load_config(None, ["offload.optimizer=interleaved"]), torch.device("cpu"), 1)
+    auto = choose_gpu_share(torch.device("cpu"), memory_cap=1.0)
     assert 0.0 < auto < 1.0
+    assert choose_gpu_share(torch.device("cpu"), memory_cap=0.0) == 0.0  # the memory cap holds
+    # The run plan measures for auto and keeps a fixed offload.gpu_share as it is.
+    auto_plan = build_run_plan(load_config(None, ["offload.optimizer=interleaved"]), 1, torch.device("cpu"))
+    assert 0.0 < auto_plan.gpu_share < 1.0 and auto_plan.gpu_share_source == "auto, measured"
     fixed = load_config(None, ["offload.optimizer=interleaved", "offload.gpu_share=0.3"])
-    assert choose_gpu_share(fixed, torch.device("cpu"), 1) == 0.3
+    assert build_run_plan(fixed, 1, torch.device("cpu")).gpu_share == 0.3
 
 
 def test_build_optimizer_only_for_interleaved():
     params = _toy_params()
     assert build_optimizer(load_config(None, ["offload.optimizer=cpu"]), params) is None
     cfg = load_config(None, ["offload.optimizer=interleaved", "offload.gpu_share=0.5", "train.lr=2e-3"])
-    optimizer = build_optimizer(cfg, params, device=torch.device("cpu"), world_size=1)
+    optimizer = build_optimizer(cfg, params)  # the fixed offload.gpu_share
     assert isinstance(optimizer, InterleavedAdamW)
     assert [p for g in optimizer.param_groups for p in g["params"]] == params
     assert {g["lr"] for g in optimizer.param_groups} == {2e-3}
     assert 0.2 < optimizer.gpu_share < 0.8
+    assert build_optimizer(cfg, params, gpu_share=1.0).gpu_share == 1.0  # the plan's share wins
+    with pytest.raises(ConfigError, match="offload.gpu_share=auto is measured by the run plan"):
+        build_optimizer(load_config(None, ["offload.optimizer=interleaved"]), params)

@@ -14,8 +14,8 @@ import pytest
 
 from longloom.config import load_config
 from longloom.offload.activations import ActivationOffloader
-from longloom.offload.memory import estimate_memory
-from longloom.training import trainer
+from longloom.training import engine, trainer
+from longloom.training.plan import build_run_plan
 
 TINY = [
     "model.hidden=32",
@@ -53,13 +53,13 @@ def _train_worker(overrides: list[str]) -> dict:
         seen["gpu_share"] = getattr(base, "gpu_share", None)
         return (engine, *rest)
 
-    trainer.ActivationOffloader, deepspeed.initialize = ObservedOffloader, observed_initialize
+    engine.ActivationOffloader, deepspeed.initialize = ObservedOffloader, observed_initialize
     cfg = load_config(None, TINY + overrides)
-    seen["estimated_host_bytes"] = estimate_memory(cfg, 2)["host_pinned_per_worker"]["activations"]
+    seen["estimated_host_bytes"] = build_run_plan(cfg, 2).memory["host_pinned_per_worker"]["activations"]
     try:
         seen["losses"] = trainer.run_training(cfg)["losses"]
     finally:
-        trainer.ActivationOffloader, deepspeed.initialize = ActivationOffloader, real_initialize
+        engine.ActivationOffloader, deepspeed.initialize = ActivationOffloader, real_initialize
     for offloader in offloaders:
         seen["swapped_bytes"] += offloader.swapped_bytes
         seen["pool_buffers"] += offloader.pool.num_buffers

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from longloom import cli
-from longloom.checkpointing.convert import convert_checkpoint
 from longloom.checkpointing.universal import CheckpointReader
 from longloom.config import load_config
+from longloom.conversion.convert import convert_checkpoint
 from longloom.data.loader import GlobalBatchLoader
 from longloom.data.synthetic import build_dataset
 from longloom.models.hf_causal_lm import HFCausalLM

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -88,6 +89,11 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, list[float]]:
     out = tmp_path_factory.mktemp("runs") / "a"
     summary = run_distributed(1, _train_worker, [f"train.output_dir={out}"])[0]
     assert summary["error"] is None and len(summary["losses"]) == 6
+    # Time to first step: each build phase is logged as it ends, with its duration.
+    phases = [r"model: native, .*M parameters, layers S+, built in \d+\.\d s", r"DeepSpeed engine .* ready in",
+              r"data \(synthetic:passkey\) ready in", r"first step \(1\) in \d+\.\d s"]  # fmt: skip
+    lines = iter(summary["log"])
+    assert all(any(re.search(phase, line) for line in lines) for phase in phases), summary["log"]
     return out, summary["losses"]
 
 
@@ -119,7 +125,7 @@ def test_resume_skips_a_corrupt_checkpoint_and_continues_like_an_uninterrupted_r
     events.Reload()
     assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     # The damaged step-4 was rewritten by the resumed run; every checkpoint left verifies.
-    from longloom.checkpointing.convert import inspect_checkpoint
+    from longloom.conversion.convert import inspect_checkpoint
 
     assert inspect_checkpoint(out / "checkpoints")["ok"]
 
@@ -133,7 +139,7 @@ def test_nonfinite_loss_stops_the_run_and_is_never_checkpointed(distributed, tmp
     assert "step-2" in summary["error"]
     # Step 4 was due for a checkpoint but its state was not finite: only step 2 exists, and verifies.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
-    from longloom.checkpointing.convert import inspect_checkpoint
+    from longloom.conversion.convert import inspect_checkpoint
 
     assert inspect_checkpoint(out / "checkpoints" / "step-2")["ok"]
     assert _logged_steps(out) == [1, 2, 3, 4, 5]

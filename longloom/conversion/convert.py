@@ -42,12 +42,12 @@ from longloom.checkpointing.commit import (
 from longloom.checkpointing.deepspeed_format import DeepSpeedCheckpointReader, is_deepspeed_checkpoint
 from longloom.checkpointing.deepspeed_universal import write_deepspeed_universal
 from longloom.checkpointing.engine_state import jsonable
-from longloom.checkpointing.hf_export import parse_export_dtype, write_hf
-from longloom.checkpointing.hf_import import HFFolderReader, is_hf_model_folder
 from longloom.checkpointing.inspection import format_inspection, inspect_checkpoint
 from longloom.checkpointing.resume import find_latest_verified
 from longloom.checkpointing.tensor_file import TensorFileLayout, write_sharded, write_tensor_file
 from longloom.checkpointing.universal import CheckpointReader, build_commit, encode_extra
+from longloom.conversion.hf_export import parse_export_dtype, write_hf
+from longloom.conversion.hf_import import HFFolderReader, is_hf_model_folder
 
 __all__ = ["convert_checkpoint", "format_inspection", "inspect_checkpoint", "open_source"]
 

@@ -1,0 +1,51 @@
+"""The CUDA caching allocator's settings for a worker: expandable segments unless the user chose.
+
+Long sequences allocate a few very large tensors whose sizes change from layer to layer; the default
+fixed segments fragment (issue 6, BENCHMARKS.md). Applied by `runtime.process.device_for_rank`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import torch
+
+from longloom.runtime.ranks import local_rank
+
+logger = logging.getLogger(__name__)
+
+# PyTorch reads either name when CUDA is first initialised; the second is the newer, device-neutral one.
+ALLOCATOR_SETTINGS_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+# Long sequences allocate a few very large tensors whose sizes change from layer to layer (MLP
+# intermediates, recomputed attention). With fixed segments the freed blocks do not fit the next
+# request: on one H200 at 512K tokens a run asked for 14 GiB with 20 GiB reserved but free and failed,
+# while with expandable segments it peaked at 124 of 140 GiB (BENCHMARKS.md, issue 6).
+DEFAULT_ALLOCATOR_SETTINGS = "expandable_segments:True"
+
+
+def default_allocator_settings(environ: Mapping[str, str]) -> str | None:
+    """The CUDA allocator settings to set for a worker: ours unless the user chose any (then None)."""
+    if any(name in environ for name in ALLOCATOR_SETTINGS_ENV):
+        return None
+    return DEFAULT_ALLOCATOR_SETTINGS
+
+
+def use_default_allocator_settings() -> None:
+    """Expandable segments for this process's CUDA allocator unless the user set the variable."""
+    settings = default_allocator_settings(os.environ)
+    if settings is None:
+        return
+    os.environ[ALLOCATOR_SETTINGS_ENV[0]] = settings  # for processes this one starts
+    # The allocator parses the variable once, on first use, which may have happened already (an
+    # import that touched CUDA); this re-parses it. Private in torch 2.9-2.13, hence the guard.
+    apply_settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if apply_settings is not None:
+        apply_settings(settings)
+    if local_rank() == 0:
+        logger.info(
+            "PYTORCH_CUDA_ALLOC_CONF was unset: using %s (less fragmentation at long sequences); "
+            "set the variable yourself to choose otherwise",
+            settings,
+        )

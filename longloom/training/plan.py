@@ -1,0 +1,140 @@
+"""The run plan: every decision about a run that follows from its config and world size, made once.
+
+`build_run_plan(cfg, world_size)` decides the dp x ulysses x ring split and the SP layout (contiguous,
+or zigzag when a ring runs), the dtype, the MLP's token tiles, the interleaved optimizer's GPU share
+and the memory estimate. `longloom check` prints it (preflight.py); the trainer builds it once per
+worker and hands each part to whoever needs it: the split to ParallelDims, the dtype to the model and
+DeepSpeed, the tiles to the model, the GPU share to the optimizer builder. Nothing below training/
+derives these again (tests/test_layering.py keeps the floors; offload/memory.py takes the plan).
+
+On the driver (`longloom check`, `train` before launching) the plan is made without a device: an
+"auto" GPU share is the most the GPU memory allows (0.5 without a GPU), as the estimate plans it. On a
+worker it is made with the rank's device and the share is measured (offload/update_rates.py: Deep
+Optimizer States' performance model), rank 0's measurement on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from longloom.config import LongloomConfig
+from longloom.models.tiled_mlp import resolve_mlp_tiles
+from longloom.offload.memory import estimate_memory, format_estimate, interleaved_share_memory_cap
+from longloom.offload.update_rates import choose_gpu_share
+from longloom.training.split import checked_split, resolve_model, sp_layout
+
+# Without a GPU the driver cannot see the workers' speeds; an "auto" share is planned at this.
+PLANNED_SHARE_WITHOUT_GPU = 0.5
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run is, decided once from (config, world size, device type)."""
+
+    config: LongloomConfig  # model.* resolved: an hf: folder's shapes (data checks, memory, config.yaml)
+    world_size: int
+    dp: int
+    ulysses: int
+    ring: int
+    layout: str  # contiguous | zigzag (parallel/sharding.py)
+    device_type: str  # cuda | cpu: where the workers train
+    dtype: torch.dtype
+    local_tokens: int  # tokens of one micro batch on one rank: micro_batch_size x seq_len / SP
+    mlp_tiles: int  # model.mlp_tiles resolved for local_tokens
+    gpu_share: float | None  # interleaved optimizer: share of the moments on the GPU; None otherwise
+    gpu_share_source: str
+    memory: dict[str, Any]  # offload/memory.py's estimate for this plan
+
+    @property
+    def split(self) -> tuple[int, int, int]:
+        return self.dp, self.ulysses, self.ring
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def dtype_bytes(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def describe(self) -> str:
+        """The plan as `longloom check` prints it: comment lines under the resolved config."""
+        share = "-" if self.gpu_share is None else f"{self.gpu_share:.2f} ({self.gpu_share_source})"
+        dtype = str(self.dtype).removeprefix("torch.")
+        split = f"dp {self.dp} x ulysses {self.ulysses} x ring {self.ring}"
+        tiles = f"MLP tiles {self.mlp_tiles} (model.mlp_tiles={self.config.model.mlp_tiles})"
+        work = f"{self.device_type} {dtype}, {self.local_tokens} tokens per rank"
+        lines = [
+            f"# split: {self.world_size} workers = {split} ({self.layout} layout)",
+            f"# plan: {work}, {tiles}, optimizer GPU share {share}",
+            format_estimate(self.memory),
+        ]
+        return "\n".join(lines)
+
+
+def resolve_dtype(cfg: LongloomConfig, device: torch.device | str) -> torch.dtype:
+    """train.dtype: bf16, fp32, or auto = bf16 on CUDA and fp32 on the CPU."""
+    device_type = device if isinstance(device, str) else device.type
+    if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device_type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _gpu_share(
+    cfg: LongloomConfig, partial: RunPlan, device: torch.device | None
+) -> tuple[float | None, str]:
+    """(share, where it came from) for offload.optimizer=interleaved; (None, "-") otherwise."""
+    if cfg.offload.optimizer != "interleaved":
+        return None, "-"
+    if cfg.offload.gpu_share != "auto":
+        return float(cfg.offload.gpu_share), "offload.gpu_share"
+    if device is None:  # the driver plans: the most the GPU memory allows
+        if not torch.cuda.is_available():
+            return PLANNED_SHARE_WITHOUT_GPU, "auto, planned without a GPU"
+        device_bytes = torch.cuda.get_device_properties(0).total_memory
+        return interleaved_share_memory_cap(
+            cfg, partial, device_bytes
+        ), "auto, planned: what GPU memory allows"
+    device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    cap = interleaved_share_memory_cap(cfg, partial, device_bytes)
+    return choose_gpu_share(device, cap), "auto, measured"
+
+
+def build_run_plan(cfg: LongloomConfig, world_size: int, device: torch.device | None = None) -> RunPlan:
+    """The plan of `cfg` on `world_size` workers; `device`: this worker's (None on the driver).
+
+    Raises ConfigError for a split that cannot work. On a worker with offload.gpu_share=auto this is
+    collective (rank 0's measured update rates are broadcast): every rank calls it at the same point.
+    """
+    cfg = resolve_model(cfg)
+    dp, ulysses, ring = checked_split(cfg, world_size)
+    device_type = device.type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    local_tokens = cfg.train.micro_batch_size * cfg.data.seq_len // (ulysses * ring)
+    partial = RunPlan(
+        config=cfg,
+        world_size=world_size,
+        dp=dp,
+        ulysses=ulysses,
+        ring=ring,
+        layout=sp_layout(ring),
+        device_type=device_type,
+        dtype=resolve_dtype(cfg, device_type),
+        local_tokens=local_tokens,
+        mlp_tiles=resolve_mlp_tiles(cfg.model.mlp_tiles, local_tokens, cfg.model.hidden),
+        gpu_share=None,
+        gpu_share_source="-",
+        memory={},
+    )
+    gpu_share, source = _gpu_share(cfg, partial, device)
+    memory = estimate_memory(cfg, partial, gpu_share=gpu_share)
+    return dataclasses.replace(partial, gpu_share=gpu_share, gpu_share_source=source, memory=memory)
+
+
+def global_tokens_per_step(plan: RunPlan) -> int:
+    """Tokens of one optimizer step over the whole run: dp x micro_batch_size x grad_accum x seq_len."""
+    t = plan.config.train
+    return plan.dp * t.micro_batch_size * t.grad_accum * plan.config.data.seq_len

@@ -1,0 +1,85 @@
+"""The run plan: every decision that follows from the config and world size, made once and handed down."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+
+from longloom.config import ConfigError, load_config
+from longloom.offload.memory import estimate_memory, interleaved_share_memory_cap
+from longloom.training.engine import build_model
+from longloom.training.plan import PLANNED_SHARE_WITHOUT_GPU, build_run_plan
+
+MODEL = ["model.hidden=64", "model.heads=8", "model.kv_heads=2", "model.layers=2", "data.seq_len=512"]
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_split_layout_dtype_and_tiles(no_gpu):
+    cfg = load_config(None, [*MODEL, "launch.workers=8", "parallel.ulysses=2", "parallel.ring=2"])
+    plan = build_run_plan(cfg, 8)
+    assert plan.split == (2, 2, 2) and plan.sp == 4 and plan.layout == "zigzag"
+    assert plan.device_type == "cpu" and plan.dtype == torch.float32 and plan.dtype_bytes == 4
+    assert plan.local_tokens == 512 // 4 and plan.mlp_tiles == 1 and plan.gpu_share is None
+    assert plan.memory["split"] == {"dp": 2, "ulysses": 2, "ring": 2} and plan.memory["dtype_bytes"] == 4
+
+    plain = build_run_plan(load_config(None, [*MODEL, "launch.workers=2", "parallel.ulysses=2"]), 2)
+    assert plain.split == (1, 2, 1) and plain.layout == "contiguous"
+    bf16 = load_config(None, [*MODEL, "train.dtype=bf16", "train.micro_batch_size=3", "model.mlp_tiles=auto"])
+    plan = build_run_plan(bf16, 1, torch.device("cpu"))
+    assert plan.dtype == torch.bfloat16 and plan.memory["dtype_bytes"] == 2
+    assert plan.local_tokens == 3 * 512 and plan.mlp_tiles == math.ceil(3 * 512 / 64)
+    with pytest.raises(ConfigError, match="data.seq_len=502 must be divisible by 2 \\* parallel.ring"):
+        build_run_plan(load_config(None, [*MODEL, "data.seq_len=502", "parallel.ring=2"]), 4)
+
+
+def test_the_memory_estimate_uses_the_plans_tiles(no_gpu):
+    untiled = build_run_plan(load_config(None, MODEL), 1)
+    tiled = build_run_plan(load_config(None, [*MODEL, "model.mlp_tiles=auto"]), 1)
+    assert tiled.mlp_tiles == 512 // 64
+    assert (
+        tiled.memory["activation_detail"]["layer_working"]
+        < untiled.memory["activation_detail"]["layer_working"]
+    )
+    assert tiled.memory == estimate_memory(tiled.config, tiled)
+
+
+def test_optimizer_gpu_share(monkeypatch, no_gpu):
+    interleaved = [*MODEL, "offload.optimizer=interleaved"]
+    assert build_run_plan(load_config(None, [*interleaved, "offload.gpu_share=0.3"]), 1).gpu_share == 0.3
+    planned = build_run_plan(load_config(None, interleaved), 1)
+    assert planned.gpu_share == PLANNED_SHARE_WITHOUT_GPU and planned.memory["gpu_share"] == planned.gpu_share
+    # On the driver with a GPU: the most its memory allows (what the workers' measurement is capped by).
+    gpu = types.SimpleNamespace(total_memory=planned.memory["per_gpu"]["total"] * 2, name="Fake GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
+    cfg = load_config(None, [*interleaved, "train.dtype=fp32"])
+    plan = build_run_plan(cfg, 1)
+    assert plan.device_type == "cuda" and plan.gpu_share == interleaved_share_memory_cap(
+        cfg, plan, gpu.total_memory
+    )
+    assert 0.0 < plan.gpu_share <= 1.0 and "planned" in plan.gpu_share_source
+
+
+def test_the_model_receives_the_plans_tiles(no_gpu):
+    cfg = load_config(None, [*MODEL, "model.mlp_tiles=auto"])
+    plan = build_run_plan(cfg, 1)
+    model, offloader = build_model(cfg, None, torch.device("cpu"), plan.dtype, {}, mlp_tiles=plan.mlp_tiles)
+    assert offloader is None and {layer.mlp.tiles for layer in model.layers} == {plan.mlp_tiles}
+
+
+def test_describe_is_what_check_prints(no_gpu):
+    plan = build_run_plan(load_config(None, [*MODEL, "launch.workers=2", "parallel.ulysses=2"]), 2)
+    text = plan.describe()
+    assert "# split: 2 workers = dp 1 x ulysses 2 x ring 1 (contiguous layout)" in text
+    assert (
+        "# plan: cpu float32, 256 tokens per rank, MLP tiles 1 (model.mlp_tiles=1), optimizer GPU share -"
+        in text
+    )
+    assert "# memory estimate:" in text
