@@ -272,9 +272,10 @@ def main() -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     args.launcher = args.launcher or ("local" if args.gpus == 1 else "torchrun")
-    args.hf_dir = (args.hf_dir or args.out / f"hf-{args.preset}").resolve()
+    args.hf_dir = (args.hf_dir or Path(f"/tmp/longloom-e2e-hf-{args.preset}")).resolve()
     env = {**os.environ, **ENVIRONMENT, "PYTHONUNBUFFERED": "1"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str((args.out / "torch-extensions").resolve()))
+    # One build of DeepSpeed's CPU Adam (~1 min) for every run and every later command on this machine.
+    env.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/longloom-torch-extensions")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(REPO_ROOT)]))
     shape = PRESETS[args.preset]
     if {"longloom-hf", "alst"} & set(systems):

@@ -102,7 +102,7 @@ def load_partitions(model: torch.nn.Module, folder: Path, rank: int) -> None:
     loaded = set()
     for file in files:
         with safe_open(str(folder / file), framework="pt") as handle:
-            for name in handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
                 param = params[name]
                 part = param.ds_tensor  # flat [ceil(numel / world)] slice, padded on the last rank
                 start = rank * part.numel()

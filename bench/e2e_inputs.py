@@ -50,6 +50,9 @@ PRESETS = {
 }
 
 
+PATTERN_IDS = 1024
+
+
 def pattern_period(seq_len: int) -> int:
     """Length of the repeated random block: the largest divisor of seq_len up to min(4096, seq_len // 4)."""
     limit = max(1, min(4096, seq_len // 4))
@@ -57,12 +60,15 @@ def pattern_period(seq_len: int) -> int:
 
 
 def pattern_window(seq_len: int, vocab_size: int, seed: int = 0) -> np.ndarray:
-    """The S + 1 tokens of every sample (int64): a random block of ids in [0, vocab - 1) repeated.
+    """The S + 1 tokens of every sample (int64): a random block repeated.
 
-    vocab_size - 1 is the EOS of the data folder and never occurs, so the window is one document.
+    The block's ids come from the first min(vocab - 1, 1024) ids, so the loss falls within a few steps
+    (from ~ln(vocab) towards ln(1024) as the head learns which ids occur, then lower as the model learns
+    to copy the block). vocab_size - 1 is the EOS of the data folder and never occurs: one document.
     """
     period = pattern_period(seq_len)
-    block = np.random.default_rng(seed).integers(0, vocab_size - 1, size=period, dtype=np.int64)
+    distinct = min(vocab_size - 1, PATTERN_IDS)
+    block = np.random.default_rng(seed).integers(0, distinct, size=period, dtype=np.int64)
     return np.resize(block, seq_len + 1)
 
 
