@@ -71,16 +71,10 @@ class Run:
             print(f"  [{at:7.1f} s] {name}", flush=True)
 
     def _sample(self, process: subprocess.Popen, started: float) -> None:
-        import psutil
-
         while process.poll() is None:
-            try:
-                root = psutil.Process(process.pid)
-                tree = [root, *root.children(recursive=True)]
-                self.host_peak = max(self.host_peak, sum(p.memory_info().rss for p in tree) / 2**30)
-                self.gpu_peak = max(self.gpu_peak, _gpu_used_gib({p.pid for p in tree}))
-            except psutil.Error:
-                pass
+            rss, pids = _process_tree(process.pid)
+            self.host_peak = max(self.host_peak, rss)
+            self.gpu_peak = max(self.gpu_peak, _gpu_used_gib(pids))
             if (
                 self.metrics_file is not None
                 and "first_step" not in self.marks
@@ -133,6 +127,26 @@ class Run:
             ]
         sampler.join(timeout=5)
         return code
+
+
+def _process_tree(pid: int) -> tuple[float, set[int]]:
+    """(resident host GiB of `pid` and all its descendants, their pids); (0, {pid}) without psutil."""
+    try:
+        import psutil  # a DeepSpeed dependency
+    except ImportError:
+        return 0.0, {pid}
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+        rss = 0
+        for member in tree:
+            try:
+                rss += member.memory_info().rss
+            except psutil.Error:  # exited between the listing and the read
+                pass
+        return rss / 2**30, {member.pid for member in tree}
+    except psutil.Error:
+        return 0.0, {pid}
 
 
 def _gpu_used_gib(pids: set[int]) -> float:
@@ -279,7 +293,8 @@ def main() -> None:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(REPO_ROOT)]))
     shape = PRESETS[args.preset]
     if {"longloom-hf", "alst"} & set(systems):
-        folder, seconds = write_hf_folder(args.hf_dir, shape, max(seq_lens))
+        # A fixed context length keeps one folder for every --seq-lens (it does not change the weights).
+        folder, seconds = write_hf_folder(args.hf_dir, shape, max(*seq_lens, 1 << 20))
         print(
             f"HF folder {folder} ({'reused' if not seconds else f'written in {seconds:.0f} s'})", flush=True
         )
