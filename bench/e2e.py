@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import REPO_ROOT, append_record, markdown_table
+from bench.common import REPO_ROOT, append_record, launch_command, markdown_table
 from bench.e2e_inputs import PRESETS, write_hf_folder, write_token_folder
 
 SYSTEMS = ("longloom", "longloom-hf", "alst")
@@ -273,6 +273,15 @@ def main() -> None:
         help="longloom's launch.backend (default: local for 1 worker, else torchrun)",
     )
     parser.add_argument("--longloom-override", action="append", default=[], help="extra a.b=v for longloom")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="JSON lines of every row so far (default <out>/results.jsonl); rows of earlier commands that "
+        "used the same file join the table, the ratios and --record (one system per command fits 10 min)",
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="run nothing: table (and --record) of --results"
+    )
     parser.add_argument("--prepare-only", action="store_true", help="build the HF folder and data, then exit")
     parser.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
     args = parser.parse_args()
@@ -286,6 +295,10 @@ def main() -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     args.launcher = args.launcher or ("local" if args.gpus == 1 else "torchrun")
+    args.results = args.results or args.out / "results.jsonl"
+    if args.report_only:
+        report(args, [])
+        return
     args.hf_dir = (args.hf_dir or Path(f"/tmp/longloom-e2e-hf-{args.preset}")).resolve()
     env = {**os.environ, **ENVIRONMENT, "PYTHONUNBUFFERED": "1"}
     # One build of DeepSpeed's CPU Adam (~1 min) for every run and every later command on this machine.
@@ -323,21 +336,35 @@ def main() -> None:
                     f"{system} at {seq_len} tokens FAILED (exit {code}); last lines of {run.log}:", flush=True
                 )
                 print("\n".join("    " + line for line in run.tail[-15:]), flush=True)
-            results.append(summarise(system, seq_len, args.gpus, code, run, args.warmup))
-            (args.out / "results.jsonl").open("a").write(json.dumps(results[-1]) + "\n")
-    table = markdown_table(HEADERS, [table_row(r) for r in results])
-    print(table)
-    print("\n".join(ratios(results)))
-    if args.record:
-        what = (
-            f"End to end, {args.preset} Llama shape, {args.gpus} workers, ZeRO-3 + CPU Adam, bf16, "
-            f"same tokens (repeated random block, all labels valid); medians over steps {args.warmup + 1}.."
-            f"{args.steps}. Phases: seconds from launch to the first line marking each.\n\n"
-            + "\n".join(ratios(results))
-        )
-        append_record("End to end: longloom vs DeepSpeed ALST", what, table, args.gpus)
-        print("appended to BENCHMARKS.md")
+            row = summarise(system, seq_len, args.gpus, code, run, args.warmup)
+            row |= {"preset": args.preset, "steps_timed": f"{args.warmup + 1}..{args.steps}"}
+            row["bench_command"] = launch_command()
+            results.append(row)
+            with args.results.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+    report(args, results)
     sys.exit(0 if all(r["exit"] == 0 for r in results) else 1)
+
+
+def report(args, results: list[dict]) -> None:
+    """Table and ratios of every row in --results (this command's and earlier ones'), recorded with --record."""
+    rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+    rows = rows or results
+    table = markdown_table(HEADERS, [table_row(r) for r in rows])
+    print(table)
+    print("\n".join(ratios(rows)))
+    if args.record:
+        commands = "\n".join(sorted({f"  - `{r.get('bench_command', '?')}`" for r in rows}))
+        what = (
+            "End to end, Llama shape of the preset below, ZeRO-3 + CPU Adam, bf16, same tokens (a repeated "
+            "random block, every label valid), same weights for longloom-hf and alst; tokens/s and step s are "
+            "medians over the timed steps; phases are seconds from launch to the first line marking each.\n\n"
+            f"- preset: {', '.join(sorted({r.get('preset', '?') for r in rows}))}; timed steps: "
+            f"{', '.join(sorted({r.get('steps_timed', '?') for r in rows}))}\n"
+            f"- rows measured by:\n{commands}\n" + "\n".join(ratios(rows))
+        )
+        append_record("End to end: longloom vs DeepSpeed ALST", what, table, max(r["gpus"] for r in rows))
+        print("appended to BENCHMARKS.md")
 
 
 if __name__ == "__main__":
