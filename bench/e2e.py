@@ -240,16 +240,15 @@ def table_row(r: dict) -> list[str]:
 
 def ratios(results: list[dict]) -> list[str]:
     lines = []
-    by = {(r["system"], r["seq_len"]): r["tokens_per_s"] for r in results if r["exit"] == 0}
-    for seq_len in sorted({r["seq_len"] for r in results}):
+    by = {(r["system"], r["gpus"], r["seq_len"]): r["tokens_per_s"] for r in results if r["exit"] == 0}
+    for gpus, seq_len in sorted({(r["gpus"], r["seq_len"]) for r in results}):
         for a, b, what in (
             ("longloom", "alst", "target >= 1.5"),
             ("longloom-hf", "longloom", "target >= 0.95"),
         ):
-            if by.get((a, seq_len)) and by.get((b, seq_len)):
-                lines.append(
-                    f"- {seq_len} tokens: {a} / {b} tokens/s = {by[a, seq_len] / by[b, seq_len]:.3f} ({what})"
-                )
+            if by.get((a, gpus, seq_len)) and by.get((b, gpus, seq_len)):
+                ratio = by[a, gpus, seq_len] / by[b, gpus, seq_len]
+                lines.append(f"- {gpus} GPU(s), {seq_len} tokens: {a} / {b} tokens/s = {ratio:.3f} ({what})")
     return lines
 
 
