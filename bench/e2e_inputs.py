@@ -152,14 +152,18 @@ def write_hf_folder(folder: Path, shape: Shape, max_positions: int, seed: int = 
     config.architectures = ["LlamaForCausalLM"]
     with torch.device("meta"):
         names_shapes = [(name, p.shape) for name, p in LlamaForCausalLM(config).named_parameters()]
-    generator = torch.Generator().manual_seed(seed)
+    # Drawn on a GPU when there is one (seconds for 8B parameters instead of minutes on the host).
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator(device).manual_seed(seed)
     limit, shards, current, current_bytes = 4 << 30, [], {}, 0
     for name, size in names_shapes:
         if name.endswith("norm.weight"):
             tensor = torch.ones(size, dtype=torch.bfloat16)
         else:
-            tensor = torch.empty(size, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
-            tensor = tensor.to(torch.bfloat16)
+            tensor = torch.empty(size, dtype=torch.float32, device=device).normal_(
+                0.0, 0.02, generator=generator
+            )
+            tensor = tensor.to(torch.bfloat16).cpu()
         nbytes = tensor.numel() * 2
         if current and current_bytes + nbytes > limit:
             shards.append(current)
