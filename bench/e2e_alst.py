@@ -215,30 +215,33 @@ def main() -> None:
     # Logit tiles of ~1 GiB of fp32 logits, as ArcticTraining sizes them.
     loss_tiles = max(1, math.ceil(local * hf_config.vocab_size * 4 / 2**30))
 
-    def loss_sum(head, hidden, target):
-        return F.cross_entropy(
-            head(hidden).float().view(-1, hf_config.vocab_size), target.view(-1), reduction="sum"
-        )
+    # ZeRO averages gradients over the SP ranks, so each rank's loss is its token sum x world / S: the
+    # average is then the gradient of the global mean. The scale must be inside the tiled function, which
+    # runs the lm_head's backward during its forward (an outer factor would not reach lm_head.weight).
+    scale = world / args.seq_len
+
+    def scaled_loss_sum(head, hidden, target):
+        logits = head(hidden).float().view(-1, hf_config.vocab_size)
+        return F.cross_entropy(logits, target.view(-1), reduction="sum") * scale
 
     for step in range(1, args.steps + 1):
         if cuda:
             torch.cuda.synchronize()
         began = time.perf_counter()
         hidden = engine.module.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
-        local_sum = TiledFusedLogitsLoss.apply(
-            loss_sum, lm_head, hidden, labels, None, loss_tiles, [lm_head.weight], "sum"
+        local_loss = TiledFusedLogitsLoss.apply(
+            scaled_loss_sum, lm_head, hidden, labels, None, loss_tiles, [lm_head.weight], "sum"
         )
-        # ZeRO averages gradients over the SP ranks: x world makes the result the global mean's gradient.
-        engine.backward(local_sum * world / args.seq_len)
+        engine.backward(local_loss)
         engine.step()
-        total = local_sum.detach().clone()
+        total = local_loss.detach().clone()
         dist.all_reduce(total)
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - began
         if step == 1:
             phase("first_step")
-        record = {"step": step, "loss": total.item() / args.seq_len, "step_time_s": elapsed}
+        record = {"step": step, "loss": total.item() / world, "step_time_s": elapsed}
         record["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
         record["lr"] = engine.get_lr()[0]
         record["tokens_per_s"] = args.seq_len / elapsed
