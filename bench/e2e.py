@@ -1,15 +1,20 @@
 """longloom vs the DeepSpeed ALST recipe, end to end on one machine: same model, tokens, ZeRO-3, CPU Adam, bf16.
 
-    python bench/e2e.py --gpus 2 --seq-lens 131072,262144 --steps 4 --out $OUT --hf-dir /tmp/llama8b --record
+    python bench/e2e.py --gpus 2 --seq-lens 131072 --out $OUT --prepare-only        # 8B HF folder in /tmp, once
+    python bench/e2e.py --gpus 2 --seq-lens 131072 --steps 4 --systems alst --out $OUT --results /tmp/e2e.jsonl
+    python bench/e2e.py --gpus 2 --seq-lens 131072 --steps 4 --systems longloom --out $OUT --results /tmp/e2e.jsonl
+    python bench/e2e.py --out $OUT --results /tmp/e2e.jsonl --report-only --record   # table + ratios of all rows
     python bench/e2e.py --preset tiny --gpus 2 --seq-lens 256 --steps 3 --out /tmp/e2e   # CPU: harness check
 
 Systems (--systems, any subset, each run in its own process tree with a timeout; logs under --out):
-- longloom: `python -m longloom train <generated yaml>` (native Llama; ulysses = GPUs, activations and
-  optimizer offloaded, mlp_tiles auto, ZeRO-3), tokens/s the median of metrics.jsonl after --warmup steps;
+- longloom: `torchrun -m longloom.launch.torchrun <generated yaml>` (`python -m longloom train` on one GPU or
+  with --launcher ray); native Llama, ulysses = GPUs, activations and optimizer offloaded, mlp_tiles auto,
+  ZeRO-3; tokens/s the median of metrics.jsonl after --warmup steps;
 - longloom-hf: the same with model.source hf:<--hf-dir>, a transformers Llama folder of random bf16 weights
   built once (issue 17: within 5% of native);
 - alst: bench/e2e_alst.py under torchrun: HF Llama + DeepSpeed's UlyssesSPAttentionHF, TiledMLP,
-  TiledFusedLogitsLoss, checkpointed hidden states offloaded to host, ZeRO-3 + CPU Adam.
+  TiledFusedLogitsLoss, checkpointed hidden states offloaded to host, ZeRO-3 + CPU Adam, loading the same
+  folder as longloom-hf (on CPU the two agree in loss and grad norm to 4 digits: the same training).
 Every system trains on bench/e2e_inputs.pattern_window (all labels valid). Time to first step: each output
 line is timestamped as it arrives; phases are the first lines that mark them (below), step 1 the first
 metrics line. Peak host memory is the sampled RSS of the whole process tree; peak GPU memory per process
