@@ -49,6 +49,8 @@ PHASE_MARKERS = [
     ("dist_init", re.compile(r"split: dp=")),
     ("model_init", re.compile(r"model: (native|hf:)")),
     ("op_build", re.compile(r"Loading extension module cpu_adam|Time to load cpu_adam|cpu_adam.*built")),
+    ("engine_init", re.compile(r"DeepSpeed engine .*ready in")),  # longloom's Trainer.build phase lines
+    ("data_ready", re.compile(r"(data \(.*\) ready|resumed from .*) in")),
     ("first_step", re.compile(r"\bstep +1 \|")),  # longloom's console line, printed when step 1 ends
 ]
 PHASE_LINE = re.compile(r"\bphase[:= ]+([A-Za-z_][\w.-]*)")
