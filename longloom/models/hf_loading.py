@@ -242,7 +242,6 @@ def build_hf_causal_lm(
 
 def _build_zero3(config: PretrainedConfig, dtype: torch.dtype, zero3_config: dict) -> PreTrainedModel:
     import deepspeed
-    from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
     stage = zero3_config.get("zero_optimization", {}).get("stage")
     if stage != 3:
@@ -269,13 +268,42 @@ def _build_zero3(config: PretrainedConfig, dtype: torch.dtype, zero3_config: dic
     contexts = (
         no_init_weights(),
         # zero.Init casts floating tensors made by torch.arange to its dtype: RoPE frequencies would be bf16.
-        prevent_arange_dtype_change(),
+        _keep_arange_dtype(),
         deepspeed.zero.Init(config_dict_or_path=zero3_config),
     )
     with contextlib.ExitStack() as stack:
         for context in contexts:
             stack.enter_context(context)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    _check_rope_buffers(model)
+    return model
+
+
+def _keep_arange_dtype() -> contextlib.AbstractContextManager:
+    """transformers' guard against zero.Init's arange cast, where this transformers has it (5.2x).
+
+    Older releases (5.17 on the GPU machines) lack it; their default RoPE builds its frequencies from an
+    int64 arange, which zero.Init leaves alone, and `_check_rope_buffers` verifies that afterwards.
+    """
+    try:
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    except ImportError:
+        return contextlib.nullcontext()
+    return prevent_arange_dtype_change()
+
+
+def _check_rope_buffers(model: PreTrainedModel) -> None:
+    """RoPE frequencies must stay fp32 (in bf16 positions beyond a few thousand rotate wrongly)."""
+    import transformers
+
+    for name, buffer in model.named_buffers():
+        if name.endswith("inv_freq") and buffer.dtype != torch.float32:
+            raise ValueError(
+                f"under ZeRO-3 the model's RoPE frequencies {name} were built in {buffer.dtype}, not float32: "
+                f"DeepSpeed's zero.Init cast them and transformers {transformers.__version__} has no guard for "
+                "this rope type; upgrade transformers (5.24 has prevent_arange_dtype_change) or set "
+                "train.zero_stage to 2 or lower"
+            )
 
 
 def hf_model_shape(config: PretrainedConfig) -> dict[str, Any]:
