@@ -275,15 +275,15 @@ def _build_zero3(config: PretrainedConfig, dtype: torch.dtype, zero3_config: dic
         for context in contexts:
             stack.enter_context(context)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    _check_rope_buffers(model)
+    restore_rope_buffers(model)
     return model
 
 
 def _keep_arange_dtype() -> contextlib.AbstractContextManager:
     """transformers' guard against zero.Init's arange cast, where this transformers has it (5.2x).
 
-    Older releases (5.17 on the GPU machines) lack it; their default RoPE builds its frequencies from an
-    int64 arange, which zero.Init leaves alone, and `_check_rope_buffers` verifies that afterwards.
+    Older releases (5.17 on the GPU machines) lack it: `restore_rope_buffers` then rebuilds the RoPE
+    frequencies after zero.Init.
     """
     try:
         from transformers.integrations.deepspeed import prevent_arange_dtype_change
@@ -292,17 +292,28 @@ def _keep_arange_dtype() -> contextlib.AbstractContextManager:
     return prevent_arange_dtype_change()
 
 
-def _check_rope_buffers(model: PreTrainedModel) -> None:
-    """RoPE frequencies must stay fp32 (in bf16 positions beyond a few thousand rotate wrongly)."""
+def restore_rope_buffers(model: PreTrainedModel) -> None:
+    """RoPE frequencies back in fp32 where zero.Init cast them (bf16 rotates positions beyond a few thousand
+    wrongly): each rotary module's buffers are taken from a fresh copy built outside zero.Init with the
+    module's own config (its public constructor; rotary modules hold no parameters to partition)."""
     import transformers
 
+    for module in model.modules():
+        cast = {
+            name: buffer
+            for name, buffer in module.named_buffers(recurse=False)
+            if name.endswith("inv_freq") and buffer.dtype != torch.float32
+        }
+        if cast and hasattr(module, "config"):
+            fresh = type(module)(module.config)
+            for name, buffer in cast.items():
+                setattr(module, name, getattr(fresh, name).to(buffer.device))
     for name, buffer in model.named_buffers():
         if name.endswith("inv_freq") and buffer.dtype != torch.float32:
             raise ValueError(
-                f"under ZeRO-3 the model's RoPE frequencies {name} were built in {buffer.dtype}, not float32: "
-                f"DeepSpeed's zero.Init cast them and transformers {transformers.__version__} has no guard for "
-                "this rope type; upgrade transformers (5.24 has prevent_arange_dtype_change) or set "
-                "train.zero_stage to 2 or lower"
+                f"under ZeRO-3 the model's RoPE frequencies {name} were built in {buffer.dtype}, not float32, "
+                f"and could not be rebuilt (transformers {transformers.__version__}): upgrade transformers "
+                "(5.24 has prevent_arange_dtype_change) or set train.zero_stage to 2 or lower"
             )
 
 

@@ -8,7 +8,13 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from longloom.models.hf_loading import build_hf_causal_lm, check_hf_folder, hf_folder, load_hf_config
+from longloom.models.hf_loading import (
+    build_hf_causal_lm,
+    check_hf_folder,
+    hf_folder,
+    load_hf_config,
+    restore_rope_buffers,
+)
 from longloom.models.hf_weights import load_safetensors_weights
 from tests.models.hf_tiny import random_tokens, save_tiny_model, tiny_config, tiny_model
 
@@ -296,3 +302,29 @@ def test_weights_into_a_model_of_another_config_are_refused(tmp_path):
         load_safetensors_weights(model, tmp_path)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), f"{name} changed although the load was refused"
+
+
+@pytest.mark.parametrize(
+    "family, overrides",
+    [
+        ("llama", {}),
+        (
+            "qwen3",
+            {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
+        ),
+    ],
+)
+def test_rope_frequencies_cast_by_zero_init_are_rebuilt_in_fp32(family, overrides):
+    """What zero.Init does to RoPE buffers where transformers has no arange guard (5.17): cast to bf16."""
+    model = tiny_model(family, **overrides)
+    want = {name: buffer.clone() for name, buffer in model.named_buffers() if name.endswith("inv_freq")}
+    assert want and all(buffer.dtype == torch.float32 for buffer in want.values())
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if name.endswith("inv_freq"):
+                setattr(module, name, buffer.to(torch.bfloat16))
+    restore_rope_buffers(model)
+    got = {name: buffer for name, buffer in model.named_buffers() if name.endswith("inv_freq")}
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], want[name]), name
