@@ -193,6 +193,11 @@ class HeadChunkedAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         world_size, chunks, group = ctx.world_size, ctx.chunks, ctx.group
+        if any(edge is None for edge in ctx.edges):  # before any collective: every rank stops here
+            raise RuntimeError(
+                "ulysses_attention with head_chunks > 1 frees each chunk's graph in its first backward; "
+                "a second backward (retain_graph=True) needs head_chunks=1"
+            )
         batch, seq_local, _, head_dim = grad_out.shape
         grad_chunks = _chunk_views(grad_out, world_size, chunks)
         grads = [

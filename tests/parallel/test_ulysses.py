@@ -409,3 +409,16 @@ def _replicated_kv_worker():
 
 def test_head_chunks_with_replicated_kv_heads(distributed):
     assert distributed(2, _replicated_kv_worker) == [(1, 4, 8, 8)] * 2
+
+
+def _second_backward_worker():
+    q = torch.randn(1, 4, 8, 8, requires_grad=True)
+    out = ulysses_attention(q, q, q, dist.group.WORLD, head_chunks=2)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"second backward .* head_chunks=1"):
+        out.sum().backward()
+    return True
+
+
+def test_head_chunks_second_backward_says_what_to_do(distributed):
+    assert distributed(2, _second_backward_worker) == [True, True]
