@@ -164,6 +164,10 @@ class HeadChunkedAttention(torch.autograd.Function):
             parts = (q_chunks[:, :, :, c], k_chunks[:, :, :, c], v_chunks[:, :, :, c])
             return _Exchange(pack_seq_to_heads(parts, world_size), group)
 
+        def finish_output(c: int) -> None:
+            out_chunks[:, :, :, c].copy_(unpack_heads_to_seq(outputs[c].result(), heads[:1])[0])
+            outputs[c] = None
+
         inputs, outputs = [exchange_inputs(0)], []
         try:
             for c in range(chunks):
@@ -180,9 +184,9 @@ class HeadChunkedAttention(torch.autograd.Function):
                     edges.append((get_gradient_edge(out_heads), [get_gradient_edge(t) for t in gathered]))
                 outputs.append(_Exchange(pack_heads_to_seq([out_heads.detach()], world_size), group))
                 del received, gathered, out_heads  # only the graph (through the hooks) keeps them
-            for c in range(chunks):
-                out_chunks[:, :, :, c].copy_(unpack_heads_to_seq(outputs[c].result(), heads[:1])[0])
-                outputs[c] = None
+                if c > 0:  # chunk c-1's output travelled during attention c: at most 2 buffers held
+                    finish_output(c - 1)
+            finish_output(chunks - 1)
         finally:
             _finish(inputs + outputs)
         ctx.edges, ctx.group, ctx.world_size, ctx.chunks = edges, group, world_size, chunks
@@ -208,6 +212,11 @@ class HeadChunkedAttention(torch.autograd.Function):
         def exchange_grad_out(c: int) -> _Exchange:
             return _Exchange(pack_seq_to_heads([grad_chunks[:, :, :, c]], world_size), group)
 
+        def finish_grads(c: int) -> None:
+            for view, part in zip(grad_views, unpack_heads_to_seq(outgoing[c].result(), ctx.heads)):
+                view[:, :, :, c].copy_(part)
+            outgoing[c] = None
+
         incoming, outgoing = [exchange_grad_out(0)], []
         try:
             for c in range(chunks):
@@ -220,10 +229,9 @@ class HeadChunkedAttention(torch.autograd.Function):
                 outgoing.append(_Exchange(pack_heads_to_seq(chunk_grads, world_size), group))
                 ctx.edges[c] = None  # frees chunk c's graph
                 del grad_heads, chunk_grads
-            for c in range(chunks):
-                for view, part in zip(grad_views, unpack_heads_to_seq(outgoing[c].result(), ctx.heads)):
-                    view[:, :, :, c].copy_(part)
-                outgoing[c] = None
+                if c > 0:
+                    finish_grads(c - 1)
+            finish_grads(chunks - 1)
         finally:
             _finish(incoming + outgoing)
         return (*grads, None, None, None, None, None)
