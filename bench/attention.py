@@ -1,6 +1,7 @@
 """Ulysses attention throughput beside single-GPU SDPA, DeepSpeed Ulysses and torch context parallel.
 
     torchrun --nproc-per-node 8 bench/attention.py --seq 65536 262144 1048576 [--record]
+    torchrun --nproc-per-node 2 bench/attention.py --seq 65536 --methods sdpa ulysses --head-chunks 1 2 4 auto
     python bench/attention.py --nproc 1 --seq 65536          # one GPU: SDPA and Ulysses with P = 1
 
 Methods (all bf16, causal, Hq = 32, Hkv = 8, D = 128 by default; B = 1; S = whole sequence):
@@ -8,7 +9,9 @@ Methods (all bf16, causal, Hq = 32, Hkv = 8, D = 128 by default; B = 1; S = whol
   queries with max(Hkv, P)/P K/V heads, no communication. Same per-GPU FLOPs as the P-GPU methods,
   so its TFLOP/s is the ceiling Ulysses approaches; the gap is the all-to-all cost.
 - ulysses: longloom.parallel.ulysses.ulysses_attention (one fused q/k/v all-to-all, SDPA, one
-  all-to-all back).
+  all-to-all back), one row per --head-chunks value C: "ulysses C=1" is that serial path, C > 1
+  pipelines C head chunks so the all-to-alls of one chunk run during another's attention
+  (parallel/ulysses_pipeline.py), "auto" is the library default (choose_head_chunks).
 - deepspeed-ulysses: deepspeed.sequence.layer.DistributedAttention with the same SDPA as local
   attention (three separate q/k/v all-to-alls). Skipped, with the reason, when not importable.
 - torch-cp: torch.distributed.tensor.experimental.context_parallel (ring attention with head-tail
@@ -25,8 +28,9 @@ error (forward and dq/dk/dv) must be at most 2x the error of single-GPU bf16 SDP
 
 Performance notes: q/k/v share one all-to-all (one latency instead of three, one autograd node, so
 every rank issues collectives in the same order); each direction costs one packing copy into the
-send buffer and at most one unpacking copy; K/V are exchanged unexpanded (Hkv % P == 0). Overlapping
-the K/V exchange with the query projection is a model-level change and is not attempted here.
+send buffer and at most one unpacking copy; K/V are exchanged unexpanded (Hkv % P == 0). With
+head chunks only the first chunk's q/k/v exchange and the last chunk's output exchange are exposed.
+Overlapping the K/V exchange with the query projection is a model-level change, not measured here.
 """
 
 from __future__ import annotations
@@ -62,7 +66,12 @@ from bench.common import (
 )
 from longloom.attention.reference import reference_attention
 from longloom.parallel.sharding import shard_sequence, unshard_sequence
-from longloom.parallel.ulysses import kv_head_replication, sdpa_attention, ulysses_attention
+from longloom.parallel.ulysses import (
+    kv_head_replication,
+    resolve_head_chunks,
+    sdpa_attention,
+    ulysses_attention,
+)
 
 METHODS = ("sdpa", "ulysses", "deepspeed-ulysses", "torch-cp")
 SDPA_BACKENDS = {
@@ -154,23 +163,30 @@ def sdpa_equal_work(setup: Setup, seq: int) -> Iterator[Case]:
 
 
 @contextlib.contextmanager
-def ulysses(setup: Setup, seq: int) -> Iterator[Case]:
+def ulysses(setup: Setup, seq: int, head_chunks: int | None = 1) -> Iterator[Case]:
     world = setup.world_size
     q = setup.randn(setup.batch, seq // world, setup.heads, setup.head_dim)
     k = setup.randn(setup.batch, seq // world, setup.kv_heads, setup.head_dim)
     v = setup.randn(setup.batch, seq // world, setup.kv_heads, setup.head_dim)
     replication = kv_head_replication(setup.heads, setup.kv_heads, world)
     local_q = q.new_empty(setup.batch, seq, setup.heads // world, setup.head_dim)
-    local_kv = q.new_empty(setup.batch, seq, setup.kv_heads * replication // world, setup.head_dim)
+    kv_per_rank = setup.kv_heads * replication // world
+    chunks = resolve_head_chunks(head_chunks, setup.batch, seq, setup.heads // world, kv_per_rank)
+    # The kernel of one attention call: 1/C of the rank's heads.
+    local_q = q.new_empty(setup.batch, seq, setup.heads // world // chunks, setup.head_dim)
+    local_kv = q.new_empty(setup.batch, seq, kv_per_rank // chunks, setup.head_dim)
+    exchange = "fused q/k/v all-to-all" if chunks == 1 else f"{chunks} head chunks, all-to-alls overlapped"
     yield Case(
-        forward=lambda: ulysses_attention(q, k, v, setup.group, causal=setup.causal),
+        forward=lambda: ulysses_attention(q, k, v, setup.group, causal=setup.causal, head_chunks=chunks),
         inputs=[q, k, v],
         dout=torch.randn_like(q),
         kernel=sdpa_kernel_name(local_q, local_kv, local_kv, setup.causal),
         note=(
             "P=1: no communication"
             if world == 1
-            else "fused q/k/v all-to-all" + (f", K/V heads x{replication}" if replication > 1 else "")
+            else exchange
+            + (f", K/V heads x{replication}" if replication > 1 else "")
+            + (" (auto)" if head_chunks is None else "")
         ),
     )
 
@@ -275,10 +291,15 @@ RUNNERS = {
 THIRD_PARTY = {"deepspeed-ulysses", "torch-cp"}
 
 
-def measure(setup: Setup, method: str, seq: int, warmup: int, iters: int) -> list[object]:
-    """One table row for one of RUNNERS (see `measure_row`)."""
+def measure(
+    setup: Setup, method: str, seq: int, warmup: int, iters: int, head_chunks: int | None = 1
+) -> list[object]:
+    """One table row for one of RUNNERS (see `measure_row`); `head_chunks` for ulysses only."""
     label = "sdpa (equal work)" if method == "sdpa" else method
     runner = functools.partial(RUNNERS[method], setup, seq)
+    if method == "ulysses":
+        label = f"ulysses C={'auto' if head_chunks is None else head_chunks}"
+        runner = functools.partial(ulysses, setup, seq, head_chunks)
     return measure_row(setup, label, runner, seq, warmup, iters, may_fail=method in THIRD_PARTY)
 
 
@@ -345,7 +366,7 @@ def measure_row(
     return row
 
 
-def check_ulysses(setup: Setup, seq: int) -> list[object]:
+def check_ulysses(setup: Setup, seq: int, head_chunks: int | None = 1) -> list[object]:
     """bf16 Ulysses vs fp64 on the full sequence: error at most 2x that of single-GPU bf16 SDPA."""
     generator = torch.Generator(device=setup.device).manual_seed(1234)  # same tensors on every rank
 
@@ -368,9 +389,23 @@ def check_ulysses(setup: Setup, seq: int) -> list[object]:
     want = run(functools.partial(reference_attention, causal=setup.causal), torch.float64, shard=False)
     single = run(functools.partial(sdpa_attention, causal=setup.causal), setup.dtype, shard=False)
     got = run(
-        functools.partial(ulysses_attention, group=setup.group, causal=setup.causal), setup.dtype, shard=True
+        functools.partial(ulysses_attention, group=setup.group, causal=setup.causal, head_chunks=head_chunks),
+        setup.dtype,
+        shard=True,
     )
-    return [check_against_fp64(f"Ulysses check at S={seq}, P={setup.world_size}", want, single, got)]
+    chunks = "auto" if head_chunks is None else head_chunks
+    return [
+        check_against_fp64(f"Ulysses check at S={seq}, P={setup.world_size}, C={chunks}", want, single, got)
+    ]
+
+
+def _head_chunks(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--head-chunks takes integers or 'auto', got {text!r}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -390,6 +425,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--head-chunks",
+        nargs="+",
+        type=_head_chunks,
+        default=[None],
+        metavar="C",
+        help="ulysses rows: pipelined head chunks (an integer dividing the K/V heads per rank; 1 = no "
+        "overlap) or 'auto' (the library default); one row per value",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10, help="timed runs; the median is reported")
     parser.add_argument("--cp-rotate", choices=("allgather", "alltoall"), default="allgather")
@@ -427,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     with kernels:
         notes = (
-            check_ulysses(setup, args.check_seq)
+            [note for chunks in args.head_chunks for note in check_ulysses(setup, args.check_seq, chunks)]
             if args.check_seq
             else ["Ulysses check skipped (--check-seq 0)"]
         )
@@ -436,10 +480,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for seq in args.seq:
             for method in args.methods:
-                rows.append(measure(setup, method, seq, args.warmup, args.iters))
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()  # the method's tensors are gone now; give the next one room
-                print_rank_zero(" | ".join(str(cell) for cell in rows[-1]))
+                for chunks in args.head_chunks if method == "ulysses" else [1]:
+                    rows.append(measure(setup, method, seq, args.warmup, args.iters, chunks))
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()  # the method's tensors are gone; give the next one room
+                    print_rank_zero(" | ".join(str(cell) for cell in rows[-1]))
     table = markdown_table(ATTENTION_HEADERS, rows)
     what = (
         f"Attention throughput, {args.dtype}, {'causal' if args.causal else 'full'}, B={args.batch}, "

@@ -17,6 +17,12 @@ is fixed by the graph and cannot be reordered by autograd on some ranks and not 
 Cost per direction: one copy packing the tensors into the send buffer, the collective (each rank
 sends (P-1)/P of its q/k/v), and at most one copy unpacking (none for B == 1 on the q/k/v side).
 
+Hidden communication (`head_chunks`, parallel/ulysses_pipeline.py): the heads are split into C chunks
+of whole GQA groups and exchanged asynchronously, chunk c+1's q/k/v and chunk c-1's output travelling
+(NCCL's stream) while chunk c is attended (compute stream); only 1/C of the exchange stays exposed.
+Same numbers in, same kernel per head: results equal C = 1. Costs C x more, smaller launches; chosen
+automatically (C = 4 or 2 at long sequences, 1 at short ones); C = 1 is the path drawn above.
+
 GQA: K/V heads are sent unexpanded when Hkv % P == 0. When Hkv < P (and P % Hkv == 0) each K/V head
 is replicated P / Hkv times, to exactly P heads, so every rank receives the one K/V head its query
 heads read. Anything else raises ValueError.
@@ -42,6 +48,14 @@ import torch.distributed as dist
 from longloom.attention.blocks import document_attention
 from longloom.attention.documents import check_document_ids
 from longloom.attention.local import check_heads, expand_kv_heads, sdpa_attention
+from longloom.parallel.ulysses_pipeline import (
+    choose_head_chunks,
+    head_chunked_attention,
+    pack_heads_to_seq,
+    pack_seq_to_heads,
+    unpack_heads_to_seq,
+    unpack_seq_to_heads,
+)
 
 LocalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -72,49 +86,26 @@ def _all_to_all_seq_to_heads(
     tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, world_size: int
 ) -> list[torch.Tensor]:
     """[B, S/P, H_i, D] each -> [B, S, H_i/P, D] each, with one all_to_all_single. No autograd."""
-    batch, seq_local, _, head_dim = tensors[0].shape
-    local_heads = [tensor.size(2) // world_size for tensor in tensors]
     # Send buffer [P, B, S/P, sum_i H_i/P, D]: row p holds head slice p of every tensor, so one
-    # collective moves all of them. Writing each tensor straight into its slot is the only copy.
-    send = tensors[0].new_empty(world_size, batch, seq_local, sum(local_heads), head_dim)
-    offset = 0
-    for tensor, heads in zip(tensors, local_heads):
-        send[..., offset : offset + heads, :].copy_(
-            tensor.unflatten(2, (world_size, heads)).permute(2, 0, 1, 3, 4)
-        )
-        offset += heads
+    # collective moves all of them.
+    parts = [tensor.unflatten(2, (world_size, tensor.size(2) // world_size)) for tensor in tensors]
+    send = pack_seq_to_heads(parts, world_size)
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)
     # received[p] is rank p's sequence chunk of our head slice; chunks in rank order make the sequence.
-    # A view when B == 1 (the usual long-sequence case), one copy otherwise.
-    gathered = received.transpose(0, 1).reshape(batch, world_size * seq_local, sum(local_heads), head_dim)
-    return list(gathered.split(local_heads, dim=2))
+    return unpack_seq_to_heads(received, [part.size(3) for part in parts])
 
 
 def _all_to_all_heads_to_seq(
     tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, world_size: int
 ) -> list[torch.Tensor]:
     """[B, S, h_i, D] each -> [B, S/P, P*h_i, D] each, with one all_to_all_single. No autograd."""
-    batch, seq, _, head_dim = tensors[0].shape
-    seq_local = seq // world_size
-    local_heads = [tensor.size(2) for tensor in tensors]
-    # Send buffer [P, B, S/P, sum_i h_i, D]: row p holds sequence chunk p, which rank p keeps.
-    send = tensors[0].new_empty(world_size, batch, seq_local, sum(local_heads), head_dim)
-    offset = 0
-    for tensor, heads in zip(tensors, local_heads):
-        send[..., offset : offset + heads, :].copy_(
-            tensor.unflatten(1, (world_size, seq_local)).transpose(0, 1)
-        )
-        offset += heads
+    send = pack_heads_to_seq(tensors, world_size)  # row p: sequence chunk p, which rank p keeps
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)
     # received[p] holds rank p's heads for our chunk: global head = p * h_i + local head.
-    outputs, offset = [], 0
-    for heads in local_heads:
-        part = received[..., offset : offset + heads, :].permute(1, 2, 0, 3, 4)  # [B, S/P, P, h_i, D]
-        outputs.append(part.reshape(batch, seq_local, world_size * heads, head_dim))
-        offset += heads
-    return outputs
+    parts = unpack_heads_to_seq(received, [tensor.size(2) for tensor in tensors])
+    return [part.flatten(2, 3) for part in parts]
 
 
 class _SeqToHeads(torch.autograd.Function):
@@ -242,6 +233,21 @@ def gather_document_ids(document_ids: torch.Tensor, group: dist.ProcessGroup | N
     return torch.cat(parts, dim=1)
 
 
+def resolve_head_chunks(
+    head_chunks: int | None, batch: int, seq: int, query_heads_per_rank: int, kv_heads_per_rank: int
+) -> int:
+    """The number of pipelined head chunks C: `head_chunks`, checked, or the automatic choice when None."""
+    if head_chunks is None:
+        return choose_head_chunks(batch, seq, query_heads_per_rank, kv_heads_per_rank)
+    if head_chunks < 1 or kv_heads_per_rank % head_chunks:
+        raise ValueError(
+            f"ulysses_attention: head_chunks = {head_chunks} must be >= 1 and divide the {kv_heads_per_rank} "
+            f"K/V heads each rank attends (chunks carry whole GQA groups): choose a divisor of "
+            f"{kv_heads_per_rank}, or None for the automatic choice"
+        )
+    return head_chunks
+
+
 def ulysses_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -251,6 +257,7 @@ def ulysses_attention(
     softmax_scale: float | None = None,
     local_attention: LocalAttention | None = None,
     document_ids: torch.Tensor | None = None,
+    head_chunks: int | None = None,
 ) -> torch.Tensor:
     """Exact attention over the whole sequence from sequence shards, via two all-to-alls.
 
@@ -258,22 +265,45 @@ def ulysses_attention(
     Returns out [B, S/P, Hq, D] in q's dtype. Differentiable in q, k, v.
 
     `local_attention(q, k, v) -> out` replaces the default SDPA on the gathered tensors
-    (q [B, S, Hq/P, D], k/v [B, S, max(Hkv, P)/P, D]); it then owns the mask and the scale, and
-    `causal` / `softmax_scale` are not used. `group=None` means one rank (plain attention).
+    (q [B, S, Hq/P, D], k/v [B, S, max(Hkv, P)/P, D]; with head chunks, C calls on 1/C of those heads
+    each); it then owns the mask and the scale, and `causal` / `softmax_scale` are not used.
+    `group=None` means one rank (plain attention).
 
     `document_ids` [B, S/P] (packed documents, same sharding as q): each token attends only within its
     document; a given `local_attention` is then called with `document_ids=` the gathered [B, S] ids.
+
+    `head_chunks` C pipelines the exchange with attention (parallel/ulysses_pipeline.py): C must divide
+    the max(Hkv, P)/P K/V heads per rank; 1 is the unpipelined path; None chooses (`choose_head_chunks`:
+    4 or 2 at long sequences, 1 at short ones). The result is the same for every C.
     """
     check_document_ids(document_ids, q, "ulysses_attention")
-    q_heads, k_heads, v_heads = qkv_seq_to_heads(q, k, v, group)
-    if document_ids is not None:
-        gathered_ids = gather_document_ids(document_ids, group)
+    world_size = _world_size(group)
+    chunks = 1
+    if world_size > 1:
+        check_heads(q, k, v)
+        replication = kv_head_replication(q.size(2), k.size(2), world_size)
+        chunks = resolve_head_chunks(
+            head_chunks,
+            q.size(0),
+            q.size(1) * world_size,
+            q.size(2) // world_size,
+            k.size(2) * replication // world_size,
+        )
+    # Gathered once; every head chunk's attention masks with the same [B, S] ids.
+    gathered_ids = None if document_ids is None else gather_document_ids(document_ids, group)
+
+    def attend(q_heads: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor) -> torch.Tensor:
+        if gathered_ids is not None:
+            if local_attention is None:
+                return document_attention(q_heads, k_heads, v_heads, gathered_ids, causal, softmax_scale)
+            return local_attention(q_heads, k_heads, v_heads, document_ids=gathered_ids)
         if local_attention is None:
-            out_heads = document_attention(q_heads, k_heads, v_heads, gathered_ids, causal, softmax_scale)
-        else:
-            out_heads = local_attention(q_heads, k_heads, v_heads, document_ids=gathered_ids)
-    elif local_attention is None:
-        out_heads = sdpa_attention(q_heads, k_heads, v_heads, causal, softmax_scale)
-    else:
-        out_heads = local_attention(q_heads, k_heads, v_heads)
-    return heads_to_seq(out_heads, group)
+            return sdpa_attention(q_heads, k_heads, v_heads, causal, softmax_scale)
+        return local_attention(q_heads, k_heads, v_heads)
+
+    if chunks == 1:
+        return heads_to_seq(attend(*qkv_seq_to_heads(q, k, v, group)), group)
+    _check_same_layout([q, k, v], "ulysses_attention")
+    # repeat_interleave is differentiable: the replicas' gradients are summed back onto the K/V head.
+    k, v = expand_kv_heads(k, replication), expand_kv_heads(v, replication)
+    return head_chunked_attention(q, k, v, attend, group, world_size, chunks)

@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,6 +14,7 @@ from longloom.parallel.ulysses import (
     seq_to_heads,
     ulysses_attention,
 )
+from tests.parallel.documents import packed_document_ids
 
 QUERY_HEADS, SEQ, HEAD_DIM, BATCH = 8, 64, 8, 2
 TOLERANCE = 2e-5  # max abs error allowed, relative to the largest magnitude of the fp64 reference
@@ -237,3 +240,185 @@ def test_custom_local_attention(distributed):
     want = _reference(*full, causal=False)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         _assert_close(g, w, TOLERANCE, f"custom local attention {name}")
+
+
+# Head-chunked pipelining (parallel/ulysses_pipeline.py): exchange of one head chunk overlaps attention
+# of another. Each head is attended by the same kernel on the same numbers, so every C gives the SAME
+# bits as C = 1, and both match the fp64 reference.
+
+
+def _chunks_worker(full, causal, chunk_choices, dtype, ids_full=None, local_attention=None):
+    """ulysses_attention forward + backward for each head_chunks value; per value the local out/dq/dk/dv."""
+    group = dist.group.WORLD
+    ids = None if ids_full is None else shard_sequence(ids_full, 1, group)
+    results = {}
+    for chunks in chunk_choices:
+        q, k, v, dout = (shard_sequence(t, 1, group).to(dtype) for t in full)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = ulysses_attention(
+            q, k, v, group, causal, document_ids=ids, local_attention=local_attention, head_chunks=chunks
+        )
+        out.backward(dout)
+        results[chunks] = [t.detach() for t in (out, q.grad, k.grad, v.grad)]
+    return results
+
+
+def _check_chunks(per_rank, chunk_choices, want, what, bit_identical=None):
+    """Every C matches the reference; those in `bit_identical` (default: all) equal C = 1 bit for bit."""
+    bit_identical = chunk_choices if bit_identical is None else bit_identical
+    for chunks in chunk_choices:
+        got = _gather([[t.double() for t in rank[chunks]] for rank in per_rank])
+        for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+            _assert_close(g, w, TOLERANCE, f"{what} head_chunks={chunks} {name}")
+        for rank, results in enumerate(per_rank if chunks in bit_identical else []):
+            for name, chunked, plain in zip(("out", "dq", "dk", "dv"), results[chunks], results[1]):
+                assert torch.equal(chunked, plain), f"{what} rank {rank} head_chunks={chunks} {name} != C=1"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_head_chunks_match_reference_and_are_bit_identical(distributed, world_size, causal):
+    # K/V heads per rank: P=2: Hkv 8 -> 4 (C = 2, 4), Hkv 4 -> 2 (C = 2: 2 query heads per K/V head);
+    # P=4: Hkv 8 -> 2 (C = 2). None (auto) is 1 at these sizes.
+    for kv_heads in (8, 4) if world_size == 2 else (8,):
+        choices = (1, 2, None) + ((4,) if kv_heads // world_size % 4 == 0 else ())
+        full = _inputs(kv_heads, seed=world_size * 100 + kv_heads)
+        want = _reference(*full, causal=causal)
+        per_rank = distributed(world_size, _chunks_worker, full, causal, choices, torch.float64)
+        _check_chunks(per_rank, choices, want, f"P={world_size} Hkv={kv_heads} causal={causal}")
+
+
+def test_head_chunks_with_documents_and_custom_attention(distributed):
+    full = _inputs(8, seed=21)
+    ids = packed_document_ids(SEQ, chunks=2)
+    leaves = [t.clone().requires_grad_() for t in full[:3]]
+    out = reference_attention(*leaves, causal=True, document_ids=ids)
+    out.backward(full[3])
+    want = [out.detach()] + [leaf.grad for leaf in leaves]
+    per_rank = distributed(2, _chunks_worker, full, True, (1, 2, 4), torch.float64, ids)
+    # CPU's document attention is batched matmuls; at ONE head per call (C=4 here) BLAS takes another
+    # kernel for the size-1 head dimension and rounds differently (1 ulp); at 2+ heads it is bit-exact.
+    _check_chunks(per_rank, (1, 2, 4), want, "documents", bit_identical=(1, 2))
+    custom = functools.partial(_reference_with_documents, causal=True)
+    per_rank = distributed(2, _chunks_worker, full, True, (1, 2), torch.float64, ids, custom)
+    _check_chunks(per_rank, (1, 2), want, "documents, custom local attention")
+
+
+def _reference_with_documents(q, k, v, causal, document_ids):
+    # A local_attention that takes the gathered ids (module level: sent to the worker processes).
+    return reference_attention(q, k, v, causal=causal, document_ids=document_ids)
+
+
+def _pipeline_collectives_worker(chunks):
+    """All-to-alls in forward and backward with C chunks: one q/k/v and one output exchange per chunk."""
+    calls, original = [], dist.all_to_all_single
+
+    def counting(output, input, *args, **kwargs):
+        calls.append(tuple(input.shape))
+        return original(output, input, *args, **kwargs)
+
+    g = torch.Generator().manual_seed(dist.get_rank())
+    q = torch.randn(1, 8, 8, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 8, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 8, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    ulysses.dist.all_to_all_single = counting
+    try:
+        out = ulysses_attention(q, k, v, group=dist.group.WORLD, head_chunks=chunks)
+        forward_calls = list(calls)
+        out.sum().backward()
+    finally:
+        ulysses.dist.all_to_all_single = original
+    with torch.no_grad():  # no graph is built; same result
+        again = ulysses_attention(q, k, v, group=dist.group.WORLD, head_chunks=chunks)
+    return forward_calls, calls[len(forward_calls) :], torch.equal(again, out.detach())
+
+
+def test_head_chunks_issue_two_collectives_per_chunk_each_way(distributed):
+    # P=2, S/P=8, Hq=8, Hkv=4: per rank 4 query and 2 K/V heads; C=2 chunks of 2 q + 1 k + 1 v heads.
+    # Send buffers [P, B, S/P, heads, D].
+    for forward_calls, backward_calls, no_grad_equal in distributed(2, _pipeline_collectives_worker, 2):
+        assert forward_calls == [(2, 1, 8, 4, 4), (2, 1, 8, 4, 4), (2, 1, 8, 2, 4), (2, 1, 8, 2, 4)]
+        # Backward: dout chunk 0, dout chunk 1 (issued before chunk 0's attention backward), dq/dk/dv.
+        assert backward_calls == [(2, 1, 8, 2, 4), (2, 1, 8, 2, 4), (2, 1, 8, 4, 4), (2, 1, 8, 4, 4)]
+        assert no_grad_equal
+
+
+def _checkpoint_worker(chunks):
+    """Non-reentrant activation checkpointing over the pipeline: same gradients, and the attention's
+    saved tensors pass through the saved-tensor hooks (so checkpointing / offload can free them)."""
+    from torch.utils.checkpoint import checkpoint
+
+    group = dist.group.WORLD
+    full = _inputs(8, seed=31)
+    q, k, v, dout = (shard_sequence(t, 1, group) for t in full)
+    results, packed_bytes = [], []
+    for use_checkpoint in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        total = [0]
+
+        def pack(tensor, total=total):
+            total[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            if use_checkpoint:
+                out = checkpoint(ulysses_attention, *leaves, group, use_reentrant=False, head_chunks=chunks)
+            else:
+                out = ulysses_attention(*leaves, group, head_chunks=chunks)
+        out.backward(dout)
+        results.append([out.detach()] + [leaf.grad for leaf in leaves])
+        packed_bytes.append(total[0])
+    same = all(torch.equal(a, b) for a, b in zip(*results))
+    return same, packed_bytes[0], results[0]
+
+
+def test_head_chunks_under_activation_checkpointing(distributed):
+    plain = distributed(2, _checkpoint_worker, 1)
+    chunked = distributed(2, _checkpoint_worker, 2)
+    for (same_1, bytes_1, results_1), (same_2, bytes_2, results_2) in zip(plain, chunked):
+        assert same_1 and same_2, "checkpointed gradients differ from the plain run"
+        # C=2 saves the same attention activations as C=1 (per chunk), all through the hooks.
+        assert bytes_2 >= bytes_1 > 0, (bytes_1, bytes_2)
+        assert all(torch.equal(a, b) for a, b in zip(results_1, results_2))
+
+
+def test_choose_head_chunks_and_bad_values():
+    from longloom.parallel.ulysses import resolve_head_chunks
+    from longloom.parallel.ulysses_pipeline import MIN_ROWS_PER_CHUNK, choose_head_chunks
+
+    # Llama-3-8B on 2 ranks: 16 query / 4 K/V heads per rank.
+    assert choose_head_chunks(1, 65536, 16, 4) == 4
+    assert choose_head_chunks(1, 16384, 16, 4) == 2  # 4 query heads x 16K rows per call is too small
+    assert choose_head_chunks(1, 4096, 16, 4) == 1
+    assert choose_head_chunks(1, 1 << 20, 16, 1) == 1  # one K/V head per rank cannot be split
+    assert choose_head_chunks(1, 1 << 20, 4, 2) == 2
+    assert choose_head_chunks(2, MIN_ROWS_PER_CHUNK // 2, 4, 4) == 4
+    assert resolve_head_chunks(2, 1, 64, 4, 2) == 2
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=rf"head_chunks = {bad} .* 4 K/V heads"):
+            resolve_head_chunks(bad, 1, 64, 8, 4)
+
+
+def _replicated_kv_worker():
+    # Hkv = 1 < P = 2: each rank gets one replicated K/V head, which cannot be split into chunks.
+    q, k = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 1, 8)
+    with pytest.raises(ValueError, match=r"head_chunks = 2 .* 1 K/V heads"):
+        ulysses_attention(q, k, k, dist.group.WORLD, head_chunks=2)
+    return tuple(ulysses_attention(q, k, k, dist.group.WORLD, head_chunks=None).shape)
+
+
+def test_head_chunks_with_replicated_kv_heads(distributed):
+    assert distributed(2, _replicated_kv_worker) == [(1, 4, 8, 8)] * 2
+
+
+def _second_backward_worker():
+    q = torch.randn(1, 4, 8, 8, requires_grad=True)
+    out = ulysses_attention(q, q, q, dist.group.WORLD, head_chunks=2)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"second backward .* head_chunks=1"):
+        out.sum().backward()
+    return True
+
+
+def test_head_chunks_second_backward_says_what_to_do(distributed):
+    assert distributed(2, _second_backward_worker) == [True, True]
