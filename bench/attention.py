@@ -11,7 +11,7 @@ Methods (all bf16, causal, Hq = 32, Hkv = 8, D = 128 by default; B = 1; S = whol
 - ulysses: longloom.parallel.ulysses.ulysses_attention (one fused q/k/v all-to-all, SDPA, one
   all-to-all back), one row per --head-chunks value C: "ulysses C=1" is that serial path, C > 1
   pipelines C head chunks so the all-to-alls of one chunk run during another's attention
-  (parallel/ulysses_pipeline.py), "auto" is the library default (choose_head_chunks).
+  (parallel/ulysses_pipeline.py), "auto" is choose_head_chunks (the library default is C=1).
 - deepspeed-ulysses: deepspeed.sequence.layer.DistributedAttention with the same SDPA as local
   attention (three separate q/k/v all-to-alls). Skipped, with the reason, when not importable.
 - torch-cp: torch.distributed.tensor.experimental.context_parallel (ring attention with head-tail
@@ -429,7 +429,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--head-chunks",
         nargs="+",
         type=_head_chunks,
-        default=[None],
+        default=[1],
         metavar="C",
         help="ulysses rows: pipelined head chunks (an integer dividing the K/V heads per rank; 1 = no "
         "overlap) or 'auto' (the library default); one row per value",

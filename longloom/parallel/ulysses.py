@@ -20,8 +20,10 @@ sends (P-1)/P of its q/k/v), and at most one copy unpacking (none for B == 1 on 
 Hidden communication (`head_chunks`, parallel/ulysses_pipeline.py): the heads are split into C chunks
 of whole GQA groups and exchanged asynchronously, chunk c+1's q/k/v and chunk c-1's output travelling
 (NCCL's stream) while chunk c is attended (compute stream); only 1/C of the exchange stays exposed.
-Same numbers in, same kernel per head: results equal C = 1. Costs C x more, smaller launches; chosen
-automatically (C = 4 or 2 at long sequences, 1 at short ones); C = 1 is the path drawn above.
+Same numbers in, same kernel per head: results equal C = 1. Costs C x more, smaller launches, and
+NCCL's kernels take SMs from attention while they overlap. Measured on 2x H200 (NVLink) at 64K, 32/8
+heads, fwd+bwd: C = 1 528.7 TFLOP/s/GPU, C = 2 523.1, C = 4 504.5 (BENCHMARKS.md): slower, so the
+default is C = 1 (the path drawn above); `head_chunks=None` picks C by size (`choose_head_chunks`).
 
 GQA: K/V heads are sent unexpanded when Hkv % P == 0. When Hkv < P (and P % Hkv == 0) each K/V head
 is replicated P / Hkv times, to exactly P heads, so every rank receives the one K/V head its query
@@ -257,7 +259,7 @@ def ulysses_attention(
     softmax_scale: float | None = None,
     local_attention: LocalAttention | None = None,
     document_ids: torch.Tensor | None = None,
-    head_chunks: int | None = None,
+    head_chunks: int | None = 1,
 ) -> torch.Tensor:
     """Exact attention over the whole sequence from sequence shards, via two all-to-alls.
 
@@ -273,8 +275,9 @@ def ulysses_attention(
     document; a given `local_attention` is then called with `document_ids=` the gathered [B, S] ids.
 
     `head_chunks` C pipelines the exchange with attention (parallel/ulysses_pipeline.py): C must divide
-    the max(Hkv, P)/P K/V heads per rank; 1 is the unpipelined path; None chooses (`choose_head_chunks`:
-    4 or 2 at long sequences, 1 at short ones). The result is the same for every C.
+    the max(Hkv, P)/P K/V heads per rank; 1 (the default: pipelining measured slower on 2x H200, see the
+    module docstring) is the unpipelined path; None chooses (`choose_head_chunks`: 4 or 2 at long
+    sequences, 1 at short ones). The result is the same for every C.
     """
     check_document_ids(document_ids, q, "ulysses_attention")
     world_size = _world_size(group)
