@@ -432,7 +432,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[1],
         metavar="C",
         help="ulysses rows: pipelined head chunks (an integer dividing the K/V heads per rank; 1 = no "
-        "overlap) or 'auto' (the library default); one row per value",
+        "overlap) or 'auto' (choose_head_chunks; the library default is 1); one row per value",
     )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10, help="timed runs; the median is reported")
