@@ -17,8 +17,10 @@ def _longloom(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, check=False, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
 
 
-def test_bad_input_exits_2_with_the_fix_and_writes_nothing(tmp_path):
+def test_bad_input_exits_2_with_the_fix_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
+    # In this process (`main` returns the exit code; a subprocess costs seconds of imports each); the
+    # first case also runs as a real `longloom` process, for the process's own exit status and stderr.
     cases = [
         (["train", "configs/tiny.yaml", "model.hiden=3"], "unknown config key 'model.hiden'"),
         (
@@ -30,10 +32,14 @@ def test_bad_input_exits_2_with_the_fix_and_writes_nothing(tmp_path):
         (["train", "configs/missing.yaml"], "does not exist"),
     ]
     for args, message in cases:
-        result = _longloom(*args)
-        assert result.returncode == 2, (args, result.stderr)
-        assert message in result.stderr, (args, result.stderr)
-        assert "Traceback" not in result.stderr
+        code = main(args)
+        stderr = capsys.readouterr().err
+        assert code == 2, (args, stderr)
+        assert message in stderr, (args, stderr)
+        assert "Traceback" not in stderr
+    args, message = cases[0]
+    result = _longloom(*args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
 
 

@@ -20,12 +20,16 @@ from tests.launch.entries import read_metrics
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = str(REPO / "configs" / "tiny.yaml")
 STEPS = 5
-# Small enough for a few seconds a run on 2 CPU cores; a checkpoint after every step so a restart
-# resumes from the step before the failure. A hung collective would fail after 300 s, far beyond
-# what any test may take, so a test that finishes shows the launcher stopped stuck peers itself.
+# Small enough for a few seconds a run on 2 CPU cores: 2 samples a step rather than the demo's 16, and
+# the demo's earlier lr and warmup, which these tests were written against. A checkpoint after every step
+# so a restart resumes from the step before the failure. A hung collective would fail after 300 s, far
+# beyond what any test may take, so a test that finishes shows the launcher stopped stuck peers itself.
 TINY_OVERRIDES = [
     f"train.steps={STEPS}",
     "data.seq_len=128",
+    "train.micro_batch_size=2",
+    "train.lr=3e-3",
+    "train.warmup_steps=4",
     "train.log_every=1",
     "train.dtype=fp32",
     "checkpoint.interval=1",
