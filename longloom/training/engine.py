@@ -55,7 +55,7 @@ def build_model(
 ) -> tuple[torch.nn.Module, ActivationOffloader | None]:
     """The model of model.source with the trainer's call (LlamaModel or HFCausalLM), and its activation offloader.
 
-    mlp_tiles: the run plan's MLP tiles (native models). hf:<folder>: transformers builds the folder's
+    mlp_tiles: the run plan's MLP tiles (native and hf: models). hf:<folder>: transformers builds the folder's
     architecture and loads its weights; under ZeRO-3 inside deepspeed.zero.Init with the engine's
     config, so each rank reads only its partitions.
     """
@@ -67,6 +67,7 @@ def build_model(
     from longloom.models.hf_causal_lm import HFCausalLM
     from longloom.models.hf_loading import build_hf_causal_lm, hf_folder, resolve_hf_model
     from longloom.models.hf_offload import enable_activation_offload
+    from longloom.models.hf_tiled_mlp import enable_tiled_mlp
 
     _, hf_config = resolve_hf_model(cfg.model, cfg.data.seq_len)
     causal_lm = build_hf_causal_lm(
@@ -78,6 +79,7 @@ def build_model(
         zero3_config=ds_config if cfg.train.zero_stage == 3 else None,
     )
     model = HFCausalLM(causal_lm, dims)  # installs SP attention first: offload then keeps attention outputs
+    enable_tiled_mlp(causal_lm, mlp_tiles or 1)
     offloader = None
     if share > 0:
         offloader = enable_activation_offload(causal_lm, share, device)

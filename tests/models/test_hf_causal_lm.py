@@ -11,6 +11,7 @@ import torch
 
 from longloom.models.hf_causal_lm import HFCausalLM
 from longloom.models.hf_offload import enable_activation_offload
+from longloom.models.hf_tiled_mlp import enable_tiled_mlp
 from longloom.models.llama import LanguageModelHead, LlamaModel
 from longloom.parallel import ParallelDims
 from tests.models.hf_tiny import random_tokens, save_tiny_model, tiny_model
@@ -59,6 +60,35 @@ def test_single_process_loss_and_gradients_equal_the_hf_model(family):
     assert int(stats.tokens) == BATCH * (SEQ - 1) - 4  # tokens 1-4 of sample 0 are not predicted
     _assert_matches_reference(family, stats.loss, {name: p.grad for name, p in model.named_parameters()})
     torch.testing.assert_close(loss.detach(), stats.loss, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_tiled_mlp_changes_nothing_but_the_tiles(family, monkeypatch):
+    """model.mlp_tiles for hf: models: every layer's MLP runs over 3 token tiles; loss and gradients as HF's."""
+    causal_lm = tiny_model(family, **MODELS[family])
+    mlp_class = type(causal_lm.get_decoder().layers[0].mlp)
+    calls = []
+    plain = mlp_class.forward
+    monkeypatch.setattr(mlp_class, "forward", lambda self, x: calls.append(x.shape) or plain(self, x))
+    names = [name for name, _ in causal_lm.named_parameters()]
+    assert enable_tiled_mlp(causal_lm, 3) == causal_lm.config.num_hidden_layers
+    assert [name for name, _ in causal_lm.named_parameters()] == names, "HF parameter names are kept"
+    model = HFCausalLM(causal_lm)
+    batch = _batch()
+    loss, stats = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
+    loss.backward()
+    # 3 tiles per layer in forward, each recomputed once in backward.
+    tokens = BATCH * SEQ
+    assert len(calls) == 2 * 3 * causal_lm.config.num_hidden_layers
+    assert sorted({shape[0] for shape in calls}) == sorted({tokens // 3, tokens - 2 * (tokens // 3)})
+    _assert_matches_reference(family, stats.loss, {name: p.grad for name, p in model.named_parameters()})
+
+
+def test_tiled_mlp_refuses_a_decoder_without_mlp_modules():
+    causal_lm = tiny_model("llama")
+    del causal_lm.get_decoder().layers[0].mlp
+    with pytest.raises(ValueError, match="set model.mlp_tiles: 1"):
+        enable_tiled_mlp(causal_lm, 2)
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))

@@ -2,7 +2,8 @@
 
 For Llama, Mistral, Qwen2 and Qwen3 (tiny random models saved with save_pretrained), one trainer run each
 under a split of its own, so that together they cover Ulysses, TokenRing and 2D, with ZeRO-3 partitioned
-loading, activation offload with token-wise recompute, a YaRN context extension and a tied LM head:
+loading with a tiled MLP, activation offload with token-wise recompute, a YaRN context extension and a
+tied LM head:
 
 - the per-step losses equal plain single-process HF training on the same batches (transformers' model,
   torch AdamW, the trainer's LR schedule and clipping);
@@ -38,7 +39,7 @@ THETA = 20000.0  # qwen3's run also moves rope_theta (the folder's: 10000)
 
 # family -> (its split and what else it covers, workers, save_pretrained overrides)
 RUNS = {
-    "llama": (["parallel.ulysses=2", "train.zero_stage=3"], 2, {}),
+    "llama": (["parallel.ulysses=2", "train.zero_stage=3", "model.mlp_tiles=2"], 2, {}),
     "mistral": (["parallel.ring=2", "offload.activations=0.5"], 2, {}),
     "qwen2": (["parallel.ulysses=2", "parallel.ring=2"], 4, {}),
     "qwen3": (
