@@ -87,7 +87,7 @@ class ParallelDims:
 
     @property
     def layout(self) -> str:
-        return "zigzag" if self.ring > 1 else "contiguous"
+        return sharding.sequence_parallel_layout(self.ring)
 
     def shard_sequence(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return sharding.shard_sequence(x, dim, self.sp_group, self.layout)

@@ -21,6 +21,12 @@ Layout = Literal["contiguous", "zigzag"]
 LAYOUTS = ("contiguous", "zigzag")
 
 
+def sequence_parallel_layout(ring: int) -> Layout:
+    """The SP layout of a dp x ulysses x ring split: zigzag when a ring runs (it balances causal work
+    over the ring; parallel/dims.py), else contiguous. The one place this rule lives."""
+    return "zigzag" if ring > 1 else "contiguous"
+
+
 def chunks_per_rank(layout: str) -> int:
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")

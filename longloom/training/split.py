@@ -10,6 +10,7 @@ and the HF folder reader are imported when needed), so the driver's checks stay 
 from __future__ import annotations
 
 from longloom.config import ConfigError, LongloomConfig
+from longloom.parallel import sharding
 
 
 def resolve_model(cfg: LongloomConfig) -> LongloomConfig:
@@ -60,8 +61,8 @@ def resolve_split(cfg: LongloomConfig, world_size: int | None = None) -> tuple[i
 
 
 def sp_layout(ring: int) -> str:
-    """Zigzag when a ring runs (it balances causal work over the ring: parallel/dims.py), else contiguous."""
-    return "zigzag" if ring > 1 else "contiguous"
+    """The layout the plan records: parallel/sharding.py's rule (ParallelDims applies the same one)."""
+    return sharding.sequence_parallel_layout(ring)
 
 
 def validate_layout(cfg: LongloomConfig, world_size: int | None = None) -> tuple[int, int, int]:
