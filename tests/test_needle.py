@@ -106,7 +106,9 @@ def _check_report(plan, reference):
         assert int(row["trials"]) == len(cell) == plan.trials and int(row["retrieved"]) == retrieved
         assert float(row["answer_token_accuracy"]) == pytest.approx(right / (5 * len(cell)), abs=1e-6)
     table = (plan.out_dir / f"{plan.stem}.md").read_text()
-    assert "| 64 |" in table and "| 128 |" in table and "| length | 0 | 0.5 | 1 | mean |" in table
+    assert "| 64 |" in table and "| 128 |" in table and table.count("| length | 0 | 0.5 | 1 | mean |") == 2
+    digits_right = sum(a == p for answer, predicted in reference for a, p in zip(answer, predicted))
+    assert f"{digits_right} of {5 * len(reference)} digits" in table  # the answer-digit table's total
     image = matplotlib.image.imread(plan.out_dir / f"{plan.stem}.png")
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
