@@ -114,6 +114,11 @@ class MetricsLogger:
             record["mfu"] = tflops / self.peak
         if self.device.type == "cuda":
             record["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            record["reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+            # Pinned host memory through torch's caching host allocator (offload pools, CPU Adam's buffers).
+            host = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+            if "allocated_bytes.peak" in host:
+                record["pinned_host_gb"] = host["allocated_bytes.peak"] / 2**30
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
