@@ -116,7 +116,11 @@ class MetricsLogger:
             record["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             record["reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / 2**30
             # Pinned host memory through torch's caching host allocator (offload pools, CPU Adam's buffers).
-            host = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+            # (torch >= 2.7; a figure, never a reason to stop training).
+            try:
+                host = torch.cuda.host_memory_stats()
+            except (AttributeError, RuntimeError):
+                host = {}
             if "allocated_bytes.peak" in host:
                 record["pinned_host_gb"] = host["allocated_bytes.peak"] / 2**30
         if self.progress is not None:
