@@ -115,6 +115,14 @@ def _run_config(source) -> dict:
     return config
 
 
+def run_model_config(source):
+    """(ModelConfig, data.seq_len) of the run that wrote `source` (evaluation builds its model from this)."""
+    from longloom.config import ModelConfig
+
+    run = _run_config(source)
+    return ModelConfig.model_validate(run["model"]), run.get("data", {}).get("seq_len")
+
+
 def write_hf(
     source, dst: Path, run_parallel, dtype: torch.dtype | None, hf_folder: Path | None = None
 ) -> None:
@@ -132,9 +140,7 @@ def write_hf(
             f"--hf-folder {hf_folder}: {source.path} was trained from the native model "
             f"(model.source={run['model'].get('source', 'native')!r}), not from a Hugging Face folder; drop --hf-folder"
         )
-    from longloom.config import ModelConfig
-
-    cfg, seq_len = ModelConfig.model_validate(run["model"]), run.get("data", {}).get("seq_len")
+    cfg, seq_len = run_model_config(source)
     if set(cfg.layer_pattern) != {"S"}:
         raise CheckpointError(
             f"model.layer_pattern={cfg.layer_pattern!r}: --to hf exports softmax-attention models only"

@@ -92,11 +92,11 @@ def find_model_source(path: str | Path, tokenizer: str = "auto") -> ModelSource:
             "(config.json and *.safetensors, e.g. from `longloom ckpt convert --to hf`)"
         )
     from longloom.conversion.convert import open_source
-    from longloom.conversion.hf_export import _model_config  # the run's model.* and data.seq_len
+    from longloom.conversion.hf_export import run_model_config
 
     reader = open_source(checkpoint)
     try:
-        model_config, seq_len = _model_config(reader)
+        model_config, seq_len = run_model_config(reader)
         step = getattr(reader, "step", None)
     finally:
         reader.close()
