@@ -15,6 +15,7 @@ import ast
 import hashlib
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 from pathlib import Path
 
@@ -75,23 +76,22 @@ def gather(out: Path, roots: list[Path], max_bytes: int) -> dict:
     for old in out.glob("*.txt"):
         old.unlink()
     seen, digest, total, count, skipped = set(), hashlib.sha256(), 0, 0, {"short": 0, "duplicate": 0}
-    for root in roots:
-        for relative, text in documents(root):
-            text = text.strip()
-            body = text.encode()
-            if len(body) < MIN_BYTES:
-                skipped["short"] += 1
-                continue
-            key = hashlib.sha256(body).digest()
-            if key in seen:
-                skipped["duplicate"] += 1
-                continue
-            if total + len(body) > max_bytes:
-                break
-            seen.add(key)
-            digest.update(key)
-            (out / f"{count:07d}.txt").write_text(text + "\n")
-            total, count = total + len(body), count + 1
+    for _, text in itertools.chain.from_iterable(documents(root) for root in roots):
+        text = text.strip()
+        body = text.encode()
+        if len(body) < MIN_BYTES:
+            skipped["short"] += 1
+            continue
+        key = hashlib.sha256(body).digest()
+        if key in seen:
+            skipped["duplicate"] += 1
+            continue
+        if total + len(body) > max_bytes:
+            break  # full: the later roots are not read
+        seen.add(key)
+        digest.update(key)
+        (out / f"{count:07d}.txt").write_text(text + "\n")
+        total, count = total + len(body), count + 1
     return {
         "what": "docs (.md/.rst/.txt) and docstrings (.py) of installed packages, deduplicated",
         "roots": [str(r) for r in roots],
