@@ -19,6 +19,10 @@ and the shortest that does not (assumed monotonic: a fit above a failure is repo
 Every probe is appended to --results at once, so a search resumes where the last command stopped
 (the GPU machine allows 10 minutes a command: --max-probes 1 per command); each command prints the
 probes that remain. A setting is (system, GPUs, preset, --label); its overrides are recorded beside it.
+On a lent GPU machine whose $OUT comes back empty each command, keep --results in the working tree (it
+travels with it) and copy it to $OUT at the end of each command, then back into the tree here.
+Time bounds what is measured too: an 8B probe spends ~3-4 minutes before step 1 (model, engine, first
+step), so with a 10-minute command a long sequence can fail by --timeout before memory runs out.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ FITS, NO_FIT, ERROR = "fits", "does not fit", "error"
 FAILURE_KINDS = [
     (
         "refused: memory estimate",
-        re.compile(r"estimated GPU memory per worker|pinned host memory of .* exceed"),
+        re.compile(r"estimated GPU memory per worker|pinned host memory needed: .* exceeds"),
     ),
     ("GPU OOM", re.compile(r"CUDA out of memory|OutOfMemoryError: CUDA|CUBLAS_STATUS_ALLOC_FAILED")),
     (

@@ -48,6 +48,10 @@ def test_failures_are_classified_by_exit_code_and_log():
     assert classify(1, 0, 2, "Signal 9 (SIGKILL) received by PID 12") == (NO_FIT, "host OOM")
     assert classify(-9, 0, 2, "") == (NO_FIT, "host OOM (SIGKILL)")
     assert classify(1, 0, 2, "ConfigError: estimated GPU memory per worker: 150 GiB")[1].startswith("refused")
+    pinned = (
+        "longloom: error: pinned host memory needed: 2.53 MiB per host (...) exceeds the 104.86 KiB allowed"
+    )
+    assert classify(1, 0, 2, pinned) == (NO_FIT, "refused: memory estimate")
     assert classify(1, 0, 2, "ValueError: heads 3 must divide") == (ERROR, "exit 1")
     assert classify(0, 1, 2, "") == (ERROR, "exit 0 after 1 of 2 steps")
 
