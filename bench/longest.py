@@ -191,7 +191,7 @@ def table_row(summary: dict) -> list[str]:
     settings = (
         f"{label}: {best.get('settings') or failing.get('settings') or summary['probes'][-1]['settings']}"
     )
-    return [system, gpus, settings, longest, state["first_fail"] or f"none <= {grid[1]}", failing.get("kind", "-"),
+    return [system, gpus, settings, longest, state["first_fail"] or ("-" if state["next"] else f"none <= {grid[1]}"), failing.get("kind", "-"),
             num(best.get("step_s")), num(best.get("gpu_used_gib")), num(best.get("alloc_gib")),
             num(best.get("host_gib")), num(best.get("pinned_gib")), num(failing.get("host_gib")),
             len(summary["probes"]), search]  # fmt: skip
