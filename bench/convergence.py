@@ -225,14 +225,23 @@ def plot(curves: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 4.5))
-    for name, (losses, _) in curves.items():
-        axis.plot(range(1, len(losses) + 1), losses, label=name, linewidth=1.0)
-    axis.set_xlabel("step")
+    figure, (axis, gap) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=[2, 1])
+    reference = curves[REFERENCE][0] if REFERENCE in curves else None
+    for index, (name, (losses, _)) in enumerate(curves.items()):
+        color = f"C{index}"  # one colour per configuration in both panels
+        axis.plot(range(1, len(losses) + 1), losses, label=name, linewidth=1.0, color=color)
+        if reference is not None and name != REFERENCE:  # the curves overlap: their gap, in percent
+            steps = min(len(losses), len(reference))
+            gap.plot(
+                range(1, steps + 1), [100 * (losses[i] / reference[i] - 1) for i in range(steps)], label=name
+            )
     axis.set_ylabel("training loss")
     axis.set_title("loss curves (same data order and seed)")
     axis.legend()
-    axis.grid(alpha=0.3)
+    gap.set_xlabel("step")
+    gap.set_ylabel(f"vs {REFERENCE} (%)")
+    for each in (axis, gap):
+        each.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(png, dpi=120)
     plt.close(figure)
