@@ -83,8 +83,11 @@ def lengths(low: int, high: int, granularity: int) -> list[int]:
     return list(range(low, high + 1, granularity))
 
 
-def search_state(candidates: list[int], outcomes: dict[int, str]) -> dict:
-    """Bisection state: longest fit, first failure, next probe, probes left at most, inconsistency."""
+def search_state(candidates: list[int], outcomes: dict[int, str], low_first: bool = False) -> dict:
+    """Bisection state: longest fit, first failure, next probe, probes left at most, inconsistency.
+
+    low_first: probe the shortest length before bisecting (one probe settles a setting that never fits).
+    """
     fits = [n for n in candidates if outcomes.get(n) == FITS]
     fails = [n for n in candidates if outcomes.get(n) == NO_FIT]
     errors = [n for n in candidates if outcomes.get(n) == ERROR]
@@ -95,6 +98,8 @@ def search_state(candidates: list[int], outcomes: dict[int, str]) -> dict:
     hi = len(candidates) if first_fail is None else candidates.index(first_fail)
     open_count = hi - lo - 1
     probe = None if errors or open_count <= 0 else candidates[(lo + hi) // 2]
+    if probe is not None and low_first and candidates[0] not in outcomes:
+        probe = candidates[0]
     return {
         "longest": longest,
         "first_fail": first_fail,
@@ -261,6 +266,11 @@ def main() -> None:
     parser.add_argument("--low", type=int, default=32768)
     parser.add_argument("--high", type=int, default=1048576)
     parser.add_argument("--granularity", type=int, default=32768)
+    parser.add_argument(
+        "--low-first",
+        action="store_true",
+        help="probe --low first (a setting that never fits costs one probe)",
+    )
     parser.add_argument("--steps", type=int, default=2, help="steps a fitting run must finish")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--timeout", type=float, default=540.0, help="seconds per probe (then: does not fit)")
@@ -328,7 +338,7 @@ def main() -> None:
         key = (system, args.gpus, args.preset, args.label)
         for probe_count in range(10**6):
             probes = [r for r in load_rows(args.results) if setting_key(r) == key]
-            state = search_state(candidates, {r["seq_len"]: r["outcome"] for r in probes})
+            state = search_state(candidates, {r["seq_len"]: r["outcome"] for r in probes}, args.low_first)
             if state["next"] is None:
                 print(f"{system} ({args.label}, {args.gpus} GPU(s)): search done: longest {state['longest']}, "
                       f"first failing {state['first_fail']}", flush=True)  # fmt: skip

@@ -31,6 +31,14 @@ def test_the_search_finds_the_longest_fitting_length_in_log2_probes(limit):
     assert len(set(probed)) == len(probed) and not state["inconsistent"]
 
 
+def test_low_first_settles_a_setting_that_never_fits_in_one_probe():
+    candidates = lengths(32768, 262144, 32768)
+    assert search_state(candidates, {}, low_first=True)["next"] == 32768
+    state = search_state(candidates, {32768: NO_FIT}, low_first=True)
+    assert state["next"] is None and state["longest"] is None and state["first_fail"] == 32768
+    assert search_state(candidates, {32768: FITS}, low_first=True)["next"] == 163840  # then bisects
+
+
 def test_an_error_stops_the_search_and_a_fit_above_a_failure_is_inconsistent():
     candidates = lengths(256, 2048, 256)
     state, probed = bisect(2048, candidates, errors=frozenset({1024}))
