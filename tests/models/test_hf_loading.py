@@ -326,5 +326,5 @@ def test_rope_frequencies_cast_by_zero_init_are_rebuilt_in_fp32(family, override
     restore_rope_buffers(model)
     got = {name: buffer for name, buffer in model.named_buffers() if name.endswith("inv_freq")}
     assert got.keys() == want.keys()
-    for name in want:
-        assert got[name].dtype == torch.float32 and torch.equal(got[name], want[name]), name
+    for name, expected in want.items():
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], expected), name
