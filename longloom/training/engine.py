@@ -5,6 +5,7 @@ The model receives the run plan's decisions (training/plan.py): its dtype and th
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from longloom.config import LongloomConfig
 from longloom.models.llama import LlamaModel, plain_checkpoint
 from longloom.offload.activations import ActivationOffloader
+from longloom.offload.memory import parameter_count
 from longloom.offload.optimizer import optimizer_settings
 from longloom.parallel.dims import ParallelDims
 
@@ -45,6 +47,25 @@ def deepspeed_config(cfg: LongloomConfig, dtype: torch.dtype) -> dict[str, Any]:
     return config
 
 
+# The native model's fp32 weights are made on the GPU when they take at most this share of its memory.
+NATIVE_BUILD_GPU_SHARE = 0.5
+
+
+def native_build_device(parameters: int, device: torch.device, device_bytes: int | None) -> torch.device:
+    """Where the native model's weights are made and randomly initialised before DeepSpeed takes them.
+
+    On the GPU it trains on when its fp32 weights fit in NATIVE_BUILD_GPU_SHARE of the memory: the
+    random init of an 8B model took 79 s on the host of 2 H200s (bench/e2e.py phases, BENCHMARKS.md
+    "End to end"); on the GPU it is a few kernels per tensor (its time to be measured with the same
+    bench). Otherwise on the host, as before. Every rank makes the same weights either way (same seed
+    before construction), but not the same weights as the other device would (a GPU run is not
+    compared with a CPU run).
+    """
+    if device.type != "cuda" or device_bytes is None:
+        return torch.device("cpu")
+    return device if 4 * parameters <= NATIVE_BUILD_GPU_SHARE * device_bytes else torch.device("cpu")
+
+
 def build_model(
     cfg: LongloomConfig,
     dims: ParallelDims,
@@ -63,7 +84,13 @@ def build_model(
     if not cfg.model.is_hf:
         offloader = ActivationOffloader(share, device) if share > 0 else None
         checkpoint_fn = offloader.checkpoint if offloader else plain_checkpoint
-        return LlamaModel(cfg.model, dims, checkpoint_fn=checkpoint_fn, mlp_tiles=mlp_tiles), offloader
+        device_bytes = (
+            torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        )
+        build_on = native_build_device(parameter_count(cfg.model), device, device_bytes)
+        with torch.device(build_on) if build_on.type == "cuda" else contextlib.nullcontext():
+            model = LlamaModel(cfg.model, dims, checkpoint_fn=checkpoint_fn, mlp_tiles=mlp_tiles)
+        return model, offloader
     from longloom.models.hf_causal_lm import HFCausalLM
     from longloom.models.hf_loading import build_hf_causal_lm, hf_folder, resolve_hf_model
     from longloom.models.hf_offload import enable_activation_offload

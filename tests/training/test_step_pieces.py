@@ -59,3 +59,15 @@ def test_checkpoint_schedule_saves_when_due_and_never_a_nonfinite_step(tmp_path)
     assert schedule.checkpointer.saved == [2, 5] and schedule.newest == tmp_path / "step-5"
     never = CheckpointSchedule(CheckpointConfig(interval=0), tmp_path, steps=5, newest=Path("old"), rank=0)
     assert not any(never.due(step) for step in range(1, 6)) and never.newest == Path("old")
+
+
+def test_native_model_is_made_on_the_gpu_only_when_its_fp32_weights_fit_half_of_it():
+    import torch
+
+    from longloom.training.engine import native_build_device
+
+    gpu = torch.device("cuda", 1)
+    assert native_build_device(8_000_000_000, gpu, 141 * 2**30) == gpu  # 8B: 32 GB of 141 GB
+    assert native_build_device(70_000_000_000, gpu, 141 * 2**30) == torch.device("cpu")  # 280 GB
+    assert native_build_device(10, torch.device("cpu"), None) == torch.device("cpu")
+    assert native_build_device(10, gpu, None) == torch.device("cpu")  # memory unknown: as before
