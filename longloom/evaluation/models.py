@@ -100,6 +100,14 @@ def find_model_source(path: str | Path, tokenizer: str = "auto") -> ModelSource:
         step = getattr(reader, "step", None)
     finally:
         reader.close()
+    if model_config.is_hf:
+        # Its tensors carry the HF architecture's names and shapes: evaluated as that folder, not as
+        # the native model (one conversion, the same one a user shares the model with).
+        raise ValueError(
+            f"{checkpoint} was trained from a Hugging Face folder (model.source={model_config.source}): "
+            f"convert it first, `longloom ckpt convert {checkpoint} <folder> --to hf`, then run "
+            "`longloom eval needle <folder> ...` on that folder"
+        )
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
     return ModelSource(
         "native",

@@ -16,6 +16,7 @@ from longloom import cli
 from longloom.config import load_config
 from longloom.data.loader import GlobalBatchLoader
 from longloom.data.synthetic import build_dataset
+from longloom.evaluation.models import find_model_source
 from longloom.training.trainer import run_training
 from tests.models.hf_tiny import save_tiny_model
 
@@ -93,6 +94,9 @@ def test_resume_continues_with_the_uninterrupted_losses(distributed, tmp_path, h
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-4")
     resumed = _losses(distributed, 1, [*run[:-1], "launch.workers=1", "parallel.ulysses=1"])
     assert resumed == pytest.approx(full[2:], rel=1e-4)
+    # The needle eval of an hf: run's checkpoint names the conversion that makes it an HF folder.
+    with pytest.raises(ValueError, match=r"trained from a Hugging Face folder.*--to hf"):
+        find_model_source(tmp_path / "run")
 
 
 def test_bad_folder_is_refused_before_launch_and_nothing_is_written(tmp_path, monkeypatch, capsys):
