@@ -24,6 +24,22 @@ from longloom.checkpointing.deepspeed_format import DeepSpeedCheckpointReader, i
 from longloom.checkpointing.tensor_file import dtype_name
 
 
+def shape_differences(
+    saved: dict[str, tuple[int, ...]], ours: dict[str, tuple[int, ...]], ours_as: str
+) -> list[str]:
+    """Tensors whose shape differs between a checkpoint (`saved`) and a model (`ours`, called `ours_as`
+    in the messages: "now", "in the architecture"), then those on one side only; for refusals that
+    name what does not fit."""
+    differences = [
+        f"{name}: {list(saved[name])} in the checkpoint, {list(ours[name])} {ours_as}"
+        for name in ours
+        if name in saved and saved[name] != ours[name]
+    ]
+    differences += [f"{name}: not in the checkpoint" for name in ours if name not in saved]
+    differences += [f"{name}: only in the checkpoint, not {ours_as}" for name in saved if name not in ours]
+    return differences
+
+
 def _inspect_root(path: Path) -> dict:
     steps = []
     for step, step_path in step_directories(path):

@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from longloom.checkpointing.commit import CheckpointError
+from longloom.checkpointing.inspection import shape_differences
 from longloom.checkpointing.tensor_file import dtype_name, write_sharded
 
 SHARD_BYTES = 5 << 30  # Hugging Face's default max_shard_size
@@ -249,13 +250,7 @@ def _check_same_shape(source, folder: Path, model: dict, shape: dict, meta_model
     ]
     ours = {name: tuple(param.shape) for name, param in meta_model.named_parameters()}
     saved = {name: tuple(spec.shape) for name, spec in source.specs.items()}
-    differences = [
-        f"{name}: {list(saved[name])} in the checkpoint, {list(ours[name])} in the architecture"
-        for name in ours
-        if name in saved and saved[name] != ours[name]
-    ]
-    differences += [f"{name}: not in the checkpoint" for name in ours if name not in saved]
-    differences += [f"{name}: not in the architecture" for name in saved if name not in ours]
+    differences = shape_differences(saved, ours, "in the architecture")
     if keys or differences:
         raise CheckpointError(
             f"{source.path} does not fit the architecture of {folder / 'config.json'}: "

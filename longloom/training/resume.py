@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from longloom.checkpointing.commit import find_latest_committed, read_commit
+from longloom.checkpointing.inspection import shape_differences
 from longloom.config import ConfigError, LongloomConfig
 from longloom.models.llama import LlamaModel
 
@@ -58,13 +59,7 @@ def check_resume_compatible(cfg: LongloomConfig) -> None:
         for key in current
         if key in saved_model and saved_model[key] != current[key]
     ]
-    differences = [
-        f"{name}: {list(saved[name])} in the checkpoint, {list(ours[name])} now"
-        for name in ours
-        if name in saved and saved[name] != ours[name]
-    ]
-    differences += [f"{name}: only in the model now" for name in ours if name not in saved]
-    differences += [f"{name}: only in the checkpoint" for name in saved if name not in ours]
+    differences = shape_differences(saved, ours, "now")
     raise ConfigError(
         f"cannot resume from {latest}: it was written for another model shape. "
         + (f"Differing settings: {'; '.join(keys)}. " if keys else "")
