@@ -3,6 +3,7 @@
     python bench/convergence.py --configs 1gpu --results shared/convergence --out $OUT        # 1 x H200
     python bench/convergence.py --configs ulysses2 --results shared/convergence --out $OUT    # 2 x H200
     python bench/convergence.py --configs ring2 --results shared/convergence --out $OUT       # 2 x H200
+    python bench/convergence.py --configs 1gpu-tiled --results shared/convergence --out $OUT  # bf16 noise floor
     python bench/convergence.py --results shared/convergence --out $OUT --report-only --record  # PNG + table
     python bench/convergence.py --preset tiny --steps 20 --results /tmp/conv --out /tmp/conv   # CPU, gloo
 
@@ -15,6 +16,8 @@ deduplicated), tokenized by `longloom data prepare --tokenizer bytes` (byte ids 
 allows 10 minutes a command): its metrics.jsonl and the corpus manifest go to --results/<config>/; the
 report compares each curve with the 1-GPU one: the mean over the last 100 steps of |loss - loss_1gpu| /
 loss_1gpu (issue 18: below 1%, bf16 noise), refusing curves trained on another corpus (manifest sha256).
+1gpu-tiled measures that noise: the 1-GPU run with its MLP in two token tiles, the same function rounded
+differently, compared with 1gpu the same way.
 """
 
 from __future__ import annotations
@@ -39,8 +42,14 @@ CONFIGS = {
     "1gpu": (1, {"ulysses": 1, "ring": 1}),
     "ulysses2": (2, {"ulysses": 2, "ring": 1}),
     "ring2": (2, {"ulysses": 1, "ring": 2}),
+    "1gpu-tiled": (1, {"ulysses": 1, "ring": 1}),
 }
 REFERENCE = "1gpu"
+# The bf16 noise floor: the reference's own math regrouped (the MLP in two token tiles gives the same
+# function, rounded differently). Its distance from the reference is what rounding alone does to a curve
+# over these steps; a parallel configuration is judged against the target and shown beside this floor.
+NOISE_FLOOR = "1gpu-tiled"
+CONFIG_OVERRIDES = {NOISE_FLOOR: ["model.mlp_tiles=2"]}
 PRESETS = {
     # bench/train.py's model (483M parameters), bf16 on GPU.
     "483m": {"model": {"vocab_size": 32000, "hidden": 2048, "layers": 8, "heads": 16, "kv_heads": 4},
@@ -105,7 +114,7 @@ def train_command(args, name: str, data: Path, run_dir: Path) -> tuple[list[str]
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(workers)]
         command += ["--master-port", str(29700 + list(CONFIGS).index(name)), "-m", "longloom.launch.torchrun"]
         command += [str(config)]
-    return [*command, *args.override], run_dir / "train" / "metrics.jsonl"
+    return [*command, *CONFIG_OVERRIDES.get(name, []), *args.override], run_dir / "train" / "metrics.jsonl"
 
 
 def relative_difference(curve: list[float], reference: list[float], last: int) -> float:
@@ -147,7 +156,7 @@ def run_config(args, name: str, data: Path, manifest: dict, env: dict) -> int:
         "config": name, "preset": args.preset, "steps": steps, "seq_len": args.seq_len or PRESETS[args.preset]["seq_len"],
         "workers": CONFIGS[name][0], "parallel": CONFIGS[name][1], "corpus": manifest, "exit": code,
         "median_step_s": step_times[len(step_times) // 2], "wall_s": run.marks["exit"],
-        "overrides": args.override, "bench_command": launch_command(),
+        "overrides": [*CONFIG_OVERRIDES.get(name, []), *args.override], "bench_command": launch_command(),
     }  # fmt: skip
     (result / "run.json").write_text(json.dumps(info, indent=1))
     print(
@@ -180,7 +189,12 @@ def report(args) -> int:
             )
         else:
             diff = relative_difference(losses, reference[0], args.last)
-            ok &= diff < TARGET
+            if name == NOISE_FLOOR:
+                lines.append(
+                    f"- bf16 noise floor ({NOISE_FLOOR}, {' '.join(CONFIG_OVERRIDES[name])}): {diff:.3%}"
+                )
+            else:
+                ok &= diff < TARGET
         parallel = ", ".join(f"{k}={v}" for k, v in info["parallel"].items())
         rows.append([name, info["workers"], parallel, info["preset"], info["seq_len"], info["steps"],
                      f"{losses[0]:.4f}", f"{sum(losses[-args.last:]) / len(losses[-args.last:]):.4f}",
@@ -195,14 +209,15 @@ def report(args) -> int:
     if reference is None:
         print(f"no {REFERENCE} curve yet: the differences need it (run --configs {REFERENCE})")
     else:
-        lines.append(f"- every curve within {TARGET:.0%} of {REFERENCE}: {'yes' if ok else 'NO'}")
-        print(lines[-1])
+        lines.append(f"- every parallel curve within {TARGET:.0%} of {REFERENCE}: {'yes' if ok else 'NO'}")
+        print("\n".join(lines))
     if args.record:
         manifest = next(iter(curves.values()))[1]["corpus"]
         commands = "\n".join(sorted({f"  - `{info['bench_command']}`" for _, info in curves.values()}))
         what = (
             "Convergence: the same model, data order and seed trained on 1 GPU, 2 GPUs with Ulysses 2, and with "
-            "ring 2 (dp = 1: every step the same sequence); loss = mean over all tokens of the step's sequence "
+            "ring 2, and on 1 GPU with the MLP in 2 token tiles (the bf16 noise floor: the same function rounded "
+            "differently) (dp = 1: every step the same sequence); loss = mean over all tokens of the step's sequence "
             f"(metrics.jsonl). Corpus: {manifest['what']}, {manifest['documents']} documents, "
             f"{manifest['bytes'] / 2**20:.1f} MiB, sha256 {manifest['sha256'][:16]}, packages "
             f"{', '.join(f'{k} {v}' for k, v in manifest['versions'].items())}; `longloom data prepare "
@@ -233,7 +248,11 @@ def plot(curves: dict, png: Path) -> None:
         if reference is not None and name != REFERENCE:  # the curves overlap: their gap, in percent
             steps = min(len(losses), len(reference))
             gap.plot(
-                range(1, steps + 1), [100 * (losses[i] / reference[i] - 1) for i in range(steps)], label=name
+                range(1, steps + 1),
+                [100 * (losses[i] / reference[i] - 1) for i in range(steps)],
+                label=name,
+                linewidth=0.8,
+                color=color,
             )
     axis.set_ylabel("training loss")
     axis.set_title("loss curves (same data order and seed)")
