@@ -21,16 +21,16 @@ its backward comes first, with nothing to hide a host->device copy behind.
 `device_share` (offload.device_activations) spends GPU memory where host memory runs out: the attention
 output and lse of that share of the tokens stay on the device (a copy of the kept slice, no transfer,
 no recomputation), on top of `share` swapped to the host. Both together are the kept tokens, the last
-`share + device_share` of them (attention/tokenwise.py); of those, the last `share` share goes to the
-host and the ones before them stay on the device (`kept_token_counts`). At share + device_share = 1
+`share + device_share` of them (attention/tokenwise.py); the last of those, `share` of all tokens, go
+to the host and the ones before them stay on the device (`kept_token_counts`). At share + device_share = 1
 backward recomputes no attention. With a device share the last layer keeps all its kept tokens on the
 device (a host copy would buy nothing there, as for its input), so it is not recomputed in full either.
 
 How it plugs in: `ActivationOffloader.checkpoint` is a drop-in `checkpoint_fn` for the model. It runs
 torch.utils.checkpoint (non-reentrant: recomputation in backward, collectives of SP attention re-run in
 the same order on every rank, ZeRO hooks untouched) inside `saved_tensors_hooks`, and calls the layer
-with `attention_outputs=` this layer's `LayerActivations` (None for the last layer). Non-reentrant checkpoint saves the layer's
-inputs as saved tensors *outside* its own hook, so our hook sees exactly the inputs; it swaps the layer
+with `attention_outputs=` this layer's `LayerActivations` (None for the last layer without a device
+share). Non-reentrant checkpoint saves the layer's inputs as saved tensors *outside* its own hook, so our hook sees exactly the inputs; it swaps the layer
 input `hidden` and passes everything else (cos / sin tables shared by all layers) through. Unpacking
 happens at the start of the layer's recomputation in backward; the previous layer's tensors start
 coming back then, or for a token-wise layer once its attention backward starts (after the MLP
@@ -126,7 +126,8 @@ class PinnedHostPool:
                         f"activation offload could not {'pin' if self.pin else 'allocate'} "
                         f"{capacity / 2**30:.2f} GiB of host memory with {self.total_bytes / 2**30:.2f} GiB "
                         f"already in its pool ({error}): lower offload.activations (less of the attention "
-                        "output is kept), shorten data.seq_len, or use more workers; `longloom check` estimates it"
+                        "output is kept; offload.device_activations can keep it in GPU memory instead), "
+                        "shorten data.seq_len, or use more workers; `longloom check` estimates it"
                     ) from error
                 self.total_bytes += capacity
                 self.num_buffers += 1
