@@ -30,8 +30,9 @@ How it plugs in: `ActivationOffloader.checkpoint` is a drop-in `checkpoint_fn` f
 torch.utils.checkpoint (non-reentrant: recomputation in backward, collectives of SP attention re-run in
 the same order on every rank, ZeRO hooks untouched) inside `saved_tensors_hooks`, and calls the layer
 with `attention_outputs=` this layer's `LayerActivations` (None for the last layer without a device
-share). Non-reentrant checkpoint saves the layer's inputs as saved tensors *outside* its own hook, so our hook sees exactly the inputs; it swaps the layer
-input `hidden` and passes everything else (cos / sin tables shared by all layers) through. Unpacking
+share). Non-reentrant checkpoint saves the layer's inputs as saved tensors *outside* its own hook, so
+our hook sees exactly the inputs; it swaps the layer input `hidden` and passes everything else (cos /
+sin tables shared by all layers) through. Unpacking
 happens at the start of the layer's recomputation in backward; the previous layer's tensors start
 coming back then, or for a token-wise layer once its attention backward starts (after the MLP
 backward, where a layer's backward holds the most memory).
