@@ -22,6 +22,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -211,6 +212,11 @@ class OffloadConfig(_Section):
         description="swap checkpointed layer inputs to host memory, with the attention output of this "
         "share of the tokens (true = 1.0: no attention recomputation); the other tokens are recomputed",
     )
+    device_activations: Annotated[Real, Field(ge=0, le=1)] = Field(
+        0.0,
+        description="share of the tokens whose attention output stays in GPU memory (not recomputed, not "
+        "swapped), on top of offload.activations' share; the two add up to at most 1",
+    )
     optimizer: Literal["none", "cpu", "interleaved"] = "none"
     gpu_share: Annotated[Real, Field(gt=0, le=1)] | Literal["auto"] = Field(
         "auto", description="interleaved: share of parameter subgroups updated on the GPU, in (0, 1]"
@@ -224,6 +230,29 @@ class OffloadConfig(_Section):
         if isinstance(value, int | float) and not isinstance(value, bool) and not 0.0 <= value <= 1.0:
             raise ValueError(f"offload.activations={value} must be true, false or a share in [0, 1]")
         return value
+
+    @field_validator("device_activations")
+    @classmethod
+    def _device_share_on_top_of_offload(cls, device: float, info: ValidationInfo) -> float:
+        if "activations" not in info.data:
+            return device  # offload.activations itself was refused; its message says why
+        activations = info.data["activations"]
+        host = (1.0 if activations else 0.0) if isinstance(activations, bool) else float(activations)
+        written = str(activations).lower() if isinstance(activations, bool) else f"{activations:g}"
+        if device > 0 and host == 0:
+            raise ValueError(
+                f"offload.device_activations={device:g} keeps attention outputs on top of activation offload, "
+                f"which is off (offload.activations={written}): set offload.activations to true or a share in "
+                "(0, 1] with offload.activations + offload.device_activations <= 1, or "
+                "offload.device_activations=0"
+            )
+        if host + device > 1 + 1e-9:
+            raise ValueError(
+                f"offload.activations={written} and offload.device_activations={device:g} add up to "
+                f"{host + device:g}, more than all the tokens: lower one of them so that they add up to at "
+                f"most 1 (e.g. offload.device_activations={max(0.0, 1 - host):g})"
+            )
+        return device
 
     @property
     def activation_share(self) -> float:

@@ -170,7 +170,8 @@ def check_output_dir(cfg: LongloomConfig, report: PreflightReport) -> None:
 def _memory_advice() -> str:
     return (
         "raise the SP degree (parallel.ulysses / parallel.ring, with launch.workers), set offload.activations "
-        "and offload.optimizer, lower data.seq_len or train.micro_batch_size, or use a smaller model"
+        "and offload.optimizer, lower offload.device_activations, lower data.seq_len or "
+        "train.micro_batch_size, or use a smaller model"
     )
 
 

@@ -35,6 +35,24 @@ def test_bad_values_and_missing_file(tmp_path):
         parse_overrides(["train.steps"])
 
 
+def test_device_activations_refused_without_activation_offload_or_beyond_all_tokens():
+    cfg = load_config(None, ["offload.activations=0.25", "offload.device_activations=0.75"])
+    assert (cfg.offload.activation_share, cfg.offload.device_activations) == (0.25, 0.75)
+    assert load_config(None, []).offload.device_activations == 0.0
+    with pytest.raises(
+        ConfigError, match=r"offload.device_activations=0.5 .* off \(offload.activations=false\)"
+    ):
+        load_config(None, ["offload.device_activations=0.5"])
+    with pytest.raises(
+        ConfigError, match=r"offload.activations=0.5 and offload.device_activations=0.75 add up to 1.25"
+    ):
+        load_config(None, ["offload.activations=0.5", "offload.device_activations=0.75"])
+    with pytest.raises(ConfigError, match=r"offload.activations=true and offload.device_activations=0.1"):
+        load_config(None, ["offload.activations=true", "offload.device_activations=0.1"])
+    with pytest.raises(ConfigError, match="offload.device_activations"):
+        load_config(None, ["offload.activations=0.5", "offload.device_activations=true"])
+
+
 def test_split_resolution_and_divisibility():
     cfg = load_config(None, ["launch.workers=8", "parallel.ulysses=2", "parallel.ring=2", "data.seq_len=64"])
     assert resolve_split(cfg) == (2, 2, 2)

@@ -11,7 +11,9 @@ them.
 Which tokens: the *last* ones in the attention's own token order (increasing positions, also for the
 zigzag shards of a ring). Under a causal mask query i attends to i + 1 keys, so the last tokens are the
 most expensive to recompute; keeping the last `share` of the queries leaves about (1 - share)^2 of the
-attention recomputation (share 0.5: a quarter).
+attention recomputation (share 0.5: a quarter). Where the kept outputs are held (host memory for
+offload.activations' share, GPU memory for offload.device_activations' share) is the keeper's business:
+it hands them back as pieces in token order, and the kept tokens are the last ones either way.
 
 The attention itself is a `schedule`: `forward(q, k, v, query_rows) -> (out, lse)` of the first
 `query_rows` queries, and `backward(dout, q, k, v, out, lse) -> (dq, dk, dv)` over all of them. On the
@@ -35,7 +37,8 @@ class AttentionOutputs:
 
     The layer's first forward *records* (`replaying` False): it hands over the last `kept_tokens(S)`
     query tokens' out [B, q, H, D] and lse [B, H, q]. Its recomputation in backward *replays*: the same
-    attention calls, in the same order, get them back.
+    attention calls, in the same order, get them back, as consecutive pieces of those tokens (kept in
+    different places: host and GPU memory) that together are the kept tail.
     """
 
     replaying: bool = False
@@ -46,7 +49,8 @@ class AttentionOutputs:
     def keep(self, out_tail: torch.Tensor, lse_tail: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def restore(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def restore(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(out pieces, lse pieces) of the kept tokens in token order: cat along tokens is the kept tail."""
         raise NotImplementedError
 
     def attention_backward_started(self) -> None:
@@ -105,13 +109,14 @@ class _TokenwiseAttention(torch.autograd.Function):
         total = q.size(1)
         recomputed = total - outputs.kept_tokens(total)
         if outputs.replaying:
-            out_tail, lse_tail = outputs.restore()
+            out_pieces, lse_pieces = outputs.restore()
             if recomputed > 0:
                 out_head, lse_head = schedule.forward(q, k, v, recomputed)
-                out = torch.cat([out_head.to(q.dtype), out_tail], dim=1)
-                lse = torch.cat([lse_head.to(lse_tail.dtype), lse_tail], dim=2)
-            else:
-                out, lse = out_tail, lse_tail
+                out_pieces = [out_head.to(q.dtype), *out_pieces]
+                lse_pieces = [lse_head.to(lse_pieces[0].dtype), *lse_pieces]
+            # One piece (all kept in one place, nothing recomputed) is used as it is: no copy.
+            out = out_pieces[0] if len(out_pieces) == 1 else torch.cat(out_pieces, dim=1)
+            lse = lse_pieces[0] if len(lse_pieces) == 1 else torch.cat(lse_pieces, dim=2)
         else:
             out, lse = schedule.forward(q, k, v, total)
             # lse at least fp32 (fp64 stays fp64: the exact path used by the tests).

@@ -18,12 +18,21 @@ recomputed in full (their cost is linear in tokens, like the projections).
 The last layer keeps its input on the device and is recomputed in full, as under plain checkpointing:
 its backward comes first, with nothing to hide a host->device copy behind.
 
+`device_share` (offload.device_activations) spends GPU memory where host memory runs out: the attention
+output and lse of that share of the tokens stay on the device (a copy of the kept slice, no transfer,
+no recomputation), on top of `share` swapped to the host. Both together are the kept tokens, the last
+`share + device_share` of them (attention/tokenwise.py); the last of those, `share` of all tokens, go
+to the host and the ones before them stay on the device (`kept_token_counts`). At share + device_share = 1
+backward recomputes no attention. With a device share the last layer keeps all its kept tokens on the
+device (a host copy would buy nothing there, as for its input), so it is not recomputed in full either.
+
 How it plugs in: `ActivationOffloader.checkpoint` is a drop-in `checkpoint_fn` for the model. It runs
 torch.utils.checkpoint (non-reentrant: recomputation in backward, collectives of SP attention re-run in
 the same order on every rank, ZeRO hooks untouched) inside `saved_tensors_hooks`, and calls the layer
-with `attention_outputs=` this layer's `LayerActivations` (None for the last layer). Non-reentrant checkpoint saves the layer's
-inputs as saved tensors *outside* its own hook, so our hook sees exactly the inputs; it swaps the layer
-input `hidden` and passes everything else (cos / sin tables shared by all layers) through. Unpacking
+with `attention_outputs=` this layer's `LayerActivations` (None for the last layer without a device
+share). Non-reentrant checkpoint saves the layer's inputs as saved tensors *outside* its own hook, so
+our hook sees exactly the inputs; it swaps the layer input `hidden` and passes everything else (cos /
+sin tables shared by all layers) through. Unpacking
 happens at the start of the layer's recomputation in backward; the previous layer's tensors start
 coming back then, or for a token-wise layer once its attention backward starts (after the MLP
 backward, where a layer's backward holds the most memory).
@@ -51,6 +60,22 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from longloom.attention.tokenwise import AttentionOutputs
+
+
+def kept_token_counts(total_tokens: int, share: float, device_share: float) -> tuple[int, int]:
+    """(tokens whose attention output is kept, of which swapped to the host) of `total_tokens` queries.
+
+    The kept tokens are the last round((share + device_share) x total); the host takes its share of
+    them (all of them without a device share, as before it existed), the device the rest. Computed from
+    the kept count alone, so that the keeper splits the kept tail it is handed the same way; the memory
+    estimate (offload/memory.py) counts with this function too.
+    """
+    kept = min(total_tokens, round((share + device_share) * total_tokens))
+    return kept, _swapped_of_kept(kept, share, device_share)
+
+
+def _swapped_of_kept(kept: int, share: float, device_share: float) -> int:
+    return kept if device_share == 0.0 else round(kept * share / (share + device_share))
 
 
 class HostBuffer:
@@ -102,7 +127,8 @@ class PinnedHostPool:
                         f"activation offload could not {'pin' if self.pin else 'allocate'} "
                         f"{capacity / 2**30:.2f} GiB of host memory with {self.total_bytes / 2**30:.2f} GiB "
                         f"already in its pool ({error}): lower offload.activations (less of the attention "
-                        "output is kept), shorten data.seq_len, or use more workers; `longloom check` estimates it"
+                        "output is kept; offload.device_activations can keep it in GPU memory instead), "
+                        "shorten data.seq_len, or use more workers; `longloom check` estimates it"
                     ) from error
                 self.total_bytes += capacity
                 self.num_buffers += 1
@@ -135,7 +161,7 @@ class HostCopy:
         self.prefetched_event: torch.cuda.Event | None = None
 
 
-# What a layer keeps: a HostCopy, or the device tensor itself (the last layer).
+# What a layer keeps: a HostCopy, or the device tensor itself (the last layer, device-kept tokens).
 Stored = HostCopy | torch.Tensor
 
 
@@ -146,7 +172,8 @@ class LayerActivations(AttentionOutputs):
         self.offloader = offloader
         self.on_device = on_device
         self.input: Stored | None = None
-        self.attention: list[tuple[HostCopy, HostCopy]] = []  # (out tail, lse tail) per attention call
+        # Per attention call, the kept tail's (out, lse) pieces in token order: on the device, then swapped.
+        self.attention: list[list[tuple[Stored, Stored]]] = []
         self.replaying = False
         self._next_attention = 0
         # A weak link: the previous layer's tensors must not outlive its own backward because of us.
@@ -158,27 +185,47 @@ class LayerActivations(AttentionOutputs):
         if not self.offloader.token_wise:
             output = layer(*inputs)
         else:
-            # The last layer keeps nothing of its attention: that would stay on the device all along.
-            output = layer(*inputs, attention_outputs=None if self.on_device else self)
+            # The last layer keeps nothing of its attention (it would stay on the device all along)
+            # unless GPU memory was given to attention outputs (device_share).
+            keeps_attention = not self.on_device or self.offloader.device_share > 0
+            output = layer(*inputs, attention_outputs=self if keeps_attention else None)
         self.replaying = True
         return output
 
     # -- AttentionOutputs: called by attention/tokenwise.py inside the layer -----------------
 
     def kept_tokens(self, total_tokens: int) -> int:
-        return min(total_tokens, round(self.offloader.share * total_tokens))
+        return kept_token_counts(total_tokens, self.offloader.share, self.offloader.device_share)[0]
 
     def keep(self, out_tail: torch.Tensor, lse_tail: torch.Tensor) -> None:
-        store = self.offloader._store
-        self.attention.append(
-            (store(out_tail, on_device=False), store(lse_tail.contiguous(), on_device=False))
-        )
+        offloader = self.offloader
+        kept = out_tail.size(1)
+        swapped = 0 if self.on_device else _swapped_of_kept(kept, offloader.share, offloader.device_share)
+        on_device = kept - swapped
+        pieces = []
+        if on_device > 0 or self.on_device:
+            # A copy of the slice: a view would hold the whole attention output on the device.
+            pieces.append(
+                (
+                    offloader._keep_on_device(out_tail[:, :on_device]),
+                    offloader._keep_on_device(lse_tail[:, :, :on_device]),
+                )
+            )
+        if swapped > 0 or not pieces:  # (an empty tail, when no token is kept, goes the usual way)
+            store = offloader._store
+            pieces.append(
+                (
+                    store(out_tail[:, on_device:], on_device=False),
+                    store(lse_tail[:, :, on_device:].contiguous(), on_device=False),
+                )
+            )
+        self.attention.append(pieces)
 
-    def restore(self) -> tuple[torch.Tensor, torch.Tensor]:
-        out_tail, lse_tail = self.attention[self._next_attention]
+    def restore(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        pieces = self.attention[self._next_attention]
         self._next_attention += 1
         load = self.offloader._load
-        return load(out_tail), load(lse_tail)
+        return [load(out) for out, _ in pieces], [load(lse) for _, lse in pieces]
 
     def attention_backward_started(self) -> None:
         self.offloader._prefetch_layer(self.previous_layer())
@@ -188,14 +235,17 @@ class LayerActivations(AttentionOutputs):
 
     def stored(self) -> list[Stored]:
         tensors = [self.input] if self.input is not None else []
-        return tensors + [tensor for pair in self.attention for tensor in pair]
+        return tensors + [tensor for pieces in self.attention for pair in pieces for tensor in pair]
 
 
 class ActivationOffloader:
     """`checkpoint_fn` for the model that moves each checkpointed layer's input and kept attention
-    outputs to host memory; `share` is the share of tokens whose attention output is kept (0, 1]."""
+    outputs to host memory; `share` is the share of tokens whose attention output is swapped (0, 1],
+    `device_share` the share whose attention output stays in GPU memory [0, 1 - share]."""
 
-    def __init__(self, share: float, device: torch.device, token_wise: bool = True):
+    def __init__(
+        self, share: float, device: torch.device, token_wise: bool = True, device_share: float = 0.0
+    ):
         """token_wise: call layers with `attention_outputs=` (attention/tokenwise.py); False for layers
         that do not take it (they then swap their input and recompute in full)."""
         if not 0.0 < share <= 1.0:
@@ -203,7 +253,14 @@ class ActivationOffloader:
                 f"activation offload share {share} must be in (0, 1]: set offload.activations to true, "
                 "false or a share of tokens in (0, 1]"
             )
+        if not 0.0 <= device_share <= 1.0 - share + 1e-9:
+            raise ValueError(
+                f"offload.device_activations={device_share} must be a share in [0, 1] that adds up with "
+                f"offload.activations={share} to at most 1 (together they are the tokens whose attention "
+                "output is kept): lower one of them"
+            )
         self.share = float(share)
+        self.device_share = float(device_share)
         self.token_wise = token_wise
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -213,7 +270,9 @@ class ActivationOffloader:
         self._last_layer: weakref.ref[LayerActivations] | None = None
         self._copies_in_flight: list[HostCopy] = []  # copies still holding their device source
         self.swapped_bytes = 0  # bytes sent to the host by the last completed forward (for logs/benchmarks)
+        self.device_kept_bytes = 0  # attention outputs kept in GPU memory by the last completed forward
         self._forward_bytes = 0
+        self._forward_device_bytes = 0
 
     def checkpoint(self, layer: nn.Module | Callable, *inputs: torch.Tensor, is_last_layer: bool = False):
         """Like torch.utils.checkpoint(layer, *inputs), with the layer's saved tensors on the host.
@@ -240,6 +299,7 @@ class ActivationOffloader:
         self._last_layer = weakref.ref(record) if not is_last_layer else None
         if is_last_layer:
             self.swapped_bytes, self._forward_bytes = self._forward_bytes, 0
+            self.device_kept_bytes, self._forward_device_bytes = self._forward_device_bytes, 0
         return output
 
     # -- forward: device -> host -------------------------------------------------------------------
@@ -263,6 +323,11 @@ class ActivationOffloader:
         else:
             copy.host.copy_(tensor)
         return copy
+
+    def _keep_on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        kept = tensor.clone(memory_format=torch.contiguous_format)
+        self._forward_device_bytes += kept.numel() * kept.element_size()
+        return kept
 
     def _release_copied(self, keep: list[Stored]) -> None:
         """Drops the device sources of copies not in `keep`, after the compute stream waits on them."""

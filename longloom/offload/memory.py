@@ -9,7 +9,8 @@ Large Transformer Models", 2022, for what a layer saves; flash attention keeps n
 which the MLP's wide tensors for one tile of tokens (ALST's tiled MLP) and the logits for one chunk
 (the fused LM head and loss).
 Activation offload (offload/activations.py) moves every layer input but the last, and a share of the
-tokens' attention outputs, to pinned host memory; optimizer offload moves master weights and moments
+tokens' attention outputs, to pinned host memory, and keeps the attention outputs of another share
+(offload.device_activations) in GPU memory; optimizer offload moves master weights and moments
 (cpu) or a share of the moments (interleaved). These are estimates for planning: allocator
 fragmentation and communication buffers come on top.
 
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from longloom.config import ConfigError, LongloomConfig, ModelConfig
+from longloom.offload.activations import kept_token_counts
 from longloom.parallel.loss import FUSED_CHUNK_ELEMENTS
 
 GIB = 1 << 30
@@ -103,20 +105,22 @@ def _optimizer_bytes(cfg: LongloomConfig, plan: PlannedRun, n: int, gpu_share: f
     return {**device, "host": host}
 
 
-def _kept_attention_bytes(cfg: LongloomConfig, plan: PlannedRun, share: float) -> float:
-    """Bytes of one softmax layer's kept attention outputs (attention/tokenwise.py) per worker.
+def _kept_attention_bytes(cfg: LongloomConfig, plan: PlannedRun) -> tuple[float, float, float]:
+    """Bytes of one softmax layer's kept attention outputs (attention/tokenwise.py) per worker:
+    (swapped to the host, kept on the device by a layer but the last, kept on the device by the last).
 
     Token-wise recomputation runs where the attention runs: on S / ring tokens (the whole sequence
-    after Ulysses' all-to-all, or this rank's ring shard) for H / ulysses heads; `share` of those
-    tokens keep out [B, kept, H/U, D] and fp32 lse [B, H/U, kept].
+    after Ulysses' all-to-all, or this rank's ring shard) for H / ulysses heads; each kept token keeps
+    out [B, 1, H/U, D] and fp32 lse [B, H/U, 1]. The tokens are counted as the offloader counts them.
     """
-    m = cfg.model
-    if share == 0.0:
-        return 0.0
+    m, o = cfg.model, cfg.offload
+    if o.activation_share == 0.0:
+        return 0.0, 0.0, 0.0
     tokens = cfg.data.seq_len // plan.ring
-    kept = min(tokens, round(share * tokens))
-    heads = m.heads / plan.ulysses
-    return cfg.train.micro_batch_size * kept * heads * (m.head_dim * plan.dtype_bytes + 4)
+    kept, swapped = kept_token_counts(tokens, o.activation_share, o.device_activations)
+    per_token = cfg.train.micro_batch_size * m.heads / plan.ulysses * (m.head_dim * plan.dtype_bytes + 4)
+    last_layer = kept * per_token if o.device_activations > 0 else 0.0  # activations.py: all on the device
+    return swapped * per_token, (kept - swapped) * per_token, last_layer
 
 
 def _activation_bytes(cfg: LongloomConfig, plan: PlannedRun) -> dict[str, float]:
@@ -143,6 +147,7 @@ def _activation_bytes(cfg: LongloomConfig, plan: PlannedRun) -> dict[str, float]
     # accumulator of the head's weight gradient.
     chunk_tokens = min(tokens, max(1, FUSED_CHUNK_ELEMENTS // m.vocab_size))
     logits = chunk_tokens * m.vocab_size * (2 * b + 8) + (4 * m.vocab_size * m.hidden if b < 4 else 0)
+    kept_on_device = 0.0  # offload.device_activations: attention outputs kept in GPU memory
     if not m.activation_checkpointing:
         # Every layer keeps what it saved for backward: the working set less the gradients.
         saved_per_layer = (tokens * (6 * m.hidden + kv_width) + mlp_tokens * 4 * m.mlp_width) * b
@@ -151,17 +156,22 @@ def _activation_bytes(cfg: LongloomConfig, plan: PlannedRun) -> dict[str, float]
         inputs, host = m.layers * layer_input, 0.0
     else:
         # offload/activations.py: every layer but the last sends its input and its softmax attention's
-        # kept tokens to the host; the last keeps its input on the device; backward brings one layer's
-        # tensors back ahead of time.
-        kept = _kept_attention_bytes(cfg, plan, share)
-        swapped = [layer_input + (kept if kind == "S" else 0.0) for kind in m.layer_kinds()[:-1]]
+        # swapped tokens to the host and keeps its device-kept tokens; the last keeps its input on the
+        # device (and, with a device share, all its kept tokens); backward brings one layer's tensors
+        # back ahead of time.
+        to_host, on_device, last_on_device = _kept_attention_bytes(cfg, plan)
+        kinds = m.layer_kinds()
+        swapped = [layer_input + (to_host if kind == "S" else 0.0) for kind in kinds[:-1]]
         host = sum(swapped)
         inputs = layer_input + max(swapped, default=0.0)
+        kept_on_device = sum(on_device for kind in kinds[:-1] if kind == "S")
+        kept_on_device += last_on_device if kinds[-1] == "S" else 0.0
     return {
         "checkpointed_inputs": inputs,
+        "attention_outputs_on_device": kept_on_device,
         "layer_working": layer_working,
         "logits": logits + rope + final_hidden,
-        "total": inputs + layer_working + logits + rope + final_hidden,
+        "total": inputs + kept_on_device + layer_working + logits + rope + final_hidden,
         "host": host,
     }
 
@@ -242,9 +252,10 @@ def _activation_share_advice(
     if cfg.offload.activation_share == 0.0:
         return ""
 
-    # Host bytes of activation offload are linear in the share: layer inputs + share x attention outputs.
+    # Host bytes of activation offload are linear in the share: layer inputs + share x attention outputs
+    # (a device share moves the host's tokens by rounding only: planned without it).
     def host_bytes(share: float) -> float:
-        offload = cfg.offload.model_copy(update={"activations": share})
+        offload = cfg.offload.model_copy(update={"activations": share, "device_activations": 0.0})
         return _activation_bytes(cfg.model_copy(update={"offload": offload}), plan)["host"]
 
     per_share = 2 * (host_bytes(1.0) - host_bytes(0.5))
@@ -257,7 +268,8 @@ def _activation_share_advice(
         )
     best = math.floor(100 * min(1.0, (room - inputs_only) / per_share)) / 100
     return (
-        f"set offload.activations to at most {best:.2f} (less of the attention output is kept), "
+        f"set offload.activations to at most {best:.2f} (less of the attention output is kept; "
+        "offload.device_activations can keep more of it in GPU memory instead), "
         if best > 0
         else ""
     )

@@ -80,9 +80,9 @@ def build_model(
     architecture and loads its weights; under ZeRO-3 inside deepspeed.zero.Init with the engine's
     config, so each rank reads only its partitions.
     """
-    share = cfg.offload.activation_share
+    share, device_share = cfg.offload.activation_share, cfg.offload.device_activations
     if not cfg.model.is_hf:
-        offloader = ActivationOffloader(share, device) if share > 0 else None
+        offloader = ActivationOffloader(share, device, device_share=device_share) if share > 0 else None
         checkpoint_fn = offloader.checkpoint if offloader else plain_checkpoint
         device_bytes = (
             torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
@@ -109,7 +109,7 @@ def build_model(
     enable_tiled_mlp(causal_lm, mlp_tiles or 1)
     offloader = None
     if share > 0:
-        offloader = enable_activation_offload(causal_lm, share, device)
+        offloader = enable_activation_offload(causal_lm, share, device, device_share=device_share)
     elif cfg.model.activation_checkpointing:
         causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     causal_lm.train()  # HF checkpoints (and offloads) in training mode only

@@ -1,4 +1,5 @@
-"""The activation-offload line of the first step: what went to host memory, once the step measured it."""
+"""The activation-offload line of the first step: what went to host memory and what stayed on the GPU,
+once the step measured it."""
 
 from __future__ import annotations
 
@@ -10,12 +11,23 @@ from longloom.offload.memory import human_bytes
 logger = logging.getLogger("longloom")
 
 
-def log_activation_offload(offloader: ActivationOffloader) -> None:
-    logger.info(
-        "activation offload: %s per step to host memory (layer inputs and the attention outputs "
-        "of %.0f%% of the tokens), pool %s in %d buffers",
-        human_bytes(offloader.swapped_bytes),
-        100 * offloader.share,
-        human_bytes(offloader.pool.total_bytes),
-        offloader.pool.num_buffers,
+def activation_offload_line(offloader: ActivationOffloader) -> str:
+    if not offloader.token_wise:
+        recomputation = "attention recomputed in full (the model's attention keeps no outputs)"
+    else:
+        recomputed = max(0.0, 1.0 - offloader.share - offloader.device_share)
+        last_layer = " (the last layer's for all)" if offloader.device_share == 0 else ""
+        recomputation = (
+            f"attention recomputed for the other {100 * recomputed:.0f}% of the tokens{last_layer}"
+        )
+    return (
+        f"activation offload: {human_bytes(offloader.swapped_bytes)} per step to host memory (layer inputs "
+        f"and the attention outputs of {100 * offloader.share:.0f}% of the tokens), "
+        f"{human_bytes(offloader.device_kept_bytes)} kept in GPU memory (the attention outputs of "
+        f"{100 * offloader.device_share:.0f}% of the tokens, offload.device_activations), {recomputation}; "
+        f"pool {human_bytes(offloader.pool.total_bytes)} in {offloader.pool.num_buffers} buffers"
     )
+
+
+def log_activation_offload(offloader: ActivationOffloader) -> None:
+    logger.info("%s", activation_offload_line(offloader))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from longloom.attention.tokenwise import LocalCausalSchedule
+from longloom.models import llama
 from longloom.models.llama import LlamaModel, plain_checkpoint
 from longloom.offload.activations import ActivationOffloader, HostCopy
 from longloom.parallel import ParallelDims
@@ -119,6 +120,34 @@ def test_offload_equals_plain_checkpoint_and_recomputes_unkept_queries(share, ke
     assert offloader.pool.num_buffers == 2 * 3, "input, out and lse per swapped layer, reused in step 2"
 
 
+@pytest.mark.parametrize("share,device_share", [(0.25, 0.5), (0.25, 0.75)])
+def test_device_kept_outputs_equal_plain_checkpoint(share, device_share, schedule_calls, monkeypatch):
+    """offload.device_activations: the kept tokens' outputs split between the device and the host; the
+    loss and every gradient as plain checkpointing, and attention recomputed for the other tokens only."""
+    expected = _loss_and_grads("SSS", plain_checkpoint)
+    plain_attention_calls = []
+    plain_attention = llama.sdpa_attention
+
+    def counted_plain_attention(*args, **kwargs):
+        plain_attention_calls.append(1)
+        return plain_attention(*args, **kwargs)
+
+    monkeypatch.setattr(llama, "sdpa_attention", counted_plain_attention)
+    offloader = ActivationOffloader(share, torch.device("cpu"), device_share=device_share)
+    _assert_same(expected, _loss_and_grads("SSS", offloader.checkpoint))
+    kept, swapped = round((share + device_share) * SEQ), round(share * SEQ)  # exact for these shares
+    # Per step: the three layers' full forwards (the last layer keeps its kept tokens on the device
+    # too), then in backward the first SEQ - kept queries of each, last layer first; nothing more.
+    recomputed = [SEQ - kept] * 3 if kept < SEQ else []
+    assert [rows for _, rows in schedule_calls] == ([SEQ] * 3 + recomputed) * 2
+    assert plain_attention_calls == [], "no layer runs (or recomputes) attention outside the token-wise path"
+    # out [2, tokens, 4, 8] and lse [2, 4, tokens], fp64: the first two layers swap `swapped` tokens and
+    # keep the others of `kept` on the device; the last keeps all `kept` on the device.
+    per_token = 2 * 4 * (8 + 1) * 8
+    assert offloader.swapped_bytes == 2 * (2 * SEQ * 32 * 8 + swapped * per_token)
+    assert offloader.device_kept_bytes == (2 * (kept - swapped) + kept) * per_token
+
+
 def test_linear_attention_layers_swap_their_input_and_recompute_in_full(schedule_calls):
     expected = _loss_and_grads("LSL", plain_checkpoint)
     offloader = ActivationOffloader(0.5, torch.device("cpu"))
@@ -133,13 +162,15 @@ def test_offload_with_the_tiled_mlp(schedule_calls):
     assert [rows for _, rows in schedule_calls] == [SEQ, SEQ // 2] * 2
 
 
-def _sharded_worker(pattern: str, ulysses: int, ring: int, share: float, documents: bool = False):
+def _sharded_worker(
+    pattern: str, ulysses: int, ring: int, share: float, documents: bool = False, device_share: float = 0.0
+):
     """Asserts the same results as plain checkpointing under this split; returns the schedule calls."""
     dims = ParallelDims.build(dp=1, ulysses=ulysses, ring=ring)
     expected = _loss_and_grads(pattern, plain_checkpoint, dims, documents=documents)
     calls, undo = _spy_on_schedules()
     try:
-        offloader = ActivationOffloader(share, torch.device("cpu"))
+        offloader = ActivationOffloader(share, torch.device("cpu"), device_share=device_share)
         got = _loss_and_grads(pattern, offloader.checkpoint, dims, documents=documents)
         _assert_same(expected, got, fp32_merges=documents and ring > 1)
     finally:
@@ -147,14 +178,23 @@ def _sharded_worker(pattern: str, ulysses: int, ring: int, share: float, documen
     return calls
 
 
-@pytest.mark.parametrize("world,ulysses,ring", [(2, 2, 1), (4, 4, 1), (2, 1, 2), (4, 2, 2), (4, 1, 4)])
-def test_offload_under_sequence_parallelism(distributed, world, ulysses, ring):
-    results = distributed(world, _sharded_worker, "SS", ulysses, ring, 0.5)
+@pytest.mark.parametrize(
+    "world,ulysses,ring,device_share",
+    [(2, 2, 1, 0.25), (4, 4, 1, 0.0), (2, 1, 2, 0.25), (4, 2, 2, 0.0), (4, 1, 4, 0.0)],
+)
+def test_offload_under_sequence_parallelism(distributed, world, ulysses, ring, device_share):
+    """Half of the tokens kept: all on the host, or (offload.device_activations) half of those on the device."""
+    results = distributed(
+        world, _sharded_worker, "SS", ulysses, ring, 0.5 - device_share, False, device_share
+    )
     # Token-wise where the attention runs: on the whole sequence after Ulysses' all-to-all (SEQ tokens,
     # this rank's heads), or round the ring on this rank's SEQ / ring tokens, half of them recomputed.
+    # With a device share the last layer is token-wise too (its kept tokens stay on the device).
     tokens = SEQ // ring
     schedule = "LocalCausalSchedule" if ring == 1 else "TokenRingSchedule"
-    assert results == [[(schedule, tokens), (schedule, tokens // 2)] * 2] * world
+    layers = 2 if device_share else 1
+    step = [(schedule, tokens)] * layers + [(schedule, tokens // 2)] * layers
+    assert results == [step * 2] * world
 
 
 @pytest.mark.parametrize("world,ulysses,ring", [(2, 2, 1), (4, 2, 2)])

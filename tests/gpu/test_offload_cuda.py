@@ -18,14 +18,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 LAYERS, TOKENS, HIDDEN = 4, 2048, 256
 
 
-def run_steps(share: float, dtype: torch.dtype, steps: int = 2):
-    """Per step (loss, gradients, bytes held between forward and backward)."""
+def run_steps(share: float, dtype: torch.dtype, steps: int = 2, device_share: float = 0.0):
+    """Per step (loss, gradients, bytes held between forward and backward, attention outputs kept on
+    the device)."""
     cfg = load_config(
         None,
         ["model.vocab_size=512", f"model.hidden={HIDDEN}", f"model.layers={LAYERS}", "model.heads=4",
          "model.kv_heads=2", "model.intermediate=512"],
     )  # fmt: skip
-    offloader = ActivationOffloader(share, torch.device("cuda")) if share > 0 else None
+    offloader = (
+        ActivationOffloader(share, torch.device("cuda"), device_share=device_share) if share > 0 else None
+    )
     torch.manual_seed(0)
     model = LlamaModel(cfg.model, checkpoint_fn=offloader.checkpoint if offloader else plain_checkpoint)
     model = model.to(device="cuda", dtype=dtype).train()
@@ -42,22 +45,27 @@ def run_steps(share: float, dtype: torch.dtype, steps: int = 2):
         held = torch.cuda.memory_allocated() - before
         loss.backward()
         grads = {name: p.grad.float().clone() for name, p in model.named_parameters()}
-        results.append((loss.item(), grads, held))
+        results.append((loss.item(), grads, held, offloader.device_kept_bytes if offloader else 0))
     return results
 
 
-@pytest.mark.parametrize("share", [1.0, 0.5])
-def test_fp32_offload_equals_plain_checkpointing(share):
-    plain, offloaded = run_steps(0.0, torch.float32), run_steps(share, torch.float32)
-    for (want_loss, want_grads, held_plain), (got_loss, got_grads, held) in zip(plain, offloaded):
+@pytest.mark.parametrize("share,device_share", [(1.0, 0.0), (0.5, 0.0), (0.25, 0.75)])
+def test_fp32_offload_equals_plain_checkpointing(share, device_share):
+    plain = run_steps(0.0, torch.float32)
+    offloaded = run_steps(share, torch.float32, device_share=device_share)
+    for (want_loss, want_grads, held_plain, _), (got_loss, got_grads, held, on_device) in zip(
+        plain, offloaded
+    ):
         assert got_loss == pytest.approx(want_loss, rel=1e-6)
         for name, want in want_grads.items():
             torch.testing.assert_close(got_grads[name], want, rtol=1e-4, atol=1e-6, msg=name)
         layer_input = TOKENS * HIDDEN * 4
-        # Plain checkpointing holds every layer input; offload holds the last layer's input only.
+        # Plain checkpointing holds every layer input; offload holds the last layer's input only, and
+        # the attention outputs kept on the device (copies of their tokens: not the whole outputs).
         assert held_plain >= LAYERS * layer_input
+        assert (on_device > 0) == (device_share > 0)
         # (Slack for the allocator's rounding of the small tensors.)
-        assert held <= held_plain - (LAYERS - 1) * layer_input + layer_input // 4
+        assert held <= held_plain - (LAYERS - 1) * layer_input + layer_input // 4 + on_device
 
 
 @pytest.mark.parametrize("share", [1.0, 0.5])

@@ -56,13 +56,15 @@ def _single_process():
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def _sequence_parallel_worker(dp: int, ulysses: int, ring: int, offload_share: float = 0.0):
+def _sequence_parallel_worker(
+    dp: int, ulysses: int, ring: int, offload_share: float = 0.0, device_share: float = 0.0
+):
     dims = ParallelDims.build(dp=dp, ulysses=ulysses, ring=ring)
     model = _model()
     enable_sequence_parallel(model, dims)
     if offload_share:
         model.train()
-        offloader = enable_activation_offload(model, offload_share, "cpu")
+        offloader = enable_activation_offload(model, offload_share, "cpu", device_share=device_share)
     input_ids, labels, attention_mask = _batch()
     batch = shard_causal_lm_batch(input_ids, dims, labels=labels, attention_mask=attention_mask)
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
@@ -74,11 +76,15 @@ def _sequence_parallel_worker(dp: int, ulysses: int, ring: int, offload_share: f
         grads[name] = parameter.grad / dims.world_size
     if offload_share:
         # The first of 2 layers swapped its input [2, 32 / sp, 64] and, where attention runs (all 32 tokens
-        # after Ulysses' all-to-all, 32 / ring round the ring), the kept tokens' out and lse, fp32.
+        # after Ulysses' all-to-all, 32 / ring round the ring), the swapped tokens' out and lse, fp32.
         tokens, heads = SEQ // ring, 4 // ulysses
-        kept = round(offload_share * tokens)
-        want = (BATCH * SEQ // dims.sp * 64 + BATCH * kept * heads * (16 + 1)) * 4
+        swapped, on_device = round(offload_share * tokens), round(device_share * tokens)
+        per_token = BATCH * heads * (16 + 1) * 4
+        want = BATCH * SEQ // dims.sp * 64 * 4 + swapped * per_token
         assert offloader.swapped_bytes == want, (offloader.swapped_bytes, want)
+        # device_share: the first layer kept `on_device` more on the GPU, the last all it kept.
+        last_layer = swapped + on_device if on_device else 0
+        assert offloader.device_kept_bytes == (on_device + last_layer) * per_token
     return float(stats.loss), grads
 
 
@@ -108,10 +114,13 @@ def test_sequence_parallel_hf_model_equals_single_process(distributed, dp, ulyss
     _assert_every_rank_matches_single_process(results)
 
 
-@pytest.mark.parametrize("ulysses, ring", [(2, 1), (1, 2)])
-def test_activation_offload_with_sequence_parallel_equals_single_process(distributed, ulysses, ring):
-    """Layer inputs to host memory and half of the attention outputs kept: nothing changes."""
-    results = distributed(ulysses * ring, _sequence_parallel_worker, 1, ulysses, ring, 0.5)
+@pytest.mark.parametrize("ulysses, ring, share, device_share", [(2, 1, 0.5, 0.0), (1, 2, 0.25, 0.5)])
+def test_activation_offload_with_sequence_parallel_equals_single_process(
+    distributed, ulysses, ring, share, device_share
+):
+    """Layer inputs to host memory and a share of the attention outputs kept (on the host, or also in GPU
+    memory: offload.device_activations): nothing changes."""
+    results = distributed(ulysses * ring, _sequence_parallel_worker, 1, ulysses, ring, share, device_share)
     _assert_every_rank_matches_single_process(results)
 
 
@@ -133,6 +142,12 @@ def test_activation_offload_of_a_plain_hf_model_swaps_inputs_only():
 def test_activation_offload_needs_checkpointable_layers():
     with pytest.raises(ValueError, match="GradientCheckpointingLayer"):
         enable_activation_offload(torch.nn.Linear(2, 2), 1.0, "cpu")
+
+
+def test_device_share_needs_sequence_parallel_attention():
+    """A plain HF model's attention keeps no outputs: a device share would silently keep nothing."""
+    with pytest.raises(ValueError, match=r"offload.device_activations=0.5 .* enable_sequence_parallel"):
+        enable_activation_offload(_model().train(), 0.5, "cpu", device_share=0.5)
 
 
 def _runtime_error_worker(case: str):

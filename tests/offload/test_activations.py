@@ -159,6 +159,11 @@ def test_share_out_of_range_names_the_config_key() -> None:
         ActivationOffloader(1.5, torch.device("cpu"))
     with pytest.raises(ValueError, match="offload.activations"):
         ActivationOffloader(0.0, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"offload.device_activations=0.6 .* offload.activations=0.5"):
+        ActivationOffloader(0.5, torch.device("cpu"), device_share=0.6)
+    with pytest.raises(ValueError, match=r"offload.device_activations=-0.1"):
+        ActivationOffloader(0.5, torch.device("cpu"), device_share=-0.1)
+    ActivationOffloader(0.25, torch.device("cpu"), device_share=0.75)  # together all the tokens: fine
 
 
 def _sequence_parallel_worker(share: float) -> list[list[torch.Tensor]]:

@@ -15,9 +15,11 @@ from longloom.offload.memory import (
     check_host_memory,
     estimate_memory,
     format_estimate,
+    human_bytes,
     interleaved_share_memory_cap,
     parameter_count,
 )
+from longloom.training.offload_report import activation_offload_line
 from longloom.training.plan import build_run_plan
 
 
@@ -83,6 +85,31 @@ def test_activation_host_bytes_match_what_the_offloader_moves(activations, share
     prefetched = layer_input + 2 * round(share * 48) * 8 * (8 + 1) * 4
     # Two inputs leave the device; one swapped layer comes back ahead of time.
     assert saved == 2 * layer_input - prefetched
+
+
+def test_device_kept_attention_outputs_count_on_the_gpu_not_the_host():
+    base = [*MODEL, "data.seq_len=48", "train.micro_batch_size=2", "offload.activations=0.25"]
+    cfg = load_config(None, [*base, "offload.device_activations=0.5"])
+    estimate, host_only = _memory(cfg, 1), _memory(load_config(None, base), 1)
+    offloader = ActivationOffloader(0.25, torch.device("cpu"), device_share=0.5)
+    model = LlamaModel(cfg.model, checkpoint_fn=offloader.checkpoint)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 48))
+    model(tokens, torch.arange(48).expand(2, 48)).sum().backward()
+    # The first two layers keep 24 of their 36 kept tokens on the device, the last all 36: out [2, tokens,
+    # 8 heads, 8] and lse [2, 8, tokens], fp32.
+    on_device = (2 * 24 + 36) * 2 * 8 * (8 + 1) * 4
+    assert offloader.device_kept_bytes == on_device
+    assert estimate["activation_detail"]["attention_outputs_on_device"] == on_device
+    assert estimate["per_gpu"]["activations"] - host_only["per_gpu"]["activations"] == on_device
+    # The host holds what offload.activations=0.25 alone sends there, and that is what was sent.
+    assert estimate["host_pinned_per_worker"] == host_only["host_pinned_per_worker"]
+    assert offloader.swapped_bytes == estimate["host_pinned_per_worker"]["activations"]
+    assert host_only["activation_detail"]["attention_outputs_on_device"] == 0
+    assert f"attention outputs on device {human_bytes(on_device)}" in build_run_plan(cfg, 1).describe()
+    # The first step's report line says what stayed on the device.
+    line = activation_offload_line(offloader)
+    assert f"{human_bytes(on_device)} kept in GPU memory (the attention outputs of 50% of the tokens" in line
+    assert "attention recomputed for the other 25% of the tokens;" in line
 
 
 def test_check_refuses_pinned_memory_that_does_not_fit():

@@ -36,7 +36,7 @@ TINY = [
 
 
 def _train_worker(overrides: list[str]) -> dict:
-    seen: dict = {"swapped_bytes": 0, "pool_buffers": 0}
+    seen: dict = {"swapped_bytes": 0, "device_kept_bytes": 0, "pool_buffers": 0}
     offloaders: list[ActivationOffloader] = []
 
     class ObservedOffloader(ActivationOffloader):
@@ -55,13 +55,16 @@ def _train_worker(overrides: list[str]) -> dict:
 
     engine.ActivationOffloader, deepspeed.initialize = ObservedOffloader, observed_initialize
     cfg = load_config(None, TINY + overrides)
-    seen["estimated_host_bytes"] = build_run_plan(cfg, 2).memory["host_pinned_per_worker"]["activations"]
+    memory = build_run_plan(cfg, 2).memory
+    seen["estimated_host_bytes"] = memory["host_pinned_per_worker"]["activations"]
+    seen["estimated_device_bytes"] = memory["activation_detail"]["attention_outputs_on_device"]
     try:
         seen["losses"] = trainer.run_training(cfg)["losses"]
     finally:
         engine.ActivationOffloader, deepspeed.initialize = ActivationOffloader, real_initialize
     for offloader in offloaders:
         seen["swapped_bytes"] += offloader.swapped_bytes
+        seen["device_kept_bytes"] += offloader.device_kept_bytes
         seen["pool_buffers"] += offloader.pool.num_buffers
     return seen
 
@@ -83,23 +86,29 @@ def baseline(tmp_path_factory):
     "activations,split",
     [
         ("true", ["train.zero_stage=1"]),
-        ("0.5", ["train.zero_stage=1"]),
+        ("0.5", ["train.zero_stage=1", "offload.device_activations=0.25"]),
         ("true", ["train.zero_stage=3"]),
         ("0.5", ["parallel.ulysses=1", "parallel.ring=2"]),
     ],
-    ids=["true-zero1", "half-zero1", "true-zero3", "half-ring"],
+    ids=["true-zero1", "half-zero1-quarter-device", "true-zero3", "half-ring"],
 )
 def test_activation_offload_keeps_losses(distributed, tmp_path, baseline, activations, split):
     run = _run(distributed, tmp_path, "act", f"offload.activations={activations}", *split)
     # 3 layers; the last keeps its input on the device. Each of the other two swaps its input
-    # [1, 32 tokens per rank, 32] and the kept tokens' attention out and lse where the attention runs:
-    # after Ulysses' all-to-all [1, kept of 64, 2 heads, 8] and [1, 2, kept], or round the ring
-    # [1, kept of 32, 4 heads, 8] and [1, 4, kept]; fp32.
+    # [1, 32 tokens per rank, 32] and the swapped tokens' attention out and lse where the attention runs:
+    # after Ulysses' all-to-all [1, swapped of 64, 2 heads, 8] and [1, 2, swapped], or round the ring
+    # [1, swapped of 32, 4 heads, 8] and [1, 4, swapped]; fp32. offload.device_activations=0.25 keeps
+    # another quarter of the tokens on the device, in every layer, and the last layer all it keeps.
     ring = "parallel.ring=2" in split
     tokens, heads = (32, 4) if ring else (64, 2)
-    kept = tokens if activations == "true" else tokens // 2
-    assert run["swapped_bytes"] == 2 * (32 * 32 + kept * heads * 8 + heads * kept) * 4
+    swapped = tokens if activations == "true" else tokens // 2
+    on_device = tokens // 4 if "offload.device_activations=0.25" in split else 0
+    per_token = (heads * 8 + heads) * 4
+    assert run["swapped_bytes"] == 2 * (32 * 32 * 4 + swapped * per_token)
     assert run["swapped_bytes"] == run["estimated_host_bytes"], "`longloom check` plans what is swapped"
+    last_layer = swapped + on_device if on_device else 0
+    assert run["device_kept_bytes"] == (2 * on_device + last_layer) * per_token
+    assert run["device_kept_bytes"] == run["estimated_device_bytes"], "and what stays on the GPU"
     assert run["pool_buffers"] == 2 * 3, "input, out and lse per swapped layer, reused over the steps"
     assert run["losses"] == pytest.approx(baseline["losses"], rel=1e-4)
 
