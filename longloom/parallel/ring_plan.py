@@ -5,18 +5,22 @@ the rank that computes a block and the rank that receives its result derive the 
 arguments, so they agree on whether a message exists and on its size.
 
 - `plan_block`: from the layout alone (zigzag halves, the causal rule).
-- `RingDocuments`: packed documents. Every rank's ids are all-gathered once per call (tiny) and copied to
-  the host; a block pair whose documents do not overlap gets no plan (neither computed nor answered),
-  the rest is cut down to the rows that can share a document. Q or K/V still travel the whole ring.
+- `RingDocuments`: packed documents. Every rank's ids are all-gathered (tiny) and copied to the host
+  once per call, or once per model call with its `DocumentPlans` (`ring_documents`: every layer, its
+  recomputation and its backward then share them and their segment plans); a block pair whose
+  documents do not overlap gets no plan (neither computed nor answered), the rest is cut down to the
+  rows that can share a document. Q or K/V still travel the whole ring.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
+from longloom.attention.document_plans import DocumentPlans, cached
 from longloom.attention.documents import meeting_rows
 from longloom.attention.varlen_plan import SegmentPlan, plan_segments
 from longloom.parallel import sharding
@@ -84,7 +88,8 @@ class RingDocuments:
 
     host: torch.Tensor
     device: torch.Tensor
-    # Ragged segment plans by block (CUDA only), built from the host ids once for forward and backward.
+    # Ragged segment plans by block (CUDA only), built from the host ids once for forward and backward
+    # (and for every layer where the RingDocuments come from the model call's DocumentPlans).
     segments: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
@@ -153,6 +158,17 @@ class RingDocuments:
             )
             self.segments[key] = None if segments is None else segments.to(self.device.device)
         return self.segments[key]
+
+
+def ring_documents(
+    document_ids: torch.Tensor | None, comm: RingComm, plans: DocumentPlans | None = None
+) -> RingDocuments | None:
+    """`RingDocuments.gather` (every rank of the ring must call it), once per ids tensor and ring group
+    for the model call where `plans` is given; None without ids."""
+    if document_ids is None:
+        return None
+    gather = partial(RingDocuments.gather, document_ids, comm)
+    return cached(plans, document_ids, "ring documents", comm.group, gather)
 
 
 def _pieces(rows: slice, chunk_len: int) -> list[slice]:
