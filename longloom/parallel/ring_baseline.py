@@ -143,7 +143,7 @@ def ring_attention(
     comm = RingComm(group)
     check_ring_inputs(q, k, v, comm.size, layout)
     check_document_ids_once(document_ids, q, "ring_attention", document_plans)
-    documents = ring_documents(document_ids, comm, document_plans)
+    documents = ring_documents(document_ids, q, comm, document_plans)
     return RingScheduleFunction.apply(
         q, k, v, comm, causal, layout, softmax_scale, _forward, _backward, documents
     )

@@ -20,6 +20,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from longloom.attention.blocks import select_backend
 from longloom.attention.document_plans import DocumentPlans, cached
 from longloom.attention.documents import meeting_rows
 from longloom.attention.varlen_plan import SegmentPlan, plan_segments
@@ -88,20 +89,25 @@ class RingDocuments:
 
     host: torch.Tensor
     device: torch.Tensor
-    # Ragged segment plans by block (CUDA only), built from the host ids once for forward and backward
+    # Whether the blocks run on the "varlen" backend (attention/blocks.py), which takes segment plans.
+    ragged: bool = False
+    # Ragged segment plans by block (varlen backend only), built from the host ids once for forward and backward
     # (and for every layer where the RingDocuments come from the model call's DocumentPlans).
     segments: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
-    def gather(document_ids: torch.Tensor | None, comm: RingComm) -> RingDocuments | None:
-        """One all-gather over the ring group (every rank must call it); None without ids."""
+    def gather(
+        document_ids: torch.Tensor | None, comm: RingComm, ragged: bool = False
+    ) -> RingDocuments | None:
+        """One all-gather over the ring group (every rank must call it); None without ids.
+        `ragged`: the blocks run on the varlen backend (they are then given segment plans)."""
         if document_ids is None:
             return None
         document_ids = document_ids.contiguous()
         parts = [torch.empty_like(document_ids) for _ in range(comm.size)]
         dist.all_gather(parts, document_ids, group=comm.group)
         stacked = torch.stack(parts)
-        return RingDocuments(host=stacked.cpu(), device=stacked)
+        return RingDocuments(host=stacked.cpu(), device=stacked, ragged=ragged)
 
     def plan(self, plan: BlockPlan | None, q_owner: int, kv_owner: int, chunk_len: int) -> BlockPlan | None:
         """`plan` cut down to the rows that can share a document; None if none can.
@@ -137,7 +143,7 @@ class RingDocuments:
         return BlockPlan(slice(q_start, q_stop), slice(kv_start, kv_stop), plan.causal)
 
     def block(self, plan: BlockPlan, q_owner: int, kv_owner: int) -> dict:
-        """The `q_docs` / `k_docs` (and on CUDA `segments`) arguments of block attention for this block.
+        """The `q_docs` / `k_docs` (and on the varlen backend `segments`) arguments of block attention.
 
         The segments come from the host ids, so the ragged kernels need no device-to-host copy per block.
         """
@@ -145,7 +151,7 @@ class RingDocuments:
             "q_docs": self.device[q_owner][:, plan.q_rows],
             "k_docs": self.device[kv_owner][:, plan.kv_rows],
         }
-        if self.device.is_cuda:
+        if self.ragged:
             arguments["segments"] = self.segment_plan(plan, q_owner, kv_owner)
         return arguments
 
@@ -161,14 +167,15 @@ class RingDocuments:
 
 
 def ring_documents(
-    document_ids: torch.Tensor | None, comm: RingComm, plans: DocumentPlans | None = None
+    document_ids: torch.Tensor | None, q: torch.Tensor, comm: RingComm, plans: DocumentPlans | None = None
 ) -> RingDocuments | None:
-    """`RingDocuments.gather` (every rank of the ring must call it), once per ids tensor and ring group
-    for the model call where `plans` is given; None without ids."""
+    """`RingDocuments.gather` for blocks of q's backend (every rank of the ring must call it), once per
+    ids tensor and ring group for the model call where `plans` is given; None without ids."""
     if document_ids is None:
         return None
-    gather = partial(RingDocuments.gather, document_ids, comm)
-    return cached(plans, document_ids, "ring documents", comm.group, gather)
+    ragged = select_backend(q, documents=True) == "varlen"
+    gather = partial(RingDocuments.gather, document_ids, comm, ragged)
+    return cached(plans, document_ids, "ring documents", (comm.group, ragged), gather)
 
 
 def _pieces(rows: slice, chunk_len: int) -> list[slice]:

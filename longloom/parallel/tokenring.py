@@ -335,7 +335,7 @@ def tokenring_attention(
     comm = RingComm(group)
     check_ring_inputs(q, k, v, comm.size, layout)
     check_document_ids_once(document_ids, q, "tokenring_attention", document_plans)
-    documents = ring_documents(document_ids, comm, document_plans)
+    documents = ring_documents(document_ids, q, comm, document_plans)
     if attention_outputs is not None:
         if not causal:
             raise ValueError("token-wise attention recomputation needs causal attention (causal=True)")
