@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from typing import ClassVar
 from unittest import mock
 
 import pytest
@@ -52,7 +53,7 @@ def test_a_value_is_built_once_per_source_tensor_and_key():
 class _RecordingPlans(DocumentPlans):
     """DocumentPlans that remember themselves, to read what one model call built."""
 
-    made: list[DocumentPlans] = []
+    made: ClassVar[list[DocumentPlans]] = []
 
     def __init__(self):
         super().__init__()
