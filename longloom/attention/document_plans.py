@@ -1,4 +1,4 @@
-"""One model call's packed-document plans: what attention derives from `document_ids`, made once, not per layer.
+"""One model call's packed-document plans: what attention derives from `document_ids`, made once.
 
 Every layer of a step sees the same document ids, and so do each layer's activation-checkpoint
 recomputation and its backward. Without this cache every softmax attention call derives the same

@@ -16,11 +16,11 @@ turned into ignored labels. Packed documents are given as transformers' flash-at
 them: `position_ids` that restart at 0 where a document starts (cut by `shard_causal_lm_batch` from
 the full sample's positions). A forward pre-hook turns them into document ids (token index minus
 position: the index where each token's document starts, which never decreases) and hands them to
-SP attention through HF's keyword arguments, with one `DocumentPlans` per forward (attention/
-document_plans.py) so that every layer shares what attention derives from them. What SP attention cannot reproduce raises ValueError
-instead of training on a silently different model: padding masks, sliding windows shorter than the
-sequence, chunked or non-attention layers, attention dropout, softcap, sinks, non-causal models,
-and KV caches (generation).
+SP attention through HF's keyword arguments, with one `DocumentPlans` per forward
+(attention/document_plans.py) so that every layer shares what attention derives from them. What SP
+attention cannot reproduce raises ValueError instead of training on a silently different model:
+padding masks, sliding windows shorter than the sequence, chunked or non-attention layers, attention
+dropout, softcap, sinks, non-causal models, and KV caches (generation).
 """
 
 from __future__ import annotations

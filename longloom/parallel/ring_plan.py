@@ -91,8 +91,8 @@ class RingDocuments:
     device: torch.Tensor
     # Whether the blocks run on the "varlen" backend (attention/blocks.py), which takes segment plans.
     ragged: bool = False
-    # Ragged segment plans by block (varlen backend only), built from the host ids once for forward and backward
-    # (and for every layer where the RingDocuments come from the model call's DocumentPlans).
+    # Ragged segment plans by block (varlen backend only), built from the host ids once for forward and
+    # backward (and for every layer where the RingDocuments come from the model call's DocumentPlans).
     segments: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
