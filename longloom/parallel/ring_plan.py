@@ -94,6 +94,8 @@ class RingDocuments:
     # Ragged segment plans by block (varlen backend only), built from the host ids once for forward and
     # backward (and for every layer where the RingDocuments come from the model call's DocumentPlans).
     segments: dict = field(default_factory=dict, compare=False, repr=False)
+    # Block plans cut to the rows that meet (`plan`), by block: host scans of the ids, made once likewise.
+    cut_plans: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def gather(
@@ -118,6 +120,12 @@ class RingDocuments:
         """
         if plan is None or q_owner == kv_owner:
             return plan
+        key = (q_owner, kv_owner, *_bounds(plan), chunk_len)
+        if key not in self.cut_plans:
+            self.cut_plans[key] = self._cut(plan, q_owner, kv_owner, chunk_len)
+        return self.cut_plans[key]
+
+    def _cut(self, plan: BlockPlan, q_owner: int, kv_owner: int, chunk_len: int) -> BlockPlan | None:
         q_pieces, kv_pieces = _pieces(plan.q_rows, chunk_len), _pieces(plan.kv_rows, chunk_len)
         q_host, kv_host = self.host[q_owner], self.host[kv_owner]
         q_start = kv_start = None
@@ -156,8 +164,7 @@ class RingDocuments:
         return arguments
 
     def segment_plan(self, plan: BlockPlan, q_owner: int, kv_owner: int) -> SegmentPlan | None:
-        rows = (plan.q_rows.start, plan.q_rows.stop, plan.kv_rows.start, plan.kv_rows.stop)
-        key = (q_owner, kv_owner, *rows, plan.causal)  # slices are unhashable before Python 3.12
+        key = (q_owner, kv_owner, *_bounds(plan))
         if key not in self.segments:
             segments = plan_segments(
                 self.host[q_owner][:, plan.q_rows], self.host[kv_owner][:, plan.kv_rows], plan.causal
@@ -176,6 +183,11 @@ def ring_documents(
     ragged = select_backend(q, documents=True) == "varlen"
     gather = partial(RingDocuments.gather, document_ids, comm, ragged)
     return cached(plans, document_ids, "ring documents", (comm.group, ragged), gather)
+
+
+def _bounds(plan: BlockPlan) -> tuple[int, int, int, int, bool]:
+    """A block plan as a dictionary key (slices are unhashable before Python 3.12)."""
+    return (plan.q_rows.start, plan.q_rows.stop, plan.kv_rows.start, plan.kv_rows.stop, plan.causal)
 
 
 def _pieces(rows: slice, chunk_len: int) -> list[slice]:

@@ -19,6 +19,7 @@ import torch
 
 from longloom.attention import blocks
 from longloom.attention.document_plans import DocumentPlans
+from longloom.attention.documents import meeting_rows
 from longloom.attention.varlen import EMULATED
 from longloom.attention.varlen_plan import plan_segments
 from longloom.models import llama
@@ -62,13 +63,17 @@ class _RecordingPlans(DocumentPlans):
 
 @contextlib.contextmanager
 def _emulated_varlen(cache: bool = True):
-    """The varlen backend on the CPU (emulated ragged kernel); yields the list of plan_segments calls.
+    """The varlen backend on the CPU (emulated ragged kernel); yields counts of plan_segments calls
+    ("plans") and of ring block cuts to the rows that meet ("row cuts", host scans of the ids).
     `cache=False`: the model makes no DocumentPlans (every call plans for itself, as before issue 16)."""
-    calls = []
+    counts = Counter()
 
-    def counting_plan_segments(q_docs, k_docs, causal, *args, **kwargs):
-        calls.append((tuple(q_docs.shape), tuple(k_docs.shape), causal))
-        return plan_segments(q_docs, k_docs, causal, *args, **kwargs)
+    def counting(name, function):
+        def counted(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+
+        return counted
 
     def backend(q, documents=False):
         return "varlen" if documents else "torch"
@@ -77,11 +82,12 @@ def _emulated_varlen(cache: bool = True):
     with contextlib.ExitStack() as stack:
         for module in (blocks, ring_plan):
             stack.enter_context(mock.patch.object(module, "select_backend", backend))
-            stack.enter_context(mock.patch.object(module, "plan_segments", counting_plan_segments))
+            stack.enter_context(mock.patch.object(module, "plan_segments", counting("plans", plan_segments)))
+        stack.enter_context(mock.patch.object(ring_plan, "meeting_rows", counting("row cuts", meeting_rows)))
         stack.enter_context(mock.patch.object(blocks, "ragged_kernel", lambda: EMULATED))
         plans = _RecordingPlans if cache else (lambda: None)
         stack.enter_context(mock.patch.object(llama, "DocumentPlans", plans))
-        yield calls
+        yield counts
 
 
 def _batch(lengths):
@@ -110,9 +116,9 @@ def _train_step(model, batch, group=None):
 def _plan_builds(pattern, token_wise, cache):
     checkpoint_fn = ActivationOffloader(0.5, torch.device("cpu")).checkpoint if token_wise else None
     model = _model(pattern, checkpoint_fn=checkpoint_fn)
-    with _emulated_varlen(cache) as calls:
+    with _emulated_varlen(cache) as counts:
         _train_step(model, _batch(LENGTHS_A))
-    return len(calls)
+    return counts["plans"]
 
 
 @pytest.mark.parametrize("token_wise", [False, True], ids=["checkpointed", "token-wise-recompute"])
@@ -134,14 +140,14 @@ def test_consecutive_steps_with_other_documents_equal_fresh_runs():
     """A step with other ids after a first one: exactly a fresh model's step (no stale plan), and equal to
     the plain-torch masked attention."""
     batch_a, batch_b = _batch(LENGTHS_A), _batch(LENGTHS_B)
-    with _emulated_varlen() as calls:
+    with _emulated_varlen() as counts:
         model = _model("SLS")
         first = _train_step(model, batch_a)
-        builds_after_first = len(calls)
+        builds_after_first = counts["plans"]
         second = _train_step(model, batch_b)
         fresh = _train_step(_model("SLS"), batch_b)
         fresh_a = _train_step(_model("SLS"), batch_a)
-    assert builds_after_first == 1 and len(calls) == 4  # one plan per step (per model call)
+    assert builds_after_first == 1 and counts["plans"] == 4  # one plan per step (per model call)
     assert len(_RecordingPlans.made) == 4  # one cache per model call
     plain = _train_step(_model("SLS"), batch_b)  # CPU torch backend: the document mask
     for (loss, grads), (want_loss, want_grads) in ((second, fresh), (first, fresh_a)):
@@ -163,7 +169,7 @@ def _two_d_worker(pattern):
         with _emulated_varlen(cache) as calls:
             loss, grads = _train_step(model, dims.shard_batch(_batch(lengths)), dims.sp_group)
         builds = dict(_RecordingPlans.made[0].builds) if cache else {}
-        counts.append((len(calls), builds))
+        counts.append((calls["plans"], calls["row cuts"], builds))
         for grad in grads.values():
             torch.distributed.all_reduce(grad, group=dims.sp_group)
     return counts, loss, {name: grad / dims.sp for name, grad in grads.items()}
@@ -171,27 +177,28 @@ def _two_d_worker(pattern):
 
 def test_two_d_builds_per_step_do_not_grow_with_the_layers(distributed):
     """Ulysses 2 x TokenRing 2 with softmax and linear layers: every derivation of the ids (order check,
-    Ulysses gather, ring order, ring documents, ragged block plans, linear-attention runs) once per step."""
+    Ulysses gather, ring order, ring documents with their row cuts and ragged block plans, linear-attention
+    runs) once per step, whatever the number of layers."""
     results = {}
     for pattern in ("LS", "LSLS"):
         want_loss, want_grads = _train_step(_model(pattern), _batch(LENGTHS_B))
         for counts, loss, grads in distributed(4, _two_d_worker, pattern):
-            (plans_a, builds_a), (plans_b, builds_b), (per_call, _) = counts
-            assert (plans_a, builds_a) == (plans_b, builds_b)  # per step, whatever the ids
-            results.setdefault(pattern, []).append((plans_b, builds_b, per_call))
+            (*step_a, builds_a), (*step_b, builds_b), (*per_call, _) = counts
+            assert (step_a, builds_a) == (step_b, builds_b)  # per step, whatever the ids
+            results.setdefault(pattern, []).append((step_b, builds_b, per_call))
             assert loss == pytest.approx(want_loss, rel=1e-5)
             for name, grad in want_grads.items():
                 scale = grad.abs().max().clamp(min=1e-6)
                 torch.testing.assert_close(grads[name] / scale, grad / scale, rtol=0, atol=2e-5, msg=name)
-    for (plans_2, builds_2, per_call_2), (plans_4, builds_4, per_call_4) in zip(
-        results["LS"], results["LSLS"]
-    ):
-        assert plans_2 == plans_4 > 0 and builds_2 == builds_4
+    for (step_2, builds_2, per_call_2), (step_4, builds_4, per_call_4) in zip(results["LS"], results["LSLS"]):
+        # (plans, row cuts) of the ring blocks this rank computes, the same for 2 and 4 layers.
+        assert step_2 == step_4 and min(step_2) > 0 and builds_2 == builds_4
         assert builds_2 == {
             "checked": 2,  # the rank's ids, and the ring-ordered gathered ids TokenRing is given
             "ulysses gathered ids": 1,
             "ring order": 1,
-            "ring documents": 1,  # with the ragged plans of its blocks (`plans_2` of them)
+            "ring documents": 1,
             "linear attention runs": 1,
         }
-        assert per_call_4 > per_call_2 > plans_2  # per call: grows with the layers
+        # Per call (without the cache): grows with the layers.
+        assert all(four > two > once for four, two, once in zip(per_call_4, per_call_2, step_2))
