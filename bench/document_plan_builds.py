@@ -11,7 +11,8 @@ and every derivation of the ids is counted on rank 0:
 - plan_segments: ragged segment plans (on the device path each starts with a device->host copy of the ids;
   ring blocks plan from host ids);
 - checks: document-id order checks (`bool(any)`: one device->host sync each);
-- ring gathers: RingDocuments (an all-gather and a device->host copy each);
+- ring gathers: RingDocuments (an all-gather and a device->host copy each); row cuts: ring block plans cut
+  to the rows that can share a document (host scans of the ids, per block);
 - Ulysses gathers: all-gathers of the ids over the Ulysses group;
 - linear runs: LASP-2's document runs (a device->host copy) and chunk edges (an all-gather).
 
@@ -91,6 +92,7 @@ def counting(cache: bool):
                 ulysses, "gather_document_ids", counted("ulysses gathers", ulysses.gather_document_ids)
             )
         )
+        patch(mock.patch.object(ring_plan, "meeting_rows", counted("row cuts", ring_plan.meeting_rows)))
         runs = counted("linear runs", lasp2._document_runs_and_edges)
         patch(mock.patch.object(lasp2, "_document_runs_and_edges", runs))
         if not cache:
@@ -151,7 +153,14 @@ def main() -> None:
     args = parser.parse_args()
     from longloom.runtime.ranks import free_port
 
-    names = ("plans from device ids", "plans from host ids", "checks", "ring gathers", "ulysses gathers")
+    names = (
+        "plans from device ids",
+        "plans from host ids",
+        "checks",
+        "ring gathers",
+        "row cuts",
+        "ulysses gathers",
+    )
     names += ("linear runs", "syncs")
     print(f"{args.layers} layers ({args.pattern!r}), {args.seq} tokens, {args.documents} documents, one step")
     print(f"{'split':24s} {'cache':6s} " + " ".join(names))
