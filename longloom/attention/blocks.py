@@ -42,6 +42,7 @@ import math
 
 import torch
 
+from longloom.attention.document_plans import DocumentPlans, cached
 from longloom.attention.local import attention_scores, check_heads, expand_kv_heads
 from longloom.attention.varlen import ragged_backward, ragged_forward, ragged_kernel
 from longloom.attention.varlen_plan import SegmentPlan, plan_segments
@@ -343,14 +344,36 @@ def _sum_groups(grad: torch.Tensor, group_size: int) -> torch.Tensor:
     return grad.view(b, s, h // group_size, group_size, d).sum(3)
 
 
+def self_attention_segments(
+    q: torch.Tensor,
+    document_ids: torch.Tensor,
+    causal: bool,
+    rows: slice = slice(None),
+    plans: DocumentPlans | None = None,
+) -> SegmentPlan | None:
+    """The ragged plan (on q's device) of self-attention over `rows` of `document_ids` [B, S] (the same
+    rows for queries and keys) where q runs on the "varlen" backend; None elsewhere (no plan needed).
+
+    With `plans`, built once per ids tensor, rows and mask for the whole model call (every layer, its
+    recomputation and its backward); without, on every call (a device->host copy of the ids).
+    """
+    if select_backend(q, documents=True) != "varlen":
+        return None
+
+    def build() -> SegmentPlan | None:
+        ids = document_ids[:, rows]
+        segments = plan_segments(ids, ids, causal)
+        return None if segments is None else segments.to(q.device)
+
+    start, stop, _ = rows.indices(document_ids.size(1))  # slice(None) and slice(0, S) are one plan
+    return cached(plans, document_ids, "segments", (start, stop, causal, q.device), build)
+
+
 class _DocumentAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, document_ids, causal, softmax_scale):
+    def forward(ctx, q, k, v, document_ids, causal, softmax_scale, plans):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        segments = None
-        if select_backend(q, documents=True) == "varlen":  # plan once for forward and backward
-            segments = plan_segments(document_ids, document_ids, causal)
-            segments = None if segments is None else segments.to(q.device)
+        segments = self_attention_segments(q, document_ids, causal, plans=plans)  # forward and backward
         out, lse = block_attention_forward(
             q, k, v, causal, softmax_scale, q_docs=document_ids, k_docs=document_ids, segments=segments
         )
@@ -366,7 +389,7 @@ class _DocumentAttention(torch.autograd.Function):
             dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, q_docs=document_ids, k_docs=document_ids,
             segments=ctx.segments,
         )  # fmt: skip
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def document_attention(
@@ -376,7 +399,9 @@ def document_attention(
     document_ids: torch.Tensor,
     causal: bool = True,
     softmax_scale: float | None = None,
+    document_plans: DocumentPlans | None = None,
 ) -> torch.Tensor:
     """Self-attention over a whole packed sequence [B, S, H, D] (k/v may have fewer heads), each token
-    within its own document (`document_ids` [B, S]); differentiable in q, k, v."""
-    return _DocumentAttention.apply(q, k, v, document_ids, causal, softmax_scale)
+    within its own document (`document_ids` [B, S]); differentiable in q, k, v.
+    `document_plans`: the model call's plan cache (attention/document_plans.py), None to plan here."""
+    return _DocumentAttention.apply(q, k, v, document_ids, causal, softmax_scale, document_plans)

@@ -29,7 +29,12 @@ from typing import Protocol
 
 import torch
 
-from longloom.attention.blocks import block_attention_backward, block_attention_forward
+from longloom.attention.blocks import (
+    block_attention_backward,
+    block_attention_forward,
+    self_attention_segments,
+)
+from longloom.attention.document_plans import DocumentPlans
 
 
 class AttentionOutputs:
@@ -78,27 +83,36 @@ class LocalCausalSchedule:
 
     The first r queries attend only to the first r keys, so their recomputation is a smaller causal
     block, top-left aligned like the full one, with no merge. `document_ids` [B, S] (packed documents)
-    restrict each query to its own document, in the recomputation too.
+    restrict each query to its own document, in the recomputation too; `document_plans` (the model
+    call's cache, attention/document_plans.py) keeps their segment plans for every layer.
     """
 
-    def __init__(self, softmax_scale: float | None = None, document_ids: torch.Tensor | None = None):
+    def __init__(
+        self,
+        softmax_scale: float | None = None,
+        document_ids: torch.Tensor | None = None,
+        document_plans: DocumentPlans | None = None,
+    ):
         self.softmax_scale = softmax_scale
         self.document_ids = document_ids
+        self.document_plans = document_plans
 
-    def _documents(self, rows: slice) -> dict[str, torch.Tensor]:
+    def _documents(self, q: torch.Tensor, rows: slice) -> dict:
         if self.document_ids is None:
             return {}
-        return {"q_docs": self.document_ids[:, rows], "k_docs": self.document_ids[:, rows]}
+        ids = self.document_ids[:, rows]
+        segments = self_attention_segments(q, self.document_ids, True, rows, self.document_plans)
+        return {"q_docs": ids, "k_docs": ids, "segments": segments}
 
     def forward(self, q, k, v, query_rows):
         rows = slice(0, query_rows)
         return block_attention_forward(
-            q[:, rows], k[:, rows], v[:, rows], True, self.softmax_scale, **self._documents(rows)
+            q[:, rows], k[:, rows], v[:, rows], True, self.softmax_scale, **self._documents(q, rows)
         )
 
     def backward(self, dout, q, k, v, out, lse):
         return block_attention_backward(
-            dout, q, k, v, out, lse, True, self.softmax_scale, **self._documents(slice(None))
+            dout, q, k, v, out, lse, True, self.softmax_scale, **self._documents(q, slice(None))
         )
 
 

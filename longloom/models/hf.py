@@ -16,10 +16,11 @@ turned into ignored labels. Packed documents are given as transformers' flash-at
 them: `position_ids` that restart at 0 where a document starts (cut by `shard_causal_lm_batch` from
 the full sample's positions). A forward pre-hook turns them into document ids (token index minus
 position: the index where each token's document starts, which never decreases) and hands them to
-SP attention through HF's keyword arguments. What SP attention cannot reproduce raises ValueError
-instead of training on a silently different model: padding masks, sliding windows shorter than the
-sequence, chunked or non-attention layers, attention dropout, softcap, sinks, non-causal models,
-and KV caches (generation).
+SP attention through HF's keyword arguments, with one `DocumentPlans` per forward
+(attention/document_plans.py) so that every layer shares what attention derives from them. What SP
+attention cannot reproduce raises ValueError instead of training on a silently different model:
+padding masks, sliding windows shorter than the sequence, chunked or non-attention layers, attention
+dropout, softcap, sinks, non-causal models, and KV caches (generation).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 from transformers import AttentionInterface, PreTrainedModel
 
+from longloom.attention.document_plans import DocumentPlans
 from longloom.parallel.dims import ParallelDims
 from longloom.parallel.loss import IGNORE_INDEX, LossStats, sequence_parallel_cross_entropy
 from longloom.parallel.sharding import shard_tensor
@@ -46,8 +48,10 @@ UNSUPPORTED_ATTENTION_KWARGS = (
     "cu_seq_lens_q",
     "cu_seq_lens_k",
 )
-# The keyword argument through which the input hook passes packed-document ids down to attention.
+# The keyword arguments through which the input hook passes packed-document ids down to attention,
+# and the forward's plan cache that comes with them (`document_kwargs`).
 DOCUMENT_IDS_KWARG = "longloom_document_ids"
+DOCUMENT_PLANS_KWARG = "longloom_document_plans"
 # Layer kinds that reach attention through AttentionInterface. Others (chunked attention, whose mask
 # HF drops for custom implementations; linear attention or SSM layers, which would only see the
 # local share of the sequence) would silently compute something else.
@@ -135,6 +139,7 @@ def _attention_function(dims: ParallelDims):
             attention_outputs=kwargs.get("attention_outputs"),
             # From the input hook (packed documents in position_ids), through HF's kwargs.
             document_ids=kwargs.get(DOCUMENT_IDS_KWARG),
+            document_plans=kwargs.get(DOCUMENT_PLANS_KWARG),
         )
         return out, None  # no attention weights: the full S x S matrix never exists anywhere
 
@@ -196,9 +201,15 @@ def _input_check(signature: inspect.Signature, dims: ParallelDims, name: str):
         document_ids = packed_document_ids(positions, dims)
         if document_ids is None:
             return None
-        return args, {**kwargs, DOCUMENT_IDS_KWARG: document_ids}
+        return args, {**kwargs, **document_kwargs(document_ids)}
 
     return check
+
+
+def document_kwargs(document_ids: torch.Tensor) -> dict:
+    """The HF forward kwargs that carry one forward's document ids to SP attention: the ids and a fresh
+    plan cache for them (one per forward, shared by its layers, recomputation and backward)."""
+    return {DOCUMENT_IDS_KWARG: document_ids, DOCUMENT_PLANS_KWARG: DocumentPlans()}
 
 
 def packed_document_ids(positions: torch.Tensor, dims: ParallelDims) -> torch.Tensor | None:

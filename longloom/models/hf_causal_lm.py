@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedModel
 
-from longloom.models.hf import DOCUMENT_IDS_KWARG, enable_sequence_parallel, packed_document_ids
+from longloom.models.hf import document_kwargs, enable_sequence_parallel, packed_document_ids
 from longloom.models.llama import LanguageModelHead
 from longloom.parallel.dims import ParallelDims
 from longloom.parallel.loss import LossStats
@@ -85,7 +85,7 @@ class HFCausalLM(nn.Module):
                 raise ValueError(
                     "document_ids need longloom SP attention: build HFCausalLM with dims (ParallelDims)"
                 )
-            extra[DOCUMENT_IDS_KWARG] = document_ids
+            extra = document_kwargs(document_ids)
         elif self.dims is not None and packed_document_ids(position_ids, self.dims) is not None:
             # The trainer gives document ids exactly when the data asks for document masking
             # (data.document_masking); positions that restart without them would let SP attention run

@@ -19,6 +19,9 @@ which fuses the LM head into the loss so that the [tokens, vocab] logits never e
 Packed documents: `document_ids` [B, S_local] (sharded with the tokens; data/packing.py makes them)
 go to every attention layer, softmax and linear, so that no token sees another document
 (parallel/two_d.py, parallel/lasp2.py); None keeps plain causal attention over the whole sample.
+Each forward makes one `DocumentPlans` (attention/document_plans.py) that rides along with the ids,
+so what attention derives from them (checks, gathers, ring and ragged segment plans) is made once
+for all layers, their checkpoint recomputation and their backward, not once per layer and pass.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from longloom.attention.blocks import document_attention
+from longloom.attention.document_plans import DocumentPlans
 from longloom.attention.local import sdpa_attention
 from longloom.attention.tokenwise import AttentionOutputs, LocalCausalSchedule, tokenwise_attention
 from longloom.config import ModelConfig
@@ -41,7 +45,7 @@ from longloom.parallel.lasp2 import lasp2_linear_attention
 from longloom.parallel.loss import LossStats, sequence_parallel_linear_cross_entropy
 from longloom.parallel.two_d import sequence_parallel_attention
 
-# checkpoint_fn(layer, hidden, cos, sin[, document_ids], is_last_layer=...) -> hidden
+# checkpoint_fn(layer, hidden, cos, sin[, document_ids, document_plans], is_last_layer=...) -> hidden
 CheckpointFn = Callable[..., torch.Tensor]
 
 
@@ -81,6 +85,7 @@ class SoftmaxAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         document_ids: torch.Tensor | None = None,
+        document_plans: DocumentPlans | None = None,
         attention_outputs: AttentionOutputs | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
@@ -97,12 +102,13 @@ class SoftmaxAttention(nn.Module):
                 causal=True,
                 attention_outputs=attention_outputs,
                 document_ids=document_ids,
+                document_plans=document_plans,
             )
         elif attention_outputs is not None:
-            schedule = LocalCausalSchedule(document_ids=document_ids)
+            schedule = LocalCausalSchedule(document_ids=document_ids, document_plans=document_plans)
             out = tokenwise_attention(q, k, v, attention_outputs, schedule)
         elif document_ids is not None:
-            out = document_attention(q, k, v, document_ids, causal=True)
+            out = document_attention(q, k, v, document_ids, causal=True, document_plans=document_plans)
         else:
             out = sdpa_attention(q, k, v, causal=True)
         return self.o_proj(out.reshape(b, s, self.heads * self.head_dim))
@@ -145,6 +151,7 @@ class LinearAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         document_ids: torch.Tensor | None = None,
+        document_plans: DocumentPlans | None = None,
         attention_outputs: AttentionOutputs | None = None,
     ) -> torch.Tensor:
         # attention_outputs: softmax attention's token-wise recomputation; a linear-attention layer is
@@ -158,7 +165,14 @@ class LinearAttention(nn.Module):
         group = self.dims.sp_group if self.dims is not None and self.dims.sp > 1 else None
         layout = self.dims.layout if self.dims is not None else "contiguous"
         out = lasp2_linear_attention(
-            q, k, v, group=group, decay=self.decay(x.device), layout=layout, document_ids=document_ids
+            q,
+            k,
+            v,
+            group=group,
+            decay=self.decay(x.device),
+            layout=layout,
+            document_ids=document_ids,
+            document_plans=document_plans,
         )
         out = self.out_norm(out) * F.silu(self.gate_proj(x).view(shape))
         return self.o_proj(out.reshape(b, s, -1))
@@ -199,6 +213,7 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         document_ids: torch.Tensor | None = None,
+        document_plans: DocumentPlans | None = None,
         attention_outputs: AttentionOutputs | None = None,
     ) -> torch.Tensor:
         hidden = hidden + self.self_attn(
@@ -206,6 +221,7 @@ class DecoderLayer(nn.Module):
             cos,
             sin,
             document_ids=document_ids,
+            document_plans=document_plans,
             attention_outputs=attention_outputs,
         )
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
@@ -274,8 +290,9 @@ class LlamaModel(nn.Module):
         """
         hidden = self.embed_tokens(tokens)
         cos, sin = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
-        # Documents ride along as a layer input (so checkpointing replays with them); None adds nothing.
-        inputs = (cos, sin) if document_ids is None else (cos, sin, document_ids)
+        # Documents ride along as a layer input (so checkpointing replays with them), with this call's
+        # plan cache (one per call: micro batches with other ids never share plans); None adds nothing.
+        inputs = (cos, sin) if document_ids is None else (cos, sin, document_ids, DocumentPlans())
         last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
             if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():

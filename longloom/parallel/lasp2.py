@@ -36,7 +36,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from longloom.attention.documents import check_document_ids
+from longloom.attention.document_plans import DocumentPlans, cached, check_document_ids_once
 from longloom.attention.linear_chunked import (
     Scan,
     chain_document_states,
@@ -175,18 +175,15 @@ def carried_states(
     return torch.stack([incoming[chunk_id] for chunk_id in local_chunk_ids(layout, rank, world_size)], dim=1)
 
 
-def _document_scan_and_edges(
-    scan: Scan,
-    document_ids: torch.Tensor | None,
+def _document_runs_and_edges(
+    document_ids: torch.Tensor,
     chunks: int,
     layout: str,
     group: dist.ProcessGroup | None,
     world_size: int,
-) -> tuple[Scan, torch.Tensor | None]:
-    """(the local scan, restarting at documents, and every chunk's end ids [P * n, B, 2] in global order)
-    from this rank's ids; `(scan, None)` without documents. The edges cost one tiny all-gather."""
-    if document_ids is None:
-        return scan, None
+) -> tuple[list[list[tuple[int, int]]], torch.Tensor]:
+    """(each local chunk's document runs, for `document_scan`, and every chunk's end ids [P * n, B, 2] in
+    global order) from this rank's ids. The runs cost a host copy, the edges one tiny all-gather."""
     local = document_ids.reshape(-1, document_ids.size(1) // chunks)  # [B * n, L / n] like _to_chunks
     edges = torch.stack((local[:, 0], local[:, -1]), dim=-1).view(document_ids.size(0), chunks, 2)
     gathered = edges.unsqueeze(0)
@@ -194,19 +191,25 @@ def _document_scan_and_edges(
         parts = [torch.empty_like(edges) for _ in range(world_size)]
         dist.all_gather(parts, edges.contiguous(), group=group)
         gathered = torch.stack(parts)
-    return partial(document_scan, scan, document_segments(local)), _in_global_order(gathered, layout)
+    return document_segments(local), _in_global_order(gathered, layout)
 
 
 class _LASP2(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, decay, group, layout, backend, document_ids=None):
+    def forward(ctx, q, k, v, decay, group, layout, backend, document_ids=None, document_plans=None):
         world_size, rank = _group_size_rank(group)
         chunks = chunks_per_rank(layout)
         check_linear_inputs(q, k, v, decay, chunks, layout)
-        check_document_ids(document_ids, q, "lasp2_linear_attention")
-        scan, chunk_edges = _document_scan_and_edges(
-            select_scan(q, backend), document_ids, chunks, layout, group, world_size
-        )
+        check_document_ids_once(document_ids, q, "lasp2_linear_attention", document_plans)
+        scan, chunk_edges = select_scan(q, backend), None
+        if document_ids is not None:  # once per model call with its plans (every linear layer shares them)
+            runs_and_edges = partial(
+                _document_runs_and_edges, document_ids, chunks, layout, group, world_size
+            )
+            runs, chunk_edges = cached(
+                document_plans, document_ids, "linear attention runs", (group, layout), runs_and_edges
+            )
+            scan = partial(document_scan, scan, runs)
         log_decay = log_decay_of(decay, compute_dtype(q.dtype))
         batch, chunk_len = q.size(0), q.size(1) // chunks
         qc, kc, vc = _to_chunks(q, chunks), _to_chunks(k, chunks), _to_chunks(v, chunks)
@@ -252,6 +255,7 @@ class _LASP2(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -264,6 +268,7 @@ def lasp2_linear_attention(
     layout: str = "contiguous",
     backend: str | None = None,
     document_ids: torch.Tensor | None = None,
+    document_plans: DocumentPlans | None = None,
 ) -> torch.Tensor:
     """Causal linear attention over a sequence sharded on `group`; out [B, S/P, H, d_v] in q's dtype.
 
@@ -272,8 +277,10 @@ def lasp2_linear_attention(
     sequence was sharded with (parallel/sharding.py). `backend`: None (Triton on CUDA, torch on
     CPU), "torch" or "triton". Differentiable in q, k, v.
     `document_ids` [B, S/P] (packed documents, sharded like q): state and decay restart at each document.
+    `document_plans` (attention/document_plans.py): the model call's cache; the ids' runs and chunk edges
+    are then found (a host copy, an all-gather) once for every layer; None finds them per call.
     """
-    return _LASP2.apply(q, k, v, decay, group, layout, backend, document_ids)
+    return _LASP2.apply(q, k, v, decay, group, layout, backend, document_ids, document_plans)
 
 
 class _LASP1(torch.autograd.Function):

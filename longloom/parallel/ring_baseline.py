@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 
 from longloom.attention.blocks import block_attention_backward, block_attention_forward
-from longloom.attention.documents import check_document_ids
+from longloom.attention.document_plans import DocumentPlans, check_document_ids_once
 from longloom.parallel.p2p import RingComm
-from longloom.parallel.ring_plan import RingDocuments, block_documents, plan_pair
+from longloom.parallel.ring_plan import RingDocuments, block_documents, plan_pair, ring_documents
 from longloom.parallel.tokenring import RingScheduleFunction, check_ring_inputs, merge_into
 
 
@@ -137,12 +137,13 @@ def ring_attention(
     layout: str = "zigzag",
     softmax_scale: float | None = None,
     document_ids: torch.Tensor | None = None,
+    document_plans: DocumentPlans | None = None,
 ) -> torch.Tensor:
     """Same contract as `tokenring_attention` (q [B, S/P, Hq, D], k/v [B, S/P, Hkv, D]), K/V travelling."""
     comm = RingComm(group)
     check_ring_inputs(q, k, v, comm.size, layout)
-    check_document_ids(document_ids, q, "ring_attention")
-    documents = RingDocuments.gather(document_ids, comm)
+    check_document_ids_once(document_ids, q, "ring_attention", document_plans)
+    documents = ring_documents(document_ids, q, comm, document_plans)
     return RingScheduleFunction.apply(
         q, k, v, comm, causal, layout, softmax_scale, _forward, _backward, documents
     )

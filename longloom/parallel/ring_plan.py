@@ -5,18 +5,23 @@ the rank that computes a block and the rank that receives its result derive the 
 arguments, so they agree on whether a message exists and on its size.
 
 - `plan_block`: from the layout alone (zigzag halves, the causal rule).
-- `RingDocuments`: packed documents. Every rank's ids are all-gathered once per call (tiny) and copied to
-  the host; a block pair whose documents do not overlap gets no plan (neither computed nor answered),
-  the rest is cut down to the rows that can share a document. Q or K/V still travel the whole ring.
+- `RingDocuments`: packed documents. Every rank's ids are all-gathered (tiny) and copied to the host
+  once per call, or once per model call with its `DocumentPlans` (`ring_documents`: every layer, its
+  recomputation and its backward then share them and their segment plans); a block pair whose
+  documents do not overlap gets no plan (neither computed nor answered), the rest is cut down to the
+  rows that can share a document. Q or K/V still travel the whole ring.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
+from longloom.attention.blocks import select_backend
+from longloom.attention.document_plans import DocumentPlans, cached
 from longloom.attention.documents import meeting_rows
 from longloom.attention.varlen_plan import SegmentPlan, plan_segments
 from longloom.parallel import sharding
@@ -84,19 +89,27 @@ class RingDocuments:
 
     host: torch.Tensor
     device: torch.Tensor
-    # Ragged segment plans by block (CUDA only), built from the host ids once for forward and backward.
+    # Whether the blocks run on the "varlen" backend (attention/blocks.py), which takes segment plans.
+    ragged: bool = False
+    # Ragged segment plans by block (varlen backend only), built from the host ids once for forward and
+    # backward (and for every layer where the RingDocuments come from the model call's DocumentPlans).
     segments: dict = field(default_factory=dict, compare=False, repr=False)
+    # Block plans cut to the rows that meet (`plan`), by block: host scans of the ids, made once likewise.
+    cut_plans: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
-    def gather(document_ids: torch.Tensor | None, comm: RingComm) -> RingDocuments | None:
-        """One all-gather over the ring group (every rank must call it); None without ids."""
+    def gather(
+        document_ids: torch.Tensor | None, comm: RingComm, ragged: bool = False
+    ) -> RingDocuments | None:
+        """One all-gather over the ring group (every rank must call it); None without ids.
+        `ragged`: the blocks run on the varlen backend (they are then given segment plans)."""
         if document_ids is None:
             return None
         document_ids = document_ids.contiguous()
         parts = [torch.empty_like(document_ids) for _ in range(comm.size)]
         dist.all_gather(parts, document_ids, group=comm.group)
         stacked = torch.stack(parts)
-        return RingDocuments(host=stacked.cpu(), device=stacked)
+        return RingDocuments(host=stacked.cpu(), device=stacked, ragged=ragged)
 
     def plan(self, plan: BlockPlan | None, q_owner: int, kv_owner: int, chunk_len: int) -> BlockPlan | None:
         """`plan` cut down to the rows that can share a document; None if none can.
@@ -107,6 +120,12 @@ class RingDocuments:
         """
         if plan is None or q_owner == kv_owner:
             return plan
+        key = (q_owner, kv_owner, *_bounds(plan), chunk_len)
+        if key not in self.cut_plans:
+            self.cut_plans[key] = self._cut(plan, q_owner, kv_owner, chunk_len)
+        return self.cut_plans[key]
+
+    def _cut(self, plan: BlockPlan, q_owner: int, kv_owner: int, chunk_len: int) -> BlockPlan | None:
         q_pieces, kv_pieces = _pieces(plan.q_rows, chunk_len), _pieces(plan.kv_rows, chunk_len)
         q_host, kv_host = self.host[q_owner], self.host[kv_owner]
         q_start = kv_start = None
@@ -132,7 +151,7 @@ class RingDocuments:
         return BlockPlan(slice(q_start, q_stop), slice(kv_start, kv_stop), plan.causal)
 
     def block(self, plan: BlockPlan, q_owner: int, kv_owner: int) -> dict:
-        """The `q_docs` / `k_docs` (and on CUDA `segments`) arguments of block attention for this block.
+        """The `q_docs` / `k_docs` (and on the varlen backend `segments`) arguments of block attention.
 
         The segments come from the host ids, so the ragged kernels need no device-to-host copy per block.
         """
@@ -140,19 +159,35 @@ class RingDocuments:
             "q_docs": self.device[q_owner][:, plan.q_rows],
             "k_docs": self.device[kv_owner][:, plan.kv_rows],
         }
-        if self.device.is_cuda:
+        if self.ragged:
             arguments["segments"] = self.segment_plan(plan, q_owner, kv_owner)
         return arguments
 
     def segment_plan(self, plan: BlockPlan, q_owner: int, kv_owner: int) -> SegmentPlan | None:
-        rows = (plan.q_rows.start, plan.q_rows.stop, plan.kv_rows.start, plan.kv_rows.stop)
-        key = (q_owner, kv_owner, *rows, plan.causal)  # slices are unhashable before Python 3.12
+        key = (q_owner, kv_owner, *_bounds(plan))
         if key not in self.segments:
             segments = plan_segments(
                 self.host[q_owner][:, plan.q_rows], self.host[kv_owner][:, plan.kv_rows], plan.causal
             )
             self.segments[key] = None if segments is None else segments.to(self.device.device)
         return self.segments[key]
+
+
+def ring_documents(
+    document_ids: torch.Tensor | None, q: torch.Tensor, comm: RingComm, plans: DocumentPlans | None = None
+) -> RingDocuments | None:
+    """`RingDocuments.gather` for blocks of q's backend (every rank of the ring must call it), once per
+    ids tensor and ring group for the model call where `plans` is given; None without ids."""
+    if document_ids is None:
+        return None
+    ragged = select_backend(q, documents=True) == "varlen"
+    gather = partial(RingDocuments.gather, document_ids, comm, ragged)
+    return cached(plans, document_ids, "ring documents", (comm.group, ragged), gather)
+
+
+def _bounds(plan: BlockPlan) -> tuple[int, int, int, int, bool]:
+    """A block plan as a dictionary key (slices are unhashable before Python 3.12)."""
+    return (plan.q_rows.start, plan.q_rows.stop, plan.kv_rows.start, plan.kv_rows.stop, plan.causal)
 
 
 def _pieces(rows: slice, chunk_len: int) -> list[slice]:

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from longloom.attention import merge
 from longloom.attention.blocks import block_attention_backward, block_attention_forward
-from longloom.attention.documents import check_document_ids
+from longloom.attention.document_plans import DocumentPlans, check_document_ids_once
 from longloom.attention.tokenwise import AttentionOutputs, tokenwise_attention
 from longloom.parallel import sharding
 from longloom.parallel.p2p import RingComm
@@ -50,6 +50,7 @@ from longloom.parallel.ring_plan import (  # noqa: F401 - BlockPlan, plan_block:
     plan_block,
     plan_pair,
     restrict_to_query_prefix,
+    ring_documents,
 )
 
 
@@ -320,18 +321,21 @@ def tokenring_attention(
     softmax_scale: float | None = None,
     attention_outputs: AttentionOutputs | None = None,
     document_ids: torch.Tensor | None = None,
+    document_plans: DocumentPlans | None = None,
 ) -> torch.Tensor:
     """Exact attention over the sequence sharded across `group` in `layout`; differentiable in q, k, v.
 
     q: [B, S/P, Hq, D]; k, v: [B, S/P, Hkv, D]; returns [B, S/P, Hq, D] in this rank's layout.
     `attention_outputs` (causal only): token-wise recomputation, attention/tokenwise.py.
     `document_ids` [B, S/P] (packed documents, sharded like q): attention within each document only.
+    `document_plans`: the model call's cache (attention/document_plans.py): the ids' ring plans are
+    then gathered and built once for every layer; None builds them per call.
     A peer that stops answering fails the call after the process group's timeout (see parallel/p2p.py).
     """
     comm = RingComm(group)
     check_ring_inputs(q, k, v, comm.size, layout)
-    check_document_ids(document_ids, q, "tokenring_attention")
-    documents = RingDocuments.gather(document_ids, comm)
+    check_document_ids_once(document_ids, q, "tokenring_attention", document_plans)
+    documents = ring_documents(document_ids, q, comm, document_plans)
     if attention_outputs is not None:
         if not causal:
             raise ValueError("token-wise attention recomputation needs causal attention (causal=True)")

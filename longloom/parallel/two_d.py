@@ -27,11 +27,13 @@ permutation puts them in super-chunk order, and TokenRing plans and masks its bl
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 
 from longloom.attention.blocks import document_attention
-from longloom.attention.documents import check_document_ids
+from longloom.attention.document_plans import DocumentPlans, cached, check_document_ids_once
 from longloom.attention.local import sdpa_attention
 from longloom.attention.tokenwise import AttentionOutputs, LocalCausalSchedule, tokenwise_attention
 from longloom.parallel.dims import ParallelDims
@@ -84,6 +86,7 @@ def sequence_parallel_attention(
     softmax_scale: float | None = None,
     attention_outputs: AttentionOutputs | None = None,
     document_ids: torch.Tensor | None = None,
+    document_plans: DocumentPlans | None = None,
 ) -> torch.Tensor:
     """Exact attention over the sequence sharded over `dims.sp_group` in `dims.layout`.
 
@@ -92,23 +95,26 @@ def sequence_parallel_attention(
     `attention_outputs` (causal only): token-wise recomputation (attention/tokenwise.py) where the
     attention runs: on the whole sequence, after Ulysses' all-to-all, or round the ring.
     `document_ids` [B, S/P] (packed documents, sharded like q): attention within each document only.
+    `document_plans` (attention/document_plans.py): the model call's cache, made next to the ids
+    (models/llama.py): what attention derives from them (checks, gathers, ring and segment plans) is
+    then made once for every layer, its recomputation and its backward; None makes it per call.
     """
     _check_dims(q, dims)
-    check_document_ids(document_ids, q, "sequence_parallel_attention")
+    check_document_ids_once(document_ids, q, "sequence_parallel_attention", document_plans)
     if attention_outputs is not None and not causal:
         raise ValueError("token-wise attention recomputation needs causal attention (causal=True)")
     local_attention = None
     if attention_outputs is not None:
 
         def local_attention(q_all, k_all, v_all, document_ids=None):
-            schedule = LocalCausalSchedule(softmax_scale, document_ids)
+            schedule = LocalCausalSchedule(softmax_scale, document_ids, document_plans)
             return tokenwise_attention(q_all, k_all, v_all, attention_outputs, schedule)
 
     if dims.sp == 1:
         if document_ids is not None:
             if local_attention is not None:
                 return local_attention(q, k, v, document_ids=document_ids)
-            return document_attention(q, k, v, document_ids, causal, softmax_scale)
+            return document_attention(q, k, v, document_ids, causal, softmax_scale, document_plans)
         if local_attention is not None:
             return local_attention(q, k, v)
         return sdpa_attention(q, k, v, causal, softmax_scale)
@@ -122,10 +128,20 @@ def sequence_parallel_attention(
             softmax_scale,
             local_attention=local_attention,
             document_ids=document_ids,
+            document_plans=document_plans,
         )
     if dims.ulysses == 1:
         return tokenring_attention(
-            q, k, v, dims.ring_group, causal, dims.layout, softmax_scale, attention_outputs, document_ids
+            q,
+            k,
+            v,
+            dims.ring_group,
+            causal,
+            dims.layout,
+            softmax_scale,
+            attention_outputs,
+            document_ids,
+            document_plans,
         )
 
     def ring_across_groups(
@@ -138,9 +154,10 @@ def sequence_parallel_attention(
         q_ring, k_ring, v_ring = (
             _zigzag_shards_to_super_chunks(t, dims.ulysses) for t in (q_heads, k_heads, v_heads)
         )
-        ring_ids = (
-            None if document_ids is None else _zigzag_shards_to_super_chunks(document_ids, dims.ulysses)
-        )
+        ring_ids = None
+        if document_ids is not None:  # the gathered ids: one tensor per model call with plans
+            reorder = partial(_zigzag_shards_to_super_chunks, document_ids, dims.ulysses)
+            ring_ids = cached(document_plans, document_ids, "ring order", dims.ulysses, reorder)
         out = tokenring_attention(
             q_ring,
             k_ring,
@@ -151,11 +168,18 @@ def sequence_parallel_attention(
             softmax_scale,
             attention_outputs,
             ring_ids,
+            document_plans,
         )
         return _super_chunks_to_zigzag_shards(out, dims.ulysses)
 
     return ulysses_attention(
-        q, k, v, dims.ulysses_group, local_attention=ring_across_groups, document_ids=document_ids
+        q,
+        k,
+        v,
+        dims.ulysses_group,
+        local_attention=ring_across_groups,
+        document_ids=document_ids,
+        document_plans=document_plans,
     )
 
 

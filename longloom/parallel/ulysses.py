@@ -43,12 +43,13 @@ same order as the gathered sequence, so the local attention masks documents on t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from longloom.attention.blocks import document_attention
-from longloom.attention.documents import check_document_ids
+from longloom.attention.document_plans import DocumentPlans, cached, check_document_ids_once
 from longloom.attention.local import check_heads, expand_kv_heads, sdpa_attention
 from longloom.parallel.ulysses_pipeline import (
     choose_head_chunks,
@@ -260,6 +261,7 @@ def ulysses_attention(
     local_attention: LocalAttention | None = None,
     document_ids: torch.Tensor | None = None,
     head_chunks: int | None = 1,
+    document_plans: DocumentPlans | None = None,
 ) -> torch.Tensor:
     """Exact attention over the whole sequence from sequence shards, via two all-to-alls.
 
@@ -273,13 +275,16 @@ def ulysses_attention(
 
     `document_ids` [B, S/P] (packed documents, same sharding as q): each token attends only within its
     document; a given `local_attention` is then called with `document_ids=` the gathered [B, S] ids.
+    `document_plans`: the model call's cache (attention/document_plans.py): the ids are then checked
+    and gathered once for every layer (the gathered tensor is the same object each time, so plans
+    derived from it are shared too); None does both per call.
 
     `head_chunks` C pipelines the exchange with attention (parallel/ulysses_pipeline.py): C must divide
     the max(Hkv, P)/P K/V heads per rank; 1 (the default: pipelining measured slower on 2x H200, see the
     module docstring) is the unpipelined path; None chooses (`choose_head_chunks`: 4 or 2 at long
     sequences, 1 at short ones). The result is the same for every C.
     """
-    check_document_ids(document_ids, q, "ulysses_attention")
+    check_document_ids_once(document_ids, q, "ulysses_attention", document_plans)
     world_size = _world_size(group)
     chunks = 1
     if world_size > 1:
@@ -293,12 +298,17 @@ def ulysses_attention(
             k.size(2) * replication // world_size,
         )
     # Gathered once; every head chunk's attention masks with the same [B, S] ids.
-    gathered_ids = None if document_ids is None else gather_document_ids(document_ids, group)
+    gathered_ids = None
+    if document_ids is not None:
+        gather = partial(gather_document_ids, document_ids, group)
+        gathered_ids = cached(document_plans, document_ids, "ulysses gathered ids", group, gather)
 
     def attend(q_heads: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor) -> torch.Tensor:
         if gathered_ids is not None:
             if local_attention is None:
-                return document_attention(q_heads, k_heads, v_heads, gathered_ids, causal, softmax_scale)
+                return document_attention(
+                    q_heads, k_heads, v_heads, gathered_ids, causal, softmax_scale, document_plans
+                )
             return local_attention(q_heads, k_heads, v_heads, document_ids=gathered_ids)
         if local_attention is None:
             return sdpa_attention(q_heads, k_heads, v_heads, causal, softmax_scale)

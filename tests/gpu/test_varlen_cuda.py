@@ -124,7 +124,7 @@ def test_tokenring_shaped_blocks(name):
     ]
     shards = [[sharding.shard_tensor(t, 1, r, world, "zigzag") for t in (ids, *full)] for r in range(world)]
     host = torch.stack([shard[0] for shard in shards]).cpu()
-    documents = RingDocuments(host=host, device=host.cuda())
+    documents = RingDocuments(host=host, device=host.cuda(), ragged=True)  # blocks on the varlen backend
     local = seq // world
     dense_bound = {}
     for causal in (True, False):  # dense error at the diagonal's and an off-diagonal's shape
@@ -137,7 +137,7 @@ def test_tokenring_shaped_blocks(name):
             if plan is None:
                 continue
             arguments = documents.block(plan, q_owner, kv_owner)
-            assert "segments" in arguments  # CUDA: the plan comes from the host ids
+            assert "segments" in arguments  # varlen: the plan comes from the host ids
             q = shards[q_owner][1][:, plan.q_rows]
             k, v = (t[:, plan.kv_rows] for t in shards[kv_owner][2:])
             _check_block(

@@ -321,3 +321,36 @@ def test_packed_documents_in_position_ids_equal_each_document_alone(distributed,
             alone = model(input_ids=input_ids[:, start : start + length]).logits
             torch.testing.assert_close(logits[:, start : start + length], alone, rtol=0, atol=2e-5)
             start += length
+
+
+def _ring_gathers_worker(lengths: list[int]) -> list[int]:
+    from unittest import mock
+
+    from longloom.parallel import ring_plan
+
+    dims = ParallelDims.build(dp=1, ulysses=1, ring=2)
+    model = _model(_config(num_hidden_layers=3)).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_sequence_parallel(model, dims)
+    positions = torch.cat([torch.arange(n) for n in lengths]).expand(BATCH, -1)
+    batch = shard_causal_lm_batch(_batch()[0], dims, position_ids=positions)
+    gathers, gather = [], ring_plan.RingDocuments.gather
+
+    def counted_gather(*args, **kwargs):
+        gathers.append(1)
+        return gather(*args, **kwargs)
+
+    counts = []
+    with mock.patch.object(ring_plan.RingDocuments, "gather", staticmethod(counted_gather)):
+        for _ in range(2):
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+            logits.float().square().mean().backward()
+            counts.append(len(gathers))
+    return counts
+
+
+def test_packed_documents_are_planned_once_per_forward_not_per_layer(distributed):
+    """The input hook's DocumentPlans reach every layer: one gather of the ring's ids per forward for 3
+    checkpointed layers (their forward, recomputation and backward), not one per layer and pass."""
+    for counts in distributed(2, _ring_gathers_worker, [5, 1, 12, 14]):
+        assert counts == [1, 2]
