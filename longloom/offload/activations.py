@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import weakref
 from collections.abc import Callable
 
@@ -111,6 +112,9 @@ class PinnedHostPool:
         self.num_buffers = 0
         self.bytes_in_use = 0
         self.peak_bytes_in_use = 0
+        # Seconds spent creating buffers (cudaHostAlloc on GPU): all of it in the first step, which it
+        # lengthens; the offload report shows it as that step's own phase (issue 18, time to first step).
+        self.allocation_seconds = 0.0
 
     def acquire(self, nbytes: int) -> HostBuffer:
         with self._lock:
@@ -120,6 +124,7 @@ class PinnedHostPool:
                 self._free.remove(buffer)
             else:
                 capacity = -(-nbytes // self.GRANULE) * self.GRANULE
+                started = time.perf_counter()
                 try:
                     buffer = HostBuffer(capacity, self.pin)
                 except RuntimeError as error:  # cudaHostAlloc / malloc refused: the host is out of memory
@@ -130,6 +135,7 @@ class PinnedHostPool:
                         "output is kept; offload.device_activations can keep it in GPU memory instead), "
                         "shorten data.seq_len, or use more workers; `longloom check` estimates it"
                     ) from error
+                self.allocation_seconds += time.perf_counter() - started
                 self.total_bytes += capacity
                 self.num_buffers += 1
             self.bytes_in_use += buffer.capacity

@@ -25,7 +25,8 @@ def activation_offload_line(offloader: ActivationOffloader) -> str:
         f"and the attention outputs of {100 * offloader.share:.0f}% of the tokens), "
         f"{human_bytes(offloader.device_kept_bytes)} kept in GPU memory (the attention outputs of "
         f"{100 * offloader.device_share:.0f}% of the tokens, offload.device_activations), {recomputation}; "
-        f"pool {human_bytes(offloader.pool.total_bytes)} in {offloader.pool.num_buffers} buffers"
+        f"pool {human_bytes(offloader.pool.total_bytes)} in {offloader.pool.num_buffers} buffers, "
+        f"{'pinned' if offloader.pool.pin else 'allocated'} in {offloader.pool.allocation_seconds:.1f} s"
     )
 
 

@@ -108,11 +108,12 @@ def test_offload_equals_plain_checkpoint_bitwise(share: float) -> None:
 def test_pool_is_reused_not_grown_across_steps() -> None:
     offloader = ActivationOffloader(1.0, torch.device("cpu"))
     sizes: dict[int, tuple[int, int]] = {}
-    in_use_after_backward = []
+    in_use_after_backward, allocation_seconds = [], []
 
     def record(step: int) -> None:
         gc.collect()
         sizes[step + 1] = (offloader.pool.total_bytes, offloader.pool.num_buffers)
+        allocation_seconds.append(offloader.pool.allocation_seconds)
         in_use_after_backward.append(offloader.pool.bytes_in_use)
 
     _train_steps(offloader.checkpoint, steps=5, layers=4, on_step=record)
@@ -120,6 +121,8 @@ def test_pool_is_reused_not_grown_across_steps() -> None:
     assert sizes[1][1] == 3, "the last of 4 layers keeps its input on the device; the other 3 use the pool"
     assert in_use_after_backward == [0] * 5, "every buffer goes back to the pool after backward"
     assert offloader.pool.peak_bytes_in_use == offloader.pool.total_bytes
+    # Buffers are created (pinned, on GPU) in the first step only: its time stops growing after it.
+    assert allocation_seconds[0] > 0 and allocation_seconds[1:] == [allocation_seconds[0]] * 4
 
 
 def test_abandoned_graph_returns_buffers() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -110,6 +111,7 @@ def test_device_kept_attention_outputs_count_on_the_gpu_not_the_host():
     line = activation_offload_line(offloader)
     assert f"{human_bytes(on_device)} kept in GPU memory (the attention outputs of 50% of the tokens" in line
     assert "attention recomputed for the other 25% of the tokens;" in line
+    assert re.search(r"pool [\d.]+ \w+ in \d+ buffers, allocated in \d+\.\d s$", line), line
 
 
 def test_check_refuses_pinned_memory_that_does_not_fit():
