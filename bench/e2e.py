@@ -5,6 +5,11 @@
     python bench/e2e.py --gpus 2 --seq-lens 131072 --steps 4 --systems longloom --out $OUT --results /tmp/e2e.jsonl
     python bench/e2e.py --out $OUT --results /tmp/e2e.jsonl --report-only --record   # table + ratios of all rows
     python bench/e2e.py --preset tiny --gpus 2 --seq-lens 256 --steps 3 --out /tmp/e2e   # CPU: harness check
+    # 256K on 2 x H200 (256 GiB host): the layer inputs and a quarter of the attention outputs go to the host,
+    # the other three quarters stay in GPU memory (all of them would need ~62 GiB more pinned host memory)
+    python bench/e2e.py --gpus 2 --seq-lens 262144 --steps 3 --warmup 1 --systems longloom --out $OUT \
+        --results /tmp/e2e.jsonl --longloom-override offload.activations=0.25 \
+        --longloom-override offload.device_activations=0.75
 
 Systems (--systems, any subset, each run in its own process tree with a timeout; logs under --out):
 - longloom: `torchrun -m longloom.launch.torchrun <generated yaml>` (`python -m longloom train` on one GPU or
