@@ -9,8 +9,12 @@ makes dq, dk, dv scans too (linear_chunked.linear_attention_backward), so one ke
 and backward. Without outputs the same kernel only accumulates states (LASP-2's M and dM).
 
 Long local sequences give few programs (B * H * d_v / BV); `segments` cuts the sequence into pieces
-that run in parallel from zero states, chains their states in torch (a few d_k x d_v adds), and runs
-again from the chained states: the LASP-2 idea applied inside one GPU.
+that run in parallel from zero states, chains their states (attention/triton_linear_chain.py: one
+sequential pass over the piece states), and runs again from the chained states: the LASP-2 idea
+applied inside one GPU. `segments=None` (the default) takes `auto_segments`: just enough pieces for
+~2 programs per SM, each still walking thousands of tokens. `segments="fine"` takes `fine_segments`:
+pieces down to one or two blocks (flash-linear-attention's chunk structure: a light sequential pass
+over chunk states, then tens of thousands of independent output programs); opt-in until measured.
 
 Dots take the inputs' dtype (bf16 on GPU) with fp32 accumulation; fp32 inputs use exact fp32 dots.
 Runs on CPU under TRITON_INTERPRET=1 (the tests); tensors are [B, S, H, D], states [B, H, d_k, d_v].
@@ -22,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from longloom.attention.linear_chunked import DEFAULT_BLOCK_SIZE, chain_states, compute_dtype
+from longloom.attention.linear_chunked import DEFAULT_BLOCK_SIZE, compute_dtype
+from longloom.attention.triton_linear_chain import triton_chain_states
 
 
 @triton.jit
@@ -232,6 +237,28 @@ def auto_segments(batch: int, seq: int, heads: int, dim_v: int, device: torch.de
     return segments
 
 
+def fine_segments(seq: int, dim_k: int, dim_v: int, itemsize: int, block_size: int) -> int:
+    """The finest segmentation whose piece states fit the memory rule: seq / piece tokens, or 1.
+
+    The piece length is the smallest multiple of `block_size` that divides `seq` and whose fp32
+    piece states (d_k x d_v per piece and head) take no more memory than the K and V they summarise
+    (piece x (d_k + d_v) x itemsize per head): piece >= 4 d_k d_v / ((d_k + d_v) itemsize). The
+    chain then holds two such tensors (piece states, incoming states) for a moment, i.e. at most 2x
+    the bytes of K and V: at 64K tokens, H = 32, d = 128, bf16 that is 128-token pieces (512 of
+    them, 1 GiB of states each), and 64-token pieces (one per block) for fp32 or d = 64. This rule
+    scales with the sequence and the head size, unlike a fixed byte cap; at d <= 128 it leaves each
+    output program 1 or 2 blocks to walk, i.e. 32K output programs at 64K tokens, H = 32 (fla's
+    structure). No multiple of `block_size` below `seq` fits: 1 (one walk).
+    """
+    state_bytes = 4 * dim_k * dim_v
+    piece = block_size
+    while piece * (dim_k + dim_v) * itemsize < state_bytes or seq % piece:
+        piece += block_size
+        if piece >= seq:
+            return 1
+    return seq // piece
+
+
 def triton_linear_scan(
     q: torch.Tensor | None,
     k: torch.Tensor,
@@ -240,11 +267,12 @@ def triton_linear_scan(
     initial_state: torch.Tensor | None = None,
     reverse: bool = False,
     block_size: int = DEFAULT_BLOCK_SIZE,
-    segments: int | None = None,
+    segments: int | str | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Same contract as linear_chunked.chunked_linear_scan; out in q's dtype, final state fp32.
 
-    `segments` (None: chosen by `auto_segments`) must divide the sequence length.
+    `segments`: pieces to cut each sequence into, an int that divides the sequence length; None:
+    `auto_segments` (few long pieces, 1 on CPU); "fine": `fine_segments` (pieces of one or two blocks).
     """
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"Triton block_size must be a power of two >= 16; got {block_size}")
@@ -256,6 +284,10 @@ def triton_linear_scan(
     batch, seq, heads, _ = k.shape
     if segments is None:
         segments = auto_segments(batch, seq, heads, v.size(-1), k.device)
+    elif segments == "fine":
+        segments = fine_segments(seq, k.size(-1), v.size(-1), k.element_size(), block_size)
+    if not isinstance(segments, int) or segments < 1:
+        raise ValueError(f"segments must be a positive int, None or 'fine'; got {segments!r}")
     if seq % segments:
         raise ValueError(f"segments {segments} must divide the sequence length {seq}")
     if segments == 1:
@@ -267,9 +299,11 @@ def triton_linear_scan(
 
     _, piece_states = _launch(None, pieces(k), pieces(v), log_decay, None, reverse, block_size, True)
     piece_states = piece_states.view(batch, segments, *piece_states.shape[1:]).transpose(0, 1)  # type: ignore[union-attr]
-    incoming, final = chain_states(piece_states, log_decay, seq // segments, initial_state, reverse)
+    incoming, final = triton_chain_states(piece_states, log_decay, seq // segments, initial_state, reverse)
+    del piece_states  # at fine segmentation as large as K and V: free it before the output launch
     if q is None:
         return None, final
+    # incoming is laid out like the piece states ([B, G, ...] in memory), so this is a view.
     incoming = incoming.transpose(0, 1).reshape(batch * segments, *incoming.shape[2:])
     out, _ = _launch(pieces(q), pieces(k), pieces(v), log_decay, incoming, reverse, block_size, False)
     return out.view(batch, seq, heads, -1), final  # type: ignore[union-attr]

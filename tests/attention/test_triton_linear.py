@@ -24,12 +24,15 @@ triton_linear = pytest.importorskip("longloom.attention.triton_linear")
 TOLERANCE = 2e-5  # max abs error relative to the largest reference value (fp32 inputs)
 BATCH, HEADS, DIM_K, DIM_V = 2, 2, 8, 12  # d_k != d_v, both below the 16-wide Triton tiles
 
+
 SCANS = {
     "torch-block64": chunked_linear_scan,
     "torch-block16": functools.partial(chunked_linear_scan, block_size=16),
     "torch-block7": functools.partial(chunked_linear_scan, block_size=7),
     "triton": functools.partial(triton_linear.triton_linear_scan, block_size=16, segments=1),
     "triton-2-segments": functools.partial(triton_linear.triton_linear_scan, block_size=16, segments=2),
+    # One piece per block (S=64: 4, S=48: 3; S=40 has no such cut: 1): the chain kernel's limit.
+    "triton-fine": functools.partial(triton_linear.triton_linear_scan, block_size=16, segments="fine"),
 }
 
 
@@ -88,7 +91,7 @@ def test_scan_matches_reference(scan_name, seq, with_decay, reverse):
 
 
 @pytest.mark.parametrize("with_decay", [False, True])
-@pytest.mark.parametrize("scan_name", ["torch-block16", "triton", "triton-2-segments"])
+@pytest.mark.parametrize("scan_name", ["torch-block16", "triton", "triton-2-segments", "triton-fine"])
 def test_backward_scans_match_autograd(scan_name, with_decay):
     seq = 48
     q, k, v, grad_out, initial, final_grad = _inputs(seq, seed=1)
@@ -128,9 +131,35 @@ def test_triton_half_inputs_keep_fp32_state():
     assert (final.double() - want_final).abs().max() <= 2e-3 * want_final.abs().max()
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_pieces_shorter_than_a_block_match_reference(reverse):
+    # 5 pieces of 8 tokens, each one partial 16-token block, chained from an initial state with decay.
+    q, k, v, _, initial, _ = _inputs(40)
+    decay = torch.tensor([0.9, 1.0])
+    want_out, want_final = _reference_scan(q, k, v, decay, initial, reverse)
+    scan = functools.partial(triton_linear.triton_linear_scan, block_size=16, segments=5, reverse=reverse)
+    out, final = scan(q, k, v, log_decay_of(decay), initial)
+    _assert_close(out, want_out, "out")
+    _assert_close(final, want_final, "final state")
+
+
+def test_fine_segments_is_one_piece_per_block_within_the_state_memory_rule():
+    fine = triton_linear.fine_segments
+    # The test sizes: fp32 d_k=8, d_v=12 states are far smaller than a block's K and V.
+    assert [fine(seq, DIM_K, DIM_V, 4, 16) for seq in (64, 48, 40)] == [4, 3, 1]
+    # 64K tokens, d=128: bf16 needs 128-token pieces (states no larger than K and V), fp32 fits 64.
+    assert fine(65536, 128, 128, 2, 64) == 512
+    assert fine(65536, 128, 128, 4, 64) == 1024
+    assert fine(65536, 64, 64, 2, 64) == 1024
+    # The smallest piece that fits must also divide the sequence: 3 x 64 tokens at S = 576.
+    assert fine(576, 128, 128, 2, 64) == 3
+
+
 def test_triton_rejects_bad_block_and_segments():
     q, k, v, *_ = _inputs(40)
     with pytest.raises(ValueError, match="block_size"):
         triton_linear.triton_linear_scan(q, k, v, None, block_size=24)
     with pytest.raises(ValueError, match="segments 3 must divide the sequence length 40"):
         triton_linear.triton_linear_scan(q, k, v, None, block_size=16, segments=3)
+    with pytest.raises(ValueError, match="segments must be a positive int, None or 'fine'; got 'finest'"):
+        triton_linear.triton_linear_scan(q, k, v, None, block_size=16, segments="finest")
