@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 8 bench/linear.py --gpus 1 2 4 8 --seq-per-gpu 65536 524288 [--record]
     python bench/linear.py --parts kernels --seq 8192 65536          # one GPU: kernels only
+    python bench/linear.py --parts kernels --seq 65536 --segments auto fine   # + the scan's segmentations
 
 Causal linear attention o_t = sum_{s<=t} decay[h]^(t-s) (q_t . k_s) v_s, bf16, B = 1, H = 32,
 D = 128 by default, per-head decays 1 - 2^-(5 + 8h/H) (--no-decay: none); fwd+bwd as in training.
@@ -18,7 +19,15 @@ Weak-scaling efficiency = time of the same method on 1 GPU at the same S/GPU / t
 
 Part "kernels" (rank 0 alone): the local scan inside LASP-2 on one GPU: Triton
 (attention/triton_linear.py) vs chunked torch (attention/linear_chunked.py) vs flash-linear-attention's
-`fla.ops.simple_gla.chunk_simple_gla` (skipped, with the reason, when not importable).
+`fla.ops.simple_gla.chunk_simple_gla` (skipped, with the reason, when not importable). "triton" and
+"torch-chunked" go through lasp2_linear_attention(group=None) as training does; each --segments
+value adds a row "triton-scan segments=X": the bare Triton scan forward plus its three backward scans
+(linear_attention_backward), cut into X pieces: "auto" (auto_segments, the default policy), "fine"
+(fine_segments: pieces of 1-2 blocks, fla's structure) or a number. Side by side, one command:
+    python bench/linear.py --parts kernels --seq 65536 --segments auto fine
+(triton vs triton-scan segments=auto is lasp2's own overhead on one device; auto vs fine the
+segmentation; fine vs fla the kernels). Before timing, each segmentation is checked at --check-seq
+tokens: its bf16 error vs fp64 (out, dq, dk, dv) must be at most 2x that of the "triton" path.
 
 Before timing, every distributed method is checked at --check-seq tokens on all ranks: its bf16
 error vs an fp64 reference (out, dq, dk, dv) must be at most 2x the error of the single-GPU bf16
@@ -54,6 +63,7 @@ from bench.common import (
 )
 from longloom.attention.linear_chunked import linear_attention_backward, log_decay_of
 from longloom.attention.reference import reference_linear_attention
+from longloom.attention.triton_linear import triton_linear_scan
 from longloom.parallel.lasp2 import lasp1_linear_attention, lasp2_linear_attention, select_scan
 from longloom.parallel.sharding import shard_sequence, unshard_sequence
 
@@ -295,8 +305,13 @@ def kernel_rows(
     """Rank 0 alone (`alone` is its one-rank group, so timing never waits for the idle ranks)."""
     dtype = DTYPES[args.dtype]
     rows = []
+    names = ["triton", "torch-chunked", "fla-chunk_simple_gla"]
+    names += [f"triton-scan segments={segments}" for segments in args.segments]
+    if device.type == "cuda" and args.check_seq:
+        for segments in args.segments:
+            print(check_segments(args, segments, decay, device), flush=True)
     for seq in args.seq:
-        for name in ("triton", "torch-chunked", "fla-chunk_simple_gla"):
+        for name in names:
             row: list[object] = [name, seq]
             try:
                 shape = (args.batch, seq, args.heads, args.head_dim)
@@ -320,9 +335,84 @@ class Skip(Exception):
     """A method that cannot run here; the message says why and goes into the table."""
 
 
+def parse_segments(value: str) -> int | str | None:
+    """--segments value -> triton_linear_scan's `segments`: "auto" -> None, "fine", or a piece count."""
+    if value == "auto":
+        return None
+    if value == "fine":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--segments takes auto, fine or a positive piece count; got {value!r}"
+        )
+    return int(value)
+
+
+def _segments_label(value: str) -> str:
+    """--segments type: checked when parsing, kept as written (it labels the row)."""
+    parse_segments(value)
+    return value
+
+
+class TritonScanAttention(torch.autograd.Function):
+    """The bare single-device Triton scan with a given segmentation, differentiable (bench rows only).
+
+    Forward: one scan from a zero state; backward: linear_attention_backward's three scans, all with
+    the same `segments` (None: auto_segments, "fine": fine_segments, or a count).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, decay, segments):
+        scan = functools.partial(triton_linear_scan, segments=segments)
+        out, _ = scan(q, k, v, log_decay_of(decay))
+        ctx.save_for_backward(q, k, v, decay)
+        ctx.scan = scan
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, decay = ctx.saved_tensors
+        dq, dk, dv, _ = linear_attention_backward(
+            ctx.scan, q, k, v, grad_out.contiguous(), log_decay_of(decay)
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def check_segments(
+    args: argparse.Namespace, segments: str, decay: torch.Tensor | None, device: torch.device
+) -> str:
+    """bf16 scan cut into `segments` vs fp64: error at most 2x that of the default "triton" path."""
+    generator = torch.Generator(device=device).manual_seed(1234)
+    shape = (args.batch, args.check_seq, args.heads, args.head_dim)
+    q, k, v, dout = (
+        torch.randn(shape, generator=generator, device=device, dtype=torch.float64) / args.head_dim**0.5
+        for _ in range(4)
+    )
+
+    def run(attention: Callable[..., torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+        inputs = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        out = attention(*inputs)
+        out.backward(dout.to(dtype))
+        return [t.double() for t in (out.detach(), *(t.grad for t in inputs))]
+
+    reference_decay = None if decay is None else decay.double()
+    want = run(lambda a, b, c: reference_linear_attention(a, b, c, reference_decay), torch.float64)
+    dtype = DTYPES[args.dtype]
+    single = run(lambda a, b, c: lasp2_linear_attention(a, b, c, None, decay, backend="triton"), dtype)
+    got = run(lambda a, b, c: TritonScanAttention.apply(a, b, c, decay, parse_segments(segments)), dtype)
+    return check_against_fp64(
+        f"triton-scan segments={segments} check at S={args.check_seq}", want, single, got
+    )
+
+
 def _kernel(
     name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None
 ) -> Callable[[], torch.Tensor]:
+    if name.startswith("triton-scan segments="):
+        if not q.is_cuda:
+            raise Skip("Triton needs CUDA (tests run it under TRITON_INTERPRET)")
+        segments = parse_segments(name.split("=", 1)[1])
+        return lambda: TritonScanAttention.apply(q, k, v, decay, segments)
     if name == "triton":
         if not q.is_cuda:
             raise Skip("Triton needs CUDA (tests run it under TRITON_INTERPRET)")
@@ -363,6 +453,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seq-per-gpu", type=int, nargs="+", default=[65536, 524288], help="weak scaling")
     parser.add_argument("--seq", type=int, nargs="+", default=[8192, 65536], help="kernels part: S")
+    parser.add_argument(
+        "--segments",
+        nargs="*",
+        default=[],
+        type=_segments_label,
+        help="kernels part: a 'triton-scan segments=X' row per value X (auto, fine or a piece count)",
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)

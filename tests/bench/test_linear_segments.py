@@ -1,0 +1,39 @@
+"""bench/linear.py's "triton-scan segments=X" rows: the option's values and the timed function's gradients."""
+
+import argparse
+
+import pytest
+import torch
+
+from longloom.attention.reference import reference_linear_attention
+
+pytest.importorskip("triton")
+linear_bench = pytest.importorskip("bench.linear")
+
+
+def test_segments_option_values():
+    assert linear_bench.parse_args(["--segments", "auto", "fine", "8"]).segments == ["auto", "fine", "8"]
+    assert [linear_bench.parse_segments(value) for value in ("auto", "fine", "8")] == [None, "fine", 8]
+    for bad in ("0", "finer", "-2"):
+        with pytest.raises(
+            argparse.ArgumentTypeError, match=f"auto, fine or a positive piece count; got '{bad}'"
+        ):
+            linear_bench.parse_segments(bad)
+
+
+def test_fine_scan_row_is_exact_forward_and_backward():
+    # Two 64-token pieces (fine_segments at S=128, d=16, fp32) under the Triton interpreter.
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, grad_out = (torch.randn(1, 128, 2, 16, generator=generator) / 4 for _ in range(4))
+    decay = torch.tensor([0.9, 1.0])
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    want = reference_linear_attention(*leaves, decay.double())
+    want.backward(grad_out.double())
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = linear_bench.TritonScanAttention.apply(*inputs, decay, "fine")
+    out.backward(grad_out)
+    for name, got, expected in zip(
+        ("out", "dq", "dk", "dv"), [out, *(x.grad for x in inputs)], [want, *(x.grad for x in leaves)]
+    ):
+        error = (got.double() - expected).abs().max().item()
+        assert error <= 2e-5 * expected.abs().max().item(), f"{name}: max abs error {error:.3g}"
