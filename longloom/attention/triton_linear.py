@@ -69,8 +69,11 @@ def _linear_scan_kernel(
     REVERSE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # One flat grid axis (CUDA caps axis 1 at 65535; fine segmentation gives B * G * H beyond that),
+    # d_v tiles fastest so the tiles of one (batch, head) run side by side and share Q/K in L2.
+    tiles_v = tl.cdiv(DV, BV)
+    pid_v = tl.program_id(0) % tiles_v
+    pid_bh = tl.program_id(0) // tiles_v
     b = (pid_bh // HEADS).to(tl.int64)
     h = (pid_bh % HEADS).to(tl.int64)
     offs_i = tl.arange(0, BLOCK)
@@ -185,7 +188,7 @@ def _launch(
     state_strides = (0, 0, 0, 0) if initial_state is None else initial_state.stride()
     q_ = dummy if q is None else q
     o_ = dummy if out is None else out
-    grid = (triton.cdiv(dim_v, block_v), batch * heads)
+    grid = (triton.cdiv(dim_v, block_v) * batch * heads,)
     _linear_scan_kernel[grid](
         q_,
         k,

@@ -143,6 +143,21 @@ def test_pieces_shorter_than_a_block_match_reference(reverse):
     _assert_close(final, want_final, "final state")
 
 
+def test_several_value_tiles_in_one_flat_grid_match_reference():
+    # d_v = 80: two 64-wide value tiles (the last one masked) per (piece, head) on the flat grid axis.
+    generator = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(BATCH, 32, HEADS, DIM_K, generator=generator) for _ in range(2))
+    v = torch.randn(BATCH, 32, HEADS, 80, generator=generator)
+    initial = torch.randn(BATCH, HEADS, DIM_K, 80, generator=generator)
+    decay = torch.tensor([0.9, 1.0])
+    want_out, want_final = _reference_scan(q, k, v, decay, initial, False)
+    out, final = triton_linear.triton_linear_scan(
+        q, k, v, log_decay_of(decay), initial, block_size=16, segments="fine"
+    )
+    _assert_close(out, want_out, "out")
+    _assert_close(final, want_final, "final state")
+
+
 def test_fine_segments_is_one_piece_per_block_within_the_state_memory_rule():
     fine = triton_linear.fine_segments
     # The test sizes: fp32 d_k=8, d_v=12 states are far smaller than a block's K and V.
