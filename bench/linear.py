@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node 8 bench/linear.py --gpus 1 2 4 8 --seq-per-gpu 65536 524288 [--record]
     python bench/linear.py --parts kernels --seq 8192 65536          # one GPU: kernels only
-    python bench/linear.py --parts kernels --seq 65536 --segments auto fine   # + the scan's segmentations
+    python bench/linear.py --parts kernels --seq 65536 --segments auto fine 64 256   # + segmentations
 
 Causal linear attention o_t = sum_{s<=t} decay[h]^(t-s) (q_t . k_s) v_s, bf16, B = 1, H = 32,
 D = 128 by default, per-head decays 1 - 2^-(5 + 8h/H) (--no-decay: none); fwd+bwd as in training.
@@ -24,10 +24,12 @@ Part "kernels" (rank 0 alone): the local scan inside LASP-2 on one GPU: Triton
 value adds a row "triton-scan segments=X": the bare Triton scan forward plus its three backward scans
 (linear_attention_backward), cut into X pieces: "auto" (auto_segments, the default policy), "fine"
 (fine_segments: pieces of 1-2 blocks, fla's structure) or a number. Side by side, one command:
-    python bench/linear.py --parts kernels --seq 65536 --segments auto fine
+    python bench/linear.py --parts kernels --seq 65536 --segments auto fine 64 256
 (triton vs triton-scan segments=auto is lasp2's own overhead on one device; auto vs fine the
-segmentation; fine vs fla the kernels). Before timing, each segmentation is checked at --check-seq
-tokens: its bf16 error vs fp64 (out, dq, dk, dv) must be at most 2x that of the "triton" path.
+segmentation; fine vs fla the kernels; at 64K, H = 32, d = 128, bf16: auto = 4 pieces of 16K tokens,
+fine = 512 of 128, and 64 / 256 lie between: fewer fp32 piece states to write and chain, fewer
+parallel programs). Before timing, each segmentation is checked at --check-seq tokens: its bf16
+error vs fp64 (out, dq, dk, dv) must be at most 2x that of the "triton" path.
 
 Before timing, every distributed method is checked at --check-seq tokens on all ranks: its bf16
 error vs an fp64 reference (out, dq, dk, dv) must be at most 2x the error of the single-GPU bf16

@@ -252,6 +252,9 @@ def fine_segments(seq: int, dim_k: int, dim_v: int, itemsize: int, block_size: i
     scales with the sequence and the head size, unlike a fixed byte cap; at d <= 128 it leaves each
     output program 1 or 2 blocks to walk, i.e. 32K output programs at 64K tokens, H = 32 (fla's
     structure). No multiple of `block_size` below `seq` fits: 1 (one walk).
+    The price is state traffic: each scan writes, reads, writes and reads again the fp32 states
+    (piece states, then incoming), ~4 GiB per scan at that size beside ~2 GiB of Q, K, V, O, so a
+    coarser count (an int `segments`) may win; bench/linear.py --segments measures both.
     """
     state_bytes = 4 * dim_k * dim_v
     piece = block_size
