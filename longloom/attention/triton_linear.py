@@ -305,9 +305,11 @@ def triton_linear_scan(
 
     _, piece_states = _launch(None, pieces(k), pieces(v), log_decay, None, reverse, block_size, True)
     piece_states = piece_states.view(batch, segments, *piece_states.shape[1:]).transpose(0, 1)  # type: ignore[union-attr]
-    incoming, final = triton_chain_states(piece_states, log_decay, seq // segments, initial_state, reverse)
+    incoming, final = triton_chain_states(
+        piece_states, log_decay, seq // segments, initial_state, reverse, with_incoming=q is not None
+    )
     del piece_states  # at fine segmentation as large as K and V: free it before the output launch
-    if q is None:
+    if incoming is None:
         return None, final
     # incoming is laid out like the piece states ([B, G, ...] in memory), so this is a view.
     incoming = incoming.transpose(0, 1).reshape(batch * segments, *incoming.shape[2:])

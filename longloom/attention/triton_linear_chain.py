@@ -58,6 +58,7 @@ def _chain_states_kernel(
     HAS_DECAY: tl.constexpr,
     HAS_INITIAL: tl.constexpr,
     REVERSE: tl.constexpr,
+    STORE_INCOMING: tl.constexpr,
 ):
     pid_kv = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -89,7 +90,8 @@ def _chain_states_kernel(
         incoming += last * stride_in
     for _ in range(pieces):
         local = tl.load(states, mask=tile_mask, other=0.0).to(acc_dtype)
-        tl.store(incoming, running, mask=tile_mask)
+        if STORE_INCOMING:
+            tl.store(incoming, running, mask=tile_mask)
         # The same two operations, in the same order, as chain_states: states[n] + running * lam^length.
         if HAS_DECAY:
             running = running * piece_decay
@@ -111,16 +113,20 @@ def triton_chain_states(
     length: int,
     initial_state: torch.Tensor | None = None,
     reverse: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_incoming: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Same arguments, results and values as linear_chunked.chain_states, in one Triton launch.
 
     states: [N, B, H, d_k, d_v] (any strides; fp32, or fp64). Returns (incoming, laid out like
     `states`, and final [B, H, d_k, d_v]). `log_decay` [H] or None; pieces are `length` tokens.
+    `with_incoming=False` (a scan without outputs needs only the final state): incoming is None and
+    never written, which saves a write as large as the states.
     """
     if states.dim() != 5:
         raise ValueError(f"states must be [pieces, batch, heads, d_k, d_v]; got {tuple(states.shape)}")
     pieces, batch, heads, dim_k, dim_v = states.shape
-    incoming = torch.empty_like(states)  # preserve_format: a transposed view stays transposed
+    # preserve_format: a transposed view stays transposed. Without incoming, a never-written stand-in.
+    incoming = torch.empty_like(states) if with_incoming else states
     final = torch.empty(batch, heads, dim_k, dim_v, dtype=states.dtype, device=states.device)
     # lam^length per head, computed exactly as chain_states does (in log_decay's dtype, then the states').
     piece_decay = decay_powers(log_decay, torch.tensor(length, device=states.device))
@@ -147,6 +153,7 @@ def triton_chain_states(
         HAS_DECAY=piece_decay is not None,
         HAS_INITIAL=initial is not None,
         REVERSE=reverse,
+        STORE_INCOMING=with_incoming,
         num_warps=2,
     )
-    return incoming, final
+    return (incoming if with_incoming else None), final

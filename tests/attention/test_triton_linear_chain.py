@@ -32,6 +32,10 @@ def test_chain_kernel_matches_chain_states(dtype, reverse, with_decay, with_init
     # Same operations in the same order: equal up to the last bit.
     torch.testing.assert_close(incoming, want_incoming, rtol=0, atol=0)
     torch.testing.assert_close(final, want_final, rtol=0, atol=0)
+    # A scan without outputs asks for the final state alone.
+    none, final = triton_linear_chain.triton_chain_states(states, log_decay, 7, initial, reverse, False)
+    assert none is None
+    torch.testing.assert_close(final, want_final, rtol=0, atol=0)
 
 
 def test_chain_kernel_of_one_piece_passes_the_initial_state_on():
