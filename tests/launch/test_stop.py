@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from longloom.launch.reaper import process_alive
 from tests.launch.conftest import REPO, TINY_CONFIG, TINY_OVERRIDES, session_processes, subprocess_env
 
 LEFT_BEHIND_GRACE_S = 10
+# Step 2 comes 15-35 s after the start on 2 loaded cores (Ray, 2 workers, DeepSpeed's first engine).
+STEP_2_TIMEOUT_S = 180
 
 
 def _start_driver(output_dir) -> subprocess.Popen:
@@ -39,12 +42,26 @@ def _start_driver(output_dir) -> subprocess.Popen:
 
 
 def _wait_for_step_2(driver: subprocess.Popen) -> str:
-    seen = []
-    for line in driver.stdout:
-        seen.append(line)
-        if "[rank 0] step      2 |" in line:
-            return "".join(seen)
-    raise AssertionError("the driver ended before step 2:\n" + "".join(seen))
+    # Read in a thread, so that a driver that keeps training without its rank-0 lines ever reaching
+    # the console (seen once in a full-suite run: 6,000 steps, the lines only in Ray's worker log)
+    # fails this test after STEP_2_TIMEOUT_S instead of hanging the suite.
+    seen: list[str] = []
+    reached = threading.Event()
+
+    def read() -> None:
+        for line in driver.stdout:
+            seen.append(line)
+            if "[rank 0] step      2 |" in line:
+                reached.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=STEP_2_TIMEOUT_S)
+    if not reached.is_set():
+        ended = "ended" if not reader.is_alive() else f"showed no step 2 within {STEP_2_TIMEOUT_S} s"
+        raise AssertionError(f"the driver {ended}:\n" + "".join(seen))
+    return "".join(seen)
 
 
 def _running(session_id: int) -> list[int]:
