@@ -28,7 +28,7 @@ from longloom.offload.activations import ActivationOffloader
 from longloom.parallel import ParallelDims, ring_plan
 from longloom.parallel.loss import sequence_parallel_cross_entropy
 from tests.models.tiny import tiny_model_config
-from tests.parallel.documents import lengths_to_ids
+from tests.parallel.documents import packed_batch
 
 LENGTHS_A = [[5, 1, 12, 14], [20, 3, 9]]  # two packed samples of 32 tokens
 LENGTHS_B = [[9, 9, 2, 12], [1, 30, 1]]
@@ -91,12 +91,7 @@ def _emulated_varlen(cache: bool = True):
 
 
 def _batch(lengths):
-    generator = torch.Generator().manual_seed(2)
-    tokens = torch.randint(0, 61, (2, 32), generator=generator)
-    labels = torch.randint(0, 61, (2, 32), generator=generator)
-    ids = torch.stack([lengths_to_ids(row) for row in lengths])
-    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
-    return {"tokens": tokens, "position_ids": positions, "labels": labels, "document_ids": ids}
+    return packed_batch(lengths)
 
 
 def _model(pattern, dims=None, checkpoint_fn=None):

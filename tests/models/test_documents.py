@@ -8,18 +8,13 @@ from longloom.offload.activations import ActivationOffloader
 from longloom.parallel import ParallelDims
 from longloom.parallel.loss import sequence_parallel_cross_entropy
 from tests.models.tiny import tiny_model_config
-from tests.parallel.documents import lengths_to_ids
+from tests.parallel.documents import packed_batch
 
 LENGTHS = [[5, 1, 12, 14], [20, 3, 9]]  # two packed samples of 32 tokens; a one-token document
 
 
 def _packed_batch():
-    g = torch.Generator().manual_seed(2)
-    tokens = torch.randint(0, 61, (2, 32), generator=g)
-    labels = torch.randint(0, 61, (2, 32), generator=g)
-    ids = torch.stack([lengths_to_ids(lengths) for lengths in LENGTHS])
-    positions = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in LENGTHS])
-    return {"tokens": tokens, "position_ids": positions, "labels": labels, "document_ids": ids}
+    return packed_batch(LENGTHS)
 
 
 def _token_losses(logits, labels):

@@ -9,6 +9,18 @@ def lengths_to_ids(lengths: list[int], first_id: int = 0) -> torch.Tensor:
     return torch.cat([torch.full((n,), first_id + i, dtype=torch.long) for i, n in enumerate(lengths)])
 
 
+def packed_batch(lengths: list[list[int]], vocab: int = 61) -> dict[str, torch.Tensor]:
+    """A model batch of len(lengths) rows packed from documents of those lengths (each row's lengths sum to
+    the row's tokens): random tokens and labels (seeded), positions restarting at each document, ids."""
+    generator = torch.Generator().manual_seed(2)
+    seq = sum(lengths[0])
+    tokens = torch.randint(0, vocab, (len(lengths), seq), generator=generator)
+    labels = torch.randint(0, vocab, (len(lengths), seq), generator=generator)
+    ids = torch.stack([lengths_to_ids(row) for row in lengths])
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    return {"tokens": tokens, "position_ids": positions, "labels": labels, "document_ids": ids}
+
+
 def packed_document_ids(seq: int, chunks: int, seed: int = 0) -> torch.Tensor:
     """[2, seq] ids; `chunks` is the number of equal layout chunks (P contiguous, 2P zigzag).
 
