@@ -194,13 +194,22 @@ def _document_runs_and_edges(
     return document_segments(local), _in_global_order(gathered, layout)
 
 
+def _scanned_layout(layout: str, world_size: int) -> str:
+    """The layout each rank scans its chunks in. On one device every layout holds the sequence in order
+    (zigzag's two chunks are 0 and 1), so it is scanned whole, as one contiguous chunk: the states-only
+    scan forward and the dual scan backward, which only carry state between ranks, are skipped (2 of 6
+    scans per layer, measured ~2 ms of 12.3 at 64K tokens on an H200)."""
+    return "contiguous" if world_size == 1 else layout
+
+
 class _LASP2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, decay, group, layout, backend, document_ids=None, document_plans=None):
         world_size, rank = _group_size_rank(group)
-        chunks = chunks_per_rank(layout)
-        check_linear_inputs(q, k, v, decay, chunks, layout)
+        check_linear_inputs(q, k, v, decay, chunks_per_rank(layout), layout)
         check_document_ids_once(document_ids, q, "lasp2_linear_attention", document_plans)
+        layout = _scanned_layout(layout, world_size)
+        chunks = chunks_per_rank(layout)
         scan, chunk_edges = select_scan(q, backend), None
         if document_ids is not None:  # once per model call with its plans (every linear layer shares them)
             runs_and_edges = partial(
@@ -214,12 +223,14 @@ class _LASP2(torch.autograd.Function):
         batch, chunk_len = q.size(0), q.size(1) // chunks
         qc, kc, vc = _to_chunks(q, chunks), _to_chunks(k, chunks), _to_chunks(v, chunks)
 
-        # M of each local chunk (a zero-state scan without outputs), all-gathered, prefix-summed.
-        _, states = scan(None, kc, vc, log_decay)
-        gathered = _all_gather(states.reshape(batch, chunks, *states.shape[1:]), group, world_size)
-        incoming = carried_states(
-            gathered, layout, rank, chunk_len, log_decay, reverse=False, chunk_edges=chunk_edges
-        ).flatten(0, 1)
+        incoming = None  # one device: the whole sequence is one chunk and nothing comes before it
+        if world_size > 1:
+            # M of each local chunk (a zero-state scan without outputs), all-gathered, prefix-summed.
+            _, states = scan(None, kc, vc, log_decay)
+            gathered = _all_gather(states.reshape(batch, chunks, *states.shape[1:]), group, world_size)
+            incoming = carried_states(
+                gathered, layout, rank, chunk_len, log_decay, reverse=False, chunk_edges=chunk_edges
+            ).flatten(0, 1)
         out, _ = scan(qc, kc, vc, log_decay, incoming)
 
         ctx.save_for_backward(q, k, v, decay, incoming)
@@ -238,13 +249,15 @@ class _LASP2(torch.autograd.Function):
         qc, kc, vc = _to_chunks(q, chunks), _to_chunks(k, chunks), _to_chunks(v, chunks)
         doc = _to_chunks(grad_out.contiguous(), chunks)
 
-        # dM = sum_t lam^(t+1) q_t^T dO_t of each local chunk (a reverse zero-state scan), all-gathered,
-        # suffix-summed: the gradient reaching this chunk's final state from every later chunk.
-        _, dual = scan(None, qc, doc, log_decay, reverse=True)
-        gathered = _all_gather(dual.reshape(batch, chunks, *dual.shape[1:]), ctx.group, world_size)
-        outgoing = carried_states(
-            gathered, ctx.layout, rank, chunk_len, log_decay, reverse=True, chunk_edges=chunk_edges
-        ).flatten(0, 1)
+        outgoing = None  # one device: no later chunk sends a gradient back into the final state
+        if world_size > 1:
+            # dM = sum_t lam^(t+1) q_t^T dO_t of each local chunk (a reverse zero-state scan), all-gathered,
+            # suffix-summed: the gradient reaching this chunk's final state from every later chunk.
+            _, dual = scan(None, qc, doc, log_decay, reverse=True)
+            gathered = _all_gather(dual.reshape(batch, chunks, *dual.shape[1:]), ctx.group, world_size)
+            outgoing = carried_states(
+                gathered, ctx.layout, rank, chunk_len, log_decay, reverse=True, chunk_edges=chunk_edges
+            ).flatten(0, 1)
         dq, dk, dv, _ = linear_attention_backward(scan, qc, kc, vc, doc, log_decay, incoming, outgoing)
         return (
             _from_chunks(dq, batch).to(q.dtype),

@@ -91,6 +91,28 @@ def test_lasp2_single_device(layout):
     _assert_close([out.detach()] + [leaf.grad for leaf in leaves], _reference(q, k, v, grad_out, decay))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_single_device_runs_one_scan_forward_and_three_backward(monkeypatch, layout):
+    """The states-only and dual scans only carry state between ranks: one device skips them."""
+    from longloom.parallel import lasp2
+
+    calls = []
+
+    def counting_scan(*args, **kwargs):
+        calls.append(args[0] is None)  # True: a states-only scan (no queries)
+        return lasp2.chunked_linear_scan.__wrapped_scan__(*args, **kwargs)
+
+    counting_scan.__wrapped_scan__ = lasp2.chunked_linear_scan
+    monkeypatch.setattr(lasp2, "chunked_linear_scan", counting_scan)
+    q, k, v, grad_out, decay = _inputs(3)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = lasp2_linear_attention(*leaves, None, decay=decay, layout=layout, backend="torch")
+    assert calls == [False]
+    out.backward(grad_out)
+    assert calls == [False] * 4
+    _assert_close([out.detach()] + [leaf.grad for leaf in leaves], _reference(q, k, v, grad_out, decay))
+
+
 def _lasp1_worker(seed: int):
     q, k, v, grad_out, decay = _inputs(seed)
     group = dist.group.WORLD
