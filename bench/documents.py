@@ -18,7 +18,9 @@ the document ids, no communication). TFLOP/s counts only the unmasked work: forw
 
 Balance: the share of unmasked (query, key) pairs each rank computes under the method's layout
 (Ulysses: every rank has all tokens of its heads, so 1.00 always; TokenRing: the zigzag halves of each
-rank), reported as max / mean over ranks.
+rank), reported as max / mean over ranks. Zigzag methods get the documents in the order the trainer
+gives them (ParallelDims.balance_documents: reordered so every rank has the same work; the balance as
+drawn is shown beside it); --no-reorder times them in the order drawn.
 
 Before timing, each method with document ids is checked at --check-seq tokens (lognormal documents
 scaled down) against an fp64 masked reference: bf16 error at most 2x single-GPU bf16's.
@@ -52,6 +54,7 @@ from bench.common import (
     time_ms,
 )
 from longloom.parallel import ParallelDims
+from longloom.parallel.document_balance import balanced_document_order
 from longloom.parallel.sharding import shard_sequence, unshard_sequence
 from longloom.parallel.tokenring import tokenring_attention
 from longloom.parallel.two_d import sequence_parallel_attention
@@ -115,6 +118,10 @@ def rank_pairs(lengths: list[int], world: int, layout: str) -> list[float]:
     if layout == "zigzag":
         return [(chunks[r] + chunks[2 * world - 1 - r]).item() for r in range(world)]
     return chunks.tolist()
+
+
+def max_over_mean(values: list[float]) -> float:
+    return max(values) / (sum(values) / len(values))
 
 
 def sp_methods(world: int, heads: int, kv_heads: int) -> dict[str, tuple[Attention, str]]:
@@ -223,6 +230,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--documents", nargs="+", choices=DISTRIBUTIONS, default=list(DISTRIBUTIONS))
+    parser.add_argument(
+        "--no-reorder",
+        action="store_true",
+        help="zigzag methods: keep the documents in the order drawn (the trainer reorders them for balance)",
+    )
     parser.add_argument("--mean-doc", type=int, default=8192, help="lognormal: mean document length")
     parser.add_argument("--fixed-doc", type=int, default=2048, help="fixed: document length")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of ulysses, tokenring, '2d UxR'")
@@ -269,11 +281,22 @@ def main(argv: list[str] | None = None) -> None:
                 if layout is None:
                     local_ids, heads, kv, tokens = ids, equal_work_heads, equal_work_kv, seq * world
                     balance = "1 GPU"
+                elif layout == "zigzag":
+                    # As the trainer does (ParallelDims.balance_documents): documents reordered so that
+                    # the zigzag chunks give every rank the same work; --no-reorder: the order as drawn.
+                    order = (
+                        range(len(lengths)) if args.no_reorder else balanced_document_order(lengths, world)
+                    )
+                    ordered = [lengths[i] for i in order]
+                    local_ids = shard_sequence(ids_from_lengths(ordered, device), 1, dist.group.WORLD, layout)
+                    heads, kv, tokens = args.heads, args.kv_heads, seq
+                    balance = f"{max_over_mean(rank_pairs(ordered, world, layout)):.3f}"
+                    if not args.no_reorder:
+                        balance += f" (as drawn {max_over_mean(rank_pairs(lengths, world, layout)):.3f})"
                 else:
                     local_ids = shard_sequence(ids, 1, dist.group.WORLD, layout)
                     heads, kv, tokens = args.heads, args.kv_heads, seq
-                    per_rank = rank_pairs(lengths, world, layout) if layout == "zigzag" else [1.0]
-                    balance = f"{max(per_rank) / (sum(per_rank) / len(per_rank)):.3f}"
+                    balance = "1.000"
                 masked_ms = time_step(fn, args, tokens, world, local_ids, device, heads, kv)
                 ratio = masked_ms / full_ms[name]
                 rows.append(
@@ -299,8 +322,15 @@ def main(argv: list[str] | None = None) -> None:
         "TFLOP/s per GPU counts unmasked FLOPs only (3.5 x 4 x Hq x D x sum(len^2)/2 / P / time); time ratio = "
         "masked / full causal of the same method; target ratio = 1.25 x masked/full FLOPs. '1 GPU equal work' "
         "= Ulysses' per-rank share (Hq/P heads, all S) on one GPU with the same ids, no communication. "
-        "Balance = max/mean of the unmasked pairs each rank's queries own (Ulysses-only splits: by heads, 1.00; zigzag splits: by the zigzag halves). "
-        f"Median of {args.iters} after {args.warmup} warmup, slowest rank. " + " ".join(notes)
+        "Balance = max/mean of the unmasked pairs each rank's queries own (Ulysses-only splits: by heads, "
+        "1.00; zigzag splits: by the zigzag halves, "
+        + (
+            "documents in the order drawn). "
+            if args.no_reorder
+            else "documents reordered as the trainer does, parallel/document_balance.py; in brackets: as drawn). "
+        )
+        + f"Median of {args.iters} after {args.warmup} warmup, slowest rank. "
+        + " ".join(notes)
     )
     table = markdown_table(HEADERS, rows)
     print_rank_zero(f"\n{what}\n\n{table}")

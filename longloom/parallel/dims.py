@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from longloom.parallel import sharding
+from longloom.parallel.document_balance import balance_documents
 
 
 def _grid(dp: int, ring: int, ulysses: int) -> torch.Tensor:
@@ -97,3 +98,11 @@ class ParallelDims:
 
     def shard_batch(self, batch: dict[str, torch.Tensor], dim: int = 1) -> dict[str, torch.Tensor]:
         return sharding.shard_batch(batch, self.sp_group, self.layout, dim)
+
+    def balance_documents(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A [B, S] batch of packed documents reordered so that this split's zigzag layout gives every SP
+        rank the same attention work (parallel/document_balance.py); per-token losses do not depend on the
+        order of independent documents. Unchanged without document ids or without a ring (contiguous)."""
+        if self.layout != "zigzag":
+            return batch
+        return balance_documents(batch, self.sp)

@@ -105,7 +105,10 @@ def evaluate_loss(
     try:
         with torch.no_grad():
             for batch in batches:
-                local = {name: tensor.to(device) for name, tensor in dims.shard_batch(batch).items()}
+                local = {
+                    name: tensor.to(device)
+                    for name, tensor in dims.shard_batch(dims.balance_documents(batch)).items()
+                }
                 tokens, positions, labels = (
                     local.pop("tokens"),
                     local.pop("position_ids"),

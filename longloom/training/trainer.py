@@ -285,7 +285,9 @@ class Trainer:
                 name: tensor.to(self.device, non_blocking=True)
                 for name, tensor in self.dims.shard_batch(part).items()
             }
-            for part in split_micro_batches(self.loader.batch(step - 1), self.cfg.train.grad_accum)
+            for part in split_micro_batches(
+                self.dims.balance_documents(self.loader.batch(step - 1)), self.cfg.train.grad_accum
+            )
         ]
         stats = accumulate_gradients(self.engine, micro_batches, self.checkpoints.wait_for_snapshot)
         grad_norm = self.engine.get_global_grad_norm()

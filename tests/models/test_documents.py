@@ -70,7 +70,8 @@ def _sharded_worker(pattern, ulysses, ring):
     dims = ParallelDims.build(dp=1, ulysses=ulysses, ring=ring)
     torch.manual_seed(0)
     model = LlamaModel(tiny_model_config(pattern), dims)
-    batch = dims.shard_batch(_packed_batch())
+    # As the trainer does: documents reordered for the zigzag layout (under a ring), then sharded.
+    batch = dims.shard_batch(dims.balance_documents(_packed_batch()))
     logits = model(batch["tokens"], batch["position_ids"], document_ids=batch["document_ids"])
     loss, stats = sequence_parallel_cross_entropy(logits, batch["labels"], group=dims.sp_group)
     loss.backward()
@@ -106,7 +107,7 @@ def _arrow_loss_worker(folder, ulysses, ring):
     dims = ParallelDims.build(dp=1, ulysses=ulysses, ring=ring)
     torch.manual_seed(0)
     model = LlamaModel(tiny_model_config("LS").model_copy(update={"vocab_size": 300}), dims)
-    batch = dims.shard_batch(_arrow_batch(folder, True))
+    batch = dims.shard_batch(dims.balance_documents(_arrow_batch(folder, True)))
     assert "document_ids" in batch
     _, stats = model(batch["tokens"], batch["position_ids"], labels=batch["labels"], loss_group=dims.sp_group,
                      document_ids=batch["document_ids"])  # fmt: skip
