@@ -33,8 +33,9 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-# Candidate orders tried per sample: ~40 microseconds each at 100 documents, so at most ~0.2 s of host
-# time per sample; a step at these lengths takes tens of seconds.
+# Candidate orders tried per sample at most. Measured on a loaded 2-core host (bench/documents.py's
+# lognormal draws, mean 8K): 10-70 ms per 256K or 1M-token sample on 2 ranks, 0.1-4 s on 4-8 ranks where
+# no order balances (one document carries most of the work); a step at these lengths takes tens of seconds.
 SEARCH_CANDIDATES = 4000
 GOOD_ENOUGH = 1.001  # max/mean rank work at which the search stops
 GIVE_UP_AFTER = 500  # candidates in a row without a lower spread: a local minimum
