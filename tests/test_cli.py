@@ -56,10 +56,12 @@ def test_data_prepare_names_existing_parquet_columns(tmp_path):
     assert '"documents": 1' in ok.stdout
 
 
-def test_check_prints_resolved_config_and_memory_estimate():
-    result = _longloom("check", "configs/tiny.yaml", "train.steps=7")
-    assert result.returncode == 0, result.stderr
-    assert "steps: 7" in result.stdout and "per GPU" in result.stdout and "config OK" in result.stdout
+def test_check_prints_resolved_config_and_memory_estimate(capsys):
+    # In this process: a real process's exit status and stderr are checked by the test above.
+    code = main(["check", "configs/tiny.yaml", "train.steps=7"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "steps: 7" in out and "per GPU" in out and "config OK" in out
 
 
 def _one_message(returncode: int, stderr: str) -> str:
@@ -103,11 +105,12 @@ def test_check_refuses_configs_that_cannot_run(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-def test_yaml_syntax_error_is_one_message_and_debug_shows_the_traceback(tmp_path):
+def test_yaml_syntax_error_is_one_message_and_debug_shows_the_traceback(tmp_path, capsys):
     config = tmp_path / "broken.yaml"
     config.write_text("model:\n  hidden: 64\n train: {steps: 3\n")
-    message = _subprocess("train", str(config))
+    message = _in_process(capsys, "train", str(config))
     assert "broken.yaml' is not valid YAML: line 3" in message
+    # A real process: --debug's traceback and the exit status.
     debug = _longloom("--debug", "check", str(config))
     assert debug.returncode == 2 and "Traceback" in debug.stderr and "is not valid YAML" in debug.stderr
 

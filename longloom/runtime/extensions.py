@@ -16,12 +16,21 @@ DeepSpeed, in every process that imports longloom (the driver, Ray workers, torc
 `build_deepspeed_ops` builds the ops a run needs before training starts, saying so while it builds;
 a run that finds them built builds nothing. Only the standard library is imported at module level:
 `longloom/__init__.py` calls `use_stable_extensions_dir` on every import of the package.
+
+The folder is also always built by the same ninja: DeepSpeed loads an op through torch's loader, which
+runs the first `ninja` on PATH even when the op is built, and ninja 1.11 and 1.12+ hash build commands
+differently, so each takes a folder the other built for changed and rebuilds it. Which one PATH finds
+first differs between processes of one environment (`.venv/bin/python` started directly finds the
+system's; an activated environment, or a Ray job, whose runtime environment puts bin/ first, finds the
+environment's), and such processes took turns rebuilding. Where the environment has its own ninja (the
+`ninja` package), a folder holding only a link to it goes first on PATH: nothing else on PATH changes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from importlib import metadata
@@ -66,12 +75,39 @@ def stable_extensions_dir() -> Path:
 
 
 def use_stable_extensions_dir() -> Path:
-    """Sets TORCH_EXTENSIONS_DIR for this process and its children unless the user set it."""
+    """Sets TORCH_EXTENSIONS_DIR for this process and its children unless the user set it; the ops
+    there are built by this environment's ninja where it has one (`use_environment_ninja`)."""
     chosen = os.environ.get(EXTENSIONS_DIR_ENV)
     if not chosen:
         chosen = str(stable_extensions_dir())
         os.environ[EXTENSIONS_DIR_ENV] = chosen
+    use_environment_ninja(Path(chosen))
     return Path(chosen)
+
+
+def use_environment_ninja(extensions_dir: Path) -> None:
+    """Makes this environment's ninja the first `ninja` on PATH (this process and its children), so
+    that every process builds and checks the ops with the same one (see the module docstring).
+
+    Nothing changes where the environment has no ninja of its own, or PATH already finds it first.
+    """
+    own = Path(sys.executable).parent / "ninja"
+    found = shutil.which("ninja")
+    if not own.is_file() or (found is not None and os.path.samefile(found, own)):
+        return
+    folder = extensions_dir / "ninja-bin"
+    link = folder / "ninja"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (link.exists() and os.path.samefile(link, own)):  # else made by an earlier process
+            # Made aside and renamed into place: processes starting together never see half a link.
+            fresh = folder / f"ninja.{os.getpid()}"
+            fresh.unlink(missing_ok=True)
+            fresh.symlink_to(own)
+            os.replace(fresh, link)
+    except OSError:
+        return  # a folder we cannot write: PATH's ninja, as before
+    os.environ["PATH"] = str(folder) + os.pathsep + os.environ.get("PATH", "")
 
 
 def _is_built(folder: Path, op_name: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,45 @@ def test_user_setting_wins(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     assert use_stable_extensions_dir() == stable_extensions_dir()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(stable_extensions_dir())
+
+
+def _environment_with_ninja(tmp_path: Path) -> Path:
+    """A stand-in environment's bin/ holding python and its own ninja (the `ninja` package's)."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("python", "ninja"):
+        (bin_dir / name).write_text("#!/bin/sh\n")
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def test_ops_are_built_by_the_environments_ninja_whatever_path_finds_first(monkeypatch, tmp_path):
+    bin_dir = _environment_with_ninja(tmp_path)
+    system = tmp_path / "usr-bin"  # PATH of a `.venv/bin/python` started directly: the system's ninja
+    system.mkdir()
+    (system / "ninja").write_text("#!/bin/sh\n")
+    (system / "ninja").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", str(system))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ops"))
+    use_stable_extensions_dir()
+    assert os.path.samefile(shutil.which("ninja"), bin_dir / "ninja")
+    # Only ninja: the folder put first holds nothing else (a bare `python` still finds what it found).
+    assert os.environ["PATH"] == f"{tmp_path / 'ops' / 'ninja-bin'}{os.pathsep}{system}"
+    assert sorted(path.name for path in (tmp_path / "ops" / "ninja-bin").iterdir()) == ["ninja"]
+    # A second process (or import) finds the link made and PATH already right: nothing added twice.
+    use_stable_extensions_dir()
+    assert os.environ["PATH"].count("ninja-bin") == 1
+
+
+def test_path_is_left_alone_without_an_environment_ninja(monkeypatch, tmp_path):
+    bin_dir = _environment_with_ninja(tmp_path)
+    (bin_dir / "ninja").unlink()
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin")
+    extensions.use_environment_ninja(tmp_path / "ops")
+    assert os.environ["PATH"] == "/usr/bin"
+    assert not (tmp_path / "ops").exists()
 
 
 def test_needed_ops():
@@ -100,9 +140,17 @@ def test_a_fresh_process_uses_the_environments_folder_and_builds_nothing():
         "from longloom.launch.worker_setup import prepare_worker_process\n"
         "from longloom.runtime.extensions import build_deepspeed_ops, CPU_COLLECTIVES_OP\n"
         "prepare_worker_process(load_config(None, []))\n"
-        "print(json.dumps([os.environ['TORCH_EXTENSIONS_DIR'], build_deepspeed_ops([CPU_COLLECTIVES_OP])]))\n"
+        "import shutil\n"
+        "ninja = shutil.which('ninja')\n"
+        "print(json.dumps([os.environ['TORCH_EXTENSIONS_DIR'], build_deepspeed_ops([CPU_COLLECTIVES_OP]), ninja]))\n"
     )
     env = {key: value for key, value in subprocess_env().items() if key != "TORCH_EXTENSIONS_DIR"}
+    # A PATH without the environment's bin/ (nor the folder this process put first): the system's ninja.
+    env["PATH"] = os.pathsep.join(
+        folder
+        for folder in env["PATH"].split(os.pathsep)
+        if "ninja-bin" not in folder and folder != os.path.dirname(sys.executable)
+    )
     done = subprocess.run(
         [sys.executable, "-c", script],
         check=False,
@@ -113,9 +161,12 @@ def test_a_fresh_process_uses_the_environments_folder_and_builds_nothing():
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    folder, built = json.loads(done.stdout.splitlines()[-1])
+    folder, built, ninja = json.loads(done.stdout.splitlines()[-1])
     assert folder == str(Path(sys.prefix) / "torch-extensions")
     assert built == []
+    own_ninja = Path(sys.executable).parent / "ninja"
+    if own_ninja.is_file():  # the environment's ninja, whatever this test's PATH finds first
+        assert os.path.samefile(ninja, own_ninja), ninja
     assert "building DeepSpeed op" not in done.stderr
     if not any((Path(folder) / "deepspeed_shm_comm").glob("*.so")):
         pytest.fail(f"scripts/setup should have built the CPU collectives into {folder}")

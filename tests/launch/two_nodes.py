@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import ray
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
@@ -53,6 +54,16 @@ def _lose_node_at(cluster: Cluster, output_dir: Path, step: int, run: threading.
     }
     lost = next(node for node in cluster.worker_nodes if node.node_id in hosting)
     print(f"two_nodes: step {step} logged: killing every process of node {lost.node_id[:8]}", flush=True)
+    # remove_node kills the node's own processes (raylet, agents), not the workers the raylet started:
+    # those exit only once they notice their raylet is gone (checked once a second), and the ranks there
+    # could finish the run in the meantime, so that the group never restarts. A lost machine takes its
+    # ranks down at once: they are killed first, and the rest of the node right after.
+    for _, process in lost.live_processes():
+        for worker in psutil.Process(process.pid).children(recursive=True):
+            try:
+                worker.kill()
+            except psutil.NoSuchProcess:
+                pass
     cluster.remove_node(lost, allow_graceful=False)
 
 
