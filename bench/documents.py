@@ -9,8 +9,8 @@ One packed sequence of S tokens whose documents follow a length distribution:
 - lognormal: lengths drawn from a lognormal with mean --mean-doc (8K) and sigma 1, the last one cut;
 - fixed: every document --fixed-doc (2K) tokens long.
 
-For each distribution and method (Ulysses, TokenRing, 2D over every ulysses x ring split of the GPUs)
-the fwd+bwd time with `document_ids` is set beside the same method's time with full causal attention
+For each distribution and method (Ulysses; Ulysses with its exchange pipelined over head chunks;
+TokenRing; 2D over every ulysses x ring split of the GPUs) the fwd+bwd time with `document_ids` is set beside the same method's time with full causal attention
 (ids=None), and beside one GPU doing the same masked work (Ulysses' share: Hq/P heads over all S, with
 the document ids, no communication). TFLOP/s counts only the unmasked work: forward FLOPs =
 4 * B * Hq * D * sum(len^2) / 2 (the causal convention of bench/attention.py, per document), fwd+bwd =
@@ -129,6 +129,12 @@ def sp_methods(world: int, heads: int, kv_heads: int) -> dict[str, tuple[Attenti
     group = dist.group.WORLD
     methods: dict[str, tuple[Attention, str]] = {
         "ulysses": (functools.partial(ulysses_attention, group=group, causal=True), "contiguous"),
+        # The exchange pipelined with attention over head chunks (parallel/ulysses_pipeline.py, C chosen
+        # by size): with documents there is ~20x less attention work to hide the same all-to-all behind.
+        "ulysses pipelined": (
+            functools.partial(ulysses_attention, group=group, causal=True, head_chunks=None),
+            "contiguous",
+        ),
         "tokenring": (
             functools.partial(tokenring_attention, group=group, causal=True, layout="zigzag"),
             "zigzag",
