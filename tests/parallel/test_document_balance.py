@@ -88,3 +88,15 @@ def test_batch_is_permuted_by_whole_documents_and_ids_renumbered():
     # No ids, or one rank: nothing to balance.
     assert balance_documents({"tokens": batch["tokens"]}, 4)["tokens"] is batch["tokens"]
     assert balance_documents(batch, 1)["tokens"] is batch["tokens"]
+
+
+def test_parallel_dims_reorders_only_under_a_ring():
+    """The trainer's call: zigzag splits (a ring) balance over every SP rank; Ulysses-only splits keep the order."""
+    from longloom.parallel import ParallelDims
+
+    batch = packed_batch([[1, 20, 3, 2, 6]])
+    ring = ParallelDims(dp=1, ulysses=2, ring=2, rank=0, world_size=4).balance_documents(batch)
+    assert not torch.equal(ring["tokens"], batch["tokens"])
+    assert all(torch.equal(ring[name], balance_documents(batch, 4)[name]) for name in batch)
+    ulysses_only = ParallelDims(dp=1, ulysses=4, ring=1, rank=0, world_size=4).balance_documents(batch)
+    assert ulysses_only is batch
