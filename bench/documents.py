@@ -54,7 +54,7 @@ from bench.common import (
     time_ms,
 )
 from longloom.parallel import ParallelDims
-from longloom.parallel.document_balance import balanced_document_order
+from longloom.parallel.document_balance import balanced_document_order, imbalance
 from longloom.parallel.sharding import shard_sequence, unshard_sequence
 from longloom.parallel.tokenring import tokenring_attention
 from longloom.parallel.two_d import sequence_parallel_attention
@@ -106,22 +106,6 @@ def ids_from_lengths(lengths: list[int], device: torch.device) -> torch.Tensor:
 def causal_pairs(lengths: list[int]) -> float:
     """Unmasked (query, key) pairs of causal document attention, in the S^2/2 convention."""
     return sum(length * length for length in lengths) / 2
-
-
-def rank_pairs(lengths: list[int], world: int, layout: str) -> list[float]:
-    """Unmasked causal pairs whose queries each rank owns under `layout` (t - document start + 1 each)."""
-    ids = ids_from_lengths(lengths, torch.device("cpu"))[0]
-    seq = ids.numel()
-    starts = torch.cumsum(torch.tensor([0, *lengths[:-1]]), 0)
-    keys_seen = torch.arange(seq) - starts[ids] + 1  # [S]: keys each query attends to
-    chunks = keys_seen.view(2 * world if layout == "zigzag" else world, -1).sum(1).double()
-    if layout == "zigzag":
-        return [(chunks[r] + chunks[2 * world - 1 - r]).item() for r in range(world)]
-    return chunks.tolist()
-
-
-def max_over_mean(values: list[float]) -> float:
-    return max(values) / (sum(values) / len(values))
 
 
 def sp_methods(world: int, heads: int, kv_heads: int) -> dict[str, tuple[Attention, str]]:
@@ -296,9 +280,9 @@ def main(argv: list[str] | None = None) -> None:
                     ordered = [lengths[i] for i in order]
                     local_ids = shard_sequence(ids_from_lengths(ordered, device), 1, dist.group.WORLD, layout)
                     heads, kv, tokens = args.heads, args.kv_heads, seq
-                    balance = f"{max_over_mean(rank_pairs(ordered, world, layout)):.3f}"
+                    balance = f"{imbalance(ordered, world):.3f}"
                     if not args.no_reorder:
-                        balance += f" (as drawn {max_over_mean(rank_pairs(lengths, world, layout)):.3f})"
+                        balance += f" (as drawn {imbalance(lengths, world):.3f})"
                 else:
                     local_ids = shard_sequence(ids, 1, dist.group.WORLD, layout)
                     heads, kv, tokens = args.heads, args.kv_heads, seq

@@ -27,11 +27,12 @@ does what an order can. Rows with one document are left as they are.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 
 import numpy as np
 import torch
+
+from longloom.attention.linear_chunked import document_segments
 
 # Candidate orders tried per sample at most. Measured on a loaded 2-core host (bench/documents.py's
 # lognormal draws, mean 8K): 10-70 ms per 256K or 1M-token sample on 2 ranks, 0.1-4 s on 4-8 ranks where
@@ -41,7 +42,7 @@ GOOD_ENOUGH = 1.001  # max/mean rank work at which the search stops
 GIVE_UP_AFTER = 500  # candidates in a row without a lower spread: a local minimum
 
 
-def zigzag_rank_work(lengths: np.ndarray, world_size: int) -> np.ndarray:
+def zigzag_rank_work(lengths: list[int] | np.ndarray, world_size: int) -> np.ndarray:
     """Causal document-masked attention work (query, key) pairs of each rank, [world_size], for runs of
     `lengths` (in sequence order) sharded zigzag over `world_size` ranks."""
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -58,7 +59,7 @@ def zigzag_rank_work(lengths: np.ndarray, world_size: int) -> np.ndarray:
     return per_chunk[:world_size] + per_chunk[::-1][:world_size]
 
 
-def imbalance(lengths: np.ndarray, world_size: int) -> float:
+def imbalance(lengths: list[int] | np.ndarray, world_size: int) -> float:
     """max / mean of the ranks' work (1.0 = perfectly balanced)."""
     work = zigzag_rank_work(lengths, world_size)
     return float(work.max() / work.mean())
@@ -99,13 +100,6 @@ def balanced_document_order(lengths: list[int] | np.ndarray, world_size: int, se
     return order
 
 
-def document_runs(document_ids: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, stop) of each run of equal ids in one row [S], in sequence order."""
-    changes = torch.nonzero(document_ids[1:] != document_ids[:-1]).flatten() + 1
-    bounds = [0, *changes.tolist(), document_ids.numel()]
-    return list(itertools.pairwise(bounds))
-
-
 def balance_documents(batch: Mapping[str, torch.Tensor], world_size: int) -> dict[str, torch.Tensor]:
     """The batch with each row's documents reordered for zigzag over `world_size` ranks.
 
@@ -116,8 +110,7 @@ def balance_documents(batch: Mapping[str, torch.Tensor], world_size: int) -> dic
     if ids is None or world_size < 2:
         return dict(batch)
     permutations, new_ids = [], []
-    for row in ids:
-        runs = document_runs(row)
+    for row, runs in zip(ids, document_segments(ids), strict=True):
         order = balanced_document_order([stop - start for start, stop in runs], world_size)
         permutations.append(torch.cat([torch.arange(*runs[i]) for i in order]))
         lengths = torch.tensor([runs[i][1] - runs[i][0] for i in order])

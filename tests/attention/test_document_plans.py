@@ -17,15 +17,12 @@ from unittest import mock
 import pytest
 import torch
 
-from longloom.attention import blocks
+from bench.document_plan_builds import counting
 from longloom.attention.document_plans import DocumentPlans
-from longloom.attention.documents import meeting_rows
-from longloom.attention.varlen import EMULATED
-from longloom.attention.varlen_plan import plan_segments
 from longloom.models import llama
 from longloom.models.llama import LlamaModel
 from longloom.offload.activations import ActivationOffloader
-from longloom.parallel import ParallelDims, ring_plan
+from longloom.parallel import ParallelDims
 from longloom.parallel.loss import sequence_parallel_cross_entropy
 from tests.models.tiny import tiny_model_config
 from tests.parallel.documents import packed_batch
@@ -63,31 +60,20 @@ class _RecordingPlans(DocumentPlans):
 
 @contextlib.contextmanager
 def _emulated_varlen(cache: bool = True):
-    """The varlen backend on the CPU (emulated ragged kernel); yields counts of plan_segments calls
-    ("plans") and of ring block cuts to the rows that meet ("row cuts", host scans of the ids).
-    `cache=False`: the model makes no DocumentPlans (every call plans for itself, as before issue 16)."""
-    counts = Counter()
-
-    def counting(name, function):
-        def counted(*args, **kwargs):
-            counts[name] += 1
-            return function(*args, **kwargs)
-
-        return counted
-
-    def backend(q, documents=False):
-        return "varlen" if documents else "torch"
-
+    """The varlen backend on the CPU (emulated ragged kernel), as bench/document_plan_builds.py runs it;
+    yields its counts, among them the plan_segments calls (`_plans`) and ring block cuts to the rows that
+    meet ("row cuts", host scans of the ids). `cache=False`: the model makes no DocumentPlans (every call
+    plans for itself, as before issue 16)."""
     _RecordingPlans.made = []
-    with contextlib.ExitStack() as stack:
-        for module in (blocks, ring_plan):
-            stack.enter_context(mock.patch.object(module, "select_backend", backend))
-            stack.enter_context(mock.patch.object(module, "plan_segments", counting("plans", plan_segments)))
-        stack.enter_context(mock.patch.object(ring_plan, "meeting_rows", counting("row cuts", meeting_rows)))
-        stack.enter_context(mock.patch.object(blocks, "ragged_kernel", lambda: EMULATED))
-        plans = _RecordingPlans if cache else (lambda: None)
-        stack.enter_context(mock.patch.object(llama, "DocumentPlans", plans))
+    with counting(cache) as counts, contextlib.ExitStack() as stack:
+        if cache:
+            stack.enter_context(mock.patch.object(llama, "DocumentPlans", _RecordingPlans))
         yield counts
+
+
+def _plans(counts: Counter) -> int:
+    """Ragged segment plans made, from device ids (blocks) and from host ids (ring blocks)."""
+    return counts["plans from device ids"] + counts["plans from host ids"]
 
 
 def _batch(lengths):
@@ -113,7 +99,7 @@ def _plan_builds(pattern, token_wise, cache):
     model = _model(pattern, checkpoint_fn=checkpoint_fn)
     with _emulated_varlen(cache) as counts:
         _train_step(model, _batch(LENGTHS_A))
-    return counts["plans"]
+    return _plans(counts)
 
 
 @pytest.mark.parametrize("token_wise", [False, True], ids=["checkpointed", "token-wise-recompute"])
@@ -138,11 +124,11 @@ def test_consecutive_steps_with_other_documents_equal_fresh_runs():
     with _emulated_varlen() as counts:
         model = _model("SLS")
         first = _train_step(model, batch_a)
-        builds_after_first = counts["plans"]
+        builds_after_first = _plans(counts)
         second = _train_step(model, batch_b)
         fresh = _train_step(_model("SLS"), batch_b)
         fresh_a = _train_step(_model("SLS"), batch_a)
-    assert builds_after_first == 1 and counts["plans"] == 4  # one plan per step (per model call)
+    assert builds_after_first == 1 and _plans(counts) == 4  # one plan per step (per model call)
     assert len(_RecordingPlans.made) == 4  # one cache per model call
     plain = _train_step(_model("SLS"), batch_b)  # CPU torch backend: the document mask
     for (loss, grads), (want_loss, want_grads) in ((second, fresh), (first, fresh_a)):
@@ -164,7 +150,7 @@ def _two_d_worker(pattern):
         with _emulated_varlen(cache) as calls:
             loss, grads = _train_step(model, dims.shard_batch(_batch(lengths)), dims.sp_group)
         builds = dict(_RecordingPlans.made[0].builds) if cache else {}
-        counts.append((calls["plans"], calls["row cuts"], builds))
+        counts.append((_plans(calls), calls["row cuts"], builds))
         for grad in grads.values():
             torch.distributed.all_reduce(grad, group=dims.sp_group)
     return counts, loss, {name: grad / dims.sp for name, grad in grads.items()}
