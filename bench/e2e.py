@@ -59,6 +59,7 @@ PHASE_MARKERS = [
     ("first_step", re.compile(r"\bstep +1 \|")),  # longloom's console line, printed when step 1 ends
 ]
 PHASE_LINE = re.compile(r"\bphase[:= ]+([A-Za-z_][\w.-]*)")
+CPU_THREADS_LINE = re.compile(r"CPU threads per worker: (\d+)")  # longloom's runtime/cpu_threads.py
 
 
 class Run:
@@ -76,6 +77,7 @@ class Run:
         self.metrics: list[dict] = []
         self.host_peak = self.gpu_peak = 0.0
         self.tail: list[str] = []
+        self.cpu_threads: str | None = None  # what longloom chose, from its log line
 
     def _mark(self, name: str, at: float) -> None:
         if name not in self.marks:
@@ -123,6 +125,8 @@ class Run:
                         self._mark(name, at)
                 if found := PHASE_LINE.search(line):
                     self._mark(found.group(1), at)
+                if self.cpu_threads is None and (found := CPU_THREADS_LINE.search(line)):
+                    self.cpu_threads = found.group(1)
                 if line.startswith("metrics "):
                     self.metrics.append(json.loads(line[len("metrics ") :]))
                     if len(self.metrics) == 1:
@@ -236,7 +240,7 @@ def summarise(system: str, seq_len: int, gpus: int, code: int, run: Run, warmup:
     }  # fmt: skip
 
 
-HEADERS = ["system", "GPUs", "seq", "exit", "tokens/s", "step s", "alloc GiB", "reserved GiB", "GPU used GiB",
+HEADERS = ["system", "GPUs", "seq", "CPU threads", "exit", "tokens/s", "step s", "alloc GiB", "reserved GiB", "GPU used GiB",
            "host RSS GiB", "pinned GiB", "loss first -> last", "to step 1 s", "phases (s from launch)"]  # fmt: skip
 
 
@@ -244,7 +248,7 @@ def table_row(r: dict) -> list[str]:
     def num(value, fmt):
         return format(value, fmt) if value else "-"
 
-    return [r["system"], r["gpus"], r["seq_len"], r["exit"], num(r["tokens_per_s"], ",.0f"), num(r["step_s"], ".2f"),
+    return [r["system"], r["gpus"], r["seq_len"], r.get("cpu_threads") or "-", r["exit"], num(r["tokens_per_s"], ",.0f"), num(r["step_s"], ".2f"),
             num(r["alloc_gib"], ".1f"), num(r["reserved_gib"], ".1f"), num(r["gpu_used_gib"], ".1f"),
             num(r["host_gib"], ".1f"), num(r["pinned_gib"], ".1f"), r["loss"], num(r["first_step_s"], ".0f"),
             r["phases"]]  # fmt: skip
@@ -284,6 +288,12 @@ def main() -> None:
         help="longloom's launch.backend (default: local for 1 worker, else torchrun)",
     )
     parser.add_argument("--longloom-override", action="append", default=[], help="extra a.b=v for longloom")
+    parser.add_argument(
+        "--alst-cpu-threads",
+        type=int,
+        help="OMP_NUM_THREADS for ALST's ranks (CPU Adam's threads); default: torchrun's, 1 per rank. "
+        "longloom picks its own (launch.cpu_threads auto: the cores / the ranks)",
+    )
     parser.add_argument(
         "--results",
         type=Path,
@@ -335,12 +345,15 @@ def main() -> None:
         for system in systems:
             run_dir = args.out / f"{system}-{args.gpus}gpu-{seq_len}"
             run_dir.mkdir(parents=True, exist_ok=True)
+            run_env = env
             if system == "alst":
                 command, metrics = alst_command(args, seq_len), None
+                if args.alst_cpu_threads:  # torchrun keeps a value it finds (it sets 1 only when unset)
+                    run_env = env | {"OMP_NUM_THREADS": str(args.alst_cpu_threads)}
             else:
                 command, metrics = longloom_command(args, system, seq_len, data[seq_len], run_dir)
                 metrics.unlink(missing_ok=True)
-            run = Run(command, run_dir / "output.log", env, metrics, args.timeout)
+            run = Run(command, run_dir / "output.log", run_env, metrics, args.timeout)
             code = run.run()
             if code != 0:
                 print(
@@ -349,6 +362,7 @@ def main() -> None:
                 print("\n".join("    " + line for line in run.tail[-15:]), flush=True)
             row = summarise(system, seq_len, args.gpus, code, run, args.warmup)
             row |= {"preset": args.preset, "steps_timed": f"{args.warmup + 1}..{args.steps}"}
+            row["cpu_threads"] = run_env.get("OMP_NUM_THREADS", "1") if system == "alst" else run.cpu_threads
             row["bench_command"] = launch_command()
             results.append(row)
             with args.results.open("a") as handle:

@@ -280,6 +280,11 @@ class LaunchConfig(_Section):
     connect_timeout_s: Real = Field(
         45.0, gt=0, le=3600, description="joining launch.address fails after this when nothing answers"
     )
+    cpu_threads: PositiveWhole | Literal["auto"] = Field(
+        "auto",
+        description="CPU threads per worker (CPU Adam, host tensor work); auto = the node's cores / its "
+        "workers (launchers default to 1: torchrun's and Ray's OMP_NUM_THREADS)",
+    )
 
 
 class DebugConfig(_Section):

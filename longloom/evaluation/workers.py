@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from longloom.runtime.cpu_threads import usable_cores, worker_cpu_threads
 from longloom.runtime.process import init_distributed
 from longloom.runtime.ranks import free_port, rank_environment
 
@@ -35,7 +36,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
         )
     )
     # W workers share this host's cores: without this each would start one thread per core.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(worker_cpu_threads("auto", usable_cores(), world_size))
     init_distributed()
     try:
         fn(*args)
