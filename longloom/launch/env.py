@@ -1,8 +1,8 @@
 """Process setup as DESIGN.md names it (`launch/env.py`): re-exported from `longloom/runtime/`.
 
 The code lives below every other floor, in `runtime/ranks.py` (who this process is), `runtime/process.py`
-(idempotent torch.distributed init, the rank's device) and `runtime/allocator.py` (CUDA allocator
-settings), so that training/ and evaluation/ can use it without importing the launchers.
+(idempotent torch.distributed init, the rank's device), `runtime/allocator.py` (CUDA allocator
+settings) and `runtime/cpu_threads.py` (CPU threads per worker), so that training/ and evaluation/ can use it without importing the launchers.
 """
 
 from longloom.runtime.allocator import (
@@ -11,6 +11,7 @@ from longloom.runtime.allocator import (
     default_allocator_settings,
     use_default_allocator_settings,
 )
+from longloom.runtime.cpu_threads import use_worker_cpu_threads, worker_cpu_threads
 from longloom.runtime.process import device_for_rank, init_distributed
 from longloom.runtime.ranks import (
     ATTEMPT_ENV,
@@ -34,4 +35,6 @@ __all__ = [
     "rank_environment",
     "under_torchrun",
     "use_default_allocator_settings",
+    "use_worker_cpu_threads",
+    "worker_cpu_threads",
 ]
