@@ -221,6 +221,12 @@ def alst_command(args, seq_len: int) -> list[str]:
             "--seq-len", str(seq_len), "--steps", str(args.steps), "--lr", str(args.lr)]  # fmt: skip
 
 
+def alst_environment(env: dict, cpu_threads: int | None) -> dict:
+    """ALST's process environment: OMP_NUM_THREADS=cpu_threads if given (torchrun keeps a value it finds;
+    it sets 1 only when the variable is unset)."""
+    return env | {"OMP_NUM_THREADS": str(cpu_threads)} if cpu_threads else env
+
+
 def summarise(system: str, seq_len: int, gpus: int, code: int, run: Run, warmup: int) -> dict:
     rows = run.metrics
     timed = rows[warmup:] or rows[-1:]
@@ -348,8 +354,7 @@ def main() -> None:
             run_env = env
             if system == "alst":
                 command, metrics = alst_command(args, seq_len), None
-                if args.alst_cpu_threads:  # torchrun keeps a value it finds (it sets 1 only when unset)
-                    run_env = env | {"OMP_NUM_THREADS": str(args.alst_cpu_threads)}
+                run_env = alst_environment(env, args.alst_cpu_threads)
             else:
                 command, metrics = longloom_command(args, system, seq_len, data[seq_len], run_dir)
                 metrics.unlink(missing_ok=True)

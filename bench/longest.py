@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import REPO_ROOT, append_record, launch_command, markdown_table
-from bench.e2e import ENVIRONMENT, Run, alst_command, longloom_command, summarise
+from bench.e2e import ENVIRONMENT, Run, alst_command, alst_environment, longloom_command, summarise
 from bench.e2e_inputs import PRESETS, write_hf_folder, write_token_folder
 
 SYSTEMS = ("longloom", "alst")
@@ -121,6 +121,7 @@ def run_probe(args, system: str, seq_len: int, env: dict) -> dict:
     shape = PRESETS[args.preset]
     if system == "alst":
         command, metrics = alst_command(args, seq_len), None
+        env = alst_environment(env, args.alst_cpu_threads)
     else:
         data = write_token_folder(
             args.out / f"data-{args.preset}-{seq_len}", seq_len, shape.vocab_size, args.steps + 2
@@ -134,7 +135,9 @@ def run_probe(args, system: str, seq_len: int, env: dict) -> dict:
     if outcome != FITS:
         print(f"{system} at {seq_len}: {outcome} ({kind}); last lines of {run.log}:", flush=True)
         print("\n".join("    " + line for line in run.tail[-12:]), flush=True)
-    settings = "ALST recipe (bench/e2e_alst.py)"
+    settings = (
+        f"ALST recipe (bench/e2e_alst.py), OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '1 (torchrun)')}"
+    )
     if system == "longloom":  # bench/e2e.py's config, then the overrides
         base = (
             "e2e.py config (offload.activations=true offload.optimizer=cpu model.mlp_tiles=auto zero_stage=3)"
@@ -292,6 +295,9 @@ def main() -> None:
         "offload.activations=0.5 model.mlp_tiles=32)",
     )
     parser.add_argument("--label", default="default", help="name of this setting in the results and table")
+    parser.add_argument(
+        "--alst-cpu-threads", type=int, help="OMP_NUM_THREADS for ALST's ranks (default: torchrun's 1)"
+    )
     parser.add_argument(
         "--alloc-conf",
         default="expandable_segments:True",
