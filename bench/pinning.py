@@ -7,6 +7,8 @@ at 256K tokens on 2 x H200 (BENCHMARKS.md), most of the first step's extra time 
 Before moving or changing that work, this measures ways to pin the same bytes, each in a fresh process
 (torch reads its allocator settings once, and caches pinned blocks):
 - alloc: torch.empty(pin_memory=True) by T threads (torch's caching host allocator, cudaHostAlloc);
+- alloc, exact sizes: the same with PYTORCH_CUDA_ALLOC_CONF=pinned_max_round_threshold_mb:1 (torch rounds
+  every pinned block up to a power of two unless told otherwise: "held GiB" shows what that costs);
 - alloc, register threads: the same with PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True,
   pinned_num_register_threads:T (torch maps the pages with T threads, then cudaHostRegister);
 - touch+register: torch.empty (pageable), one write per page by T threads (the kernel zero-fills pages in
@@ -32,7 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import markdown_table
 
 GIB = 1 << 30
-METHODS = ("alloc", "alloc, register threads", "touch+register")
+METHODS = ("alloc", "alloc, exact sizes", "alloc, register threads", "touch+register")
+# PYTORCH_CUDA_ALLOC_CONF per method (torch reads it once, at CUDA init); T = the thread count.
+METHOD_SETTINGS = {
+    "alloc, exact sizes": "pinned_max_round_threshold_mb:1",  # no power-of-two rounding above 1 MiB
+    "alloc, register threads": "pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}",
+}
 
 
 def _pinned_alloc(buffer_bytes: int, count: int, threads: int) -> list[torch.Tensor]:
@@ -65,7 +72,7 @@ def measure(method: str, threads: int, buffer_bytes: int, count: int) -> dict:
     buffers = make(buffer_bytes, count, threads)
     seconds = time.perf_counter() - started
     stats = torch.cuda.host_memory_stats()
-    held = stats.get("reserved_bytes.current", stats.get("allocated_bytes.current", 0))
+    held = stats.get("allocated_bytes.current", 0)  # the blocks torch pinned, at their rounded sizes
     del buffers
     return {"seconds": seconds, "held_bytes": held if method != "touch+register" else buffer_bytes * count}
 
@@ -91,10 +98,8 @@ def main() -> None:
     for method in METHODS:
         for threads in args.threads:
             env = dict(os.environ)
-            if method == "alloc, register threads":
-                env["PYTORCH_CUDA_ALLOC_CONF"] = (
-                    f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}"
-                )
+            if method in METHOD_SETTINGS:
+                env["PYTORCH_CUDA_ALLOC_CONF"] = METHOD_SETTINGS[method].format(threads=threads)
             command = [sys.executable, __file__, "--gib", str(args.gib), "--buffer-gib", str(args.buffer_gib)]
             done = subprocess.run(
                 [*command, "--one", method, str(threads)],
