@@ -254,15 +254,18 @@ def table_row(r: dict) -> list[str]:
     def num(value, fmt):
         return format(value, fmt) if value else "-"
 
-    return [r["system"], r["gpus"], r["seq_len"], r.get("cpu_threads") or "-", r["exit"], num(r["tokens_per_s"], ",.0f"), num(r["step_s"], ".2f"),
+    system = f"{r['system']} [{r['label']}]" if r.get("label") else r["system"]
+    return [system, r["gpus"], r["seq_len"], r.get("cpu_threads") or "-", r["exit"], num(r["tokens_per_s"], ",.0f"), num(r["step_s"], ".2f"),
             num(r["alloc_gib"], ".1f"), num(r["reserved_gib"], ".1f"), num(r["gpu_used_gib"], ".1f"),
             num(r["host_gib"], ".1f"), num(r["pinned_gib"], ".1f"), r["loss"], num(r["first_step_s"], ".0f"),
             r["phases"]]  # fmt: skip
 
 
 def ratios(results: list[dict]) -> list[str]:
+    """The issues' ratios between unlabelled rows, and each labelled longloom row against the unlabelled one."""
     lines = []
-    by = {(r["system"], r["gpus"], r["seq_len"]): r["tokens_per_s"] for r in results if r["exit"] == 0}
+    done = [r for r in results if r["exit"] == 0]
+    by = {(r["system"], r["gpus"], r["seq_len"]): r["tokens_per_s"] for r in done if not r.get("label")}
     for gpus, seq_len in sorted({(r["gpus"], r["seq_len"]) for r in results}):
         for a, b, what in (
             ("longloom", "alst", "target >= 1.5"),
@@ -271,6 +274,13 @@ def ratios(results: list[dict]) -> list[str]:
             if by.get((a, gpus, seq_len)) and by.get((b, gpus, seq_len)):
                 ratio = by[a, gpus, seq_len] / by[b, gpus, seq_len]
                 lines.append(f"- {gpus} GPU(s), {seq_len} tokens: {a} / {b} tokens/s = {ratio:.3f} ({what})")
+    for r in done:
+        base = by.get((r["system"], r["gpus"], r["seq_len"]))
+        if r.get("label") and base:
+            lines.append(
+                f"- {r['gpus']} GPU(s), {r['seq_len']} tokens: {r['system']} [{r['label']}] / {r['system']} "
+                f"tokens/s = {r['tokens_per_s'] / base:.3f}"
+            )
     return lines
 
 
@@ -294,6 +304,11 @@ def main() -> None:
         help="longloom's launch.backend (default: local for 1 worker, else torchrun)",
     )
     parser.add_argument("--longloom-override", action="append", default=[], help="extra a.b=v for longloom")
+    parser.add_argument(
+        "--label",
+        help="names a variant (e.g. lasp2h with --longloom-override model.layer_pattern=LLLS): its rows are "
+        "compared with the unlabelled rows of the same system, not with ALST",
+    )
     parser.add_argument(
         "--alst-cpu-threads",
         type=int,
@@ -349,7 +364,8 @@ def main() -> None:
     results = []
     for seq_len in seq_lens:
         for system in systems:
-            run_dir = args.out / f"{system}-{args.gpus}gpu-{seq_len}"
+            suffix = f"-{args.label}" if args.label else ""
+            run_dir = args.out / f"{system}-{args.gpus}gpu-{seq_len}{suffix}"
             run_dir.mkdir(parents=True, exist_ok=True)
             run_env = env
             if system == "alst":
@@ -367,6 +383,7 @@ def main() -> None:
                 print("\n".join("    " + line for line in run.tail[-15:]), flush=True)
             row = summarise(system, seq_len, args.gpus, code, run, args.warmup)
             row |= {"preset": args.preset, "steps_timed": f"{args.warmup + 1}..{args.steps}"}
+            row["label"] = args.label
             row["cpu_threads"] = run_env.get("OMP_NUM_THREADS", "1") if system == "alst" else run.cpu_threads
             row["bench_command"] = launch_command()
             results.append(row)

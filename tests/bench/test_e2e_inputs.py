@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import torch
 
-from bench.e2e import Run, summarise
+from bench.e2e import Run, ratios, summarise
 from bench.e2e_inputs import PRESETS, pattern_period, pattern_window, write_hf_folder, write_token_folder
 from longloom.data.packing import IGNORE_INDEX, PackedTokenDataset
 
@@ -57,3 +57,23 @@ def test_run_timestamps_phases_reads_metrics_and_times_out(tmp_path):
         [sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "hung.log", {}, None, timeout=1
     )
     assert hung.run() == 124
+
+
+def test_ratios_keep_labelled_variants_apart_from_the_alst_comparison():
+    def row(system, tokens_per_s, label=None, seq_len=262144):
+        return {
+            "system": system,
+            "gpus": 2,
+            "seq_len": seq_len,
+            "exit": 0,
+            "tokens_per_s": tokens_per_s,
+            "label": label,
+        }
+
+    lines = ratios([row("longloom", 3000.0), row("alst", 2000.0), row("longloom", 6000.0, label="lasp2h")])
+    assert lines == [
+        "- 2 GPU(s), 262144 tokens: longloom / alst tokens/s = 1.500 (target >= 1.5)",
+        "- 2 GPU(s), 262144 tokens: longloom [lasp2h] / longloom tokens/s = 2.000",
+    ]
+    # A variant alone (no unlabelled longloom row at its length) is not compared with ALST.
+    assert ratios([row("alst", 2000.0), row("longloom", 6000.0, label="lasp2h")]) == []
