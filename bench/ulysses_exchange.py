@@ -1,0 +1,187 @@
+"""Ulysses' exchange on its own: NCCL all-to-all vs copy-engine pulls, alone and beside attention (P=2).
+
+    torchrun --nproc-per-node 2 bench/ulysses_exchange.py --seq 65536
+
+Why (issue 18 item 4): at 64K on 2 x H200, Ulysses fwd+bwd takes 116.45 ms against one GPU's 111.37 ms
+at equal work (95.6%, target 98%); pipelining head chunks over NCCL made it slower (C=2 94.6%), since
+NCCL's kernels take SMs from the attention they run beside. On NVLink, a peer's buffer mapped through
+torch's symmetric memory can be read with a plain copy (cudaMemcpyAsync: the copy engines, no SMs).
+This probe measures, before any library change, what that buys:
+
+- pack: the layout copy Ulysses makes before each exchange (one read + one write of the bytes);
+- nccl a2a: all_to_all_single of the forward q/k/v bytes (the same as the backward's dq/dk/dv);
+- ce pull: the same exchange as copy-engine reads: every rank has its send chunks in a symmetric
+  buffer, a barrier, each rank copies the chunk meant for it out of its peer's buffer (and its own
+  chunk locally), a barrier (the peer may reuse its buffer after it);
+- attention: cuDNN fwd+bwd at one rank's equal work ([1, S, Hq/P, D], Hkv/P K/V heads), alone;
+- attention + X: the attention on the compute stream while X runs four times on a side stream (the
+  exchanges of one fwd+bwd: q/k/v in, out back, dout in, dq/dk/dv back; all sized as q/k/v here, an
+  upper bound): the wall time, and how much it exceeds the attention alone. A small excess for "ce
+  pull" and a large one for "nccl a2a" means head-chunk pipelining over the copy engines can hide the
+  exchange where NCCL could not.
+Each row is checked (the pulled bytes equal NCCL's result) before it is timed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from bench.common import markdown_table, print_rank_zero, start_bench, time_ms
+from longloom.parallel.ulysses import sdpa_attention
+
+EXCHANGES_PER_STEP = 4  # q/k/v in, out back (forward); dout in, dq/dk/dv back (backward)
+
+
+class CopyEnginePull:
+    """All-to-all of [P, n] chunks as reads of each peer's symmetric buffer (copy engines on NVLink)."""
+
+    def __init__(self, chunks: int, chunk_elements: int, dtype: torch.dtype, device: torch.device):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        group = dist.group.WORLD
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before rendezvous in older torch
+            symm_mem.enable_symm_mem_for_group(group.group_name)
+        self.send = symm_mem.empty((chunks, chunk_elements), dtype=dtype, device=device)
+        self.handle = symm_mem.rendezvous(self.send, group.group_name)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.peers = {
+            peer: self.handle.get_buffer(peer, (chunks, chunk_elements), dtype)
+            for peer in range(self.world)
+            if peer != self.rank
+        }
+
+    def __call__(self, received: torch.Tensor) -> torch.Tensor:
+        self.handle.barrier(channel=0)  # every peer's send buffer is written
+        received[self.rank].copy_(self.send[self.rank])
+        for peer, buffer in self.peers.items():
+            received[peer].copy_(buffer[self.rank])  # contiguous: cudaMemcpyAsync, a copy engine
+        self.handle.barrier(channel=1)  # every peer has read its chunks: buffers may be rewritten
+        return received
+
+
+def _beside(attention: Callable[[], None], exchange: Callable[[], object], side: torch.cuda.Stream):
+    """The attention on the current stream with EXCHANGES_PER_STEP exchanges on `side` at the same time."""
+
+    def run() -> None:
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(EXCHANGES_PER_STEP):
+                exchange()
+        attention()
+        torch.cuda.current_stream().wait_stream(side)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=65536)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    world, device = start_bench()
+    if device.type != "cuda" or world < 2:
+        raise SystemExit("needs 2 or more GPUs: torchrun --nproc-per-node 2 bench/ulysses_exchange.py")
+    dtype, seq, dim = torch.bfloat16, args.seq, args.head_dim
+    local_tokens = seq // world
+    # One rank's q/k/v, [S/P, Hq + 2 Hkv, D], cut into P chunks of heads (as Ulysses packs them).
+    elements = local_tokens * (args.heads + 2 * args.kv_heads) * dim
+    chunk = elements // world
+    qkv = torch.randn(world, chunk, device=device, dtype=dtype)
+    received = torch.empty_like(qkv)
+    nccl_received = torch.empty_like(qkv)
+
+    def pack() -> None:  # Ulysses' layout copy: every element read once and written once
+        received.view(-1).copy_(qkv.view(-1).flip(0))
+
+    def nccl() -> None:
+        dist.all_to_all_single(nccl_received, qkv)
+
+    rows: list[list[object]] = []
+    times: dict[str, float] = {}
+    exchanges: dict[str, Callable[[], object]] = {"pack": pack, "nccl a2a": nccl}
+    pull = None
+    try:
+        pull = CopyEnginePull(world, chunk, dtype, device)
+        pull.send.copy_(qkv)
+        nccl()
+        pull(received)
+        torch.cuda.synchronize()
+        same = torch.equal(received, nccl_received)
+        print_rank_zero(f"ce pull equals NCCL's all-to-all: {same}")
+        if not same:
+            raise RuntimeError("copy-engine pull differs from NCCL's result")
+        exchanges["ce pull"] = lambda: pull(received)
+    except (RuntimeError, ImportError, AttributeError, TypeError) as error:
+        print_rank_zero(f"ce pull unavailable: {type(error).__name__}: {error}")
+    gib = qkv.numel() * qkv.element_size() / 2**30
+    for name, fn in exchanges.items():
+        times[name] = time_ms(fn, args.warmup, args.iters)
+        rows.append(
+            [
+                name,
+                f"{gib:.3f}",
+                f"{times[name]:.3f}",
+                f"{gib * (world - 1) / world / times[name] * 1e3:.0f}",
+                "-",
+            ]
+        )
+
+    heads, kv_heads = args.heads // world, max(1, args.kv_heads // world)
+    q = torch.randn(1, seq, heads, dim, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, seq, kv_heads, dim, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(1, seq, kv_heads, dim, device=device, dtype=dtype, requires_grad=True)
+    dout = torch.randn(1, seq, heads, dim, device=device, dtype=dtype)
+
+    def attention() -> None:
+        out = sdpa_attention(q, k, v, True)
+        torch.autograd.backward(out, dout)
+
+    def drop_grads() -> None:
+        q.grad = k.grad = v.grad = None
+
+    times["attention"] = time_ms(attention, args.warmup, args.iters, before=drop_grads)
+    rows.append(["attention fwd+bwd alone", "-", f"{times['attention']:.3f}", "-", "-"])
+    side = torch.cuda.Stream(device=device)
+    for name in ("nccl a2a", "ce pull"):
+        if name not in exchanges:
+            continue
+        both = time_ms(_beside(attention, exchanges[name], side), args.warmup, args.iters, before=drop_grads)
+        serial = times["attention"] + EXCHANGES_PER_STEP * times[name]
+        rows.append(
+            [
+                f"attention + {EXCHANGES_PER_STEP} x {name} beside it",
+                "-",
+                f"{both:.3f}",
+                "-",
+                (
+                    f"+{both - times['attention']:.3f} ms over attention alone (serial would add "
+                    f"{serial - times['attention']:.3f})"
+                ),
+            ]
+        )
+    print_rank_zero(
+        markdown_table(["what", "GiB per rank", "ms (slowest rank, median)", "GiB/s to peers", "note"], rows)
+    )
+    if pull is not None:
+        del pull
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
