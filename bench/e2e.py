@@ -45,6 +45,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import REPO_ROOT, append_record, launch_command, markdown_table
 from bench.e2e_inputs import PRESETS, write_hf_folder, write_token_folder
+from longloom.runtime.extensions import use_stable_extensions_dir
 
 SYSTEMS = ("longloom", "longloom-hf", "alst")
 ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -342,9 +343,10 @@ def main() -> None:
         report(args, [])
         return
     args.hf_dir = (args.hf_dir or Path(f"/tmp/longloom-e2e-hf-{args.preset}")).resolve()
+    # One build of DeepSpeed's CPU Adam (~1 min) for every system, run and later command in this Python
+    # environment: its own folder (a shared /tmp one was rebuilt whenever another environment used it).
+    use_stable_extensions_dir()
     env = {**os.environ, **ENVIRONMENT, "PYTHONUNBUFFERED": "1"}
-    # One build of DeepSpeed's CPU Adam (~1 min) for every run and every later command on this machine.
-    env.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/longloom-torch-extensions")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(REPO_ROOT)]))
     shape = PRESETS[args.preset]
     if {"longloom-hf", "alst"} & set(systems):

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import REPO_ROOT, append_record, launch_command, markdown_table
 from bench.e2e import ENVIRONMENT, Run, alst_command, alst_environment, longloom_command, summarise
 from bench.e2e_inputs import PRESETS, write_hf_folder, write_token_folder
+from longloom.runtime.extensions import use_stable_extensions_dir
 
 SYSTEMS = ("longloom", "alst")
 FITS, NO_FIT, ERROR = "fits", "does not fit", "error"
@@ -329,8 +330,8 @@ def main() -> None:
         report(args)
         return
     args.hf_dir = (args.hf_dir or Path(f"/tmp/longloom-e2e-hf-{args.preset}")).resolve()
+    use_stable_extensions_dir()  # one build of the ops for every probe (bench/e2e.py)
     env = {**os.environ, **ENVIRONMENT, "PYTHONUNBUFFERED": "1"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/longloom-torch-extensions")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(REPO_ROOT)]))
     if args.alloc_conf:
         env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
