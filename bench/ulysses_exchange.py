@@ -52,7 +52,7 @@ class CopyEnginePull:
         group = dist.group.WORLD
         if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before rendezvous in older torch
             symm_mem.enable_symm_mem_for_group(group.group_name)
-        self.send = symm_mem.empty((chunks, chunk_elements), dtype=dtype, device=device)
+        self.send = symm_mem.empty(chunks, chunk_elements, dtype=dtype, device=device)
         self.handle = symm_mem.rendezvous(self.send, group.group_name)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.peers = {
