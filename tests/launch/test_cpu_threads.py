@@ -33,10 +33,11 @@ def test_config_takes_auto_or_a_positive_number(tmp_path):
         load_config(config, ["launch.cpu_threads=0"])
 
 
-# One CPU Adam update in a fresh process started the way torchrun starts a worker (OMP_NUM_THREADS=1),
-# after the worker's setup; prints the OpenMP thread count and how many threads the update added to
-# the process (OpenMP starts its team's threads at the first parallel region with more than one).
-ADAM_UPDATE = """
+# CPU Adam updates in a fresh process started the way torchrun starts a worker (OMP_NUM_THREADS=1): first
+# after the worker's setup at 1 thread (the control: the check below can fail), then at the given count.
+# Prints the OpenMP thread count and how many threads each update added to the process (OpenMP starts
+# its team's threads at the first parallel region with more than one).
+ADAM_UPDATES = """
 import os, sys, torch
 from longloom.runtime.cpu_threads import use_worker_cpu_threads
 from longloom.runtime.extensions import use_stable_extensions_dir
@@ -45,20 +46,25 @@ from longloom.offload.cpu_adam import cpu_adam_kernel
 kernel = cpu_adam_kernel()
 param, grad = torch.zeros(1 << 22), torch.ones(1 << 22)  # made at one thread: they start none
 moments = (torch.zeros_like(param), torch.zeros_like(param))
-setting = sys.argv[1]
-use_worker_cpu_threads(setting if setting == "auto" else int(setting))
-before = len(os.listdir("/proc/self/task"))  # torch may start its own pool thread when the count is set
-kernel.update(1, 1e-3, (0.9, 0.999), 1e-8, 0.0, param, grad, *moments)
-started = len(os.listdir("/proc/self/task")) - before
+
+def threads_started_by_one_update(setting, step):
+    use_worker_cpu_threads(setting)
+    before = len(os.listdir("/proc/self/task"))  # torch may start its own pool thread when the count is set
+    kernel.update(step, 1e-3, (0.9, 0.999), 1e-8, 0.0, param, grad, *moments)
+    return len(os.listdir("/proc/self/task")) - before
+
+at_one = threads_started_by_one_update(1, 1)
 assert torch.allclose(param, torch.full_like(param, -1e-3)), param[:4]  # Adam's first step: -lr * sign
-print(os.environ["OMP_NUM_THREADS"], torch.get_num_threads(), started)
+at_setting = threads_started_by_one_update(int(sys.argv[1]), 2)
+print(os.environ["OMP_NUM_THREADS"], torch.get_num_threads(), at_one, at_setting)
 """
 
 
-def _adam_update_threads(setting: str, local_workers: int) -> list[int]:
-    env = subprocess_env() | {"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": str(local_workers)}
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="Linux: /proc/self/task")
+def test_cpu_adam_runs_on_the_threads_set_despite_the_launchers_one():
+    env = subprocess_env() | {"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "1"}
     done = subprocess.run(
-        [sys.executable, "-c", ADAM_UPDATE, setting],
+        [sys.executable, "-c", ADAM_UPDATES, "2"],  # two: this machine may have only two cores
         check=True,
         cwd=REPO,
         env=env,
@@ -66,14 +72,9 @@ def _adam_update_threads(setting: str, local_workers: int) -> list[int]:
         text=True,
         timeout=300,
     )
-    return [int(field) for field in done.stdout.strip().splitlines()[-1].split()]
-
-
-@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="Linux: /proc/self/task")
-def test_cpu_adam_runs_on_the_threads_set_despite_the_launchers_one():
-    # Two threads: this machine may have only two cores. The update starts one more thread for its team.
-    env_threads, torch_threads, started = _adam_update_threads("2", local_workers=1)
+    env_threads, torch_threads, started_at_one, started_at_two = map(
+        int, done.stdout.strip().splitlines()[-1].split()
+    )
     assert (env_threads, torch_threads) == (2, 2)
-    assert started == 1
-    # The control: at the launcher's one thread the same update starts none, so the check above can fail.
-    assert _adam_update_threads("1", local_workers=1) == [1, 1, 0]
+    assert started_at_one == 0  # the launcher's one thread: the update runs on the calling thread alone
+    assert started_at_two == 1  # two threads: the update's OpenMP team starts its second thread
