@@ -25,6 +25,7 @@ from longloom.config import LongloomConfig
 from longloom.models.tiled_mlp import resolve_mlp_tiles
 from longloom.offload.memory import estimate_memory, format_estimate, interleaved_share_memory_cap
 from longloom.offload.update_rates import choose_gpu_share
+from longloom.runtime.cpu_threads import usable_cores, worker_cpu_threads
 from longloom.training.split import checked_split, resolve_model, sp_layout
 
 # Without a GPU the driver cannot see the workers' speeds; an "auto" share is planned at this.
@@ -68,9 +69,21 @@ class RunPlan:
         split = f"dp {self.dp} x ulysses {self.ulysses} x ring {self.ring}"
         tiles = f"MLP tiles {self.mlp_tiles} (model.mlp_tiles={self.config.model.mlp_tiles})"
         work = f"{self.device_type} {dtype}, {self.local_tokens} tokens per rank"
+        # Decided by each worker on its own node (runtime/cpu_threads.py); shown for a node like this one.
+        workers_here = self.memory.get("workers_per_host", 1)
+        setting = self.config.launch.cpu_threads
+        threads = worker_cpu_threads(setting, usable_cores(), workers_here)
+        why = (
+            f"{usable_cores()} cores here / {workers_here} workers per host"
+            if setting == "auto"
+            else "as set"
+        )
         lines = [
             f"# split: {self.world_size} workers = {split} ({self.layout} layout)",
-            f"# plan: {work}, {tiles}, optimizer GPU share {share}",
+            (
+                f"# plan: {work}, {tiles}, optimizer GPU share {share}, "
+                f"CPU threads per worker {threads} (launch.cpu_threads={setting}: {why})"
+            ),
             format_estimate(self.memory),
         ]
         return "\n".join(lines)

@@ -10,6 +10,7 @@ import torch
 
 from longloom.config import ConfigError, load_config
 from longloom.offload.memory import estimate_memory, interleaved_share_memory_cap
+from longloom.runtime.cpu_threads import usable_cores
 from longloom.training.engine import build_model
 from longloom.training.plan import PLANNED_SHARE_WITHOUT_GPU, build_run_plan
 
@@ -83,3 +84,11 @@ def test_describe_is_what_check_prints(no_gpu):
         in text
     )
     assert "# memory estimate:" in text
+    # The CPU threads a worker on a host like this one takes: its share of this host's cores.
+    threads = max(1, usable_cores() // 2)
+    assert (
+        f"CPU threads per worker {threads} (launch.cpu_threads=auto: {usable_cores()} cores here / 2 workers"
+        in text
+    )
+    fixed = build_run_plan(load_config(None, [*MODEL, "launch.workers=2", "launch.cpu_threads=5"]), 2)
+    assert "CPU threads per worker 5 (launch.cpu_threads=5: as set)" in fixed.describe()
