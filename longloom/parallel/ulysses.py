@@ -51,11 +51,14 @@ import torch.distributed as dist
 from longloom.attention.blocks import document_attention
 from longloom.attention.document_plans import DocumentPlans, cached, check_document_ids_once
 from longloom.attention.local import check_heads, expand_kv_heads, sdpa_attention
+from longloom.parallel.ulysses_exchange import EXCHANGES
 from longloom.parallel.ulysses_pipeline import (
     choose_head_chunks,
     head_chunked_attention,
+    heads_to_seq_send_shape,
     pack_heads_to_seq,
     pack_seq_to_heads,
+    seq_to_heads_send_shape,
     unpack_heads_to_seq,
     unpack_seq_to_heads,
 )
@@ -92,7 +95,7 @@ def _all_to_all_seq_to_heads(
     # Send buffer [P, B, S/P, sum_i H_i/P, D]: row p holds head slice p of every tensor, so one
     # collective moves all of them.
     parts = [tensor.unflatten(2, (world_size, tensor.size(2) // world_size)) for tensor in tensors]
-    send = pack_seq_to_heads(parts, world_size)
+    send = pack_seq_to_heads(parts, parts[0].new_empty(seq_to_heads_send_shape(parts, world_size)))
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)
     # received[p] is rank p's sequence chunk of our head slice; chunks in rank order make the sequence.
@@ -103,7 +106,8 @@ def _all_to_all_heads_to_seq(
     tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, world_size: int
 ) -> list[torch.Tensor]:
     """[B, S, h_i, D] each -> [B, S/P, P*h_i, D] each, with one all_to_all_single. No autograd."""
-    send = pack_heads_to_seq(tensors, world_size)  # row p: sequence chunk p, which rank p keeps
+    # Row p: sequence chunk p, which rank p keeps.
+    send = pack_heads_to_seq(tensors, tensors[0].new_empty(heads_to_seq_send_shape(tensors, world_size)))
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)
     # received[p] holds rank p's heads for our chunk: global head = p * h_i + local head.
@@ -262,6 +266,7 @@ def ulysses_attention(
     document_ids: torch.Tensor | None = None,
     head_chunks: int | None = 1,
     document_plans: DocumentPlans | None = None,
+    exchange: str = "nccl",
 ) -> torch.Tensor:
     """Exact attention over the whole sequence from sequence shards, via two all-to-alls.
 
@@ -283,8 +288,15 @@ def ulysses_attention(
     the max(Hkv, P)/P K/V heads per rank; 1 (the default: pipelining measured slower on 2x H200, see the
     module docstring) is the unpipelined path; None chooses (`choose_head_chunks`: 4 or 2 at long
     sequences, 1 at short ones). The result is the same for every C.
+
+    `exchange`: "nccl" (all_to_all_single) or "copy_engine" (CUDA, one NVLink node: the peers' send
+    buffers are read by the copy engines, so an exchange running beside attention takes no SMs;
+    parallel/ulysses_exchange.py); the result is the same bit for bit. Not measured faster yet: "nccl"
+    is the default.
     """
     check_document_ids_once(document_ids, q, "ulysses_attention", document_plans)
+    if exchange not in EXCHANGES:
+        raise ValueError(f"ulysses_attention: exchange={exchange!r} is not one of {EXCHANGES}")
     world_size = _world_size(group)
     chunks = 1
     if world_size > 1:
@@ -314,9 +326,9 @@ def ulysses_attention(
             return sdpa_attention(q_heads, k_heads, v_heads, causal, softmax_scale)
         return local_attention(q_heads, k_heads, v_heads)
 
-    if chunks == 1:
+    if chunks == 1 and (exchange == "nccl" or world_size == 1):
         return heads_to_seq(attend(*qkv_seq_to_heads(q, k, v, group)), group)
     _check_same_layout([q, k, v], "ulysses_attention")
     # repeat_interleave is differentiable: the replicas' gradients are summed back onto the K/V head.
     k, v = expand_kv_heads(k, replication), expand_kv_heads(v, replication)
-    return head_chunked_attention(q, k, v, attend, group, world_size, chunks)
+    return head_chunked_attention(q, k, v, attend, group, world_size, chunks, exchange)

@@ -13,7 +13,10 @@ Every collective is issued with async_op=True; on CUDA, NCCL runs it on its own 
 Only A_0 and O_{C-1} stay exposed: 1/C of the communication instead of all of it. The backward is the
 mirror image (dout all-to-all of chunk c+1 and dq/dk/dv all-to-all of chunk c-1 run during the
 attention backward of chunk c). On gloo (CPU tests) the collectives run on gloo's threads: same
-results, same order.
+results, same order. Who moves the bytes is the exchanger's business (parallel/ulysses_exchange.py):
+NCCL's all_to_all_single, or copy-engine reads of the peers' symmetric buffers (exchange="copy_engine",
+which takes no SMs from the attention it runs beside); the pipeline only packs into the send buffer
+the exchanger hands it and waits for `result()`.
 
 Chunks follow GQA groups: chunk c of rank r holds K/V heads [c*kv/C, (c+1)*kv/C) of r's kv = Hkv/P
 K/V heads (after replication when Hkv < P) and exactly the query heads that read them, so every
@@ -41,20 +44,30 @@ import torch
 import torch.distributed as dist
 from torch.autograd.graph import get_gradient_edge
 
+from longloom.parallel.ulysses_exchange import (
+    CopyEngineExchanger,
+    NcclExchanger,
+    PendingExchange,
+    exchanger_for,
+)
+
+Exchanger = NcclExchanger | CopyEngineExchanger
+
 # Below this many query rows x heads per attention call the GPU is no longer full (flash attention
 # tiles 128 rows per block: 2^17 rows x heads = 1024 blocks, ~8 waves on 132 SMs) and C stays smaller.
 MIN_ROWS_PER_CHUNK = 1 << 17
 CHUNK_CHOICES = (4, 2)
 
 
-def pack_seq_to_heads(parts: Sequence[torch.Tensor], world_size: int) -> torch.Tensor:
-    """parts[i] [B, S/P, P, h_i, D] (slice p goes to rank p) -> send buffer [P, B, S/P, sum h_i, D].
-
-    Writing each part straight into its slot is the only copy.
-    """
+def seq_to_heads_send_shape(parts: Sequence[torch.Tensor], world_size: int) -> torch.Size:
     batch, seq_local, _, _, head_dim = parts[0].shape
+    return torch.Size((world_size, batch, seq_local, sum(part.size(3) for part in parts), head_dim))
+
+
+def pack_seq_to_heads(parts: Sequence[torch.Tensor], send: torch.Tensor) -> torch.Tensor:
+    """parts[i] [B, S/P, P, h_i, D] (slice p goes to rank p) -> `send` [P, B, S/P, sum h_i, D]
+    (seq_to_heads_send_shape). Writing each part straight into its slot is the only copy."""
     heads = [part.size(3) for part in parts]
-    send = parts[0].new_empty(world_size, batch, seq_local, sum(heads), head_dim)
     offset = 0
     for part, count in zip(parts, heads):
         send[..., offset : offset + count, :].copy_(part.permute(2, 0, 1, 3, 4))
@@ -72,12 +85,16 @@ def unpack_seq_to_heads(received: torch.Tensor, heads: Sequence[int]) -> list[to
     return list(gathered.split(list(heads), dim=2))
 
 
-def pack_heads_to_seq(tensors: Sequence[torch.Tensor], world_size: int) -> torch.Tensor:
-    """[B, S, h_i, D] each -> send buffer [P, B, S/P, sum h_i, D]: row p is sequence chunk p, for rank p."""
+def heads_to_seq_send_shape(tensors: Sequence[torch.Tensor], world_size: int) -> torch.Size:
     batch, seq, _, head_dim = tensors[0].shape
-    seq_local = seq // world_size
+    return torch.Size((world_size, batch, seq // world_size, sum(t.size(2) for t in tensors), head_dim))
+
+
+def pack_heads_to_seq(tensors: Sequence[torch.Tensor], send: torch.Tensor) -> torch.Tensor:
+    """[B, S, h_i, D] each -> `send` [P, B, S/P, sum h_i, D] (heads_to_seq_send_shape): row p is
+    sequence chunk p, for rank p."""
+    world_size, seq_local = send.size(0), send.size(2)
     heads = [tensor.size(2) for tensor in tensors]
-    send = tensors[0].new_empty(world_size, batch, seq_local, sum(heads), head_dim)
     offset = 0
     for tensor, count in zip(tensors, heads):
         send[..., offset : offset + count, :].copy_(
@@ -96,26 +113,30 @@ def unpack_heads_to_seq(received: torch.Tensor, heads: Sequence[int]) -> list[to
     return outputs
 
 
-class _Exchange:
-    """One asynchronous all_to_all_single on `group`; `result()` waits for it (on CUDA: the stream waits)."""
-
-    def __init__(self, send: torch.Tensor, group: dist.ProcessGroup):
-        self.received = torch.empty_like(send)
-        self.work = dist.all_to_all_single(self.received, send, group=group, async_op=True)
-
-    def result(self) -> torch.Tensor:
-        if self.work is not None:
-            self.work.wait()
-            self.work = None
-        return self.received
-
-
-def _finish(exchanges: Sequence[_Exchange | None]) -> None:
+def _finish(exchanges: Sequence[PendingExchange | None]) -> None:
     # On an exception mid-pipeline (out of memory, checkpoint's early stop of a recomputation) the
     # issued collectives still complete before their buffers go, as on every other rank.
     for exchange in exchanges:
         if exchange is not None:
             exchange.result()
+
+
+def _exchange_seq_to_heads(
+    parts: Sequence[torch.Tensor], exchanger: Exchanger, world_size: int
+) -> PendingExchange:
+    send = exchanger.send_buffer(seq_to_heads_send_shape(parts, world_size), parts[0].dtype, parts[0].device)
+    pack_seq_to_heads(parts, send.tensor)
+    return exchanger.start(send)
+
+
+def _exchange_heads_to_seq(
+    tensors: Sequence[torch.Tensor], exchanger: Exchanger, world_size: int
+) -> PendingExchange:
+    send = exchanger.send_buffer(
+        heads_to_seq_send_shape(tensors, world_size), tensors[0].dtype, tensors[0].device
+    )
+    pack_heads_to_seq(tensors, send.tensor)
+    return exchanger.start(send)
 
 
 def choose_head_chunks(batch: int, seq: int, query_heads_per_rank: int, kv_heads_per_rank: int) -> int:
@@ -152,7 +173,7 @@ class HeadChunkedAttention(torch.autograd.Function):
     """q [B, S/P, Hq, D], k/v [B, S/P, Hkv, D] (Hkv % (P*C) == 0) -> out [B, S/P, Hq, D], pipelined."""
 
     @staticmethod
-    def forward(ctx, q, k, v, attend, group, world_size, chunks, build_graph):
+    def forward(ctx, q, k, v, attend, exchanger, world_size, chunks, build_graph):
         q_chunks, k_chunks, v_chunks = (_chunk_views(t, world_size, chunks) for t in (q, k, v))
         heads = [q_chunks.size(4), k_chunks.size(4), v_chunks.size(4)]
         out = torch.empty_like(q)
@@ -160,9 +181,9 @@ class HeadChunkedAttention(torch.autograd.Function):
         anchor = q.new_zeros((), requires_grad=True)
         edges = []
 
-        def exchange_inputs(c: int) -> _Exchange:
+        def exchange_inputs(c: int) -> PendingExchange:
             parts = (q_chunks[:, :, :, c], k_chunks[:, :, :, c], v_chunks[:, :, :, c])
-            return _Exchange(pack_seq_to_heads(parts, world_size), group)
+            return _exchange_seq_to_heads(parts, exchanger, world_size)
 
         def finish_output(c: int) -> None:
             out_chunks[:, :, :, c].copy_(unpack_heads_to_seq(outputs[c].result(), heads[:1])[0])
@@ -182,21 +203,21 @@ class HeadChunkedAttention(torch.autograd.Function):
                     out_heads = attend(*gathered)
                 if build_graph:
                     edges.append((get_gradient_edge(out_heads), [get_gradient_edge(t) for t in gathered]))
-                outputs.append(_Exchange(pack_heads_to_seq([out_heads.detach()], world_size), group))
+                outputs.append(_exchange_heads_to_seq([out_heads.detach()], exchanger, world_size))
                 del received, gathered, out_heads  # only the graph (through the hooks) keeps them
                 if c > 0:  # chunk c-1's output travelled during attention c: at most 2 buffers held
                     finish_output(c - 1)
             finish_output(chunks - 1)
         finally:
             _finish(inputs + outputs)
-        ctx.edges, ctx.group, ctx.world_size, ctx.chunks = edges, group, world_size, chunks
+        ctx.edges, ctx.exchanger, ctx.world_size, ctx.chunks = edges, exchanger, world_size, chunks
         ctx.heads = heads
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        world_size, chunks, group = ctx.world_size, ctx.chunks, ctx.group
+        world_size, chunks, exchanger = ctx.world_size, ctx.chunks, ctx.exchanger
         if any(edge is None for edge in ctx.edges):  # before any collective: every rank stops here
             raise RuntimeError(
                 "ulysses_attention with head_chunks > 1 frees each chunk's graph in its first backward; "
@@ -209,8 +230,8 @@ class HeadChunkedAttention(torch.autograd.Function):
         ]
         grad_views = [_chunk_views(grad, world_size, chunks) for grad in grads]
 
-        def exchange_grad_out(c: int) -> _Exchange:
-            return _Exchange(pack_seq_to_heads([grad_chunks[:, :, :, c]], world_size), group)
+        def exchange_grad_out(c: int) -> PendingExchange:
+            return _exchange_seq_to_heads([grad_chunks[:, :, :, c]], exchanger, world_size)
 
         def finish_grads(c: int) -> None:
             for view, part in zip(grad_views, unpack_heads_to_seq(outgoing[c].result(), ctx.heads)):
@@ -226,7 +247,7 @@ class HeadChunkedAttention(torch.autograd.Function):
                     incoming.append(exchange_grad_out(c + 1))  # travels during chunk c's backward
                 out_edge, input_edges = ctx.edges[c]
                 chunk_grads = torch.autograd.grad([out_edge], input_edges, [grad_heads])
-                outgoing.append(_Exchange(pack_heads_to_seq(chunk_grads, world_size), group))
+                outgoing.append(_exchange_heads_to_seq(chunk_grads, exchanger, world_size))
                 ctx.edges[c] = None  # frees chunk c's graph
                 del grad_heads, chunk_grads
                 if c > 0:
@@ -245,8 +266,11 @@ def head_chunked_attention(
     group: dist.ProcessGroup,
     world_size: int,
     chunks: int,
+    exchange: str = "nccl",
 ) -> torch.Tensor:
     """Ulysses attention of q [B, S/P, Hq, D] and (already replicated) k/v [B, S/P, Hkv, D] in `chunks`
-    pipelined head chunks; `attend(q, k, v)` runs on each chunk's gathered [B, S, h, D] tensors."""
+    pipelined head chunks; `attend(q, k, v)` runs on each chunk's gathered [B, S, h, D] tensors.
+    `exchange`: "nccl" or "copy_engine" (parallel/ulysses_exchange.py)."""
+    exchanger = exchanger_for(exchange, group, q.device)
     build_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return HeadChunkedAttention.apply(q, k, v, attend, group, world_size, chunks, build_graph)
+    return HeadChunkedAttention.apply(q, k, v, attend, exchanger, world_size, chunks, build_graph)

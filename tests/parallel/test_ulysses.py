@@ -422,3 +422,17 @@ def _second_backward_worker():
 
 def test_head_chunks_second_backward_says_what_to_do(distributed):
     assert distributed(2, _second_backward_worker) == [True, True]
+
+
+def _bad_exchange_worker():
+    q = torch.randn(1, 4, 8, 8)
+    # The copy-engine exchange reads peers' GPU memory: on CPU tensors it says to use NCCL's.
+    with pytest.raises(ValueError, match=r"exchange='copy_engine' .* on cpu: use exchange='nccl'"):
+        ulysses_attention(q, q, q, dist.group.WORLD, exchange="copy_engine")
+    with pytest.raises(ValueError, match=r"exchange='carrier pigeon' is not one of \('nccl', 'copy_engine'\)"):
+        ulysses_attention(q, q, q, dist.group.WORLD, exchange="carrier pigeon")
+    return True
+
+
+def test_exchange_choices_and_where_copy_engines_cannot_run(distributed):
+    assert distributed(2, _bad_exchange_worker) == [True, True]

@@ -1,0 +1,161 @@
+"""Ulysses' all-to-all exchangers: NCCL's all_to_all_single, or copy-engine reads of peers' buffers.
+
+The head-chunked pipeline (parallel/ulysses_pipeline.py) packs each exchange into a send buffer it gets
+from an exchanger and starts the exchange there; `result()` gives the received rows. Two exchangers:
+
+`NcclExchanger`: all_to_all_single through the process group's backend (NCCL on GPUs, gloo on CPU).
+
+`CopyEngineExchanger` (exchange="copy_engine", CUDA, the ranks of one NVLink node):
+
+Why: NCCL runs an all-to-all as kernels that take SMs. Beside attention (head-chunked Ulysses,
+parallel/ulysses_pipeline.py) they slow the attention more than the hidden exchange saves: on 2 x H200 at
+64K tokens, C=2 chunks over NCCL measured 94.6% of one GPU at equal work against 95.6% unpipelined
+(BENCHMARKS.md). On one NVLink node a rank can map its peers' buffers (torch's symmetric memory) and
+read them with plain device copies, which the driver runs on the copy engines, not on SMs.
+
+How one exchange runs (`CopyEngineExchanger.start`), all on the exchanger's side stream after the
+compute stream's packing copy: a barrier (every rank's send buffer is packed), then each rank copies
+row `rank` of every peer's send buffer into its own receive tensor (contiguous rows: one
+cudaMemcpyAsync each), then a second barrier (every rank has read: the send buffers may be packed
+again), then an event that `result()` makes the compute stream wait for. Send buffers are symmetric
+allocations, made once per shape (a collective: every rank asks for them in the same order, as the
+pipeline's exchanges are the same on every rank) and reused by later exchanges, layers and steps; a
+buffer goes back to its free list only after the compute stream waited for its exchange, so the next
+packing into it comes after the peers' reads. Results equal NCCL's bit for bit (the same bytes move).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+
+class PendingExchange(Protocol):
+    def result(self) -> torch.Tensor:
+        """The received [P, ...] rows (row p from rank p), once the compute stream may read them."""
+        ...
+
+
+class SendBuffer:
+    """Where one exchange's packed rows go: `tensor` [P, ...], row p for rank p."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+class _NcclExchange:
+    """One asynchronous all_to_all_single; `result()` waits for it (on CUDA: the compute stream waits)."""
+
+    def __init__(self, send: torch.Tensor, group: dist.ProcessGroup):
+        self.received = torch.empty_like(send)
+        self.work = dist.all_to_all_single(self.received, send, group=group, async_op=True)
+
+    def result(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.received
+
+
+class NcclExchanger:
+    """The all-to-all through the process group's backend (NCCL on GPUs, gloo on CPU)."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+
+    def send_buffer(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> SendBuffer:
+        return SendBuffer(torch.empty(shape, dtype=dtype, device=device))
+
+    def start(self, send: SendBuffer) -> _NcclExchange:
+        return _NcclExchange(send.tensor, self.group)
+
+
+class _SymmetricSendBuffer(SendBuffer):
+    """A symmetric allocation on every rank of the group, and views of the peers' copies of it."""
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, group: dist.ProcessGroup):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        super().__init__(symm_mem.empty(*shape, dtype=dtype, device=device))
+        self.handle = symm_mem.rendezvous(self.tensor, group.group_name)
+        rank = dist.get_rank(group)
+        self.rows = [
+            self.tensor if peer == rank else self.handle.get_buffer(peer, tuple(shape), dtype)
+            for peer in range(dist.get_world_size(group))
+        ]
+
+
+class _PulledExchange:
+    def __init__(self, exchanger: CopyEngineExchanger, send: _SymmetricSendBuffer):
+        self.exchanger, self.send = exchanger, send
+        compute = torch.cuda.current_stream()
+        self.received = torch.empty_like(send.tensor)
+        side = exchanger.stream
+        side.wait_stream(compute)  # the packing copy into the send buffer is done
+        with torch.cuda.stream(side):
+            send.handle.barrier(channel=0)  # every rank has packed its send buffer
+            for peer, rows in enumerate(send.rows):
+                self.received[peer].copy_(rows[exchanger.rank])  # contiguous row: a copy engine
+            send.handle.barrier(channel=1)  # every rank has read: send buffers may be packed again
+            self.done = torch.cuda.Event()
+            self.done.record(side)
+        self.received.record_stream(side)  # made on the compute stream, written on the side stream
+
+    def result(self) -> torch.Tensor:
+        if self.done is not None:
+            torch.cuda.current_stream().wait_event(self.done)
+            self.done = None
+            self.exchanger.release(self.send)
+        return self.received
+
+
+class CopyEngineExchanger:
+    """The all-to-all as copy-engine reads of symmetric send buffers; one per (group, device)."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # required before rendezvous in older torch
+            symm_mem.enable_symm_mem_for_group(group.group_name)
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.stream = torch.cuda.Stream()
+        self._free: dict[tuple, list[_SymmetricSendBuffer]] = {}
+
+    def send_buffer(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> SendBuffer:
+        free = self._free.setdefault((tuple(shape), dtype, device), [])
+        # Every rank pops or allocates at the same point: the pipelines run the same exchanges.
+        return free.pop() if free else _SymmetricSendBuffer(shape, dtype, device, self.group)
+
+    def start(self, send: SendBuffer) -> _PulledExchange:
+        assert isinstance(send, _SymmetricSendBuffer), "a send buffer from this exchanger's send_buffer()"
+        return _PulledExchange(self, send)
+
+    def release(self, send: _SymmetricSendBuffer) -> None:
+        self._free[(tuple(send.tensor.shape), send.tensor.dtype, send.tensor.device)].append(send)
+
+
+_copy_engine_exchangers: dict[tuple[str, int], CopyEngineExchanger] = {}
+
+EXCHANGES = ("nccl", "copy_engine")
+
+
+def exchanger_for(
+    exchange: str, group: dist.ProcessGroup, device: torch.device
+) -> NcclExchanger | CopyEngineExchanger:
+    """The exchanger of `exchange` ("nccl" or "copy_engine") for `group` on `device`."""
+    if exchange == "nccl":
+        return NcclExchanger(group)
+    if exchange != "copy_engine":
+        raise ValueError(f"exchange={exchange!r} is not one of {EXCHANGES}")
+    if device.type != "cuda":
+        raise ValueError(
+            f"exchange='copy_engine' reads the peers' GPU memory (CUDA symmetric memory) but the tensors are "
+            f"on {device}: use exchange='nccl'"
+        )
+    key = (group.group_name, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _copy_engine_exchangers:  # its send buffers persist: made once, reused every layer
+        _copy_engine_exchangers[key] = CopyEngineExchanger(group)
+    return _copy_engine_exchangers[key]
