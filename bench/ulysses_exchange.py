@@ -10,15 +10,17 @@ This probe measures, before any library change, what that buys:
 
 - pack: the layout copy Ulysses makes before each exchange (one read + one write of the bytes);
 - nccl a2a: all_to_all_single of the forward q/k/v bytes (the same as the backward's dq/dk/dv);
-- ce pull: the same exchange as copy-engine reads: every rank has its send chunks in a symmetric
-  buffer, a barrier, each rank copies the chunk meant for it out of its peer's buffer (and its own
-  chunk locally), a barrier (the peer may reuse its buffer after it);
+- pack + ce pull: the same exchange through parallel/ulysses_exchange.py's CopyEngineExchanger (a copy into
+  its symmetric send buffer standing in for Ulysses' packing, then copy-engine reads of the peers'
+  buffers between two barriers), which `ulysses_attention(exchange="copy_engine")` uses; this row
+  includes the packing copy, which the nccl row leaves out (the "pack" row is its cost);
 - attention: cuDNN fwd+bwd at one rank's equal work ([1, S, Hq/P, D], Hkv/P K/V heads), alone;
 - attention + X: the attention on the compute stream while X runs four times on a side stream (the
   exchanges of one fwd+bwd: q/k/v in, out back, dout in, dq/dk/dv back; all sized as q/k/v here, an
   upper bound): the wall time, and how much it exceeds the attention alone. A small excess for "ce
   pull" and a large one for "nccl a2a" means head-chunk pipelining over the copy engines can hide the
-  exchange where NCCL could not.
+  exchange where NCCL could not. `torchrun ... bench/attention.py --exchange copy_engine` then times
+  the pipelined Ulysses itself.
 Each row is checked (the pulled bytes equal NCCL's result) before it is timed.
 """
 
@@ -39,35 +41,9 @@ import torch.distributed as dist
 
 from bench.common import markdown_table, print_rank_zero, start_bench, time_ms
 from longloom.parallel.ulysses import sdpa_attention
+from longloom.parallel.ulysses_exchange import CopyEngineExchanger
 
 EXCHANGES_PER_STEP = 4  # q/k/v in, out back (forward); dout in, dq/dk/dv back (backward)
-
-
-class CopyEnginePull:
-    """All-to-all of [P, n] chunks as reads of each peer's symmetric buffer (copy engines on NVLink)."""
-
-    def __init__(self, chunks: int, chunk_elements: int, dtype: torch.dtype, device: torch.device):
-        import torch.distributed._symmetric_memory as symm_mem
-
-        group = dist.group.WORLD
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before rendezvous in older torch
-            symm_mem.enable_symm_mem_for_group(group.group_name)
-        self.send = symm_mem.empty(chunks, chunk_elements, dtype=dtype, device=device)
-        self.handle = symm_mem.rendezvous(self.send, group.group_name)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.peers = {
-            peer: self.handle.get_buffer(peer, (chunks, chunk_elements), dtype)
-            for peer in range(self.world)
-            if peer != self.rank
-        }
-
-    def __call__(self, received: torch.Tensor) -> torch.Tensor:
-        self.handle.barrier(channel=0)  # every peer's send buffer is written
-        received[self.rank].copy_(self.send[self.rank])
-        for peer, buffer in self.peers.items():
-            received[peer].copy_(buffer[self.rank])  # contiguous: cudaMemcpyAsync, a copy engine
-        self.handle.barrier(channel=1)  # every peer has read its chunks: buffers may be rewritten
-        return received
 
 
 def _beside(attention: Callable[[], None], exchange: Callable[[], object], side: torch.cuda.Stream):
@@ -114,18 +90,21 @@ def main() -> None:
     rows: list[list[object]] = []
     times: dict[str, float] = {}
     exchanges: dict[str, Callable[[], object]] = {"pack": pack, "nccl a2a": nccl}
-    pull = None
     try:
-        pull = CopyEnginePull(world, chunk, dtype, device)
-        pull.send.copy_(qkv)
+        exchanger = CopyEngineExchanger(dist.group.WORLD)  # the library's (parallel/ulysses_exchange.py)
+
+        def pull() -> torch.Tensor:
+            send = exchanger.send_buffer(qkv.shape, qkv.dtype, qkv.device)
+            send.tensor.copy_(qkv)  # Ulysses packs into the send buffer; here a plain copy stands in
+            return exchanger.start(send).result()
+
         nccl()
-        pull(received)
+        same = torch.equal(pull(), nccl_received)
         torch.cuda.synchronize()
-        same = torch.equal(received, nccl_received)
         print_rank_zero(f"ce pull equals NCCL's all-to-all: {same}")
         if not same:
             raise RuntimeError("copy-engine pull differs from NCCL's result")
-        exchanges["ce pull"] = lambda: pull(received)
+        exchanges["pack + ce pull"] = pull
     except (RuntimeError, ImportError, AttributeError, TypeError) as error:
         print_rank_zero(f"ce pull unavailable: {type(error).__name__}: {error}")
     gib = qkv.numel() * qkv.element_size() / 2**30
@@ -157,7 +136,7 @@ def main() -> None:
     times["attention"] = time_ms(attention, args.warmup, args.iters, before=drop_grads)
     rows.append(["attention fwd+bwd alone", "-", f"{times['attention']:.3f}", "-", "-"])
     side = torch.cuda.Stream(device=device)
-    for name in ("nccl a2a", "ce pull"):
+    for name in ("nccl a2a", "pack + ce pull"):
         if name not in exchanges:
             continue
         both = time_ms(_beside(attention, exchanges[name], side), args.warmup, args.iters, before=drop_grads)
@@ -177,8 +156,6 @@ def main() -> None:
     print_rank_zero(
         markdown_table(["what", "GiB per rank", "ms (slowest rank, median)", "GiB/s to peers", "note"], rows)
     )
-    if pull is not None:
-        del pull
     dist.barrier()
     dist.destroy_process_group()
 
