@@ -51,14 +51,12 @@ import torch.distributed as dist
 from longloom.attention.blocks import document_attention
 from longloom.attention.document_plans import DocumentPlans, cached, check_document_ids_once
 from longloom.attention.local import check_heads, expand_kv_heads, sdpa_attention
-from longloom.parallel.ulysses_exchange import EXCHANGES
+from longloom.parallel.ulysses_exchange import EXCHANGES, NcclExchanger
 from longloom.parallel.ulysses_pipeline import (
     choose_head_chunks,
+    exchange_heads_to_seq,
+    exchange_seq_to_heads,
     head_chunked_attention,
-    heads_to_seq_send_shape,
-    pack_heads_to_seq,
-    pack_seq_to_heads,
-    seq_to_heads_send_shape,
     unpack_heads_to_seq,
     unpack_seq_to_heads,
 )
@@ -95,9 +93,7 @@ def _all_to_all_seq_to_heads(
     # Send buffer [P, B, S/P, sum_i H_i/P, D]: row p holds head slice p of every tensor, so one
     # collective moves all of them.
     parts = [tensor.unflatten(2, (world_size, tensor.size(2) // world_size)) for tensor in tensors]
-    send = pack_seq_to_heads(parts, parts[0].new_empty(seq_to_heads_send_shape(parts, world_size)))
-    received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=group)
+    received = exchange_seq_to_heads(parts, NcclExchanger(group), world_size).result()
     # received[p] is rank p's sequence chunk of our head slice; chunks in rank order make the sequence.
     return unpack_seq_to_heads(received, [part.size(3) for part in parts])
 
@@ -106,10 +102,8 @@ def _all_to_all_heads_to_seq(
     tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, world_size: int
 ) -> list[torch.Tensor]:
     """[B, S, h_i, D] each -> [B, S/P, P*h_i, D] each, with one all_to_all_single. No autograd."""
-    # Row p: sequence chunk p, which rank p keeps.
-    send = pack_heads_to_seq(tensors, tensors[0].new_empty(heads_to_seq_send_shape(tensors, world_size)))
-    received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=group)
+    # Send row p: sequence chunk p, which rank p keeps.
+    received = exchange_heads_to_seq(tensors, NcclExchanger(group), world_size).result()
     # received[p] holds rank p's heads for our chunk: global head = p * h_i + local head.
     parts = unpack_heads_to_seq(received, [tensor.size(2) for tensor in tensors])
     return [part.flatten(2, 3) for part in parts]

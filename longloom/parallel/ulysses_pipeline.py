@@ -121,17 +121,21 @@ def _finish(exchanges: Sequence[PendingExchange | None]) -> None:
             exchange.result()
 
 
-def _exchange_seq_to_heads(
+def exchange_seq_to_heads(
     parts: Sequence[torch.Tensor], exchanger: Exchanger, world_size: int
 ) -> PendingExchange:
+    """Packs parts[i] [B, S/P, P, h_i, D] into the exchanger's send buffer and starts the exchange;
+    its result() is [P, B, S/P, sum h_i, D], row p from rank p (unpack_seq_to_heads)."""
     send = exchanger.send_buffer(seq_to_heads_send_shape(parts, world_size), parts[0].dtype, parts[0].device)
     pack_seq_to_heads(parts, send.tensor)
     return exchanger.start(send)
 
 
-def _exchange_heads_to_seq(
+def exchange_heads_to_seq(
     tensors: Sequence[torch.Tensor], exchanger: Exchanger, world_size: int
 ) -> PendingExchange:
+    """Packs [B, S, h_i, D] each into the exchanger's send buffer and starts the exchange; its result()
+    is [P, B, S/P, sum h_i, D], row p holding rank p's heads of our chunk (unpack_heads_to_seq)."""
     send = exchanger.send_buffer(
         heads_to_seq_send_shape(tensors, world_size), tensors[0].dtype, tensors[0].device
     )
@@ -183,7 +187,7 @@ class HeadChunkedAttention(torch.autograd.Function):
 
         def exchange_inputs(c: int) -> PendingExchange:
             parts = (q_chunks[:, :, :, c], k_chunks[:, :, :, c], v_chunks[:, :, :, c])
-            return _exchange_seq_to_heads(parts, exchanger, world_size)
+            return exchange_seq_to_heads(parts, exchanger, world_size)
 
         def finish_output(c: int) -> None:
             out_chunks[:, :, :, c].copy_(unpack_heads_to_seq(outputs[c].result(), heads[:1])[0])
@@ -203,7 +207,7 @@ class HeadChunkedAttention(torch.autograd.Function):
                     out_heads = attend(*gathered)
                 if build_graph:
                     edges.append((get_gradient_edge(out_heads), [get_gradient_edge(t) for t in gathered]))
-                outputs.append(_exchange_heads_to_seq([out_heads.detach()], exchanger, world_size))
+                outputs.append(exchange_heads_to_seq([out_heads.detach()], exchanger, world_size))
                 del received, gathered, out_heads  # only the graph (through the hooks) keeps them
                 if c > 0:  # chunk c-1's output travelled during attention c: at most 2 buffers held
                     finish_output(c - 1)
@@ -231,7 +235,7 @@ class HeadChunkedAttention(torch.autograd.Function):
         grad_views = [_chunk_views(grad, world_size, chunks) for grad in grads]
 
         def exchange_grad_out(c: int) -> PendingExchange:
-            return _exchange_seq_to_heads([grad_chunks[:, :, :, c]], exchanger, world_size)
+            return exchange_seq_to_heads([grad_chunks[:, :, :, c]], exchanger, world_size)
 
         def finish_grads(c: int) -> None:
             for view, part in zip(grad_views, unpack_heads_to_seq(outgoing[c].result(), ctx.heads)):
@@ -247,7 +251,7 @@ class HeadChunkedAttention(torch.autograd.Function):
                     incoming.append(exchange_grad_out(c + 1))  # travels during chunk c's backward
                 out_edge, input_edges = ctx.edges[c]
                 chunk_grads = torch.autograd.grad([out_edge], input_edges, [grad_heads])
-                outgoing.append(_exchange_heads_to_seq(chunk_grads, exchanger, world_size))
+                outgoing.append(exchange_heads_to_seq(chunk_grads, exchanger, world_size))
                 ctx.edges[c] = None  # frees chunk c's graph
                 del grad_heads, chunk_grads
                 if c > 0:

@@ -72,12 +72,9 @@ class RunPlan:
         # Decided by each worker on its own node (runtime/cpu_threads.py); shown for a node like this one.
         workers_here = self.memory.get("workers_per_host", 1)
         setting = self.config.launch.cpu_threads
-        threads = worker_cpu_threads(setting, usable_cores(), workers_here)
-        why = (
-            f"{usable_cores()} cores here / {workers_here} workers per host"
-            if setting == "auto"
-            else "as set"
-        )
+        cores = usable_cores()
+        threads = worker_cpu_threads(setting, cores, workers_here)
+        why = f"{cores} cores here / {workers_here} workers per host" if setting == "auto" else "as set"
         lines = [
             f"# split: {self.world_size} workers = {split} ({self.layout} layout)",
             (
