@@ -5,7 +5,8 @@
     torchrun --nproc-per-node 2 bench/profile_step.py configs/tiny.yaml --warmup 1 --out /tmp/profile  # CPU check
 
 The config is the one `longloom train` takes (dotted overrides after it; checkpoints and evaluation are
-switched off here). Every rank builds the Trainer (training/trainer.py) exactly as a run does, trains
+switched off here). Every rank prepares its process as a launcher's worker does (CPU threads, DeepSpeed's
+ops: launch/worker_setup.py) and builds the Trainer (training/trainer.py) exactly as a run does, trains
 --warmup steps, then trains one more under torch.profiler. Rank 0 sorts the device kernels of that step
 into categories by name (attention, matmuls, communication, copies: the offload traffic and the
 all-to-all packing, other kernels), adds the optimizer step's host span (DeepSpeed's CPU Adam runs on
@@ -31,6 +32,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import append_record, markdown_table
 from longloom.config import load_config
+from longloom.launch.worker_setup import prepare_worker_process
 from longloom.training.metrics import device_peak_tflops
 from longloom.training.trainer import Trainer
 
@@ -121,7 +123,11 @@ def main() -> None:
         "train.eval_every=0",
         f"train.output_dir={args.out / 'run'}",
     ]
-    trainer = Trainer(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides)
+    # As every launcher's worker does: torchrun starts this process at OMP_NUM_THREADS=1, and without
+    # launch.cpu_threads CPU Adam ran on one core (an 8.6 s optimizer span at 256K, BENCHMARKS.md).
+    prepare_worker_process(cfg)
+    trainer = Trainer(cfg)
     if not trainer.build():
         raise SystemExit(f"nothing to train in {args.out / 'run'}: remove it and run again")
     for step in range(1, profiled):
