@@ -1,7 +1,9 @@
-"""The CUDA caching allocator's settings for a worker: expandable segments unless the user chose.
+"""The CUDA allocators' settings for a worker, unless the user chose: expandable segments, fast pinning.
 
 Long sequences allocate a few very large tensors whose sizes change from layer to layer; the default
-fixed segments fragment (issue 6, BENCHMARKS.md). Applied by `runtime.process.device_for_rank`.
+fixed segments fragment (issue 6, BENCHMARKS.md). Pinned host memory (the activation pool, CPU Adam's
+buffers) is pinned by torch's own register path with threads instead of cudaHostAlloc (issue 18 item 7).
+Applied by `runtime.process.device_for_rank`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ ALLOCATOR_SETTINGS_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 # intermediates, recomputed attention). With fixed segments the freed blocks do not fit the next
 # request: on one H200 at 512K tokens a run asked for 14 GiB with 20 GiB reserved but free and failed,
 # while with expandable segments it peaked at 124 of 140 GiB (BENCHMARKS.md, issue 6).
-DEFAULT_ALLOCATOR_SETTINGS = "expandable_segments:True"
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
+# The activation pool pins tens of GiB in the first step. torch's default (cudaHostAlloc) pinned 31.2 GiB
+# at 1.3 GiB/s there (24 s of the first step at 128K on 2 x H200); its register path (pages faulted in by
+# 8 threads, then cudaHostRegister) pinned 6.9 GiB/s on the same host (BENCHMARKS.md, session 10,
+# bench/pinning.py). Both round a block up to a power of two: no extra host memory. torch wants a power
+# of two threads; 8 was the measured count.
+FAST_PINNING = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
+DEFAULT_ALLOCATOR_SETTINGS = f"{EXPANDABLE_SEGMENTS},{FAST_PINNING}"
 
 
 def default_allocator_settings(environ: Mapping[str, str]) -> str | None:
@@ -33,7 +42,7 @@ def default_allocator_settings(environ: Mapping[str, str]) -> str | None:
 
 
 def use_default_allocator_settings() -> None:
-    """Expandable segments for this process's CUDA allocator unless the user set the variable."""
+    """Our settings for this process's CUDA allocators unless the user set the variable."""
     settings = default_allocator_settings(os.environ)
     if settings is None:
         return
@@ -45,7 +54,8 @@ def use_default_allocator_settings() -> None:
         apply_settings(settings)
     if local_rank() == 0:
         logger.info(
-            "PYTORCH_CUDA_ALLOC_CONF was unset: using %s (less fragmentation at long sequences); "
+            "PYTORCH_CUDA_ALLOC_CONF was unset: using %s (less fragmentation at long sequences, "
+            "threaded pinning of host memory); "
             "set the variable yourself to choose otherwise",
             settings,
         )

@@ -1,7 +1,9 @@
-"""Workers get expandable segments for the CUDA allocator unless the user chose allocator settings.
+"""Workers get expandable segments and threaded pinning unless the user chose allocator settings.
 
 At 512K tokens on one H200 the default allocator failed with 20 GiB reserved but free, while
-expandable segments ran (BENCHMARKS.md, issue 6): a worker must not depend on the user knowing that.
+expandable segments ran (BENCHMARKS.md, issue 6); torch's register path pinned host memory at 6.9 GiB/s
+where the first step's cudaHostAlloc had pinned 1.3 GiB/s (session 10): a worker must not depend on the
+user knowing that.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from tests.launch.conftest import REPO, subprocess_env
 
 
 def test_default_only_when_the_user_chose_nothing():
-    assert default_allocator_settings({}) == "expandable_segments:True"
+    assert default_allocator_settings({}) == (
+        "expandable_segments:True,pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
+    )
     assert default_allocator_settings({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}) is None
     assert default_allocator_settings({"PYTORCH_ALLOC_CONF": "max_split_size_mb:512"}) is None
 
