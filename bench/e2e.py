@@ -13,7 +13,8 @@
 
 Systems (--systems, any subset, each run in its own process tree with a timeout; logs under --out):
 - longloom: `torchrun -m longloom.launch.torchrun <generated yaml>` (`python -m longloom train` on one GPU or
-  with --launcher ray); native Llama, ulysses = GPUs, activations and optimizer offloaded, mlp_tiles auto,
+  with --launcher ray); native Llama, ulysses = GPUs, activations and optimizer offloaded, mlp_tiles auto
+  (untiled where the memory estimate fits the GPU),
   ZeRO-3; tokens/s the median of metrics.jsonl after --warmup steps;
 - longloom-hf: the same with model.source hf:<--hf-dir>, a transformers Llama folder of random bf16 weights
   built once (issue 17: within 5% of native);

@@ -81,12 +81,13 @@ class ModelConfig(_Section):
     norm_eps: Real = Field(1e-5, gt=0, lt=1)
     activation_checkpointing: Flag = True
     linear_decay: Flag = Field(True, description="per-head decay in linear layers (Lightning style)")
-    # Default untiled: tiling costs one more MLP forward per step, which no GPU run has weighed yet
-    # against the memory it saves; long-sequence configs (configs/llama8b-1m.yaml) turn it on.
+    # Default untiled: tiling costs one more MLP forward per layer (4.7% of the 8B step at 128K on 2 x H200,
+    # BENCHMARKS.md); long-sequence configs (configs/llama8b-1m.yaml) use auto, which tiles only when the
+    # whole MLP would not fit the GPU.
     mlp_tiles: PositiveWhole | Literal["auto"] = Field(
         1,
-        description="token tiles of the tiled MLP (models/tiled_mlp.py); auto = ceil(local tokens / hidden), "
-        "1 = untiled",
+        description="token tiles of the tiled MLP (models/tiled_mlp.py); auto = untiled where the memory "
+        "estimate fits the GPU, else ceil(local tokens / hidden) as ALST (training/plan.py); 1 = untiled",
     )
 
     @field_validator("layer_pattern")
@@ -129,8 +130,8 @@ class ModelConfig(_Section):
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             return value
         raise ValueError(
-            f"mlp_tiles={value!r} must be a whole number >= 1 or 'auto' (auto = ceil(local tokens / hidden) "
-            "tiles as in ALST; 1 = the untiled MLP)"
+            f"mlp_tiles={value!r} must be a whole number >= 1 or 'auto' (auto = untiled where the memory "
+            "estimate fits the GPU, else ceil(local tokens / hidden) tiles as in ALST; 1 = the untiled MLP)"
         )
 
     @property

@@ -32,6 +32,9 @@ from torch import nn
 def resolve_mlp_tiles(setting: int | str, tokens: int, hidden: int) -> int:
     """Tiles for `tokens` rows: `model.mlp_tiles`, where "auto" is ceil(tokens / hidden) as in ALST.
 
+    The run plan (training/plan.py) first leaves an "auto" MLP whole when GPU memory allows and hands the
+    model its resolved count; this is the count when tiling is needed, or when no plan sized it.
+
     With "auto" a tile holds about `hidden` tokens, so its [tile, intermediate] tensors are about the
     size of the MLP's own weights: small next to the layer's [tokens, hidden] tensors at long sequences.
     Never more tiles than tokens (no empty tile).

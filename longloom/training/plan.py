@@ -23,7 +23,12 @@ import torch
 
 from longloom.config import LongloomConfig
 from longloom.models.tiled_mlp import resolve_mlp_tiles
-from longloom.offload.memory import estimate_memory, format_estimate, interleaved_share_memory_cap
+from longloom.offload.memory import (
+    DEVICE_USABLE_SHARE,
+    estimate_memory,
+    format_estimate,
+    interleaved_share_memory_cap,
+)
 from longloom.offload.update_rates import choose_gpu_share
 from longloom.runtime.cpu_threads import usable_cores, worker_cpu_threads
 from longloom.training.split import checked_split, resolve_model, sp_layout
@@ -46,6 +51,7 @@ class RunPlan:
     dtype: torch.dtype
     local_tokens: int  # tokens of one micro batch on one rank: micro_batch_size x seq_len / SP
     mlp_tiles: int  # model.mlp_tiles resolved for local_tokens
+    mlp_tiles_source: str  # why that count (model.mlp_tiles=auto sizes it against GPU memory)
     gpu_share: float | None  # interleaved optimizer: share of the moments on the GPU; None otherwise
     gpu_share_source: str
     memory: dict[str, Any]  # offload/memory.py's estimate for this plan
@@ -67,7 +73,7 @@ class RunPlan:
         share = "-" if self.gpu_share is None else f"{self.gpu_share:.2f} ({self.gpu_share_source})"
         dtype = str(self.dtype).removeprefix("torch.")
         split = f"dp {self.dp} x ulysses {self.ulysses} x ring {self.ring}"
-        tiles = f"MLP tiles {self.mlp_tiles} (model.mlp_tiles={self.config.model.mlp_tiles})"
+        tiles = f"MLP tiles {self.mlp_tiles} (model.mlp_tiles={self.config.model.mlp_tiles}: {self.mlp_tiles_source})"
         work = f"{self.device_type} {dtype}, {self.local_tokens} tokens per rank"
         # Decided by each worker on its own node (runtime/cpu_threads.py); shown for a node like this one.
         workers_here = self.memory.get("workers_per_host", 1)
@@ -94,6 +100,46 @@ def resolve_dtype(cfg: LongloomConfig, device: torch.device | str) -> torch.dtyp
     return torch.float32
 
 
+def _device_bytes(device: torch.device | None) -> int | None:
+    """GPU memory of this worker's device, or on the driver of GPU 0 here; None when none is known."""
+    if device is None:
+        return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def _mlp_tiles(cfg: LongloomConfig, partial: RunPlan, device: torch.device | None) -> tuple[int, str]:
+    """(tiles, why) for model.mlp_tiles; "auto" is untiled where the estimate says it fits the GPU.
+
+    Tiling saves the [tokens, intermediate] tensors and costs one more MLP forward per layer: 1.30 s of
+    a 29.36 s step at 128K tokens on 2 x H200 (untiled 4,676 vs tiled 4,466 tokens/s, BENCHMARKS.md,
+    session 10). So "auto" leaves the MLP whole when the whole plan, untiled, fits in the usable share of
+    the GPU by the memory estimate (which runs 12-23% high), and otherwise tiles as ALST does
+    (ceil(tokens / hidden)). Where that GPU memory could hold optimizer moments instead (interleaved,
+    gpu_share auto) and without a GPU to size against, it tiles as ALST does: untiled was not measured there.
+    """
+    setting, tokens, hidden = cfg.model.mlp_tiles, partial.local_tokens, cfg.model.hidden
+    tiles = resolve_mlp_tiles(setting, tokens, hidden)
+    if setting != "auto":
+        return tiles, "as set"
+    alst = f"ceil({tokens} tokens / hidden {hidden}) as ALST"
+    if tiles == 1:
+        return 1, alst
+    device_bytes = _device_bytes(device)
+    if device_bytes is None:
+        return tiles, f"{alst}, no GPU to size the untiled MLP against"
+    if cfg.offload.optimizer == "interleaved" and cfg.offload.gpu_share == "auto":
+        return tiles, f"{alst}, GPU memory left to the interleaved optimizer's moments"
+    share = float(cfg.offload.gpu_share) if cfg.offload.optimizer == "interleaved" else None
+    untiled = estimate_memory(cfg, dataclasses.replace(partial, mlp_tiles=1), gpu_share=share)
+    needed, usable = untiled["per_gpu"]["total"], DEVICE_USABLE_SHARE * device_bytes
+    if needed <= usable:
+        return 1, (
+            f"untiled: the estimate with the whole MLP, {needed / 2**30:.1f} GiB, fits the usable "
+            f"{usable / 2**30:.1f} GiB of the GPU (one MLP forward less per layer)"
+        )
+    return tiles, f"{alst}: untiled would need {needed / 2**30:.1f} of {usable / 2**30:.1f} GiB usable"
+
+
 def _gpu_share(
     cfg: LongloomConfig, partial: RunPlan, device: torch.device | None
 ) -> tuple[float | None, str]:
@@ -102,14 +148,13 @@ def _gpu_share(
         return None, "-"
     if cfg.offload.gpu_share != "auto":
         return float(cfg.offload.gpu_share), "offload.gpu_share"
+    device_bytes = _device_bytes(device)
     if device is None:  # the driver plans: the most the GPU memory allows
-        if not torch.cuda.is_available():
+        if device_bytes is None:
             return PLANNED_SHARE_WITHOUT_GPU, "auto, planned without a GPU"
-        device_bytes = torch.cuda.get_device_properties(0).total_memory
         return interleaved_share_memory_cap(
             cfg, partial, device_bytes
         ), "auto, planned: what GPU memory allows"
-    device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     cap = interleaved_share_memory_cap(cfg, partial, device_bytes)
     return choose_gpu_share(device, cap), "auto, measured"
 
@@ -135,10 +180,13 @@ def build_run_plan(cfg: LongloomConfig, world_size: int, device: torch.device | 
         dtype=resolve_dtype(cfg, device_type),
         local_tokens=local_tokens,
         mlp_tiles=resolve_mlp_tiles(cfg.model.mlp_tiles, local_tokens, cfg.model.hidden),
+        mlp_tiles_source="",
         gpu_share=None,
         gpu_share_source="-",
         memory={},
     )
+    tiles, tiles_source = _mlp_tiles(cfg, partial, device)
+    partial = dataclasses.replace(partial, mlp_tiles=tiles, mlp_tiles_source=tiles_source)
     gpu_share, source = _gpu_share(cfg, partial, device)
     memory = estimate_memory(cfg, partial, gpu_share=gpu_share)
     return dataclasses.replace(partial, gpu_share=gpu_share, gpu_share_source=source, memory=memory)

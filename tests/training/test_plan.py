@@ -51,6 +51,38 @@ def test_the_memory_estimate_uses_the_plans_tiles(no_gpu):
     assert tiled.memory == estimate_memory(tiled.config, tiled)
 
 
+def _fake_gpu(monkeypatch, total_memory: float) -> None:
+    gpu = types.SimpleNamespace(total_memory=int(total_memory), name="Fake GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
+
+
+def test_auto_tiles_leave_the_mlp_whole_where_the_estimate_fits_the_gpu(monkeypatch, no_gpu):
+    sized = [*MODEL, "train.micro_batch_size=3", "train.dtype=fp32"]  # fp32 with or without the GPU
+    auto = [*sized, "model.mlp_tiles=auto"]
+    alst_tiles = math.ceil(3 * 512 / 64)
+    untiled_total = build_run_plan(load_config(None, sized), 1).memory["per_gpu"]["total"]
+    # Room for the untiled plan within the usable 90%: one tile, and the estimate is the untiled one.
+    _fake_gpu(monkeypatch, untiled_total / 0.9 + 1)
+    roomy = build_run_plan(load_config(None, auto), 1)
+    assert roomy.mlp_tiles == 1 and roomy.mlp_tiles_source.startswith("untiled")
+    assert roomy.memory["per_gpu"]["total"] == untiled_total
+    # Just short of it: tiled as ALST, and the plan line says why.
+    _fake_gpu(monkeypatch, untiled_total / 0.9 - 1)
+    tight = build_run_plan(load_config(None, auto), 1)
+    assert tight.mlp_tiles == alst_tiles and "untiled would need" in tight.mlp_tiles_source
+    assert (
+        f"MLP tiles {alst_tiles} (model.mlp_tiles=auto: ceil(1536 tokens / hidden 64) as ALST"
+        in tight.describe()
+    )
+    # GPU memory an auto interleaved share would fill with moments: tiled as ALST (untiled unmeasured there).
+    _fake_gpu(monkeypatch, untiled_total * 100)
+    interleaved = build_run_plan(load_config(None, [*auto, "offload.optimizer=interleaved"]), 1)
+    assert interleaved.mlp_tiles == alst_tiles and "interleaved" in interleaved.mlp_tiles_source
+    # A count that is set is kept whatever the GPU.
+    assert build_run_plan(load_config(None, [*MODEL, "model.mlp_tiles=3"]), 1).mlp_tiles == 3
+
+
 def test_optimizer_gpu_share(monkeypatch, no_gpu):
     interleaved = [*MODEL, "offload.optimizer=interleaved"]
     assert build_run_plan(load_config(None, [*interleaved, "offload.gpu_share=0.3"]), 1).gpu_share == 0.3
@@ -80,7 +112,7 @@ def test_describe_is_what_check_prints(no_gpu):
     text = plan.describe()
     assert "# split: 2 workers = dp 1 x ulysses 2 x ring 1 (contiguous layout)" in text
     assert (
-        "# plan: cpu float32, 256 tokens per rank, MLP tiles 1 (model.mlp_tiles=1), optimizer GPU share -"
+        "# plan: cpu float32, 256 tokens per rank, MLP tiles 1 (model.mlp_tiles=1: as set), optimizer GPU share -"
         in text
     )
     assert "# memory estimate:" in text
