@@ -8,7 +8,11 @@ NCCL's kernels take SMs from the attention they run beside. On NVLink, a peer's 
 torch's symmetric memory can be read with a plain copy (cudaMemcpyAsync: the copy engines, no SMs).
 This probe measures, before any library change, what that buys:
 
-- pack: the layout copy Ulysses makes before each exchange (one read + one write of the bytes);
+- flip copy: a reversed copy of the q/k/v bytes (one read + one write; the stand-in of session 10, which
+  called it "pack");
+- pack (torch copy_) / pack (row kernel): Ulysses' real packing of q/k/v [1, S/P, H, D] into the send
+  buffer [P, 1, S/P, (Hq + 2 Hkv)/P, D], by torch's strided copy_ and by the row kernel
+  (parallel/triton_row_copy.py, what `pack_seq_to_heads` uses on CUDA); checked equal first;
 - nccl a2a: all_to_all_single of the forward q/k/v bytes (the same as the backward's dq/dk/dv);
 - pack + ce pull: the same exchange through parallel/ulysses_exchange.py's CopyEngineExchanger (a copy into
   its symmetric send buffer standing in for Ulysses' packing, then copy-engine reads of the peers'
@@ -42,6 +46,7 @@ import torch.distributed as dist
 from bench.common import markdown_table, print_rank_zero, start_bench, time_ms
 from longloom.parallel.ulysses import sdpa_attention
 from longloom.parallel.ulysses_exchange import CopyEngineExchanger
+from longloom.parallel.ulysses_pipeline import pack_seq_to_heads, seq_to_heads_send_shape
 
 EXCHANGES_PER_STEP = 4  # q/k/v in, out back (forward); dout in, dq/dk/dv back (backward)
 
@@ -81,15 +86,43 @@ def main() -> None:
     received = torch.empty_like(qkv)
     nccl_received = torch.empty_like(qkv)
 
-    def pack() -> None:  # Ulysses' layout copy: every element read once and written once
+    def flip_copy() -> None:  # every element read once and written once, contiguous
         received.view(-1).copy_(qkv.view(-1).flip(0))
+
+    # Ulysses' packing of one layer's q/k/v (parallel/ulysses_pipeline.py), by torch and by rows.
+    q_k_v = [
+        torch.randn(1, local_tokens, heads, dim, device=device, dtype=dtype)
+        for heads in (args.heads, args.kv_heads, args.kv_heads)
+    ]
+    parts = [t.unflatten(2, (world, t.size(2) // world)) for t in q_k_v]
+    packed = torch.empty(seq_to_heads_send_shape(parts, world), device=device, dtype=dtype)
+    packed_by_torch = torch.empty_like(packed)
+
+    def pack_torch() -> None:
+        offset = 0
+        for part in parts:
+            packed_by_torch[..., offset : offset + part.size(3), :].copy_(part.permute(2, 0, 1, 3, 4))
+            offset += part.size(3)
+
+    def pack_rows() -> None:
+        pack_seq_to_heads(parts, packed)
+
+    pack_torch()
+    pack_rows()
+    if not torch.equal(packed, packed_by_torch):
+        raise RuntimeError("the row kernel's pack differs from torch's copy_")
 
     def nccl() -> None:
         dist.all_to_all_single(nccl_received, qkv)
 
     rows: list[list[object]] = []
     times: dict[str, float] = {}
-    exchanges: dict[str, Callable[[], object]] = {"pack": pack, "nccl a2a": nccl}
+    exchanges: dict[str, Callable[[], object]] = {
+        "flip copy": flip_copy,
+        "pack (torch copy_)": pack_torch,
+        "pack (row kernel)": pack_rows,
+        "nccl a2a": nccl,
+    }
     try:
         exchanger = CopyEngineExchanger(dist.group.WORLD)  # the library's (parallel/ulysses_exchange.py)
 

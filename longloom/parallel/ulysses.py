@@ -57,6 +57,7 @@ from longloom.parallel.ulysses_pipeline import (
     exchange_heads_to_seq,
     exchange_seq_to_heads,
     head_chunked_attention,
+    layout_copy_,
     unpack_heads_to_seq,
     unpack_seq_to_heads,
 )
@@ -106,7 +107,10 @@ def _all_to_all_heads_to_seq(
     received = exchange_heads_to_seq(tensors, NcclExchanger(group), world_size).result()
     # received[p] holds rank p's heads for our chunk: global head = p * h_i + local head.
     parts = unpack_heads_to_seq(received, [tensor.size(2) for tensor in tensors])
-    return [part.flatten(2, 3) for part in parts]
+    gathered = [part.new_empty(*part.shape[:2], part.size(2) * part.size(3), part.size(4)) for part in parts]
+    for into, part in zip(gathered, parts):
+        layout_copy_(into.unflatten(2, part.shape[2:4]), part)  # [B, S/P, P, h, D] rows into [B, S/P, P*h, D]
+    return gathered
 
 
 class _SeqToHeads(torch.autograd.Function):

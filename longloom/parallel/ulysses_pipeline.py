@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.graph import get_gradient_edge
 
+from longloom.parallel.triton_row_copy import copy_rows_
 from longloom.parallel.ulysses_exchange import (
     CopyEngineExchanger,
     NcclExchanger,
@@ -59,6 +60,12 @@ MIN_ROWS_PER_CHUNK = 1 << 17
 CHUNK_CHOICES = (4, 2)
 
 
+def layout_copy_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst.copy_(src) for the packing and unpacking copies: on CUDA by rows (parallel/triton_row_copy.py),
+    whose (h, D) rows are contiguous on both sides; bit-identical to copy_ either way."""
+    return copy_rows_(dst, src) if dst.is_cuda else dst.copy_(src)
+
+
 def seq_to_heads_send_shape(parts: Sequence[torch.Tensor], world_size: int) -> torch.Size:
     batch, seq_local, _, _, head_dim = parts[0].shape
     return torch.Size((world_size, batch, seq_local, sum(part.size(3) for part in parts), head_dim))
@@ -70,7 +77,7 @@ def pack_seq_to_heads(parts: Sequence[torch.Tensor], send: torch.Tensor) -> torc
     heads = [part.size(3) for part in parts]
     offset = 0
     for part, count in zip(parts, heads):
-        send[..., offset : offset + count, :].copy_(part.permute(2, 0, 1, 3, 4))
+        layout_copy_(send[..., offset : offset + count, :], part.permute(2, 0, 1, 3, 4))
         offset += count
     return send
 
@@ -97,8 +104,9 @@ def pack_heads_to_seq(tensors: Sequence[torch.Tensor], send: torch.Tensor) -> to
     heads = [tensor.size(2) for tensor in tensors]
     offset = 0
     for tensor, count in zip(tensors, heads):
-        send[..., offset : offset + count, :].copy_(
-            tensor.unflatten(1, (world_size, seq_local)).transpose(0, 1)
+        layout_copy_(
+            send[..., offset : offset + count, :],
+            tensor.unflatten(1, (world_size, seq_local)).transpose(0, 1),
         )
         offset += count
     return send
@@ -190,7 +198,7 @@ class HeadChunkedAttention(torch.autograd.Function):
             return exchange_seq_to_heads(parts, exchanger, world_size)
 
         def finish_output(c: int) -> None:
-            out_chunks[:, :, :, c].copy_(unpack_heads_to_seq(outputs[c].result(), heads[:1])[0])
+            layout_copy_(out_chunks[:, :, :, c], unpack_heads_to_seq(outputs[c].result(), heads[:1])[0])
             outputs[c] = None
 
         inputs, outputs = [exchange_inputs(0)], []
@@ -239,7 +247,7 @@ class HeadChunkedAttention(torch.autograd.Function):
 
         def finish_grads(c: int) -> None:
             for view, part in zip(grad_views, unpack_heads_to_seq(outgoing[c].result(), ctx.heads)):
-                view[:, :, :, c].copy_(part)
+                layout_copy_(view[:, :, :, c], part)
             outgoing[c] = None
 
         incoming, outgoing = [exchange_grad_out(0)], []

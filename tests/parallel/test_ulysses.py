@@ -429,7 +429,9 @@ def _bad_exchange_worker():
     # The copy-engine exchange reads peers' GPU memory: on CPU tensors it says to use NCCL's.
     with pytest.raises(ValueError, match=r"exchange='copy_engine' .* on cpu: use exchange='nccl'"):
         ulysses_attention(q, q, q, dist.group.WORLD, exchange="copy_engine")
-    with pytest.raises(ValueError, match=r"exchange='carrier pigeon' is not one of \('nccl', 'copy_engine'\)"):
+    with pytest.raises(
+        ValueError, match=r"exchange='carrier pigeon' is not one of \('nccl', 'copy_engine'\)"
+    ):
         ulysses_attention(q, q, q, dist.group.WORLD, exchange="carrier pigeon")
     return True
 
