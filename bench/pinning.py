@@ -8,7 +8,8 @@ Before moving or changing that work, this measures ways to pin the same bytes, e
 (torch reads its allocator settings once, and caches pinned blocks):
 - alloc: torch.empty(pin_memory=True) by T threads (torch's caching host allocator, cudaHostAlloc);
 - alloc, exact sizes: the same with PYTORCH_CUDA_ALLOC_CONF=pinned_max_round_threshold_mb:1 (torch rounds
-  every pinned block up to a power of two unless told otherwise: "held GiB" shows what that costs);
+  every pinned block up to a power of two unless told otherwise: "held GiB" shows what that costs; torch
+  2.11 does not know the setting, BENCHMARKS.md session 10);
 - alloc, register threads: the same with PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True,
   pinned_num_register_threads:T (torch maps the pages with T threads, then cudaHostRegister);
 - touch+register: torch.empty (pageable), one write per page by T threads (the kernel zero-fills pages in
@@ -109,7 +110,10 @@ def main() -> None:
                 text=True,
             )
             if done.returncode != 0:
-                rows.append([method, threads, f"{requested:.1f}", "-", "-", f"failed: {done.stderr[-200:]}"])
+                # torch 2.11 has no pinned_max_round_threshold_mb: say so in one line, not a traceback.
+                unknown = "Unrecognized key" in done.stderr
+                why = "this torch does not know the setting" if unknown else f"failed: {done.stderr[-200:]}"
+                rows.append([method, threads, f"{requested:.1f}", "-", "-", why])
                 continue
             result = json.loads(done.stdout.strip().splitlines()[-1])
             seconds, held = result["seconds"], result["held_bytes"] / GIB
