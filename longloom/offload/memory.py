@@ -45,6 +45,7 @@ class PlannedRun(Protocol):
     ulysses: int
     ring: int
     mlp_tiles: int  # model.mlp_tiles resolved for this rank's tokens
+    device_type: str  # cuda: the activation pool pins its buffers (rounded up, pinned_block_bytes)
 
     @property
     def dtype_bytes(self) -> int: ...  # bytes of a weight / activation element in the training dtype
@@ -105,6 +106,18 @@ def _optimizer_bytes(cfg: LongloomConfig, plan: PlannedRun, n: int, gpu_share: f
     return {**device, "host": host}
 
 
+def pinned_block_bytes(nbytes: float) -> int:
+    """Host bytes torch pins for one request of `nbytes`: the next power of two.
+
+    torch's caching host allocator rounds every pinned block up so (torch 2.11 has no setting to stop
+    it): with the workers' register path, 11 buffers of 0.75 GiB held 11.0 GiB on an H200 host
+    (bench/pinning.py, BENCHMARKS.md session 10). At sequence lengths that are not powers of two the
+    activation pool's buffers hold up to 2x their bytes. Counted for one attention call per layer
+    (head_chunks=1, the default): pipelined chunks keep one smaller block each.
+    """
+    return 0 if nbytes <= 0 else 1 << math.ceil(math.log2(nbytes))
+
+
 def _kept_attention_bytes(cfg: LongloomConfig, plan: PlannedRun) -> tuple[float, float, float]:
     """Bytes of one softmax layer's kept attention outputs (attention/tokenwise.py) per worker:
     (swapped to the host, kept on the device by a layer but the last, kept on the device by the last).
@@ -163,6 +176,13 @@ def _activation_bytes(cfg: LongloomConfig, plan: PlannedRun) -> dict[str, float]
         kinds = m.layer_kinds()
         swapped = [layer_input + (to_host if kind == "S" else 0.0) for kind in kinds[:-1]]
         host = sum(swapped)
+        if plan.device_type == "cuda":  # each swapped tensor is its own pinned block, rounded up
+            out_bytes = to_host * m.head_dim * b / (m.head_dim * b + 4)  # the rest is the fp32 lse
+            attention_blocks = pinned_block_bytes(out_bytes) + pinned_block_bytes(to_host - out_bytes)
+            host = sum(
+                pinned_block_bytes(layer_input) + (attention_blocks if kind == "S" else 0)
+                for kind in kinds[:-1]
+            )
         inputs = layer_input + max(swapped, default=0.0)
         kept_on_device = sum(on_device for kind in kinds[:-1] if kind == "S")
         kept_on_device += last_on_device if kinds[-1] == "S" else 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from longloom.offload.memory import (
     human_bytes,
     interleaved_share_memory_cap,
     parameter_count,
+    pinned_block_bytes,
 )
 from longloom.training.offload_report import activation_offload_line
 from longloom.training.plan import build_run_plan
@@ -112,6 +114,21 @@ def test_device_kept_attention_outputs_count_on_the_gpu_not_the_host():
     assert f"{human_bytes(on_device)} kept in GPU memory (the attention outputs of 50% of the tokens" in line
     assert "attention recomputed for the other 25% of the tokens;" in line
     assert re.search(r"pool [\d.]+ \w+ in \d+ buffers, allocated in \d+\.\d s$", line), line
+
+
+def test_pinned_blocks_are_counted_as_torch_rounds_them():
+    # On CUDA every swapped tensor is a pinned block rounded up to a power of two (pinned_block_bytes);
+    # on the CPU the pool does not pin, and the estimate is the bytes sent, as measured above.
+    cfg = load_config(None, [*MODEL, "data.seq_len=48", "offload.activations=0.25"])
+    cpu_plan = build_run_plan(cfg, 1)
+    cuda_plan = dataclasses.replace(cpu_plan, device_type="cuda")
+    # Two of three layers swap: the input [1, 48, 64] fp32 (12 KiB) and the last 12 tokens' out
+    # [1, 12, 8, 8] (3 KiB) and lse [1, 8, 12] (384 B).
+    assert estimate_memory(cfg, cpu_plan)["host_pinned_per_worker"]["activations"] == 2 * (12288 + 3072 + 384)
+    assert estimate_memory(cfg, cuda_plan)["host_pinned_per_worker"]["activations"] == 2 * (
+        16384 + 4096 + 512
+    )
+    assert [pinned_block_bytes(n) for n in (0, 1, 3 << 28, 1 << 30)] == [0, 1, 1 << 30, 1 << 30]
 
 
 def test_check_refuses_pinned_memory_that_does_not_fit():
