@@ -118,9 +118,10 @@ def pinned_block_bytes(nbytes: float) -> int:
     return 0 if nbytes <= 0 else 1 << math.ceil(math.log2(nbytes))
 
 
-def _kept_attention_bytes(cfg: LongloomConfig, plan: PlannedRun) -> tuple[float, float, float]:
+def _kept_attention_bytes(cfg: LongloomConfig, plan: PlannedRun) -> tuple[float, float, float, int]:
     """Bytes of one softmax layer's kept attention outputs (attention/tokenwise.py) per worker:
-    (swapped to the host, kept on the device by a layer but the last, kept on the device by the last).
+    (swapped to the host, kept on the device by a layer but the last, kept on the device by the last,
+    the swapped out and lse as pinned blocks: pinned_block_bytes of each).
 
     Token-wise recomputation runs where the attention runs: on S / ring tokens (the whole sequence
     after Ulysses' all-to-all, or this rank's ring shard) for H / ulysses heads; each kept token keeps
@@ -128,12 +129,15 @@ def _kept_attention_bytes(cfg: LongloomConfig, plan: PlannedRun) -> tuple[float,
     """
     m, o = cfg.model, cfg.offload
     if o.activation_share == 0.0:
-        return 0.0, 0.0, 0.0
+        return 0.0, 0.0, 0.0, 0
     tokens = cfg.data.seq_len // plan.ring
     kept, swapped = kept_token_counts(tokens, o.activation_share, o.device_activations)
-    per_token = cfg.train.micro_batch_size * m.heads / plan.ulysses * (m.head_dim * plan.dtype_bytes + 4)
+    heads = cfg.train.micro_batch_size * m.heads / plan.ulysses
+    out_per_token, lse_per_token = heads * m.head_dim * plan.dtype_bytes, heads * 4
+    per_token = out_per_token + lse_per_token
     last_layer = kept * per_token if o.device_activations > 0 else 0.0  # activations.py: all on the device
-    return swapped * per_token, (kept - swapped) * per_token, last_layer
+    pinned = pinned_block_bytes(swapped * out_per_token) + pinned_block_bytes(swapped * lse_per_token)
+    return swapped * per_token, (kept - swapped) * per_token, last_layer, pinned
 
 
 def _activation_bytes(cfg: LongloomConfig, plan: PlannedRun) -> dict[str, float]:
@@ -172,15 +176,13 @@ def _activation_bytes(cfg: LongloomConfig, plan: PlannedRun) -> dict[str, float]
         # swapped tokens to the host and keeps its device-kept tokens; the last keeps its input on the
         # device (and, with a device share, all its kept tokens); backward brings one layer's tensors
         # back ahead of time.
-        to_host, on_device, last_on_device = _kept_attention_bytes(cfg, plan)
+        to_host, on_device, last_on_device, to_host_pinned = _kept_attention_bytes(cfg, plan)
         kinds = m.layer_kinds()
         swapped = [layer_input + (to_host if kind == "S" else 0.0) for kind in kinds[:-1]]
         host = sum(swapped)
         if plan.device_type == "cuda":  # each swapped tensor is its own pinned block, rounded up
-            out_bytes = to_host * m.head_dim * b / (m.head_dim * b + 4)  # the rest is the fp32 lse
-            attention_blocks = pinned_block_bytes(out_bytes) + pinned_block_bytes(to_host - out_bytes)
             host = sum(
-                pinned_block_bytes(layer_input) + (attention_blocks if kind == "S" else 0)
+                pinned_block_bytes(layer_input) + (to_host_pinned if kind == "S" else 0)
                 for kind in kinds[:-1]
             )
         inputs = layer_input + max(swapped, default=0.0)
