@@ -11,7 +11,9 @@ instead; bench/ulysses_exchange.py times both on the real pack.
 `copy_rows_(dst, src)`: dst[...] = src[...] for views of the same shape and dtype. The trailing dims
 that are contiguous in both merge into one row of `width` elements; the leading dims (after merging
 those that are contiguous into each other in both views, e.g. B = 1) must be at most three, each with
-its own source and destination stride. Views that do not fit that shape go through torch's copy_.
+its own source and destination stride. Views that do not fit that shape go through torch's copy_, and
+so do views with no leading dim left (one contiguous block in both: copy_ is a memcpy there; the pack
+of a B = 1 attention output in [B, S, h, D] order is one) and rows of more than MAX_COLUMN_BLOCKS blocks.
 The copy moves the same bits either way (no arithmetic), so results are bit-identical to copy_.
 Runs on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (tests).
 """
@@ -26,6 +28,8 @@ import triton.language as tl
 MAX_LEADING_DIMS = 3
 # Rows narrower than this gain nothing from the kernel over copy_'s strided path.
 MIN_ROW_BYTES = 256
+# CUDA's limit on a grid's second axis, which counts the column blocks of a row.
+MAX_COLUMN_BLOCKS = 65535
 
 
 @triton.jit
@@ -85,16 +89,30 @@ def copy_rows_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
             f"{src.dtype} on {src.device} must match in shape, dtype and device; use Tensor.copy_ to convert"
         )
     layout = row_layout(dst.shape, src.stride(), dst.stride())
-    if layout is None or layout[0] * dst.element_size() < MIN_ROW_BYTES or dst.numel() == 0:
+    if layout is None or not layout[1] or layout[0] * dst.element_size() < MIN_ROW_BYTES or dst.numel() == 0:
         return dst.copy_(src)
     width, leading = layout
-    leading = [(1, 0, 0)] * (MAX_LEADING_DIMS - len(leading)) + leading
-    (_, src0, dst0), (dim1, src1, dst1), (dim2, src2, dst2) = leading
-    rows = dst.numel() // width
     # 16-byte accesses along a row; enough rows per program that one moves ~32 KiB.
     block_width = min(triton.next_power_of_2(width), 4096 // dst.element_size())
+    if triton.cdiv(width, block_width) > MAX_COLUMN_BLOCKS:
+        return dst.copy_(src)
+    leading = [(1, 0, 0)] * (MAX_LEADING_DIMS - len(leading)) + leading
+    rows = dst.numel() // width
     block_rows = max(1, min(64, (32768 // dst.element_size()) // block_width))
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(width, block_width))
+    try:
+        _launch(grid, src, dst, rows, width, leading, block_rows, block_width)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"copy_rows_: the row kernel failed for shape {tuple(dst.shape)} {dst.dtype}, src strides "
+            f"{src.stride()}, dst strides {dst.stride()} (width {width}, leading dims {leading}, grid {grid}, "
+            f"blocks {block_rows} x {block_width}): {error}. Tensor.copy_ does the same copy without it"
+        ) from error
+    return dst
+
+
+def _launch(grid, src, dst, rows, width, leading, block_rows, block_width) -> None:
+    (_, src0, dst0), (dim1, src1, dst1), (dim2, src2, dst2) = leading
     _row_copy_kernel[grid](
         src,
         dst,
@@ -112,4 +130,3 @@ def copy_rows_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         BLOCK_WIDTH=block_width,
         num_warps=8,
     )
-    return dst

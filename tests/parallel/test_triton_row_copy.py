@@ -98,6 +98,23 @@ def test_other_layouts_fall_back_to_copy(kernel_calls):
     assert torch.equal(dst, src) and torch.equal(narrow, src[:, :8]) and kernel_calls == []
 
 
+def test_one_contiguous_block_and_overwide_rows_go_to_copy(kernel_calls, monkeypatch):
+    # A B = 1 attention output [1, S, h, D] packed into [P, 1, S/P, h, D] is one contiguous block in both
+    # views (no leading dim): copy_'s memcpy. The kernel once put it on the grid's second axis, which CUDA
+    # caps at 65535 blocks ("invalid argument" at 64K tokens, 2 x H200).
+    out = _distinct((1, 16, 4, 64), torch.float32)
+    send = torch.empty(heads_to_seq_send_shape([out], 2))
+    source = out.unflatten(1, (2, 8)).transpose(0, 1)
+    copy_rows_(send, source)
+    assert torch.equal(send, source) and kernel_calls == []
+    # Rows with more column blocks than the grid's second axis holds: copy_ too.
+    monkeypatch.setattr(triton_row_copy, "MAX_COLUMN_BLOCKS", 1)
+    src = _distinct((37, 2, 3000), torch.float32)[:, 1]
+    dst = torch.zeros(37, 3000)
+    copy_rows_(dst, src)
+    assert torch.equal(dst, src) and kernel_calls == []
+
+
 def test_mismatched_tensors_name_the_fix():
     with pytest.raises(ValueError, match=r"must match in shape, dtype and device; use Tensor.copy_"):
         copy_rows_(torch.empty(4, 64), torch.empty(4, 64, dtype=torch.float64))
