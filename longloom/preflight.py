@@ -221,7 +221,11 @@ def check_memory(cfg: LongloomConfig, report: PreflightReport) -> None:
         report.notes.append(
             "GPU memory not checked: no CUDA device on this machine (the run trains on its CPU)"
         )
-    check_host_memory(plan.config, plan, estimate)
+    from longloom.training.plan import build_run_plan
+
+    check_host_memory(
+        plan.config, plan, estimate, replan=lambda variant: build_run_plan(variant, cfg.launch.workers).memory
+    )
 
 
 def check_eval_data(cfg: LongloomConfig, report: PreflightReport) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -250,50 +251,69 @@ def host_pinned_limit(cfg: LongloomConfig) -> tuple[int, str]:
     ), f"{DEFAULT_PINNABLE_SHARE:.0%} of this host's {human_bytes(total)}"
 
 
-def check_host_memory(cfg: LongloomConfig, plan: PlannedRun, estimate: dict[str, Any]) -> None:
-    """Raises ConfigError when the pinned host memory of one host's workers exceeds what may be pinned."""
+def check_host_memory(
+    cfg: LongloomConfig,
+    plan: PlannedRun,
+    estimate: dict[str, Any],
+    replan: Callable[[LongloomConfig], dict[str, Any]] | None = None,
+) -> None:
+    """Raises ConfigError when the pinned host memory of one host's workers exceeds what may be pinned.
+
+    replan(variant config) -> its estimate, planned as the run plans it (training/plan.py: the interleaved
+    optimizer's GPU share and the MLP tiles follow the activation share); it tries the shares the error
+    advises. Without it the variants keep this plan and its GPU share.
+    """
     needed = estimate["host_pinned_per_host"]
     limit, source = host_pinned_limit(cfg)
-    if needed > limit:
-        worker = estimate["host_pinned_per_worker"]
-        raise ConfigError(
-            f"pinned host memory needed: {human_bytes(needed)} per host ({estimate['workers_per_host']} workers x "
-            f"{human_bytes(worker['total'])}: activations {human_bytes(worker['activations'])} "
-            f"(offload.activations={cfg.offload.activations}), optimizer {human_bytes(worker['optimizer'])} "
-            f"(offload.optimizer={cfg.offload.optimizer})) exceeds the {human_bytes(limit)} allowed "
-            f"({source}): {_activation_share_advice(cfg, plan, estimate, limit)}use offload.optimizer=interleaved or "
-            "raise offload.gpu_share, spread the run over more hosts, or set offload.host_memory_limit_gb if "
-            "this host has more to give"
-        )
+    if needed <= limit:
+        return
+    if replan is None:
+
+        def replan(variant: LongloomConfig) -> dict[str, Any]:
+            return estimate_memory(variant, plan, gpu_share=estimate["gpu_share"])
+
+    worker = estimate["host_pinned_per_worker"]
+    optimizer_advice = (
+        f"raise offload.gpu_share (planned {estimate['gpu_share']:.2f}) if GPU memory allows"
+        if cfg.offload.optimizer == "interleaved"
+        else "use offload.optimizer=interleaved or raise offload.gpu_share"
+    )
+    raise ConfigError(
+        f"pinned host memory needed: {human_bytes(needed)} per host ({estimate['workers_per_host']} workers x "
+        f"{human_bytes(worker['total'])}: activations {human_bytes(worker['activations'])} "
+        f"(offload.activations={cfg.offload.activations}), optimizer {human_bytes(worker['optimizer'])} "
+        f"(offload.optimizer={cfg.offload.optimizer})) exceeds the {human_bytes(limit)} allowed "
+        f"({source}): {_activation_share_advice(cfg, limit, replan)}{optimizer_advice}, spread the run over "
+        "more hosts, or set offload.host_memory_limit_gb if this host has more to give"
+    )
 
 
 def _activation_share_advice(
-    cfg: LongloomConfig, plan: PlannedRun, estimate: dict[str, Any], limit: float
+    cfg: LongloomConfig, limit: float, replan: Callable[[LongloomConfig], dict[str, Any]]
 ) -> str:
-    """'set offload.activations to at most X, ' where a lower share fits the host, else ''."""
-    if cfg.offload.activation_share == 0.0:
-        return ""
+    """'set offload.activations to X, ' for the largest share in steps of 0.01 whose whole plan fits the host.
 
-    # Host bytes of activation offload are linear in the share: layer inputs + share x attention outputs
-    # (a device share moves the host's tokens by rounding only: planned without it).
-    def host_bytes(share: float) -> float:
-        offload = cfg.offload.model_copy(update={"activations": share, "device_activations": 0.0})
-        return _activation_bytes(cfg.model_copy(update={"offload": offload}), plan)["host"]
+    Every candidate is planned in full rather than interpolated: pinned blocks round up to powers of two
+    on CUDA, so host bytes are a step function of the share, and the interleaved optimizer's GPU share
+    (hence its host bytes) moves with it. At share 0 nothing goes to the host and the layer inputs fill
+    the GPU, which is why 0 is never advised.
+    """
 
-    per_share = 2 * (host_bytes(1.0) - host_bytes(0.5))
-    inputs_only = host_bytes(1.0) - per_share
-    room = limit / estimate["workers_per_host"] - estimate["host_pinned_per_worker"]["optimizer"]
-    if per_share <= 0 or room <= inputs_only:
-        return (
-            f"the layer inputs alone need {human_bytes(inputs_only)} per worker: set offload.activations=false "
-            "or shorten data.seq_len, "
-        )
-    best = math.floor(100 * min(1.0, (room - inputs_only) / per_share)) / 100
+    def with_share(share: float) -> LongloomConfig:
+        return cfg.model_copy(update={"offload": cfg.offload.model_copy(update={"activations": share})})
+
+    current = round(100 * cfg.offload.activation_share)
+    for hundredths in range(current - 1 if current else 100, 0, -1):
+        if replan(with_share(hundredths / 100))["host_pinned_per_host"] <= limit:
+            return (
+                f"set offload.activations={hundredths / 100:.2f} (the largest share that fits: less of the "
+                "attention output is kept, the rest recomputed; offload.device_activations can keep more "
+                "of it in GPU memory instead), "
+            )
+    smallest = replan(with_share(0.01))
     return (
-        f"set offload.activations to at most {best:.2f} (less of the attention output is kept; "
-        "offload.device_activations can keep more of it in GPU memory instead), "
-        if best > 0
-        else ""
+        f"even offload.activations=0.01 needs {human_bytes(smallest['host_pinned_per_host'])} per host "
+        "(the layer inputs): shorten data.seq_len, "
     )
 
 

@@ -138,36 +138,67 @@ def test_check_refuses_pinned_memory_that_does_not_fit():
     _check_host(load_config(None, [*MODEL, "offload.activations=true"]))  # the host has room
 
 
-def test_refusal_names_the_largest_activation_share_that_fits():
-    def host_bytes(share: str, *extra: str) -> int:
-        cfg = load_config(None, [*MODEL, "data.seq_len=4096", f"offload.activations={share}", *extra])
-        return _memory(cfg, 1)["host_pinned_per_worker"]["activations"]
+def _advised_share(cfg, plan_for) -> float | None:
+    """The share the refusal advises (None: it fits), with plan_for(config) -> plan as the replanning."""
+    try:
+        check_host_memory(cfg, plan_for(cfg), plan_for(cfg).memory, replan=lambda c: plan_for(c).memory)
+    except ConfigError as error:
+        advised = re.search(r"set offload.activations=([0-9.]+) \(the largest share that fits", str(error))
+        return float(advised.group(1)) if advised else -1.0
+    return None
 
-    per_share = 2 * (host_bytes("1.0") - host_bytes("0.5"))
-    inputs_only = host_bytes("1.0") - per_share
-    assert per_share > 0 and inputs_only > 0
-    limit_gib = (inputs_only + 0.405 * per_share) / 2**30  # room for the inputs and 40% of the outputs
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_refusal_advises_the_largest_activation_share_that_fits(device_type):
+    # The advice is checked by taking it: the advised share fits, 0.01 more does not. On a CUDA-typed
+    # plan every swapped tensor is a power-of-two pinned block, so host bytes are a step function of
+    # the share (an interpolated advice was refused on an H200 at 196608 tokens: "at most 0.11", then
+    # 0.1 needed 100.77 of 100.69 GiB).
+    def plan_for(cfg):
+        plan = build_run_plan(cfg, 1)
+        plan = dataclasses.replace(plan, device_type=device_type)
+        return dataclasses.replace(plan, memory=estimate_memory(cfg, plan))
+
+    def config(share, limit_gib=None):
+        limit = [f"offload.host_memory_limit_gb={limit_gib}"] if limit_gib is not None else []
+        return load_config(None, [*MODEL, "data.seq_len=4000", f"offload.activations={share}", *limit])
+
+    def host_gib(share):
+        return plan_for(config(share)).memory["host_pinned_per_host"] / 2**30
+
+    for fraction in (0.13, 0.4, 0.77):
+        limit = host_gib(0.01) + fraction * (host_gib(1.0) - host_gib(0.01))
+        advised = _advised_share(config("true", limit), plan_for)
+        assert advised is not None and 0 < advised < 1
+        assert _advised_share(config(advised, limit), plan_for) is None  # taking the advice fits
+        assert host_gib(round(advised + 0.01, 2)) > limit  # and it is the largest that does
+    tiny = config(0.4, 0.000001)
+    with pytest.raises(ConfigError, match=r"even offload.activations=0.01 needs .* per host .*seq_len"):
+        check_host_memory(tiny, plan_for(tiny), plan_for(tiny).memory, replan=lambda c: plan_for(c).memory)
+
+
+def test_refusal_with_interleaved_optimizer_replans_its_gpu_share():
+    # Lowering the activation share frees the GPU's prefetch room, which the interleaved optimizer's
+    # GPU share takes: the advice plans each share in full (the preflight passes build_run_plan).
     cfg = load_config(
+        None, [*MODEL, "data.seq_len=4000", "offload.optimizer=interleaved", "offload.activations=0.5"]
+    )
+    plan = build_run_plan(cfg, 1)
+    limit = plan.memory["host_pinned_per_host"] / 2**30 * 0.999
+    tight = load_config(
         None,
         [
             *MODEL,
-            "data.seq_len=4096",
-            "offload.activations=true",
-            f"offload.host_memory_limit_gb={limit_gib}",
+            "data.seq_len=4000",
+            "offload.optimizer=interleaved",
+            "offload.activations=0.5",
+            f"offload.host_memory_limit_gb={limit}",
         ],
     )
-    with pytest.raises(ConfigError, match=r"set offload.activations to at most 0.40 "):
-        _check_host(cfg)
-    fitting = [
-        *MODEL,
-        "data.seq_len=4096",
-        "offload.activations=0.4",
-        f"offload.host_memory_limit_gb={limit_gib}",
-    ]
-    _check_host(load_config(None, fitting))
-    tiny = [*MODEL, "data.seq_len=4096", "offload.activations=0.4", "offload.host_memory_limit_gb=0.000001"]
-    with pytest.raises(ConfigError, match=r"the layer inputs alone need .* set offload.activations=false"):
-        _check_host(load_config(None, tiny))
+    with pytest.raises(
+        ConfigError, match=r"raise offload.gpu_share \(planned [0-9.]+\) if GPU memory allows"
+    ):
+        check_host_memory(tight, plan, plan.memory, replan=lambda c: build_run_plan(c, 1).memory)
 
 
 def test_interleaved_memory_cap_follows_device_size():
