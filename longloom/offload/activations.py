@@ -61,6 +61,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from longloom.attention.tokenwise import AttentionOutputs
+from longloom.runtime.page_locked import page_locked_empty
 
 
 def kept_token_counts(total_tokens: int, share: float, device_share: float) -> tuple[int, int]:
@@ -79,11 +80,24 @@ def _swapped_of_kept(kept: int, share: float, device_share: float) -> int:
     return kept if device_share == 0.0 else round(kept * share / (share + device_share))
 
 
-class HostBuffer:
-    """One byte buffer of the pool; `last_read` is the host->device copy that must finish before reuse."""
+def pool_block_bytes(nbytes: float) -> int:
+    """Host bytes the pool holds for one request of `nbytes`: whole granules (PinnedHostPool.GRANULE)."""
+    return -(-math.ceil(nbytes) // PinnedHostPool.GRANULE) * PinnedHostPool.GRANULE if nbytes > 0 else 0
 
-    def __init__(self, capacity: int, pin: bool):
-        self.data = torch.empty(capacity, dtype=torch.uint8, pin_memory=pin)
+
+class HostBuffer:
+    """One byte buffer of the pool; `last_read` is the host->device copy that must finish before reuse.
+
+    Pinned buffers are page-locked at their exact size (runtime/page_locked.py), not by torch's pinned
+    allocator, which would round each up to a power of two: up to 2x the host memory at lengths that
+    are not powers of two, and host memory is what bounds the longest sequence on one GPU.
+    """
+
+    def __init__(self, capacity: int, pin: bool, device: torch.device | None = None):
+        if pin:
+            self.data = page_locked_empty(capacity, device)
+        else:
+            self.data = torch.empty(capacity, dtype=torch.uint8)
         self.capacity = capacity
         self.last_read: torch.cuda.Event | None = None
 
@@ -95,7 +109,7 @@ class HostBuffer:
 class PinnedHostPool:
     """Host buffers handed out per offloaded tensor and returned after use; grown only when none fits.
 
-    Pinning (cudaHostAlloc) costs milliseconds per buffer and pinned memory is a scarce host resource, so
+    Page-locking costs milliseconds per buffer and pinned memory is a scarce host resource, so
     buffers are kept for the next step: after the first step every request finds a free buffer of its
     size and the pool stops growing. Thread-safe: forward packs on the main thread, backward unpacks on
     autograd's device threads.
@@ -104,15 +118,15 @@ class PinnedHostPool:
     # Rounding sizes up lets slightly different requests (last micro batch, other shares) share buffers.
     GRANULE = 1 << 20
 
-    def __init__(self, pin: bool):
-        self.pin = pin
+    def __init__(self, pin: bool, device: torch.device | None = None):
+        self.pin, self.device = pin, device
         self._free: list[HostBuffer] = []
         self._lock = threading.Lock()
         self.total_bytes = 0
         self.num_buffers = 0
         self.bytes_in_use = 0
         self.peak_bytes_in_use = 0
-        # Seconds spent creating buffers (cudaHostAlloc on GPU): all of it in the first step, which it
+        # Seconds spent creating buffers (page-locking them on GPU): all of it in the first step, which it
         # lengthens; the offload report shows it as that step's own phase (issue 18, time to first step).
         self.allocation_seconds = 0.0
 
@@ -123,11 +137,11 @@ class PinnedHostPool:
                 buffer = min(fitting, key=lambda candidate: candidate.capacity)  # best fit
                 self._free.remove(buffer)
             else:
-                capacity = -(-nbytes // self.GRANULE) * self.GRANULE
+                capacity = pool_block_bytes(nbytes)
                 started = time.perf_counter()
                 try:
-                    buffer = HostBuffer(capacity, self.pin)
-                except RuntimeError as error:  # cudaHostAlloc / malloc refused: the host is out of memory
+                    buffer = HostBuffer(capacity, self.pin, self.device)
+                except RuntimeError as error:  # mapping or page-locking refused: the host is out of memory
                     raise RuntimeError(
                         f"activation offload could not {'pin' if self.pin else 'allocate'} "
                         f"{capacity / 2**30:.2f} GiB of host memory with {self.total_bytes / 2**30:.2f} GiB "
@@ -270,7 +284,7 @@ class ActivationOffloader:
         self.token_wise = token_wise
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.pool = PinnedHostPool(pin=self.cuda)
+        self.pool = PinnedHostPool(pin=self.cuda, device=self.device if self.cuda else None)
         self.offload_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.prefetch_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._last_layer: weakref.ref[LayerActivations] | None = None

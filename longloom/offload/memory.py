@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import torch
 
 from longloom.config import ConfigError, LongloomConfig, ModelConfig
-from longloom.offload.activations import kept_token_counts
+from longloom.offload.activations import kept_token_counts, pool_block_bytes
 from longloom.parallel.loss import FUSED_CHUNK_ELEMENTS
 
 GIB = 1 << 30
@@ -46,7 +46,7 @@ class PlannedRun(Protocol):
     ulysses: int
     ring: int
     mlp_tiles: int  # model.mlp_tiles resolved for this rank's tokens
-    device_type: str  # cuda: the activation pool pins its buffers (rounded up, pinned_block_bytes)
+    device_type: str  # cuda: the activation pool page-locks its buffers (pool_block_bytes each)
 
     @property
     def dtype_bytes(self) -> int: ...  # bytes of a weight / activation element in the training dtype
@@ -107,22 +107,10 @@ def _optimizer_bytes(cfg: LongloomConfig, plan: PlannedRun, n: int, gpu_share: f
     return {**device, "host": host}
 
 
-def pinned_block_bytes(nbytes: float) -> int:
-    """Host bytes torch pins for one request of `nbytes`: the next power of two.
-
-    torch's caching host allocator rounds every pinned block up so (torch 2.11 has no setting to stop
-    it): with the workers' register path, 11 buffers of 0.75 GiB held 11.0 GiB on an H200 host
-    (bench/pinning.py, BENCHMARKS.md session 10). At sequence lengths that are not powers of two the
-    activation pool's buffers hold up to 2x their bytes. Counted for one attention call per layer
-    (head_chunks=1, the default): pipelined chunks keep one smaller block each.
-    """
-    return 0 if nbytes <= 0 else 1 << math.ceil(math.log2(nbytes))
-
-
 def _kept_attention_bytes(cfg: LongloomConfig, plan: PlannedRun) -> tuple[float, float, float, int]:
     """Bytes of one softmax layer's kept attention outputs (attention/tokenwise.py) per worker:
     (swapped to the host, kept on the device by a layer but the last, kept on the device by the last,
-    the swapped out and lse as pinned blocks: pinned_block_bytes of each).
+    the swapped out and lse as the pool's blocks: pool_block_bytes of each).
 
     Token-wise recomputation runs where the attention runs: on S / ring tokens (the whole sequence
     after Ulysses' all-to-all, or this rank's ring shard) for H / ulysses heads; each kept token keeps
@@ -137,7 +125,7 @@ def _kept_attention_bytes(cfg: LongloomConfig, plan: PlannedRun) -> tuple[float,
     out_per_token, lse_per_token = heads * m.head_dim * plan.dtype_bytes, heads * 4
     per_token = out_per_token + lse_per_token
     last_layer = kept * per_token if o.device_activations > 0 else 0.0  # activations.py: all on the device
-    pinned = pinned_block_bytes(swapped * out_per_token) + pinned_block_bytes(swapped * lse_per_token)
+    pinned = pool_block_bytes(swapped * out_per_token) + pool_block_bytes(swapped * lse_per_token)
     return swapped * per_token, (kept - swapped) * per_token, last_layer, pinned
 
 
@@ -181,10 +169,9 @@ def _activation_bytes(cfg: LongloomConfig, plan: PlannedRun) -> dict[str, float]
         kinds = m.layer_kinds()
         swapped = [layer_input + (to_host if kind == "S" else 0.0) for kind in kinds[:-1]]
         host = sum(swapped)
-        if plan.device_type == "cuda":  # each swapped tensor is its own pinned block, rounded up
+        if plan.device_type == "cuda":  # each swapped tensor is its own page-locked block of whole granules
             host = sum(
-                pinned_block_bytes(layer_input) + (to_host_pinned if kind == "S" else 0)
-                for kind in kinds[:-1]
+                pool_block_bytes(layer_input) + (to_host_pinned if kind == "S" else 0) for kind in kinds[:-1]
             )
         inputs = layer_input + max(swapped, default=0.0)
         kept_on_device = sum(on_device for kind in kinds[:-1] if kind == "S")

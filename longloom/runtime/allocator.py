@@ -1,8 +1,8 @@
 """The CUDA allocators' settings for a worker, unless the user chose: expandable segments, fast pinning.
 
 Long sequences allocate a few very large tensors whose sizes change from layer to layer; the default
-fixed segments fragment (issue 6, BENCHMARKS.md). Pinned host memory (the activation pool, CPU Adam's
-buffers) is pinned by torch's own register path with threads instead of cudaHostAlloc (issue 18 item 7).
+fixed segments fragment (issue 6, BENCHMARKS.md). torch's pinned host memory (CPU Adam's buffers) is
+pinned by torch's own register path with threads instead of cudaHostAlloc (issue 18 item 7).
 Applied by `runtime.process.device_for_rank`.
 """
 
@@ -25,11 +25,13 @@ ALLOCATOR_SETTINGS_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 # request: on one H200 at 512K tokens a run asked for 14 GiB with 20 GiB reserved but free and failed,
 # while with expandable segments it peaked at 124 of 140 GiB (BENCHMARKS.md, issue 6).
 EXPANDABLE_SEGMENTS = "expandable_segments:True"
-# The activation pool pins tens of GiB in the first step. torch's default (cudaHostAlloc) pinned 31.2 GiB
-# at 1.3 GiB/s there (24 s of the first step at 128K on 2 x H200); its register path (pages faulted in by
-# 8 threads, then cudaHostRegister) pinned 6.9 GiB/s on the same host (BENCHMARKS.md, session 10,
-# bench/pinning.py). Both round a block up to a power of two: no extra host memory. torch wants a power
-# of two threads; 8 was the measured count.
+# torch's pinned allocations (DeepSpeed's pinned optimizer buffers, checkpoint staging) default to
+# cudaHostAlloc, which pinned 1.3 GiB/s on an H200 host (the activation pool's 31.2 GiB in 24 s of the
+# first step at 128K on 2 x H200, when the pool still used it); torch's register path (pages faulted in
+# by 8 threads, then cudaHostRegister) pinned 6.9 GiB/s there (BENCHMARKS.md, session 10,
+# bench/pinning.py). Both round a block up to a power of two. The activation pool now page-locks its
+# own buffers at their exact sizes (runtime/page_locked.py). torch wants a power of two threads; 8 was
+# the measured count.
 FAST_PINNING = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
 DEFAULT_ALLOCATOR_SETTINGS = f"{EXPANDABLE_SEGMENTS},{FAST_PINNING}"
 

@@ -12,7 +12,7 @@ import torch
 
 from longloom.config import ConfigError, load_config
 from longloom.models.llama import LlamaModel
-from longloom.offload.activations import ActivationOffloader
+from longloom.offload.activations import ActivationOffloader, PinnedHostPool, pool_block_bytes
 from longloom.offload.memory import (
     check_host_memory,
     estimate_memory,
@@ -20,7 +20,6 @@ from longloom.offload.memory import (
     human_bytes,
     interleaved_share_memory_cap,
     parameter_count,
-    pinned_block_bytes,
 )
 from longloom.training.offload_report import activation_offload_line
 from longloom.training.plan import build_run_plan
@@ -116,19 +115,22 @@ def test_device_kept_attention_outputs_count_on_the_gpu_not_the_host():
     assert re.search(r"pool [\d.]+ \w+ in \d+ buffers, allocated in \d+\.\d s$", line), line
 
 
-def test_pinned_blocks_are_counted_as_torch_rounds_them():
-    # On CUDA every swapped tensor is a pinned block rounded up to a power of two (pinned_block_bytes);
-    # on the CPU the pool does not pin, and the estimate is the bytes sent, as measured above.
+def test_pool_blocks_are_counted_as_the_pool_holds_them():
+    # On CUDA every swapped tensor is a page-locked block of whole 1 MiB granules (pool_block_bytes, the
+    # pool's own allocation); on the CPU nothing is pinned, and the estimate is the bytes sent, as
+    # measured above.
+    mib = 1 << 20
     cfg = load_config(None, [*MODEL, "data.seq_len=48", "offload.activations=0.25"])
     cpu_plan = build_run_plan(cfg, 1)
     cuda_plan = dataclasses.replace(cpu_plan, device_type="cuda")
     # Two of three layers swap: the input [1, 48, 64] fp32 (12 KiB) and the last 12 tokens' out
     # [1, 12, 8, 8] (3 KiB) and lse [1, 8, 12] (384 B).
     assert estimate_memory(cfg, cpu_plan)["host_pinned_per_worker"]["activations"] == 2 * (12288 + 3072 + 384)
-    assert estimate_memory(cfg, cuda_plan)["host_pinned_per_worker"]["activations"] == 2 * (
-        16384 + 4096 + 512
-    )
-    assert [pinned_block_bytes(n) for n in (0, 1, 3 << 28, 1 << 30)] == [0, 1, 1 << 30, 1 << 30]
+    assert estimate_memory(cfg, cuda_plan)["host_pinned_per_worker"]["activations"] == 2 * 3 * mib
+    # A 1.5 GiB layer input (196608 tokens x 4096 x bf16) holds 1.5 GiB, not torch's 2 GiB block.
+    assert [pool_block_bytes(n) for n in (0, 1, mib, mib + 1, 1.5 * 2**30)] == [0, mib, mib, 2 * mib, 3 << 29]
+    pool = PinnedHostPool(pin=False)
+    assert pool.acquire(mib + 1).capacity == pool_block_bytes(mib + 1) and pool.total_bytes == 2 * mib
 
 
 def test_check_refuses_pinned_memory_that_does_not_fit():
@@ -151,9 +153,9 @@ def _advised_share(cfg, plan_for) -> float | None:
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"])
 def test_refusal_advises_the_largest_activation_share_that_fits(device_type):
     # The advice is checked by taking it: the advised share fits, 0.01 more does not. On a CUDA-typed
-    # plan every swapped tensor is a power-of-two pinned block, so host bytes are a step function of
-    # the share (an interpolated advice was refused on an H200 at 196608 tokens: "at most 0.11", then
-    # 0.1 needed 100.77 of 100.69 GiB).
+    # plan every swapped tensor is a block of whole granules, so host bytes are a step function of the
+    # share (an advice interpolated between shares was refused on an H200 at 196608 tokens: "at most
+    # 0.11", then 0.1 needed 100.77 of 100.69 GiB).
     def plan_for(cfg):
         plan = build_run_plan(cfg, 1)
         plan = dataclasses.replace(plan, device_type=device_type)
@@ -161,10 +163,12 @@ def test_refusal_advises_the_largest_activation_share_that_fits(device_type):
 
     def config(share, limit_gib=None):
         limit = [f"offload.host_memory_limit_gb={limit_gib}"] if limit_gib is not None else []
-        return load_config(None, [*MODEL, "data.seq_len=4000", f"offload.activations={share}", *limit])
+        return load_config(None, [*MODEL, "data.seq_len=65536", f"offload.activations={share}", *limit])
 
     def host_gib(share):
         return plan_for(config(share)).memory["host_pinned_per_host"] / 2**30
+
+    assert host_gib(1.0) > host_gib(0.5) > host_gib(0.01)
 
     for fraction in (0.13, 0.4, 0.77):
         limit = host_gib(0.01) + fraction * (host_gib(1.0) - host_gib(0.01))
