@@ -28,8 +28,10 @@ value adds a row "triton-scan segments=X": the bare Triton scan forward plus its
 (triton vs triton-scan segments=auto is lasp2's own overhead on one device; auto vs fine the
 segmentation; fine vs fla the kernels; at 64K, H = 32, d = 128, bf16: auto = 4 pieces of 16K tokens,
 fine = 512 of 128, and 64 / 256 lie between: fewer fp32 piece states to write and chain, fewer
-parallel programs). Before timing, each segmentation is checked at --check-seq tokens: its bf16
-error vs fp64 (out, dq, dk, dv) must be at most 2x that of the "triton" path.
+parallel programs). Row "triton-blocks": attention/triton_linear_blocks.py (block states, then every
+block's output and gradients in parallel: fla's structure without piece states to chain). Before
+timing, each of these rows is checked at --check-seq tokens: its bf16 error vs fp64 (out, dq, dk, dv)
+must be at most 2x that of the "triton" path.
 
 Before timing, every distributed method is checked at --check-seq tokens on all ranks: its bf16
 error vs an fp64 reference (out, dq, dk, dv) must be at most 2x the error of the single-GPU bf16
@@ -66,6 +68,7 @@ from bench.common import (
 from longloom.attention.linear_chunked import linear_attention_backward, log_decay_of
 from longloom.attention.reference import reference_linear_attention
 from longloom.attention.triton_linear import triton_linear_scan
+from longloom.attention.triton_linear_blocks import block_parallel_backward, block_parallel_forward
 from longloom.parallel.lasp2 import lasp1_linear_attention, lasp2_linear_attention, select_scan
 from longloom.parallel.sharding import shard_sequence, unshard_sequence
 
@@ -307,11 +310,12 @@ def kernel_rows(
     """Rank 0 alone (`alone` is its one-rank group, so timing never waits for the idle ranks)."""
     dtype = DTYPES[args.dtype]
     rows = []
-    names = ["triton", "torch-chunked", "fla-chunk_simple_gla"]
+    names = ["triton", "torch-chunked", "fla-chunk_simple_gla", "triton-blocks"]
     names += [f"triton-scan segments={segments}" for segments in args.segments]
     if device.type == "cuda" and args.check_seq:
+        print(check_kernel(args, "triton-blocks", decay, device), flush=True)
         for segments in args.segments:
-            print(check_segments(args, segments, decay, device), flush=True)
+            print(check_kernel(args, f"triton-scan segments={segments}", decay, device), flush=True)
     for seq in args.seq:
         for name in names:
             row: list[object] = [name, seq]
@@ -380,10 +384,28 @@ class TritonScanAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
-def check_segments(
-    args: argparse.Namespace, segments: str, decay: torch.Tensor | None, device: torch.device
+class TritonBlocksAttention(torch.autograd.Function):
+    """Block-parallel Triton linear attention (attention/triton_linear_blocks.py) on one device, from a
+    zero state, differentiable (bench rows only until it measures faster than the scan)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, decay):
+        out, _ = block_parallel_forward(q, k, v, log_decay_of(decay))
+        ctx.save_for_backward(q, k, v, decay)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, decay = ctx.saved_tensors
+        dq, dk, dv, _ = block_parallel_backward(q, k, v, grad_out, log_decay_of(decay))
+        return dq, dk, dv, None
+
+
+def check_kernel(
+    args: argparse.Namespace, name: str, decay: torch.Tensor | None, device: torch.device
 ) -> str:
-    """bf16 scan cut into `segments` vs fp64: error at most 2x that of the default "triton" path."""
+    """A "triton-blocks" or "triton-scan segments=X" row's kernel in bf16 vs fp64: error at most 2x that
+    of the default "triton" path."""
     generator = torch.Generator(device=device).manual_seed(1234)
     shape = (args.batch, args.check_seq, args.heads, args.head_dim)
     q, k, v, dout = (
@@ -401,10 +423,8 @@ def check_segments(
     want = run(lambda a, b, c: reference_linear_attention(a, b, c, reference_decay), torch.float64)
     dtype = DTYPES[args.dtype]
     single = run(lambda a, b, c: lasp2_linear_attention(a, b, c, None, decay, backend="triton"), dtype)
-    got = run(lambda a, b, c: TritonScanAttention.apply(a, b, c, decay, parse_segments(segments)), dtype)
-    return check_against_fp64(
-        f"triton-scan segments={segments} check at S={args.check_seq}", want, single, got
-    )
+    got = run(lambda a, b, c: _kernel(name, a, b, c, decay)(), dtype)
+    return check_against_fp64(f"{name} check at S={args.check_seq}", want, single, got)
 
 
 def _kernel(
@@ -415,6 +435,10 @@ def _kernel(
             raise Skip("Triton needs CUDA (tests run it under TRITON_INTERPRET)")
         segments = parse_segments(name.split("=", 1)[1])
         return lambda: TritonScanAttention.apply(q, k, v, decay, segments)
+    if name == "triton-blocks":
+        if not q.is_cuda:
+            raise Skip("Triton needs CUDA (tests run it under TRITON_INTERPRET)")
+        return lambda: TritonBlocksAttention.apply(q, k, v, decay)
     if name == "triton":
         if not q.is_cuda:
             raise Skip("Triton needs CUDA (tests run it under TRITON_INTERPRET)")

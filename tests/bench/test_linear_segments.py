@@ -1,4 +1,5 @@
-"""bench/linear.py's "triton-scan segments=X" rows: the option's values and the timed function's gradients."""
+"""bench/linear.py's "triton-scan segments=X" and "triton-blocks" rows: the option's values and the timed
+functions' gradients."""
 
 import argparse
 
@@ -21,8 +22,10 @@ def test_segments_option_values():
             linear_bench.parse_segments(bad)
 
 
-def test_fine_scan_row_is_exact_forward_and_backward():
-    # Two 64-token pieces (fine_segments at S=128, d=16, fp32) under the Triton interpreter.
+@pytest.mark.parametrize("row", ["fine", "blocks"])
+def test_triton_rows_are_exact_forward_and_backward(row):
+    # fine: two 64-token pieces (fine_segments at S=128, d=16, fp32); blocks: two 64-token blocks in
+    # parallel. Under the Triton interpreter.
     generator = torch.Generator().manual_seed(0)
     q, k, v, grad_out = (torch.randn(1, 128, 2, 16, generator=generator) / 4 for _ in range(4))
     decay = torch.tensor([0.9, 1.0])
@@ -30,7 +33,10 @@ def test_fine_scan_row_is_exact_forward_and_backward():
     want = reference_linear_attention(*leaves, decay.double())
     want.backward(grad_out.double())
     inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = linear_bench.TritonScanAttention.apply(*inputs, decay, "fine")
+    if row == "fine":
+        out = linear_bench.TritonScanAttention.apply(*inputs, decay, "fine")
+    else:
+        out = linear_bench.TritonBlocksAttention.apply(*inputs, decay)
     out.backward(grad_out)
     for name, got, expected in zip(
         ("out", "dq", "dk", "dv"), [out, *(x.grad for x in inputs)], [want, *(x.grad for x in leaves)]
