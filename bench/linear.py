@@ -68,7 +68,11 @@ from bench.common import (
 from longloom.attention.linear_chunked import linear_attention_backward, log_decay_of
 from longloom.attention.reference import reference_linear_attention
 from longloom.attention.triton_linear import triton_linear_scan
-from longloom.attention.triton_linear_blocks import block_parallel_backward, block_parallel_forward
+from longloom.attention.triton_linear_blocks import (
+    BlockLaunch,
+    block_parallel_backward,
+    block_parallel_forward,
+)
 from longloom.parallel.lasp2 import lasp1_linear_attention, lasp2_linear_attention, select_scan
 from longloom.parallel.sharding import shard_sequence, unshard_sequence
 
@@ -311,9 +315,11 @@ def kernel_rows(
     dtype = DTYPES[args.dtype]
     rows = []
     names = ["triton", "torch-chunked", "fla-chunk_simple_gla", "triton-blocks"]
+    names += [f"triton-blocks launch={launch}" for launch in args.blocks_launch]
     names += [f"triton-scan segments={segments}" for segments in args.segments]
     if device.type == "cuda" and args.check_seq:
-        print(check_kernel(args, "triton-blocks", decay, device), flush=True)
+        for name in ["triton-blocks"] + [f"triton-blocks launch={launch}" for launch in args.blocks_launch]:
+            print(check_kernel(args, name, decay, device), flush=True)
         for segments in args.segments:
             print(check_kernel(args, f"triton-scan segments={segments}", decay, device), flush=True)
     for seq in args.seq:
@@ -354,6 +360,12 @@ def parse_segments(value: str) -> int | str | None:
     return int(value)
 
 
+def _block_launch_label(value: str) -> str:
+    """--blocks-launch type: checked when parsing, kept as written (it labels the row)."""
+    parse_block_launch(value)
+    return value
+
+
 def _segments_label(value: str) -> str:
     """--segments type: checked when parsing, kept as written (it labels the row)."""
     parse_segments(value)
@@ -389,16 +401,29 @@ class TritonBlocksAttention(torch.autograd.Function):
     zero state, differentiable (bench rows only until it measures faster than the scan)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, decay):
-        out, _ = block_parallel_forward(q, k, v, log_decay_of(decay))
+    def forward(ctx, q, k, v, decay, launch=None):
+        launch = launch or BlockLaunch()
+        out, _ = block_parallel_forward(q, k, v, log_decay_of(decay), launch=launch)
         ctx.save_for_backward(q, k, v, decay)
+        ctx.launch = launch
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, decay = ctx.saved_tensors
-        dq, dk, dv, _ = block_parallel_backward(q, k, v, grad_out, log_decay_of(decay))
-        return dq, dk, dv, None
+        dq, dk, dv, _ = block_parallel_backward(q, k, v, grad_out, log_decay_of(decay), launch=ctx.launch)
+        return dq, dk, dv, None, None
+
+
+def parse_block_launch(value: str) -> BlockLaunch:
+    """--blocks-launch value "OUTPUT_WARPS:BACKWARD_WARPS:STAGES" -> BlockLaunch (e.g. 8:8:2)."""
+    parts = value.split(":")
+    if len(parts) != 3 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(
+            f"--blocks-launch takes OUTPUT_WARPS:BACKWARD_WARPS:STAGES, positive integers (e.g. 8:8:2); got {value!r}"
+        )
+    output_warps, backward_warps, stages = (int(part) for part in parts)
+    return BlockLaunch(output_warps=output_warps, backward_warps=backward_warps, stages=stages)
 
 
 def check_kernel(
@@ -435,10 +460,11 @@ def _kernel(
             raise Skip("Triton needs CUDA (tests run it under TRITON_INTERPRET)")
         segments = parse_segments(name.split("=", 1)[1])
         return lambda: TritonScanAttention.apply(q, k, v, decay, segments)
-    if name == "triton-blocks":
+    if name.startswith("triton-blocks"):
         if not q.is_cuda:
             raise Skip("Triton needs CUDA (tests run it under TRITON_INTERPRET)")
-        return lambda: TritonBlocksAttention.apply(q, k, v, decay)
+        launch = parse_block_launch(name.split("=", 1)[1]) if "=" in name else BlockLaunch()
+        return lambda: TritonBlocksAttention.apply(q, k, v, decay, launch)
     if name == "triton":
         if not q.is_cuda:
             raise Skip("Triton needs CUDA (tests run it under TRITON_INTERPRET)")
@@ -485,6 +511,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         type=_segments_label,
         help="kernels part: a 'triton-scan segments=X' row per value X (auto, fine or a piece count)",
+    )
+    parser.add_argument(
+        "--blocks-launch",
+        nargs="*",
+        default=[],
+        type=_block_launch_label,
+        help="kernels part: a 'triton-blocks launch=X' row per value X = OUTPUT_WARPS:BACKWARD_WARPS:STAGES",
     )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=32)

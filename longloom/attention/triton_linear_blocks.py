@@ -27,6 +27,8 @@ d = 128, bf16), held for one call. Runs on CPU under TRITON_INTERPRET=1 (the tes
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -34,6 +36,22 @@ import triton.language as tl
 from longloom.attention.linear_chunked import DEFAULT_BLOCK_SIZE, compute_dtype
 
 STATE_TILE = 64  # d_k and d_v tile of the state walk: B * H * (d_k / 64) * (d_v / 64) programs
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockLaunch:
+    """Launch settings of the block-parallel kernels (output, backward); bench/linear.py sweeps them.
+
+    Defaults: 4 warps for the output kernel (three [c, d] dots per program), 8 for the backward kernel
+    (eight dots and three [c, d] fp32 accumulators per program); stages as Triton chooses.
+    """
+
+    output_warps: int = 4
+    backward_warps: int = 8
+    stages: int | None = None
+
+    def stage_settings(self) -> dict[str, int]:
+        return {} if self.stages is None else {"num_stages": self.stages}
 
 
 @triton.jit
@@ -365,6 +383,7 @@ def block_parallel_forward(
     log_decay: torch.Tensor | None,
     initial_state: torch.Tensor | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    launch: BlockLaunch = BlockLaunch(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, S, H, d_v] in q's dtype, final state fp32): the forward scan's result, blocks in parallel."""
     _check(block_size, q, k, v)
@@ -381,7 +400,8 @@ def block_parallel_forward(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         HEADS=heads, DK=dim_k, DV=dim_v, BLOCK=block_size, BK=max(16, triton.next_power_of_2(dim_k)),
-        BV=tile_v, HAS_DECAY=log_decay is not None, PRECISION=_precision(k.dtype), num_warps=4,
+        BV=tile_v, HAS_DECAY=log_decay is not None, PRECISION=_precision(k.dtype),
+        num_warps=launch.output_warps, **launch.stage_settings(),
     )  # fmt: skip
     return out, final
 
@@ -395,6 +415,7 @@ def block_parallel_backward(
     initial_state: torch.Tensor | None = None,
     final_state_grad: torch.Tensor | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    launch: BlockLaunch = BlockLaunch(),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, d_initial_state) of `block_parallel_forward`, as linear_chunked.linear_attention_backward
     gives them: gradients in the inputs' dtypes, the initial state's in fp32."""
@@ -417,6 +438,6 @@ def block_parallel_backward(
         seq, num_blocks, batch * heads, q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
         HEADS=heads, DK=dim_k, DV=dim_v, BLOCK=block_size, BK=max(16, triton.next_power_of_2(dim_k)),
         BV=max(16, triton.next_power_of_2(dim_v)), HAS_DECAY=log_decay is not None,
-        PRECISION=_precision(k.dtype), num_warps=8,
+        PRECISION=_precision(k.dtype), num_warps=launch.backward_warps, **launch.stage_settings(),
     )  # fmt: skip
     return dq, dk, dv, d_initial
