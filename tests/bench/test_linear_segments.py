@@ -22,6 +22,18 @@ def test_segments_option_values():
             linear_bench.parse_segments(bad)
 
 
+def test_blocks_launch_option_values():
+    args = linear_bench.parse_args(["--blocks-launch", "8:8:2", "4:8:1"])
+    assert args.blocks_launch == ["8:8:2", "4:8:1"]
+    launch = linear_bench.parse_block_launch("8:4:3")
+    assert (launch.output_warps, launch.backward_warps, launch.stages) == (8, 4, 3)
+    for bad in ("8:8", "8:0:2", "a:b:c"):
+        with pytest.raises(
+            argparse.ArgumentTypeError, match=f"OUTPUT_WARPS:BACKWARD_WARPS:STAGES.*got '{bad}'"
+        ):
+            linear_bench.parse_block_launch(bad)
+
+
 @pytest.mark.parametrize("row", ["fine", "blocks"])
 def test_triton_rows_are_exact_forward_and_backward(row):
     # fine: two 64-token pieces (fine_segments at S=128, d=16, fp32); blocks: two 64-token blocks in
