@@ -49,6 +49,7 @@ from longloom.parallel.ulysses_exchange import (
     CopyEngineExchanger,
     NcclExchanger,
     PendingExchange,
+    SendBuffer,
     exchanger_for,
 )
 
@@ -144,6 +145,12 @@ def exchange_heads_to_seq(
 ) -> PendingExchange:
     """Packs [B, S, h_i, D] each into the exchanger's send buffer and starts the exchange; its result()
     is [P, B, S/P, sum h_i, D], row p holding rank p's heads of our chunk (unpack_heads_to_seq)."""
+    if len(tensors) == 1 and isinstance(exchanger, NcclExchanger):
+        # One [B, S, h, D] tensor, contiguous, with B = 1 (the attention output of a long sequence)
+        # is already laid out as its send buffer: NCCL sends from it, without the packing copy.
+        rows = tensors[0].unflatten(1, (world_size, -1)).transpose(0, 1)
+        if rows.is_contiguous():
+            return exchanger.start(SendBuffer(rows))
     send = exchanger.send_buffer(
         heads_to_seq_send_shape(tensors, world_size), tensors[0].dtype, tensors[0].device
     )

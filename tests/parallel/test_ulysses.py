@@ -143,6 +143,40 @@ def test_seq_to_heads_and_back_are_exact_permutations(distributed, world_size):
         assert all(checks), f"rank {rank}: {checks}"
 
 
+def _send_in_place_worker():
+    """heads_to_seq of one contiguous B = 1 tensor sends from it (it is its own send layout); otherwise packs."""
+    from longloom.parallel import ulysses_pipeline
+
+    group, world_size = dist.group.WORLD, dist.get_world_size()
+    packs = []
+    original = ulysses_pipeline.pack_heads_to_seq
+
+    def counting(tensors, send):
+        packs.append(tensors[0].size(0))
+        return original(tensors, send)
+
+    ulysses_pipeline.pack_heads_to_seq = counting
+    try:
+        results = []
+        for batch in (1, 2):
+            x = torch.randn(batch, 16, 8, 4, generator=torch.Generator().manual_seed(batch))
+            heads = seq_to_heads(x, group)
+            strided = heads.transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, S, D] memory: packed
+            results += [
+                torch.equal(heads_to_seq(heads, group), x),
+                torch.equal(heads_to_seq(strided, group), x),
+            ]
+    finally:
+        ulysses_pipeline.pack_heads_to_seq = original
+    return all(results), packs, world_size
+
+
+def test_heads_to_seq_sends_a_contiguous_single_sample_without_packing(distributed):
+    for exact, packs, _ in distributed(2, _send_in_place_worker):
+        # B = 1 contiguous: no pack; B = 1 strided, and B = 2 both ways: packed. Results exact either way.
+        assert exact and packs == [1, 2, 2]
+
+
 def _collective_count_worker(kv_heads):
     """Counts all-to-alls: q/k/v must travel in one collective forward and one backward."""
     group = dist.group.WORLD
