@@ -49,6 +49,7 @@ os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NV
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/linear.py` finds longloom
 
 import argparse
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
@@ -416,14 +417,20 @@ class TritonBlocksAttention(torch.autograd.Function):
 
 
 def parse_block_launch(value: str) -> BlockLaunch:
-    """--blocks-launch value "OUTPUT_WARPS:BACKWARD_WARPS:STAGES" -> BlockLaunch (e.g. 8:8:2)."""
+    """--blocks-launch value "OUTPUT_WARPS:BACKWARD_WARPS:STAGES[:STATE_TILE]" -> BlockLaunch (e.g. 8:8:2:32)."""
     parts = value.split(":")
-    if len(parts) != 3 or not all(part.isdigit() and int(part) > 0 for part in parts):
+    if len(parts) not in (3, 4) or not all(part.isdigit() and int(part) > 0 for part in parts):
         raise argparse.ArgumentTypeError(
-            f"--blocks-launch takes OUTPUT_WARPS:BACKWARD_WARPS:STAGES, positive integers (e.g. 8:8:2); got {value!r}"
+            "--blocks-launch takes OUTPUT_WARPS:BACKWARD_WARPS:STAGES[:STATE_TILE], positive integers "
+            f"(e.g. 8:8:2 or 4:8:2:32); got {value!r}"
         )
-    output_warps, backward_warps, stages = (int(part) for part in parts)
-    return BlockLaunch(output_warps=output_warps, backward_warps=backward_warps, stages=stages)
+    numbers = [int(part) for part in parts]
+    if len(numbers) == 4 and (numbers[3] < 16 or numbers[3] & (numbers[3] - 1)):
+        raise argparse.ArgumentTypeError(
+            f"--blocks-launch: STATE_TILE must be a power of two >= 16; got {value!r}"
+        )
+    launch = BlockLaunch(output_warps=numbers[0], backward_warps=numbers[1], stages=numbers[2])
+    return dataclasses.replace(launch, state_tile=numbers[3]) if len(numbers) == 4 else launch
 
 
 def check_kernel(
@@ -517,7 +524,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="*",
         default=[],
         type=_block_launch_label,
-        help="kernels part: a 'triton-blocks launch=X' row per value X = OUTPUT_WARPS:BACKWARD_WARPS:STAGES",
+        help="kernels part: a 'triton-blocks launch=X' row per X = OUTPUT_WARPS:BACKWARD_WARPS:STAGES[:STATE_TILE]",
     )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=32)

@@ -27,6 +27,7 @@ d = 128, bf16), held for one call. Runs on CPU under TRITON_INTERPRET=1 (the tes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -35,20 +36,22 @@ import triton.language as tl
 
 from longloom.attention.linear_chunked import DEFAULT_BLOCK_SIZE, compute_dtype
 
-STATE_TILE = 64  # d_k and d_v tile of the state walk: B * H * (d_k / 64) * (d_v / 64) programs
-
 
 @dataclasses.dataclass(frozen=True)
 class BlockLaunch:
-    """Launch settings of the block-parallel kernels (output, backward); bench/linear.py sweeps them.
+    """Launch settings of the block-parallel kernels; bench/linear.py sweeps them.
 
     Defaults: 4 warps for the output kernel (three [c, d] dots per program), 8 for the backward kernel
-    (eight dots and three [c, d] fp32 accumulators per program); stages as Triton chooses.
+    (eight dots and three [c, d] fp32 accumulators per program); stages as Triton chooses. The state
+    walk is latency-bound (one small dot per block, in sequence): `state_tile` is the d_k and d_v tile
+    of its programs, B * H * (d_k / tile) * (d_v / tile) of them (128 at H = 32, d = 128, tile 64:
+    one per SM of an H200).
     """
 
     output_warps: int = 4
     backward_warps: int = 8
     stages: int | None = None
+    state_tile: int = 64
 
     def stage_settings(self) -> dict[str, int]:
         return {} if self.stages is None else {"num_stages": self.stages}
@@ -351,6 +354,7 @@ def block_states(
     initial_state: torch.Tensor | None,
     reverse: bool,
     block_size: int,
+    state_tile: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(entering state of every block [B, H, N, d_k, d_v] in k's dtype, final state [B, H, d_k, d_v] fp32).
 
@@ -361,8 +365,8 @@ def block_states(
     num_blocks = triton.cdiv(seq, block_size)
     states = torch.empty(batch, heads, num_blocks, dim_k, dim_v, dtype=k.dtype, device=k.device)
     final = torch.empty(batch, heads, dim_k, dim_v, dtype=compute_dtype(k.dtype), device=k.device)
-    tile_k = min(STATE_TILE, max(16, triton.next_power_of_2(dim_k)))
-    tile_v = min(STATE_TILE, max(16, triton.next_power_of_2(dim_v)))
+    tile_k = min(state_tile, max(16, triton.next_power_of_2(dim_k)))
+    tile_v = min(state_tile, max(16, triton.next_power_of_2(dim_v)))
     grid = (batch * heads * triton.cdiv(dim_k, tile_k) * triton.cdiv(dim_v, tile_v),)
     state_in = k if initial_state is None else initial_state
     state_strides = (0, 0, 0, 0) if initial_state is None else initial_state.stride()
@@ -390,7 +394,7 @@ def block_parallel_forward(
     log_decay = None if log_decay is None else log_decay.float().contiguous()
     batch, seq, heads, dim_k = k.shape
     dim_v = v.size(-1)
-    states, final = block_states(k, v, log_decay, initial_state, False, block_size)
+    states, final = block_states(k, v, log_decay, initial_state, False, block_size, launch.state_tile)
     out = torch.empty(batch, seq, heads, dim_v, dtype=q.dtype, device=q.device)
     num_blocks = states.size(2)
     tile_v = min(64, max(16, triton.next_power_of_2(dim_v)))
@@ -426,8 +430,19 @@ def block_parallel_backward(
     log_decay = None if log_decay is None else log_decay.float().contiguous()
     batch, seq, heads, dim_k = k.shape
     dim_v = v.size(-1)
-    states, _ = block_states(k, v, log_decay, initial_state, False, block_size)
-    grad_states, d_initial = block_states(q, grad_out, log_decay, final_state_grad, True, block_size)
+    # The two walks are independent and each fills only part of the GPU: on CUDA they run side by side.
+    side = torch.cuda.Stream(q.device) if q.is_cuda else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(q.device))
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        states, _ = block_states(k, v, log_decay, initial_state, False, block_size, launch.state_tile)
+    grad_states, d_initial = block_states(
+        q, grad_out, log_decay, final_state_grad, True, block_size, launch.state_tile
+    )
+    if side is not None:
+        # `states` was allocated on the side stream: the compute stream must own it from here on.
+        torch.cuda.current_stream(q.device).wait_stream(side)
+        states.record_stream(torch.cuda.current_stream(q.device))
     num_blocks = states.size(2)
     dq = torch.empty(batch, seq, heads, dim_k, dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)

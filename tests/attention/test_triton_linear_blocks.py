@@ -78,6 +78,26 @@ def test_wide_values_and_strided_inputs():
         _assert_close(got, leaf.grad, name)
 
 
+def test_state_tiles_split_the_walk_without_changing_results():
+    # d_k = 8 -> 16-wide tiles, d_v = 80 -> 16-wide tiles: five value tiles walk side by side.
+    generator = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(BATCH, 40, HEADS, DIM_K, generator=generator) for _ in range(2))
+    v, grad_out = (torch.randn(BATCH, 40, HEADS, 80, generator=generator) for _ in range(2))
+    decay = torch.tensor([0.9, 1.0])
+    wide, narrow = blocks.BlockLaunch(), blocks.BlockLaunch(state_tile=16)
+    for launch in (wide, narrow):
+        out, final = blocks.block_parallel_forward(q, k, v, log_decay_of(decay), None, 16, launch)
+        want_out, want_final = _reference_scan(q, k, v, decay, torch.zeros(BATCH, HEADS, DIM_K, 80), False)
+        _assert_close(out, want_out, f"out, state tile {launch.state_tile}")
+        _assert_close(final, want_final, f"final, state tile {launch.state_tile}")
+    got = [
+        blocks.block_parallel_backward(q, k, v, grad_out, log_decay_of(decay), launch=x)
+        for x in (wide, narrow)
+    ]
+    for name, one, other in zip(("dq", "dk", "dv", "d_initial"), *got):
+        _assert_close(other, one.double(), name)
+
+
 def test_rejects_a_bad_block():
     q, k, v, *_ = _inputs(40)
     with pytest.raises(ValueError, match="block_size must be a power of two >= 16; got 24"):
