@@ -31,12 +31,17 @@ from longloom.offload.activations import ActivationOffloader
 
 
 def enable_activation_offload(
-    model: PreTrainedModel, share: float, device: torch.device | str, device_share: float = 0.0
+    model: PreTrainedModel,
+    share: float,
+    device: torch.device | str,
+    device_share: float = 0.0,
+    device_layers: int = 0,
 ) -> ActivationOffloader:
     """Checkpoints every decoder layer of `model` through an ActivationOffloader; returns it.
 
     share: as `offload.activations`, the share of tokens whose attention output is swapped (0, 1].
     device_share: as `offload.device_activations`, the share whose attention output stays in GPU memory.
+    device_layers: the run plan's first layers whose input stays in GPU memory (training/plan.py).
     """
     layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
     if not layers:
@@ -52,7 +57,11 @@ def enable_activation_offload(
             "or set offload.device_activations=0"
         )
     offloader = ActivationOffloader(
-        share, torch.device(device), token_wise=token_wise, device_share=device_share
+        share,
+        torch.device(device),
+        token_wise=token_wise,
+        device_share=device_share,
+        device_layers=device_layers,
     )
     last = len(layers) - 1
     for index, layer in enumerate(layers):

@@ -16,7 +16,10 @@ PCIe time and pinned host memory, which is what a share below 1 saves. Token-wis
 without SP, under Ulysses, TokenRing and both; linear-attention layers swap their input and are
 recomputed in full (their cost is linear in tokens, like the projections).
 The last layer keeps its input on the device and is recomputed in full, as under plain checkpointing:
-its backward comes first, with nothing to hide a host->device copy behind.
+its backward comes first, with nothing to hide a host->device copy behind. `device_layers` (chosen by
+the run plan, training/plan.py, when the host cannot pin every layer input but the GPU has room) keeps
+the inputs of the first layers of each forward on the device too; their attention outputs are kept as
+in any other layer.
 
 `device_share` (offload.device_activations) spends GPU memory where host memory runs out: the attention
 output and lse of that share of the tokens stay on the device (a copy of the kept slice, no transfer,
@@ -264,10 +267,18 @@ class ActivationOffloader:
     `device_share` the share whose attention output stays in GPU memory [0, 1 - share]."""
 
     def __init__(
-        self, share: float, device: torch.device, token_wise: bool = True, device_share: float = 0.0
+        self,
+        share: float,
+        device: torch.device,
+        token_wise: bool = True,
+        device_share: float = 0.0,
+        device_layers: int = 0,
     ):
         """token_wise: call layers with `attention_outputs=` (attention/tokenwise.py); False for layers
-        that do not take it (they then swap their input and recompute in full)."""
+        that do not take it (they then swap their input and recompute in full).
+        device_layers: the first layers of each forward whose input stays in GPU memory rather than
+        going to the host (the run plan's answer when the host cannot pin every layer input; their
+        attention outputs are kept as in every other layer)."""
         if not 0.0 < share <= 1.0:
             raise ValueError(
                 f"activation offload share {share} must be in (0, 1]: set offload.activations to true, "
@@ -279,8 +290,12 @@ class ActivationOffloader:
                 f"offload.activations={share} to at most 1 (together they are the tokens whose attention "
                 "output is kept): lower one of them"
             )
+        if device_layers < 0:
+            raise ValueError(f"device_layers must be >= 0, got {device_layers}")
         self.share = float(share)
         self.device_share = float(device_share)
+        self.device_layers = device_layers
+        self._layer_index = 0  # of the next checkpointed layer in this forward
         self.token_wise = token_wise
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -304,11 +319,13 @@ class ActivationOffloader:
         hidden_id = id(inputs[0])
         previous = self._last_layer() if self._last_layer is not None else None
         record = LayerActivations(self, previous, on_device=is_last_layer)
+        input_on_device = is_last_layer or self._layer_index < self.device_layers
+        self._layer_index = 0 if is_last_layer else self._layer_index + 1
 
         def pack(tensor: torch.Tensor):
             if id(tensor) != hidden_id:
                 return tensor  # cos / sin: shared by every layer, small, and still alive anyway
-            record.input = self._store(tensor, on_device=is_last_layer)
+            record.input = self._store(tensor, on_device=input_on_device)
             return record
 
         with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):

@@ -46,6 +46,7 @@ class PlannedRun(Protocol):
     ulysses: int
     ring: int
     mlp_tiles: int  # model.mlp_tiles resolved for this rank's tokens
+    device_layers: int  # layers whose checkpointed input stays on the GPU (offload/activations.py)
     device_type: str  # cuda: the activation pool page-locks its buffers (pool_block_bytes each)
 
     @property
@@ -165,15 +166,19 @@ def _activation_bytes(cfg: LongloomConfig, plan: PlannedRun) -> dict[str, float]
         # swapped tokens to the host and keeps its device-kept tokens; the last keeps its input on the
         # device (and, with a device share, all its kept tokens); backward brings one layer's tensors
         # back ahead of time.
+        # The plan's device_layers first layers keep their input on the device too.
         to_host, on_device, last_on_device, to_host_pinned = _kept_attention_bytes(cfg, plan)
         kinds = m.layer_kinds()
-        swapped = [layer_input + (to_host if kind == "S" else 0.0) for kind in kinds[:-1]]
+        device_layers = min(plan.device_layers, len(kinds) - 1)
+        swapped_input = [0.0] * device_layers + [layer_input] * (len(kinds) - 1 - device_layers)
+        swapped = [inp + (to_host if kind == "S" else 0.0) for inp, kind in zip(swapped_input, kinds[:-1])]
         host = sum(swapped)
         if plan.device_type == "cuda":  # each swapped tensor is its own page-locked block of whole granules
             host = sum(
-                pool_block_bytes(layer_input) + (to_host_pinned if kind == "S" else 0) for kind in kinds[:-1]
+                pool_block_bytes(inp) + (to_host_pinned if kind == "S" else 0)
+                for inp, kind in zip(swapped_input, kinds[:-1])
             )
-        inputs = layer_input + max(swapped, default=0.0)
+        inputs = layer_input * (1 + device_layers) + max(swapped, default=0.0)
         kept_on_device = sum(on_device for kind in kinds[:-1] if kind == "S")
         kept_on_device += last_on_device if kinds[-1] == "S" else 0.0
     return {

@@ -73,16 +73,22 @@ def build_model(
     dtype: torch.dtype,
     ds_config: dict[str, Any],
     mlp_tiles: int | None = None,
+    device_layers: int = 0,
 ) -> tuple[torch.nn.Module, ActivationOffloader | None]:
     """The model of model.source with the trainer's call (LlamaModel or HFCausalLM), and its activation offloader.
 
-    mlp_tiles: the run plan's MLP tiles (native and hf: models). hf:<folder>: transformers builds the folder's
+    mlp_tiles: the run plan's MLP tiles (native and hf: models); device_layers: its layers whose
+    checkpointed input stays on the GPU (activation offload). hf:<folder>: transformers builds the folder's
     architecture and loads its weights; under ZeRO-3 inside deepspeed.zero.Init with the engine's
     config, so each rank reads only its partitions.
     """
     share, device_share = cfg.offload.activation_share, cfg.offload.device_activations
     if not cfg.model.is_hf:
-        offloader = ActivationOffloader(share, device, device_share=device_share) if share > 0 else None
+        offloader = (
+            ActivationOffloader(share, device, device_share=device_share, device_layers=device_layers)
+            if share > 0
+            else None
+        )
         checkpoint_fn = offloader.checkpoint if offloader else plain_checkpoint
         device_bytes = (
             torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
@@ -109,7 +115,9 @@ def build_model(
     enable_tiled_mlp(causal_lm, mlp_tiles or 1)
     offloader = None
     if share > 0:
-        offloader = enable_activation_offload(causal_lm, share, device, device_share=device_share)
+        offloader = enable_activation_offload(
+            causal_lm, share, device, device_share=device_share, device_layers=device_layers
+        )
     elif cfg.model.activation_checkpointing:
         causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     causal_lm.train()  # HF checkpoints (and offloads) in training mode only

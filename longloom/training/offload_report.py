@@ -20,13 +20,19 @@ def activation_offload_line(offloader: ActivationOffloader) -> str:
         recomputation = (
             f"attention recomputed for the other {100 * recomputed:.0f}% of the tokens{last_layer}"
         )
+    inputs = (
+        f"the inputs of all layers but the first {offloader.device_layers} (kept in GPU memory: the host "
+        "could not pin them all) and the last"
+        if offloader.device_layers
+        else "layer inputs"
+    )
     return (
-        f"activation offload: {human_bytes(offloader.swapped_bytes)} per step to host memory (layer inputs "
+        f"activation offload: {human_bytes(offloader.swapped_bytes)} per step to host memory ({inputs} "
         f"and the attention outputs of {100 * offloader.share:.0f}% of the tokens), "
         f"{human_bytes(offloader.device_kept_bytes)} kept in GPU memory (the attention outputs of "
         f"{100 * offloader.device_share:.0f}% of the tokens, offload.device_activations), {recomputation}; "
         f"pool {human_bytes(offloader.pool.total_bytes)} in {offloader.pool.num_buffers} buffers, "
-        f"{'pinned' if offloader.pool.pin else 'allocated'} in {offloader.pool.allocation_seconds:.1f} s"
+        f"{'page-locked' if offloader.pool.pin else 'allocated'} in {offloader.pool.allocation_seconds:.1f} s"
     )
 
 

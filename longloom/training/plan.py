@@ -1,8 +1,9 @@
 """The run plan: every decision about a run that follows from its config and world size, made once.
 
 `build_run_plan(cfg, world_size)` decides the dp x ulysses x ring split and the SP layout (contiguous,
-or zigzag when a ring runs), the dtype, the MLP's token tiles, the interleaved optimizer's GPU share
-and the memory estimate. `longloom check` prints it (preflight.py); the trainer builds it once per
+or zigzag when a ring runs), the dtype, the MLP's token tiles, the interleaved optimizer's GPU share,
+the layers whose checkpointed input stays on the GPU when the host cannot pin them all, and the memory
+estimate. `longloom check` prints it (preflight.py); the trainer builds it once per
 worker and hands each part to whoever needs it: the split to ParallelDims, the dtype to the model and
 DeepSpeed, the tiles to the model, the GPU share to the optimizer builder. Nothing below training/
 derives these again (tests/test_layering.py keeps the floors; offload/memory.py takes the plan).
@@ -27,6 +28,8 @@ from longloom.offload.memory import (
     DEVICE_USABLE_SHARE,
     estimate_memory,
     format_estimate,
+    host_pinned_limit,
+    human_bytes,
     interleaved_share_memory_cap,
 )
 from longloom.offload.update_rates import choose_gpu_share
@@ -52,6 +55,8 @@ class RunPlan:
     local_tokens: int  # tokens of one micro batch on one rank: micro_batch_size x seq_len / SP
     mlp_tiles: int  # model.mlp_tiles resolved for local_tokens
     mlp_tiles_source: str  # why that count (model.mlp_tiles=auto sizes it against GPU memory)
+    device_layers: int  # first layers whose checkpointed input stays on the GPU (offload/activations.py)
+    device_layers_source: str
     gpu_share: float | None  # interleaved optimizer: share of the moments on the GPU; None otherwise
     gpu_share_source: str
     memory: dict[str, Any]  # offload/memory.py's estimate for this plan
@@ -87,8 +92,12 @@ class RunPlan:
                 f"# plan: {work}, {tiles}, optimizer GPU share {share}, "
                 f"CPU threads per worker {threads} (launch.cpu_threads={setting}: {why})"
             ),
-            format_estimate(self.memory),
         ]
+        if self.device_layers:
+            lines.append(
+                f"# layer inputs kept in GPU memory: {self.device_layers} ({self.device_layers_source})"
+            )
+        lines.append(format_estimate(self.memory))
         return "\n".join(lines)
 
 
@@ -159,6 +168,44 @@ def _gpu_share(
     return choose_gpu_share(device, cap), "auto, measured"
 
 
+def _device_layers(cfg: LongloomConfig, partial: RunPlan, device: torch.device | None) -> tuple[int, str]:
+    """(layers whose input stays in GPU memory, why): spend GPU memory where host memory runs out.
+
+    Activation offload sends every layer input but the last's to pinned host memory. When one host's
+    workers would pin more than it allows (offload/memory.py: host_pinned_limit) and the GPU has room,
+    the first layers of each forward keep their inputs on the GPU instead: the fewest that bring the
+    host under its limit while the GPU estimate stays within its usable share. Not with the interleaved
+    optimizer at gpu_share auto (that GPU memory holds optimizer moments, which would move to the host
+    in turn), nor without a GPU to size against; then the preflight's host check refuses as before.
+    """
+    o = cfg.offload
+    if partial.device_type != "cuda" or o.activation_share == 0 or not cfg.model.activation_checkpointing:
+        return 0, "-"
+    limit, limit_source = host_pinned_limit(cfg)
+
+    def estimate(layers: int) -> dict[str, Any]:
+        return estimate_memory(cfg, dataclasses.replace(partial, device_layers=layers), partial.gpu_share)
+
+    if estimate(0)["host_pinned_per_host"] <= limit:
+        return 0, "-"
+    device_bytes = _device_bytes(device)
+    if device_bytes is None or (o.optimizer == "interleaved" and o.gpu_share == "auto"):
+        return 0, "-"
+    usable = DEVICE_USABLE_SHARE * device_bytes
+    for layers in range(1, cfg.model.layers):
+        trial = estimate(layers)
+        if trial["per_gpu"]["total"] > usable:
+            break
+        if trial["host_pinned_per_host"] <= limit:
+            return layers, (
+                f"the host may pin {human_bytes(limit)} ({limit_source}), every layer input would need "
+                f"{human_bytes(estimate(0)['host_pinned_per_host'])}; with the first {layers} kept on the GPU: "
+                f"{human_bytes(trial['host_pinned_per_host'])} pinned, {human_bytes(trial['per_gpu']['total'])} "
+                f"per GPU of {human_bytes(usable)} usable"
+            )
+    return 0, "-"
+
+
 def build_run_plan(cfg: LongloomConfig, world_size: int, device: torch.device | None = None) -> RunPlan:
     """The plan of `cfg` on `world_size` workers; `device`: this worker's (None on the driver).
 
@@ -181,6 +228,8 @@ def build_run_plan(cfg: LongloomConfig, world_size: int, device: torch.device | 
         local_tokens=local_tokens,
         mlp_tiles=resolve_mlp_tiles(cfg.model.mlp_tiles, local_tokens, cfg.model.hidden),
         mlp_tiles_source="",
+        device_layers=0,
+        device_layers_source="-",
         gpu_share=None,
         gpu_share_source="-",
         memory={},
@@ -188,8 +237,10 @@ def build_run_plan(cfg: LongloomConfig, world_size: int, device: torch.device | 
     tiles, tiles_source = _mlp_tiles(cfg, partial, device)
     partial = dataclasses.replace(partial, mlp_tiles=tiles, mlp_tiles_source=tiles_source)
     gpu_share, source = _gpu_share(cfg, partial, device)
-    memory = estimate_memory(cfg, partial, gpu_share=gpu_share)
-    return dataclasses.replace(partial, gpu_share=gpu_share, gpu_share_source=source, memory=memory)
+    partial = dataclasses.replace(partial, gpu_share=gpu_share, gpu_share_source=source)
+    layers, layers_source = _device_layers(cfg, partial, device)
+    partial = dataclasses.replace(partial, device_layers=layers, device_layers_source=layers_source)
+    return dataclasses.replace(partial, memory=estimate_memory(cfg, partial, gpu_share=gpu_share))
 
 
 def global_tokens_per_step(plan: RunPlan) -> int:

@@ -190,8 +190,9 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed)
         self.ds_config = deepspeed_config(self.cfg, plan.dtype)
         self.model, self.offloader = build_model(
-            self.cfg, self.dims, self.device, plan.dtype, self.ds_config, mlp_tiles=plan.mlp_tiles
-        )
+            self.cfg, self.dims, self.device, plan.dtype, self.ds_config, mlp_tiles=plan.mlp_tiles,
+            device_layers=plan.device_layers,
+        )  # fmt: skip
         # hf: models: model.* now holds the folder's shape (data checks, config.yaml, checkpoint metadata).
         self.cfg = plan.config
         self.flops_per_token = self.model.flops_per_token(self.cfg.data.seq_len)

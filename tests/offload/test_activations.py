@@ -105,6 +105,19 @@ def test_offload_equals_plain_checkpoint_bitwise(share: float) -> None:
     assert offloader.swapped_bytes == 3 * 2 * 12 * HIDDEN * 4
 
 
+@pytest.mark.parametrize("device_layers", [1, 2, 5])
+def test_device_layers_keep_their_inputs_and_change_nothing_else(device_layers: int) -> None:
+    # The first device_layers layers of each forward keep their input on the device; 2 steps check the
+    # count restarts with each forward. 5 (more than the 3 swapping layers): nothing goes to the host.
+    expected = _train_steps(plain_checkpoint, steps=2)
+    offloader = ActivationOffloader(1.0, torch.device("cpu"), device_layers=device_layers)
+    actual = _train_steps(offloader.checkpoint, steps=2)
+    _assert_bitwise(expected, actual)
+    assert offloader.swapped_bytes == max(0, 3 - device_layers) * 2 * 12 * HIDDEN * 4
+    with pytest.raises(ValueError, match="device_layers must be >= 0, got -1"):
+        ActivationOffloader(1.0, torch.device("cpu"), device_layers=-1)
+
+
 def test_pool_is_reused_not_grown_across_steps() -> None:
     offloader = ActivationOffloader(1.0, torch.device("cpu"))
     sizes: dict[int, tuple[int, int]] = {}

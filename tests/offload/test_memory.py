@@ -89,6 +89,27 @@ def test_activation_host_bytes_match_what_the_offloader_moves(activations, share
     assert saved == 2 * layer_input - prefetched
 
 
+def test_device_layers_inputs_count_on_the_gpu_and_leave_the_host():
+    cfg = load_config(
+        None, [*MODEL, "data.seq_len=48", "train.micro_batch_size=2", "offload.activations=true"]
+    )
+    plan = dataclasses.replace(build_run_plan(cfg, 1), device_layers=1)
+    estimate = estimate_memory(cfg, plan)
+    offloader = ActivationOffloader(1.0, torch.device("cpu"), device_layers=1)
+    model = LlamaModel(cfg.model, checkpoint_fn=offloader.checkpoint)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 48))
+    model(tokens, torch.arange(48).expand(2, 48)).sum().backward()
+    assert offloader.swapped_bytes == estimate["host_pinned_per_worker"]["activations"] > 0
+    layer_input = 2 * 48 * 64 * 4
+    every = estimate_memory(cfg, dataclasses.replace(plan, device_layers=0))
+    assert every["host_pinned_per_worker"]["activations"] - offloader.swapped_bytes == layer_input
+    kept = (
+        estimate["activation_detail"]["checkpointed_inputs"]
+        - every["activation_detail"]["checkpointed_inputs"]
+    )
+    assert kept == layer_input
+
+
 def test_device_kept_attention_outputs_count_on_the_gpu_not_the_host():
     base = [*MODEL, "data.seq_len=48", "train.micro_batch_size=2", "offload.activations=0.25"]
     cfg = load_config(None, [*base, "offload.device_activations=0.5"])

@@ -124,3 +124,30 @@ def test_describe_is_what_check_prints(no_gpu):
     )
     fixed = build_run_plan(load_config(None, [*MODEL, "launch.workers=2", "launch.cpu_threads=5"]), 2)
     assert "CPU threads per worker 5 (launch.cpu_threads=5: as set)" in fixed.describe()
+
+
+def test_device_layers_spend_gpu_memory_where_the_host_runs_out(monkeypatch, no_gpu):
+    # 6 layers, fp32, every layer input but the last's to the host: on a CUDA plan each swapped tensor is
+    # a whole 1 MiB block (pool_block_bytes), input, attention out and lse alike.
+    sized = [*MODEL, "model.layers=6", "train.dtype=fp32", "offload.activations=true"]
+    mib = 1 << 20
+    _fake_gpu(monkeypatch, 1 << 40)
+    free = build_run_plan(load_config(None, sized), 1)
+    assert free.device_layers == 0 and free.memory["host_pinned_per_host"] == 5 * 3 * mib
+    # A host that pins 2 layer inputs less: the first 2 layers keep theirs on the GPU, the fewest that fit.
+    limit = [f"offload.host_memory_limit_gb={(15 - 2) * mib / 2**30}"]
+    tight = build_run_plan(load_config(None, [*sized, *limit]), 1)
+    assert tight.device_layers == 2 and tight.memory["host_pinned_per_host"] == 13 * mib
+    inputs = tight.memory["activation_detail"]["checkpointed_inputs"]
+    assert inputs - free.memory["activation_detail"]["checkpointed_inputs"] == 2 * 512 * 64 * 4  # 2 inputs
+    assert "# layer inputs kept in GPU memory: 2 (the host may pin 13.00 MiB" in tight.describe()
+    # The model's offloader gets them.
+    _, offloader = build_model(tight.config, None, torch.device("cpu"), tight.dtype, {}, device_layers=2)
+    assert offloader.device_layers == 2
+    # A GPU without room for them: none, and the host check refuses as before.
+    _fake_gpu(monkeypatch, free.memory["per_gpu"]["total"] / 0.9 + 1)
+    assert build_run_plan(load_config(None, [*sized, *limit]), 1).device_layers == 0
+    # The interleaved optimizer at gpu_share auto keeps that GPU memory for its moments.
+    _fake_gpu(monkeypatch, 1 << 40)
+    interleaved = build_run_plan(load_config(None, [*sized, *limit, "offload.optimizer=interleaved"]), 1)
+    assert interleaved.device_layers == 0
