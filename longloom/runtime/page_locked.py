@@ -19,10 +19,36 @@ from __future__ import annotations
 
 import logging
 import mmap
+import threading
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+
+class _Counter:
+    """Bytes page-locked by this module in this process, now and at most (for the step metrics: torch's
+    host_memory_stats does not see memory it did not pin)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.current = 0
+        self.peak = 0
+
+    def add(self, nbytes: int) -> None:
+        with self.lock:
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+
+
+_locked = _Counter()
+
+
+def page_locked_bytes() -> tuple[int, int]:
+    """(bytes page-locked now, the most at once) by `page_locked_empty` in this process."""
+    with _locked.lock:
+        return _locked.current, _locked.peak
+
 
 # One write per page makes the kernel allocate (and zero) it; the pages are then resident, and
 # registering only locks them. torch's fill of the strided per-page view runs on the intra-op threads.
@@ -34,10 +60,12 @@ class _RegisteredMapping(mmap.mmap):
 
     address: int = 0
     device: int | None = None
+    locked_bytes: int = 0
 
     def __del__(self) -> None:
         if self.device is None:
             return
+        _locked.add(-self.locked_bytes)
         # At interpreter shutdown CUDA or torch's modules may be gone already: the process frees it all.
         try:
             torch.cuda.synchronize(self.device)  # no copy may still read or write these pages
@@ -75,5 +103,6 @@ def page_locked_empty(nbytes: int, device: torch.device | int | None = None) -> 
             f"cudaHostRegister of {nbytes / 2**30:.2f} GiB of host memory failed ({code}): the host cannot "
             "lock that much more (see `ulimit -l` and the memory other processes pin)"
         )
-    mapping.address, mapping.device = tensor.data_ptr(), index
+    mapping.address, mapping.device, mapping.locked_bytes = tensor.data_ptr(), index, nbytes
+    _locked.add(nbytes)
     return tensor

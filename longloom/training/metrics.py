@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from longloom.runtime.page_locked import page_locked_bytes
+
 logger = logging.getLogger("longloom")
 
 # Dense bf16 peak TFLOP/s (no sparsity), by a substring of torch.cuda.get_device_name().
@@ -115,14 +117,14 @@ class MetricsLogger:
         if self.device.type == "cuda":
             record["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             record["reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / 2**30
-            # Pinned host memory through torch's caching host allocator (offload pools, CPU Adam's buffers).
-            # (torch >= 2.7; a figure, never a reason to stop training).
+            # Pinned host memory: torch's caching host allocator (CPU Adam's buffers; torch >= 2.7) plus
+            # the activation pool's own page-locked buffers (a figure, never a reason to stop training).
             try:
                 host = torch.cuda.host_memory_stats()
             except (AttributeError, RuntimeError):
                 host = {}
-            if "allocated_bytes.peak" in host:
-                record["pinned_host_gb"] = host["allocated_bytes.peak"] / 2**30
+            torch_pinned = host.get("allocated_bytes.peak", 0)
+            record["pinned_host_gb"] = (torch_pinned + page_locked_bytes()[1]) / 2**30
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from longloom.offload.activations import PinnedHostPool, pool_block_bytes
-from longloom.runtime.page_locked import page_locked_empty
+from longloom.runtime.page_locked import page_locked_bytes, page_locked_empty
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -33,12 +33,15 @@ def _resident_bytes() -> int:
 def test_freed_with_the_last_view():
     # 8 rounds of 4 GiB: without the unmap on the last view's release the process would hold 32 GiB.
     before = _resident_bytes()
+    locked_before = page_locked_bytes()[0]
     for _ in range(8):
         host = page_locked_empty(4 << 30)
         view = host[1 << 30 :]
         del host
         assert view.is_pinned()  # the mapping lives while a view does
+        assert page_locked_bytes()[0] == locked_before + (4 << 30)  # counted for the step metrics
         del view
+    assert page_locked_bytes()[0] == locked_before
     assert _resident_bytes() - before < 6 << 30
 
 
