@@ -31,6 +31,52 @@ from longloom.attention.triton_linear_chain import triton_chain_states
 
 
 @triton.jit
+def intra_block_weight(log_decay, offs_i, HAS_DECAY: tl.constexpr, REVERSE: tl.constexpr):
+    """[BLOCK, BLOCK]: lam^|i-j| where query row i reads key column j (j <= i; j >= i reversed), else 0."""
+    if REVERSE:
+        distance = offs_i[None, :] - offs_i[:, None]
+    else:
+        distance = offs_i[:, None] - offs_i[None, :]
+    causal = distance >= 0
+    if HAS_DECAY:
+        return tl.where(causal, tl.exp(log_decay * tl.maximum(distance, 0).to(tl.float32)), 0.0)
+    return tl.where(causal, 1.0, 0.0)
+
+
+@triton.jit
+def load_block_rows(base, rows, stride_s, offs_d, row_mask, mask_d):
+    """[BLOCK, D tile] of one (batch, head): rows `rows` (masked) of a [B, S, H, D] tensor at `base`."""
+    return tl.load(
+        base + rows[:, None] * stride_s + offs_d[None, :], mask=row_mask[:, None] & mask_d[None, :], other=0.0
+    )
+
+
+@triton.jit
+def add_block_to_state(
+    state,
+    k,
+    v,
+    log_decay,
+    length,
+    position,
+    row_mask,
+    HAS_DECAY: tl.constexpr,
+    REVERSE: tl.constexpr,
+    PRECISION,
+):
+    """lam^length S + sum_j w_j k_j^T v_j, w_j = lam^(length-1-j) (lam^(j+1) walking backwards)."""
+    if HAS_DECAY:
+        length_f = length.to(tl.float32)
+        if REVERSE:
+            key_weight = tl.exp(log_decay * (position + 1.0))
+        else:
+            key_weight = tl.exp(log_decay * tl.maximum(length_f - 1.0 - position, 0.0))
+        k = (k * tl.where(row_mask, key_weight, 0.0)[:, None]).to(v.dtype)
+        state = state * tl.exp(log_decay * length_f)
+    return state + tl.dot(tl.trans(k), v, input_precision=PRECISION)
+
+
+@triton.jit
 def _linear_scan_kernel(
     Q,
     K,
@@ -96,16 +142,7 @@ def _linear_scan_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     o_base = O + b * stride_ob + h * stride_oh
-    # Within a block: out row i reads key column j when j <= i (j >= i reversed), weight lam^|i-j|.
-    if REVERSE:
-        distance = offs_i[None, :] - offs_i[:, None]
-    else:
-        distance = offs_i[:, None] - offs_i[None, :]
-    causal = distance >= 0
-    if HAS_DECAY:
-        intra_weight = tl.where(causal, tl.exp(log_decay * tl.maximum(distance, 0).to(tl.float32)), 0.0)
-    else:
-        intra_weight = tl.where(causal, 1.0, 0.0)
+    intra_weight = intra_block_weight(log_decay, offs_i, HAS_DECAY, REVERSE)
     position = offs_i.to(tl.float32)
 
     num_blocks = tl.cdiv(seq_len, BLOCK)
@@ -118,23 +155,11 @@ def _linear_scan_kernel(
         length = tl.minimum(seq_len - start, BLOCK)
         rows = (start + offs_i).to(tl.int64)
         row_mask = offs_i < length
-        k = tl.load(
-            k_base + rows[:, None] * stride_ks + offs_k[None, :],
-            mask=row_mask[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + rows[:, None] * stride_vs + offs_v[None, :],
-            mask=row_mask[:, None] & mask_v[None, :],
-            other=0.0,
-        )
+        k = load_block_rows(k_base, rows, stride_ks, offs_k, row_mask, mask_k)
+        v = load_block_rows(v_base, rows, stride_vs, offs_v, row_mask, mask_v)
         length_f = length.to(tl.float32)
         if STORE_OUTPUT:
-            q = tl.load(
-                q_base + rows[:, None] * stride_qs + offs_k[None, :],
-                mask=row_mask[:, None] & mask_k[None, :],
-                other=0.0,
-            )
+            q = load_block_rows(q_base, rows, stride_qs, offs_k, row_mask, mask_k)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * intra_weight
             out = tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
             # Q times the incoming state: lam^(i+1) from where the state entered (lam^(c-1-i) reversed).
@@ -150,15 +175,9 @@ def _linear_scan_kernel(
                 out.to(O.dtype.element_ty),
                 mask=row_mask[:, None] & mask_v[None, :],
             )
-        # State update: lam^length S + sum_j w_j k_j^T v_j, w_j = lam^(length-1-j) (lam^(j+1) reversed).
-        if HAS_DECAY:
-            if REVERSE:
-                key_weight = tl.exp(log_decay * (position + 1.0))
-            else:
-                key_weight = tl.exp(log_decay * tl.maximum(length_f - 1.0 - position, 0.0))
-            k = (k * tl.where(row_mask, key_weight, 0.0)[:, None]).to(v.dtype)
-            state = state * tl.exp(log_decay * length_f)
-        state += tl.dot(tl.trans(k), v, input_precision=PRECISION)
+        state = add_block_to_state(
+            state, k, v, log_decay, length, position, row_mask, HAS_DECAY, REVERSE, PRECISION
+        )
 
     if STORE_FINAL:
         state_out = STATE_OUT + (b * HEADS + h) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]

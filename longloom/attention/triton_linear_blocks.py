@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from longloom.attention.linear_chunked import DEFAULT_BLOCK_SIZE, compute_dtype
+from longloom.attention.triton_linear import add_block_to_state, intra_block_weight, load_block_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,38 +126,13 @@ def _block_states_kernel(
         length = tl.minimum(seq_len - start, BLOCK)
         rows = (start + offs_i).to(tl.int64)
         row_mask = offs_i < length
-        k = tl.load(
-            k_base + rows[:, None] * stride_ks + offs_k[None, :],
-            mask=row_mask[:, None] & mask_k[None, :],
-            other=0.0,
+        k = load_block_rows(k_base, rows, stride_ks, offs_k, row_mask, mask_k)
+        v = load_block_rows(v_base, rows, stride_vs, offs_v, row_mask, mask_v)
+        state = add_block_to_state(
+            state, k, v, log_decay, length, position, row_mask, HAS_DECAY, REVERSE, PRECISION
         )
-        v = tl.load(
-            v_base + rows[:, None] * stride_vs + offs_v[None, :],
-            mask=row_mask[:, None] & mask_v[None, :],
-            other=0.0,
-        )
-        # lam^length S + sum_j w_j k_j^T v_j, w_j = lam^(length-1-j) (lam^(j+1) walking backwards).
-        if HAS_DECAY:
-            length_f = length.to(tl.float32)
-            if REVERSE:
-                key_weight = tl.exp(log_decay * (position + 1.0))
-            else:
-                key_weight = tl.exp(log_decay * tl.maximum(length_f - 1.0 - position, 0.0))
-            k = (k * tl.where(row_mask, key_weight, 0.0)[:, None]).to(v.dtype)
-            state = state * tl.exp(log_decay * length_f)
-        state += tl.dot(tl.trans(k), v, input_precision=PRECISION)
     final = FINAL + (b * HEADS + h) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
     tl.store(final, state, mask=state_mask)
-
-
-@triton.jit
-def _intra_block_weight(log_decay, offs_i, HAS_DECAY: tl.constexpr):
-    """[BLOCK, BLOCK]: lam^(i-j) where key j may reach query i (j <= i), else 0."""
-    distance = offs_i[:, None] - offs_i[None, :]
-    causal = distance >= 0
-    if HAS_DECAY:
-        return tl.where(causal, tl.exp(log_decay * tl.maximum(distance, 0).to(tl.float32)), 0.0)
-    return tl.where(causal, 1.0, 0.0)
 
 
 @triton.jit
@@ -210,29 +186,15 @@ def _block_output_kernel(
     length = tl.minimum(seq_len - start, BLOCK)
     rows = (start + offs_i).to(tl.int64)
     row_mask = offs_i < length
-    qk_mask = row_mask[:, None] & mask_k[None, :]
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_k[None, :],
-        mask=qk_mask,
-        other=0.0,
-    )
-    k = tl.load(
-        K + b * stride_kb + h * stride_kh + rows[:, None] * stride_ks + offs_k[None, :],
-        mask=qk_mask,
-        other=0.0,
-    )
-    v = tl.load(
-        V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_v[None, :],
-        mask=row_mask[:, None] & mask_v[None, :],
-        other=0.0,
-    )
+    q = load_block_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qs, offs_k, row_mask, mask_k)
+    k = load_block_rows(K + b * stride_kb + h * stride_kh, rows, stride_ks, offs_k, row_mask, mask_k)
+    v = load_block_rows(V + b * stride_vb + h * stride_vh, rows, stride_vs, offs_v, row_mask, mask_v)
     entering = STATES + ((b * HEADS + h) * num_blocks + block) * DK * DV
     state = tl.load(
         entering + offs_k[:, None] * DV + offs_v[None, :], mask=mask_k[:, None] & mask_v[None, :], other=0.0
     ).to(k.dtype)
-    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * _intra_block_weight(
-        log_decay, offs_i, HAS_DECAY
-    )
+    weight = intra_block_weight(log_decay, offs_i, HAS_DECAY, False)  # [i, j]: lam^(i-j), j <= i
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * weight
     out = tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
     if HAS_DECAY:  # q_i reads the entering state decayed by lam^(i+1)
         q = (q * tl.exp(log_decay * (offs_i.to(tl.float32) + 1.0))[:, None]).to(k.dtype)
@@ -303,7 +265,7 @@ def _block_backward_kernel(
     state_offsets = ((b * HEADS + h) * num_blocks + block) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
     state_mask = mask_k[:, None] & mask_v[None, :]
     position = offs_i.to(tl.float32)
-    weight = _intra_block_weight(log_decay, offs_i, HAS_DECAY)  # [i, j]: lam^(i-j), j <= i
+    weight = intra_block_weight(log_decay, offs_i, HAS_DECAY, False)  # [i, j]: lam^(i-j), j <= i
     # lam^(c-1-j): how key j's contribution decays until the block's end (where dh_{n+1} applies).
     if HAS_DECAY:
         to_end = tl.exp(log_decay * tl.maximum(length.to(tl.float32) - 1.0 - position, 0.0))
