@@ -62,7 +62,7 @@ def add_block_to_state(
     row_mask,
     HAS_DECAY: tl.constexpr,
     REVERSE: tl.constexpr,
-    PRECISION,
+    PRECISION: tl.constexpr,
 ):
     """lam^length S + sum_j w_j k_j^T v_j, w_j = lam^(length-1-j) (lam^(j+1) walking backwards)."""
     if HAS_DECAY:
