@@ -1,9 +1,12 @@
-"""Our Triton kernels compiled for the GPU (not the interpreter): linear-attention scan and (out, lse) merge."""
+"""Our Triton kernels compiled for the GPU (not the interpreter): linear-attention scan, its block-parallel
+form, and the (out, lse) merge."""
 
 import pytest
 import torch
 
+from longloom.attention.linear_chunked import log_decay_of
 from longloom.attention.merge import merge_attention_partials
+from longloom.attention.triton_linear_blocks import block_parallel_backward, block_parallel_forward
 from longloom.attention.reference import reference_linear_attention
 from longloom.parallel.lasp2 import lasp2_linear_attention
 
@@ -32,6 +35,24 @@ def test_triton_linear_attention_forward_backward(dtype, with_decay):
     assert _rel(got, want) < bound
     for g, w in ((qt.grad, q64.grad), (kt.grad, k64.grad), (vt.grad, v64.grad)):
         assert _rel(g, w) < bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_parallel_linear_attention_matches_reference(dtype):
+    # d = 128 as in the models (the backward kernel's full [128, 128] state tiles), a partial last block.
+    torch.manual_seed(1)
+    b, s, h, d = 1, 1000, 4, 128
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=dtype) * 0.3 for _ in range(3))
+    decay = torch.tensor([0.9, 0.99, 0.999, 1.0], device="cuda")
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    want = reference_linear_attention(q64, k64, v64, decay.double())
+    dout = torch.randn_like(q)
+    want.backward(dout.double())
+    out, _ = block_parallel_forward(q, k, v, log_decay_of(decay))
+    dq, dk, dv, _ = block_parallel_backward(q, k, v, dout, log_decay_of(decay))
+    bound = 2e-3 if dtype == torch.float32 else 2e-2  # tf32 dots / bf16 operands
+    for got, expected in ((out, want), (dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
+        assert _rel(got, expected) < bound
 
 
 def test_triton_merge_matches_torch_merge():
