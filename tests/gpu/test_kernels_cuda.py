@@ -6,8 +6,8 @@ import torch
 
 from longloom.attention.linear_chunked import log_decay_of
 from longloom.attention.merge import merge_attention_partials
-from longloom.attention.triton_linear_blocks import block_parallel_backward, block_parallel_forward
 from longloom.attention.reference import reference_linear_attention
+from longloom.attention.triton_linear_blocks import block_parallel_backward, block_parallel_forward
 from longloom.parallel.lasp2 import lasp2_linear_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
