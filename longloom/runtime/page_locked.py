@@ -74,6 +74,15 @@ class _RegisteredMapping(mmap.mmap):
             logger.debug("cudaHostUnregister of a page-locked mapping failed: %s", error)
 
 
+def device_index(device: torch.device | int | None) -> int:
+    """The CUDA device index of `device` (an index, a torch.device, or None: the current device)."""
+    if isinstance(device, int):
+        return device
+    if device is None or device.index is None:
+        return torch.cuda.current_device()
+    return device.index
+
+
 def page_locked_empty(nbytes: int, device: torch.device | int | None = None) -> torch.Tensor:
     """A uint8 host tensor of exactly `nbytes` (zeroed), page-locked for asynchronous copies to `device`.
 
@@ -85,9 +94,7 @@ def page_locked_empty(nbytes: int, device: torch.device | int | None = None) -> 
         raise RuntimeError(
             "page_locked_empty: page-locking registers host memory with CUDA, and CUDA is not available"
         )
-    index = torch.cuda.current_device() if device is None else torch.device("cuda", device).index
-    if index is None:
-        index = torch.cuda.current_device()
+    index = device_index(device)
     try:
         mapping = _RegisteredMapping(-1, nbytes)
     except OSError as error:
