@@ -127,7 +127,14 @@ class CopyEngineExchanger:
     def send_buffer(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> SendBuffer:
         free = self._free.setdefault((tuple(shape), dtype, device), [])
         # Every rank pops or allocates at the same point: the pipelines run the same exchanges.
-        return free.pop() if free else _SymmetricSendBuffer(shape, dtype, device, self.group)
+        if free:
+            return free.pop()
+        # A new symmetric buffer is a rendezvous (the host waits for every peer's host) and its mapping
+        # may synchronize the device. Our side stream's barriers wait for work the peers have issued by
+        # now; once they are done, no device wait of ours depends on a peer's host that might be waiting
+        # for us in the rendezvous. (At 64K tokens, C = 2, the pipeline hung after its first exchanges.)
+        self.stream.synchronize()
+        return _SymmetricSendBuffer(shape, dtype, device, self.group)
 
     def start(self, send: SendBuffer) -> _PulledExchange:
         assert isinstance(send, _SymmetricSendBuffer), "a send buffer from this exchanger's send_buffer()"
