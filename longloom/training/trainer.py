@@ -178,6 +178,10 @@ class Trainer:
                 "split: dp=%d ulysses=%d ring=%d (%d workers, %s, %s, backend %s)",
                 plan.dp, plan.ulysses, plan.ring, self.world_size, self.device.type, plan.dtype, dist.get_backend(),
             )  # fmt: skip
+            if plan.device_layers:
+                logger.info(
+                    "layer inputs kept in GPU memory: %d (%s)", plan.device_layers, plan.device_layers_source
+                )
         self._build_model(plan)
         self._build_engine(deepspeed, plan)
         self._build_data_and_resume(latest)
