@@ -29,7 +29,8 @@ value adds a row "triton-scan segments=X": the bare Triton scan forward plus its
 segmentation; fine vs fla the kernels; at 64K, H = 32, d = 128, bf16: auto = 4 pieces of 16K tokens,
 fine = 512 of 128, and 64 / 256 lie between: fewer fp32 piece states to write and chain, fewer
 parallel programs). Row "triton-blocks": attention/triton_linear_blocks.py (block states, then every
-block's output and gradients in parallel: fla's structure without piece states to chain). Before
+block's output and gradients in parallel: fla's structure without piece states to chain); "lasp2
+triton-blocks": the same through lasp2_linear_attention(backend="triton-blocks"), as training would run it. Before
 timing, each of these rows is checked at --check-seq tokens: its bf16 error vs fp64 (out, dq, dk, dv)
 must be at most 2x that of the "triton" path.
 
@@ -315,11 +316,12 @@ def kernel_rows(
     """Rank 0 alone (`alone` is its one-rank group, so timing never waits for the idle ranks)."""
     dtype = DTYPES[args.dtype]
     rows = []
-    names = ["triton", "torch-chunked", "fla-chunk_simple_gla", "triton-blocks"]
+    names = ["triton", "torch-chunked", "fla-chunk_simple_gla", "triton-blocks", "lasp2 triton-blocks"]
     names += [f"triton-blocks launch={launch}" for launch in args.blocks_launch]
     names += [f"triton-scan segments={segments}" for segments in args.segments]
     if device.type == "cuda" and args.check_seq:
-        for name in ["triton-blocks"] + [f"triton-blocks launch={launch}" for launch in args.blocks_launch]:
+        blocks_rows = ["triton-blocks", "lasp2 triton-blocks"]
+        for name in blocks_rows + [f"triton-blocks launch={launch}" for launch in args.blocks_launch]:
             print(check_kernel(args, name, decay, device), flush=True)
         for segments in args.segments:
             print(check_kernel(args, f"triton-scan segments={segments}", decay, device), flush=True)
@@ -467,6 +469,10 @@ def _kernel(
             raise Skip("Triton needs CUDA (tests run it under TRITON_INTERPRET)")
         segments = parse_segments(name.split("=", 1)[1])
         return lambda: TritonScanAttention.apply(q, k, v, decay, segments)
+    if name == "lasp2 triton-blocks":
+        if not q.is_cuda:
+            raise Skip("Triton needs CUDA (tests run it under TRITON_INTERPRET)")
+        return lambda: lasp2_linear_attention(q, k, v, None, decay, backend="triton-blocks")
     if name.startswith("triton-blocks"):
         if not q.is_cuda:
             raise Skip("Triton needs CUDA (tests run it under TRITON_INTERPRET)")

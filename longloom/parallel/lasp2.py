@@ -51,7 +51,9 @@ from longloom.attention.linear_chunked import (
 )
 from longloom.parallel.sharding import chunks_per_rank, local_chunk_ids
 
-BACKENDS = ("torch", "triton")
+# "triton-blocks": the outputs and gradients of the local chunks by the block-parallel kernels
+# (attention/triton_linear_blocks.py); the states-only scans and packed documents keep the Triton scan.
+BACKENDS = ("torch", "triton", "triton-blocks")
 
 
 def select_scan(q: torch.Tensor, backend: str | None = None) -> Scan:
@@ -60,7 +62,7 @@ def select_scan(q: torch.Tensor, backend: str | None = None) -> Scan:
         backend = "triton" if q.is_cuda and _triton_available() else "torch"
     if backend == "torch":
         return chunked_linear_scan
-    if backend == "triton":
+    if backend in ("triton", "triton-blocks"):
         from longloom.attention.triton_linear import triton_linear_scan
 
         return triton_linear_scan
@@ -231,7 +233,12 @@ class _LASP2(torch.autograd.Function):
             incoming = carried_states(
                 gathered, layout, rank, chunk_len, log_decay, reverse=False, chunk_edges=chunk_edges
             ).flatten(0, 1)
-        out, _ = scan(qc, kc, vc, log_decay, incoming)
+        if backend == "triton-blocks" and document_ids is None:
+            from longloom.attention.triton_linear_blocks import block_parallel_forward
+
+            out, _ = block_parallel_forward(qc, kc, vc, log_decay, incoming)
+        else:
+            out, _ = scan(qc, kc, vc, log_decay, incoming)
 
         ctx.save_for_backward(q, k, v, decay, incoming)
         ctx.group, ctx.layout, ctx.backend = group, layout, backend
@@ -258,7 +265,12 @@ class _LASP2(torch.autograd.Function):
             outgoing = carried_states(
                 gathered, ctx.layout, rank, chunk_len, log_decay, reverse=True, chunk_edges=chunk_edges
             ).flatten(0, 1)
-        dq, dk, dv, _ = linear_attention_backward(scan, qc, kc, vc, doc, log_decay, incoming, outgoing)
+        if ctx.backend == "triton-blocks" and ctx.documents is None:
+            from longloom.attention.triton_linear_blocks import block_parallel_backward
+
+            dq, dk, dv, _ = block_parallel_backward(qc, kc, vc, doc, log_decay, incoming, outgoing)
+        else:
+            dq, dk, dv, _ = linear_attention_backward(scan, qc, kc, vc, doc, log_decay, incoming, outgoing)
         return (
             _from_chunks(dq, batch).to(q.dtype),
             _from_chunks(dk, batch).to(k.dtype),
@@ -288,7 +300,8 @@ def lasp2_linear_attention(
     q, k: [B, S/P, H, d_k]; v: [B, S/P, H, d_v]; decay: [H] in (0, 1] or None (no decay), a fixed
     buffer (no gradient). `group=None` (or size 1) runs on one device. `layout` must be the one the
     sequence was sharded with (parallel/sharding.py). `backend`: None (Triton on CUDA, torch on
-    CPU), "torch" or "triton". Differentiable in q, k, v.
+    CPU), "torch", "triton" or "triton-blocks" (the local outputs and gradients block-parallel;
+    opt-in until it measures faster than the scan). Differentiable in q, k, v.
     `document_ids` [B, S/P] (packed documents, sharded like q): state and decay restart at each document.
     `document_plans` (attention/document_plans.py): the model call's cache; the ids' runs and chunk edges
     are then found (a host copy, an all-gather) once for every layer; None finds them per call.

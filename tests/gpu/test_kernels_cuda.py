@@ -17,9 +17,10 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
 
 
+@pytest.mark.parametrize("backend", ["triton", "triton-blocks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_decay", [False, True])
-def test_triton_linear_attention_forward_backward(dtype, with_decay):
+def test_triton_linear_attention_forward_backward(dtype, with_decay, backend):
     torch.manual_seed(0)
     b, s, h, d = 2, 1024, 4, 64
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=dtype) * 0.3 for _ in range(3))
@@ -29,7 +30,7 @@ def test_triton_linear_attention_forward_backward(dtype, with_decay):
     dout = torch.randn_like(q)
     want.backward(dout.double())
     qt, kt, vt = (t.clone().requires_grad_() for t in (q, k, v))
-    got = lasp2_linear_attention(qt, kt, vt, group=None, decay=decay, backend="triton")
+    got = lasp2_linear_attention(qt, kt, vt, group=None, decay=decay, backend=backend)
     got.backward(dout)
     bound = 2e-3 if dtype == torch.float32 else 2e-2  # tf32 dots / bf16 operands
     assert _rel(got, want) < bound

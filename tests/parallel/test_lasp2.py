@@ -57,10 +57,12 @@ def test_lasp2_matches_reference(distributed, world_size, with_decay, layout):
     _assert_close(results, _reference(*_inputs(0, with_decay=with_decay)))
 
 
-def test_lasp2_triton_local_scan_matches_reference(distributed):
-    """The CUDA path (Triton scan, here in interpreter mode) inside LASP-2, at a tiny size."""
+@pytest.mark.parametrize("backend", ["triton", "triton-blocks"])
+def test_lasp2_triton_local_scan_matches_reference(distributed, backend):
+    """The CUDA paths (Triton scan, or the block-parallel kernels; here in interpreter mode) inside LASP-2,
+    at a tiny size: incoming states from the other rank's zigzag chunks, outgoing state gradients."""
     pytest.importorskip("triton")
-    per_rank = distributed(2, _tiny_triton_worker)
+    per_rank = distributed(2, _tiny_triton_worker, backend)
     results = [unshard_tensors([rank[i] for rank in per_rank], 1, "zigzag") for i in range(4)]
     q, k, v, grad_out, decay = _tiny_inputs()
     _assert_close(results, _reference(q, k, v, grad_out, decay))
@@ -72,12 +74,12 @@ def _tiny_inputs():
     return q, k, v, grad_out, torch.tensor([0.9, 1.0])
 
 
-def _tiny_triton_worker():
+def _tiny_triton_worker(backend):
     q, k, v, grad_out, decay = _tiny_inputs()
     group = dist.group.WORLD
     q, k, v, grad_out = (shard_sequence(x, 1, group, "zigzag") for x in (q, k, v, grad_out))
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    out = lasp2_linear_attention(q, k, v, group, decay=decay, layout="zigzag", backend="triton")
+    out = lasp2_linear_attention(q, k, v, group, decay=decay, layout="zigzag", backend=backend)
     out.backward(grad_out)
     return out.detach(), q.grad, k.grad, v.grad
 
