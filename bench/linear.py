@@ -316,19 +316,27 @@ def kernel_rows(
     """Rank 0 alone (`alone` is its one-rank group, so timing never waits for the idle ranks)."""
     dtype = DTYPES[args.dtype]
     rows = []
-    names = ["triton", "torch-chunked", "fla-chunk_simple_gla", "triton-blocks", "lasp2 triton-blocks"]
-    names += [f"triton-blocks launch={launch}" for launch in args.blocks_launch]
-    names += [f"triton-scan segments={segments}" for segments in args.segments]
+    # Our variants, each checked against fp64 before timing; "triton" (the training path) is their yardstick.
+    variants = ["triton-blocks", "lasp2 triton-blocks"]
+    variants += [f"triton-blocks launch={launch}" for launch in args.blocks_launch]
+    variants += [f"triton-scan segments={segments}" for segments in args.segments]
+    names = ["triton", "torch-chunked", "fla-chunk_simple_gla", *variants]
+    wrong: dict[str, str] = {}  # rows whose kernel failed its fp64 check: reported, never timed
     if device.type == "cuda" and args.check_seq:
-        blocks_rows = ["triton-blocks", "lasp2 triton-blocks"]
-        for name in blocks_rows + [f"triton-blocks launch={launch}" for launch in args.blocks_launch]:
-            print(check_kernel(args, name, decay, device), flush=True)
-        for segments in args.segments:
-            print(check_kernel(args, f"triton-scan segments={segments}", decay, device), flush=True)
+        for name in names[
+            3:
+        ]:  # the rows checked here; "triton" is their yardstick, torch and fla are others'
+            try:
+                print(check_kernel(args, name, decay, device), flush=True)
+            except RuntimeError as failure:
+                print(failure, flush=True)
+                wrong[name] = str(failure)
     for seq in args.seq:
         for name in names:
             row: list[object] = [name, seq]
             try:
+                if name in wrong:
+                    raise Skip("failed its fp64 check (above)")
                 shape = (args.batch, seq, args.heads, args.head_dim)
                 q, k, v = (torch.randn(shape, device=device, dtype=dtype).requires_grad_() for _ in range(3))
                 forward = _kernel(name, q, k, v, decay)
