@@ -31,6 +31,23 @@ from longloom.attention.triton_linear_chain import triton_chain_states
 
 
 @triton.jit
+def head_log_decay(LOG_DECAY, h, HAS_DECAY: tl.constexpr):
+    """log(lam) of head h (fp32), 0 without decay."""
+    log_decay = 0.0
+    if HAS_DECAY:
+        log_decay = tl.load(LOG_DECAY + h).to(tl.float32)
+    return log_decay
+
+
+@triton.jit
+def block_rows(block, seq_len, offs_i, BLOCK: tl.constexpr):
+    """(tokens in the block, their sequence rows as int64, which of the BLOCK rows exist)."""
+    start = block * BLOCK
+    length = tl.minimum(seq_len - start, BLOCK)
+    return length, (start + offs_i).to(tl.int64), offs_i < length
+
+
+@triton.jit
 def intra_block_weight(log_decay, offs_i, HAS_DECAY: tl.constexpr, REVERSE: tl.constexpr):
     """[BLOCK, BLOCK]: lam^|i-j| where query row i reads key column j (j <= i; j >= i reversed), else 0."""
     if REVERSE:
@@ -38,9 +55,11 @@ def intra_block_weight(log_decay, offs_i, HAS_DECAY: tl.constexpr, REVERSE: tl.c
     else:
         distance = offs_i[:, None] - offs_i[None, :]
     causal = distance >= 0
+    # One return: the constexpr branch only picks the weight (Triton compiles the taken branch alone).
+    weight = tl.where(causal, 1.0, 0.0)
     if HAS_DECAY:
-        return tl.where(causal, tl.exp(log_decay * tl.maximum(distance, 0).to(tl.float32)), 0.0)
-    return tl.where(causal, 1.0, 0.0)
+        weight = tl.where(causal, tl.exp(log_decay * tl.maximum(distance, 0).to(tl.float32)), 0.0)
+    return weight
 
 
 @triton.jit
@@ -128,9 +147,7 @@ def _linear_scan_kernel(
     mask_k = offs_k < DK
     mask_v = offs_v < DV
     state_mask = mask_k[:, None] & mask_v[None, :]
-    log_decay = 0.0
-    if HAS_DECAY:
-        log_decay = tl.load(LOG_DECAY + h).to(tl.float32)
+    log_decay = head_log_decay(LOG_DECAY, h, HAS_DECAY)
 
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_INITIAL:
@@ -151,10 +168,7 @@ def _linear_scan_kernel(
             block = num_blocks - 1 - step
         else:
             block = step
-        start = block * BLOCK
-        length = tl.minimum(seq_len - start, BLOCK)
-        rows = (start + offs_i).to(tl.int64)
-        row_mask = offs_i < length
+        length, rows, row_mask = block_rows(block, seq_len, offs_i, BLOCK)
         k = load_block_rows(k_base, rows, stride_ks, offs_k, row_mask, mask_k)
         v = load_block_rows(v_base, rows, stride_vs, offs_v, row_mask, mask_v)
         length_f = length.to(tl.float32)

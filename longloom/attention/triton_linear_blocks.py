@@ -35,7 +35,13 @@ import triton
 import triton.language as tl
 
 from longloom.attention.linear_chunked import DEFAULT_BLOCK_SIZE, compute_dtype
-from longloom.attention.triton_linear import add_block_to_state, intra_block_weight, load_block_rows
+from longloom.attention.triton_linear import (
+    add_block_to_state,
+    block_rows,
+    head_log_decay,
+    intra_block_weight,
+    load_block_rows,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +108,7 @@ def _block_states_kernel(
     mask_k = offs_k < DK
     mask_v = offs_v < DV
     state_mask = mask_k[:, None] & mask_v[None, :]
-    log_decay = 0.0
-    if HAS_DECAY:
-        log_decay = tl.load(LOG_DECAY + h).to(tl.float32)
+    log_decay = head_log_decay(LOG_DECAY, h, HAS_DECAY)
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_INITIAL:
         state_in = STATE_IN + b * stride_ib + h * stride_ih
@@ -122,10 +126,7 @@ def _block_states_kernel(
             block = step
         # The state entering this block (in walk order), as the output and gradient kernels read it.
         tl.store(states_base + block * DK * DV, state.to(STATES.dtype.element_ty), mask=state_mask)
-        start = block * BLOCK
-        length = tl.minimum(seq_len - start, BLOCK)
-        rows = (start + offs_i).to(tl.int64)
-        row_mask = offs_i < length
+        length, rows, row_mask = block_rows(block, seq_len, offs_i, BLOCK)
         k = load_block_rows(k_base, rows, stride_ks, offs_k, row_mask, mask_k)
         v = load_block_rows(v_base, rows, stride_vs, offs_v, row_mask, mask_v)
         state = add_block_to_state(
@@ -179,13 +180,8 @@ def _block_output_kernel(
     offs_v = pid_v * BV + tl.arange(0, BV)
     mask_k = offs_k < DK
     mask_v = offs_v < DV
-    log_decay = 0.0
-    if HAS_DECAY:
-        log_decay = tl.load(LOG_DECAY + h).to(tl.float32)
-    start = block * BLOCK
-    length = tl.minimum(seq_len - start, BLOCK)
-    rows = (start + offs_i).to(tl.int64)
-    row_mask = offs_i < length
+    log_decay = head_log_decay(LOG_DECAY, h, HAS_DECAY)
+    _, rows, row_mask = block_rows(block, seq_len, offs_i, BLOCK)
     q = load_block_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qs, offs_k, row_mask, mask_k)
     k = load_block_rows(K + b * stride_kb + h * stride_kh, rows, stride_ks, offs_k, row_mask, mask_k)
     v = load_block_rows(V + b * stride_vb + h * stride_vh, rows, stride_vs, offs_v, row_mask, mask_v)
@@ -246,13 +242,8 @@ def _block_backward_kernel(
     offs_v = tl.arange(0, BV)
     mask_k = offs_k < DK
     mask_v = offs_v < DV
-    log_decay = 0.0
-    if HAS_DECAY:
-        log_decay = tl.load(LOG_DECAY + h).to(tl.float32)
-    start = block * BLOCK
-    length = tl.minimum(seq_len - start, BLOCK)
-    rows = (start + offs_i).to(tl.int64)
-    row_mask = offs_i < length
+    log_decay = head_log_decay(LOG_DECAY, h, HAS_DECAY)
+    length, rows, row_mask = block_rows(block, seq_len, offs_i, BLOCK)
     qk_mask = row_mask[:, None] & mask_k[None, :]
     v_mask = row_mask[:, None] & mask_v[None, :]
     # q / k (and dq / dk) share the q strides, v / dO (and dv) the v strides: all contiguous [B, S, H, D].

@@ -285,8 +285,8 @@ def _activation_share_advice(
 ) -> str:
     """'set offload.activations to X, ' for the largest share in steps of 0.01 whose whole plan fits the host.
 
-    Every candidate is planned in full rather than interpolated: pinned blocks round up to powers of two
-    on CUDA, so host bytes are a step function of the share, and the interleaved optimizer's GPU share
+    Every candidate is planned in full rather than interpolated: on CUDA each swapped tensor is a block
+    of whole pool granules, so host bytes are a step function of the share, and the interleaved optimizer's GPU share
     (hence its host bytes) moves with it. At share 0 nothing goes to the host and the layer inputs fill
     the GPU, which is why 0 is never advised.
     """

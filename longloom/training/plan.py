@@ -186,7 +186,8 @@ def _device_layers(cfg: LongloomConfig, partial: RunPlan, device: torch.device |
     def estimate(layers: int) -> dict[str, Any]:
         return estimate_memory(cfg, dataclasses.replace(partial, device_layers=layers), partial.gpu_share)
 
-    if estimate(0)["host_pinned_per_host"] <= limit:
+    every_input = estimate(0)["host_pinned_per_host"]
+    if every_input <= limit:
         return 0, "-"
     device_bytes = _device_bytes(device)
     if device_bytes is None or (o.optimizer == "interleaved" and o.gpu_share == "auto"):
@@ -199,7 +200,7 @@ def _device_layers(cfg: LongloomConfig, partial: RunPlan, device: torch.device |
         if trial["host_pinned_per_host"] <= limit:
             return layers, (
                 f"the host may pin {human_bytes(limit)} ({limit_source}), every layer input would need "
-                f"{human_bytes(estimate(0)['host_pinned_per_host'])}; with the first {layers} kept on the GPU: "
+                f"{human_bytes(every_input)}; with the first {layers} kept on the GPU: "
                 f"{human_bytes(trial['host_pinned_per_host'])} pinned, {human_bytes(trial['per_gpu']['total'])} "
                 f"per GPU of {human_bytes(usable)} usable"
             )
