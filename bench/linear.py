@@ -20,7 +20,7 @@ Weak-scaling efficiency = time of the same method on 1 GPU at the same S/GPU / t
 Part "kernels" (rank 0 alone): the local scan inside LASP-2 on one GPU: Triton
 (attention/triton_linear.py) vs chunked torch (attention/linear_chunked.py) vs flash-linear-attention's
 `fla.ops.simple_gla.chunk_simple_gla` (skipped, with the reason, when not importable). "triton" and
-"torch-chunked" go through lasp2_linear_attention(group=None) as training does; each --segments
+"torch-chunked" go through lasp2_linear_attention(group=None, backend="triton" / "torch"); each --segments
 value adds a row "triton-scan segments=X": the bare Triton scan forward plus its three backward scans
 (linear_attention_backward), cut into X pieces: "auto" (auto_segments, the default policy), "fine"
 (fine_segments: pieces of 1-2 blocks, fla's structure) or a number. Side by side, one command:
@@ -30,7 +30,8 @@ segmentation; fine vs fla the kernels; at 64K, H = 32, d = 128, bf16: auto = 4 p
 fine = 512 of 128, and 64 / 256 lie between: fewer fp32 piece states to write and chain, fewer
 parallel programs). Row "triton-blocks": attention/triton_linear_blocks.py (block states, then every
 block's output and gradients in parallel: fla's structure without piece states to chain); "lasp2
-triton-blocks": the same through lasp2_linear_attention(backend="triton-blocks"), as training would run it. Before
+triton-blocks": the same through lasp2_linear_attention(backend="triton-blocks"), as training runs it on
+CUDA (the default backend there since session 12). Before
 timing, each of these rows is checked at --check-seq tokens: its bf16 error vs fp64 (out, dq, dk, dv)
 must be at most 2x that of the "triton" path.
 
@@ -340,9 +341,13 @@ def kernel_rows(
                 shape = (args.batch, seq, args.heads, args.head_dim)
                 q, k, v = (torch.randn(shape, device=device, dtype=dtype).requires_grad_() for _ in range(3))
                 forward = _kernel(name, q, k, v, decay)
+                mallocs = _device_mallocs(device)
                 forward_ms, step_ms = _time_case(forward, [q, k, v], alone, args)
                 tokens_per_s = seq * args.batch / (step_ms / 1e3) / 1e6
-                row += [f"{forward_ms:.2f}", f"{step_ms:.2f}", f"{tokens_per_s:.2f}", ""]
+                # The row's cudaMalloc calls (warmups included): a count above the warmups' few means
+                # the caching allocator missed in the timed runs too (each miss costs a malloc and a free).
+                notes = f"{_device_mallocs(device) - mallocs} cudaMalloc" if device.type == "cuda" else ""
+                row += [f"{forward_ms:.2f}", f"{step_ms:.2f}", f"{tokens_per_s:.2f}", notes]
             except Skip as reason:
                 row += ["-", "-", "-", f"skipped: {reason}"]
             except torch.OutOfMemoryError:
@@ -352,6 +357,11 @@ def kernel_rows(
             rows.append(row)
             print(" | ".join(str(cell) for cell in row), flush=True)
     return rows
+
+
+def _device_mallocs(device: torch.device) -> int:
+    """cudaMalloc calls of the caching allocator so far (0 off CUDA)."""
+    return torch.cuda.memory_stats(device).get("num_device_alloc", 0) if device.type == "cuda" else 0
 
 
 class Skip(Exception):
@@ -409,7 +419,7 @@ class TritonScanAttention(torch.autograd.Function):
 
 class TritonBlocksAttention(torch.autograd.Function):
     """Block-parallel Triton linear attention (attention/triton_linear_blocks.py) on one device, from a
-    zero state, differentiable (bench rows only until it measures faster than the scan)."""
+    zero state, differentiable: the bare kernels, without lasp2_linear_attention's wrapping."""
 
     @staticmethod
     def forward(ctx, q, k, v, decay, launch=None):

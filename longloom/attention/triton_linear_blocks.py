@@ -48,16 +48,18 @@ from longloom.attention.triton_linear import (
 class BlockLaunch:
     """Launch settings of the block-parallel kernels; bench/linear.py sweeps them.
 
-    Defaults: 4 warps for the output kernel (three [c, d] dots per program), 8 for the backward kernel
-    (eight dots and three [c, d] fp32 accumulators per program); stages as Triton chooses. The state
-    walk is latency-bound (one small dot per block, in sequence): `state_tile` is the d_k and d_v tile
-    of its programs, B * H * (d_k / tile) * (d_v / tile) of them (128 at H = 32, d = 128, tile 64:
-    one per SM of an H200).
+    Defaults, measured on one H200 at 64K tokens, H = 32, d = 128, bf16 (BENCHMARKS.md, session 12):
+    4 warps for both kernels and 4 stages. The backward kernel with 8 warps took 4.77 ms against 3.38
+    with 4 (more programs resident per SM hide its loads better than more warps per program); 2 to 4
+    stages are within noise of each other, 3 (Triton's default) was 0.2 ms slower. The state walk is
+    latency-bound (one small dot per block, in sequence): `state_tile` is the d_k and d_v tile of its
+    programs, B * H * (d_k / tile) * (d_v / tile) of them (128 at H = 32, d = 128, tile 64: one per SM
+    of an H200; tile 32 took 1.12 ms per walk, 64 0.93, 128 2.07).
     """
 
     output_warps: int = 4
-    backward_warps: int = 8
-    stages: int | None = None
+    backward_warps: int = 4
+    stages: int | None = 4
     state_tile: int = 64
 
     def stage_settings(self) -> dict[str, int]:

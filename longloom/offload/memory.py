@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
+from longloom.attention.linear_chunked import DEFAULT_BLOCK_SIZE
 from longloom.config import ConfigError, LongloomConfig, ModelConfig
 from longloom.offload.activations import kept_token_counts, pool_block_bytes
 from longloom.parallel.loss import FUSED_CHUNK_ELEMENTS
@@ -146,6 +147,11 @@ def _activation_bytes(cfg: LongloomConfig, plan: PlannedRun) -> dict[str, float]
     # (6 x width, for one tile of tokens). Against the peaks measured on an H200 (8-layer Llama-3-8B
     # width, 64K-512K tokens, BENCHMARKS.md) this comes out 12-23% high: safe for planning.
     layer_working = (tokens * (7 * m.hidden + kv_width) + mlp_tokens * 6 * m.mlp_width) * b
+    if plan.device_type == "cuda" and "L" in m.layer_kinds():
+        # A linear-attention layer's backward on CUDA (attention/triton_linear_blocks.py, LASP-2's default
+        # there) holds the state entering every block twice, d x d per head in the model dtype: the
+        # forward walk's and the gradient's reverse walk's (at H = 32, d = 128: 4 x hidden per token).
+        layer_working += 2 * math.ceil(tokens / DEFAULT_BLOCK_SIZE) * m.heads * m.head_dim**2 * b
     # The last layer's output and its final-norm output wait for the LM head's backward.
     final_hidden = 2 * layer_input
     rope = tokens * m.head_dim * 4  # cos and sin tables, fp32, shared by all layers

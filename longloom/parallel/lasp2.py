@@ -53,13 +53,21 @@ from longloom.parallel.sharding import chunks_per_rank, local_chunk_ids
 
 # "triton-blocks": the outputs and gradients of the local chunks by the block-parallel kernels
 # (attention/triton_linear_blocks.py); the states-only scans and packed documents keep the Triton scan.
+# It is the CUDA default: fwd+bwd at 64K tokens, H = 32, d = 128 on one H200, 7.9 ms against the
+# scan's 11.0 (BENCHMARKS.md, session 12).
 BACKENDS = ("torch", "triton", "triton-blocks")
+
+
+def resolve_backend(q: torch.Tensor, backend: str | None) -> str:
+    """`backend` as given, or for None: "triton-blocks" on CUDA (when Triton imports), "torch" otherwise."""
+    if backend is not None:
+        return backend
+    return "triton-blocks" if q.is_cuda and _triton_available() else "torch"
 
 
 def select_scan(q: torch.Tensor, backend: str | None = None) -> Scan:
     """The local scan: Triton on CUDA (when importable), chunked torch otherwise or when asked."""
-    if backend is None:
-        backend = "triton" if q.is_cuda and _triton_available() else "torch"
+    backend = resolve_backend(q, backend)
     if backend == "torch":
         return chunked_linear_scan
     if backend in ("triton", "triton-blocks"):
@@ -212,6 +220,7 @@ class _LASP2(torch.autograd.Function):
         check_document_ids_once(document_ids, q, "lasp2_linear_attention", document_plans)
         layout = _scanned_layout(layout, world_size)
         chunks = chunks_per_rank(layout)
+        backend = resolve_backend(q, backend)
         scan, chunk_edges = select_scan(q, backend), None
         if document_ids is not None:  # once per model call with its plans (every linear layer shares them)
             runs_and_edges = partial(
@@ -299,9 +308,9 @@ def lasp2_linear_attention(
 
     q, k: [B, S/P, H, d_k]; v: [B, S/P, H, d_v]; decay: [H] in (0, 1] or None (no decay), a fixed
     buffer (no gradient). `group=None` (or size 1) runs on one device. `layout` must be the one the
-    sequence was sharded with (parallel/sharding.py). `backend`: None (Triton on CUDA, torch on
-    CPU), "torch", "triton" or "triton-blocks" (the local outputs and gradients block-parallel;
-    opt-in until it measures faster than the scan). Differentiable in q, k, v.
+    sequence was sharded with (parallel/sharding.py). `backend`: None ("triton-blocks" on CUDA, torch
+    on CPU), "torch", "triton" (the sequential scan) or "triton-blocks" (the local outputs and gradients
+    block-parallel). Differentiable in q, k, v.
     `document_ids` [B, S/P] (packed documents, sharded like q): state and decay restart at each document.
     `document_plans` (attention/document_plans.py): the model call's cache; the ids' runs and chunk edges
     are then found (a host copy, an all-gather) once for every layer; None finds them per call.

@@ -154,6 +154,26 @@ def test_pool_blocks_are_counted_as_the_pool_holds_them():
     assert pool.acquire(mib + 1).capacity == pool_block_bytes(mib + 1) and pool.total_bytes == 2 * mib
 
 
+@pytest.mark.parametrize("pattern", ["S", "LS"])
+def test_linear_layers_count_the_block_kernels_states_on_cuda(pattern):
+    # LASP-2's CUDA backend (attention/triton_linear_blocks.py) holds two block-state tensors in a linear
+    # layer's backward: the estimate adds exactly what block_states allocates, twice, and only with
+    # linear layers on CUDA. block_states itself runs here under the Triton interpreter.
+    pytest.importorskip("triton")
+    from longloom.attention.triton_linear_blocks import block_states
+
+    cfg = load_config(None, [*MODEL, "data.seq_len=130", f"model.layer_pattern={pattern}"])
+    cpu_plan = build_run_plan(cfg, 1)
+    cuda_plan = dataclasses.replace(cpu_plan, device_type="cuda")
+    added = (
+        estimate_memory(cfg, cuda_plan)["activation_detail"]["layer_working"]
+        - estimate_memory(cfg, cpu_plan)["activation_detail"]["layer_working"]
+    )
+    k = torch.zeros(1, 130, 8, 8)  # the layer's keys (and values): [B, S, H, d], fp32 as trained here
+    states, _ = block_states(k, k, None, None, False, 64)
+    assert added == (2 * states.nbytes if "L" in pattern else 0)
+
+
 def test_check_refuses_pinned_memory_that_does_not_fit():
     cfg = load_config(None, [*MODEL, "offload.activations=true", "offload.host_memory_limit_gb=0.000001"])
     with pytest.raises(ConfigError, match=r"pinned host memory needed: .* exceeds the 1.05 KiB allowed"):

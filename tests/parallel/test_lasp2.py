@@ -93,6 +93,21 @@ def test_lasp2_single_device(layout):
     _assert_close([out.detach()] + [leaf.grad for leaf in leaves], _reference(q, k, v, grad_out, decay))
 
 
+def test_default_backend_is_the_block_kernels_on_cuda_and_torch_on_cpu(monkeypatch):
+    # The policy alone (no GPU here): None resolves by the input's device, a named backend is kept.
+    from types import SimpleNamespace
+
+    from longloom.parallel import lasp2
+
+    monkeypatch.setattr(lasp2, "_triton_available", lambda: True)
+    on_gpu, on_cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    assert lasp2.resolve_backend(on_gpu, None) == "triton-blocks"
+    assert lasp2.resolve_backend(on_cpu, None) == "torch"
+    assert [lasp2.resolve_backend(on_gpu, name) for name in lasp2.BACKENDS] == list(lasp2.BACKENDS)
+    monkeypatch.setattr(lasp2, "_triton_available", lambda: False)
+    assert lasp2.resolve_backend(on_gpu, None) == "torch"
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 def test_single_device_runs_one_scan_forward_and_three_backward(monkeypatch, layout):
     """The states-only and dual scans only carry state between ranks: one device skips them."""
