@@ -290,6 +290,18 @@ def _block_backward_kernel(
     tl.store(DQ + q_rows, dq.to(DQ.dtype.element_ty), mask=qk_mask)
 
 
+# One side stream per device for the backward's forward walk. A stream taken per call would cycle
+# through torch's pool of streams; this one is reused, and the walk's work stays on it.
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 def _precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype in (torch.float32, torch.float64) else None
 
@@ -302,6 +314,18 @@ def _check(block_size: int, *tensors: torch.Tensor) -> None:
             raise ValueError("block-parallel linear attention reads rows with a unit stride along head_dim")
 
 
+def empty_block_states(
+    k: torch.Tensor, v: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (states [B, H, N, d_k, d_v] in k's dtype, final [B, H, d_k, d_v] fp32) for a walk
+    over k, v: what `block_states` fills."""
+    batch, seq, heads, dim_k = k.shape
+    num_blocks = triton.cdiv(seq, block_size)
+    states = torch.empty(batch, heads, num_blocks, dim_k, v.size(-1), dtype=k.dtype, device=k.device)
+    final = torch.empty(batch, heads, dim_k, v.size(-1), dtype=compute_dtype(k.dtype), device=k.device)
+    return states, final
+
+
 def block_states(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -310,16 +334,17 @@ def block_states(
     reverse: bool,
     block_size: int,
     state_tile: int = 64,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(entering state of every block [B, H, N, d_k, d_v] in k's dtype, final state [B, H, d_k, d_v] fp32).
 
     Walking backwards (`reverse`) the blocks' keys weigh lam^(j+1) and "entering" is from the right.
+    `out`: the two tensors to fill (from `empty_block_states`), e.g. allocated on another stream.
     """
     batch, seq, heads, dim_k = k.shape
     dim_v = v.size(-1)
-    num_blocks = triton.cdiv(seq, block_size)
-    states = torch.empty(batch, heads, num_blocks, dim_k, dim_v, dtype=k.dtype, device=k.device)
-    final = torch.empty(batch, heads, dim_k, dim_v, dtype=compute_dtype(k.dtype), device=k.device)
+    states, final = out if out is not None else empty_block_states(k, v, block_size)
+    num_blocks = states.size(2)
     tile_k = min(state_tile, max(16, triton.next_power_of_2(dim_k)))
     tile_v = min(state_tile, max(16, triton.next_power_of_2(dim_v)))
     grid = (batch * heads * triton.cdiv(dim_k, tile_k) * triton.cdiv(dim_v, tile_v),)
@@ -385,19 +410,23 @@ def block_parallel_backward(
     log_decay = None if log_decay is None else log_decay.float().contiguous()
     batch, seq, heads, dim_k = k.shape
     dim_v = v.size(-1)
-    # The two walks are independent and each fills only part of the GPU: on CUDA they run side by side.
-    side = torch.cuda.Stream(q.device) if q.is_cuda else None
+    # The two walks are independent and each fills only part of the GPU: on CUDA the forward walk runs
+    # on a side stream beside the reverse walk. Its output is allocated here, on the compute stream: the
+    # caching allocator keeps a block for reuse by the stream it was allocated on, so a tensor made on the
+    # side stream would be cached apart (one more copy of the largest tensor here, 1 GiB at 64K tokens).
+    states_and_final = empty_block_states(k, v, block_size)
+    side = _side_stream(q.device) if q.is_cuda else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(q.device))
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        states, _ = block_states(k, v, log_decay, initial_state, False, block_size, launch.state_tile)
+        states, _ = block_states(
+            k, v, log_decay, initial_state, False, block_size, launch.state_tile, out=states_and_final
+        )
     grad_states, d_initial = block_states(
         q, grad_out, log_decay, final_state_grad, True, block_size, launch.state_tile
     )
-    if side is not None:
-        # `states` was allocated on the side stream: the compute stream must own it from here on.
+    if side is not None:  # everything below reads the side walk's states
         torch.cuda.current_stream(q.device).wait_stream(side)
-        states.record_stream(torch.cuda.current_stream(q.device))
     num_blocks = states.size(2)
     dq = torch.empty(batch, seq, heads, dim_k, dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)

@@ -56,6 +56,21 @@ def test_block_parallel_linear_attention_matches_reference(dtype):
         assert _rel(got, expected) < bound
 
 
+def test_block_parallel_backward_reuses_its_memory_call_after_call():
+    # The backward's forward walk runs on a side stream; its 16 MiB block states (S = 8192, H = 4,
+    # d = 128, bf16) must come back to the compute stream's cache. Were they allocated on a stream taken
+    # from torch's pool per call, each call would leave one more cached copy (reserved memory growing).
+    torch.manual_seed(2)
+    q, k, v, dout = (torch.randn(1, 8192, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    log_decay = log_decay_of(torch.tensor([0.9, 0.99, 0.999, 1.0], device="cuda"))
+    reserved = []
+    for _ in range(6):
+        block_parallel_backward(q, k, v, dout, log_decay)
+        torch.cuda.synchronize()
+        reserved.append(torch.cuda.memory_reserved())
+    assert reserved[-1] == reserved[1], f"reserved memory after each call: {reserved}"
+
+
 def test_triton_merge_matches_torch_merge():
     from longloom.attention.triton_merge import merge_attention_partials_triton_
 
