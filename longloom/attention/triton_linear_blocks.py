@@ -46,7 +46,7 @@ from longloom.attention.triton_linear import (
 
 @dataclasses.dataclass(frozen=True)
 class BlockLaunch:
-    """Launch settings of the block-parallel kernels; bench/linear.py sweeps them.
+    """Launch settings of the block-parallel kernels; bench/linear_blocks.py (and bench/linear.py) sweep them.
 
     Defaults, measured on one H200 at 64K tokens, H = 32, d = 128, bf16 (BENCHMARKS.md, session 12):
     4 warps for both kernels and 4 stages. The backward kernel with 8 warps took 4.77 ms against 3.38
