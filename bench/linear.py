@@ -502,6 +502,14 @@ def _kernel(
         return lambda: lasp2_linear_attention(q, k, v, None, decay, backend="triton")
     if name == "torch-chunked":
         return lambda: lasp2_linear_attention(q, k, v, None, decay, backend="torch")
+    return fla_attention(q, k, v, decay)
+
+
+def fla_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None
+) -> Callable[[], torch.Tensor]:
+    """flash-linear-attention's chunk_simple_gla on q, k, v with our decays (scale 1, [B, S, H, D]);
+    raises Skip when fla is not importable."""
     try:
         from fla.ops.simple_gla import chunk_simple_gla
     except ImportError as error:

@@ -27,13 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/li
 import argparse
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable
 
 import torch
 
 from bench.common import DTYPES, check_against_fp64, markdown_table, time_ms
-from bench.linear import TritonBlocksAttention, make_decay
+from bench.linear import Skip, TritonBlocksAttention, fla_attention, make_decay
 from longloom.attention.linear_chunked import log_decay_of
 from longloom.attention.reference import reference_linear_attention
 from longloom.attention.triton_linear_blocks import (
@@ -182,20 +181,10 @@ def walk_rows(
 
 def _fla(q, k, v, decay: torch.Tensor | None) -> Callable[[], torch.Tensor] | None:
     try:
-        from fla.ops.simple_gla import chunk_simple_gla
-    except ImportError as error:
-        print(f"fla not importable ({error}): its rows are left out", flush=True)
+        return fla_attention(q, k, v, decay)
+    except Skip as reason:
+        print(f"fla left out: {reason}", flush=True)
         return None
-    extra: dict[str, object] = {}
-    parameters = inspect.signature(chunk_simple_gla).parameters
-    if decay is not None:
-        log = torch.log(decay.float())
-        extra = (
-            {"g_gamma": log} if "g_gamma" in parameters else {"g": log.expand(1, q.size(1), -1).contiguous()}
-        )
-    if "head_first" in parameters:
-        extra["head_first"] = False
-    return lambda: chunk_simple_gla(q=q, k=k, v=v, scale=1.0, **extra)[0]
 
 
 def side_by_side_rows(args, decay, device) -> list[list[object]]:
