@@ -10,7 +10,7 @@ Parts (causal, per-head decays 1 - 2^-(5 + 8h/H) as in bench/linear.py, fwd+bwd 
   same two after its other rows; this part shows what each costs without them.
 - "profile": CUDA time per kernel over 5 fwd+bwd (torch.profiler), ours and fla's. Our backward runs
   its two state walks side by side, so per-kernel sums exceed the wall time.
-- "walks": one state walk alone (a forward walk over k, v) at each --state-tiles value.
+- "walks": one state walk alone (a forward walk over k, v) at each --walk-blocks and --state-tiles value.
 - "sweep": each --launch BLOCK:OUTPUT_WARPS:BACKWARD_WARPS:STAGES:STATE_TILE ("-" for STAGES: Triton's
   default) checked against fp64 at --check-seq tokens, then forward and backward timed by direct calls.
 Medians of --iters runs after --warmup, CUDA events.
@@ -172,10 +172,11 @@ def walk_rows(
     _, k, v, _ = _inputs(args, args.seq, device, DTYPES[args.dtype], 0)
     log_decay = log_decay_of(decay)
     rows = []
-    for tile in args.state_tiles:
-        walk = functools.partial(block_states, k, v, log_decay, None, False, 64, tile)
-        walk_ms = time_ms(walk, args.warmup, args.iters)
-        rows.append([f"state tile {tile}", f"{walk_ms:.2f}"])
+    for block in args.walk_blocks:
+        for tile in args.state_tiles:
+            walk = functools.partial(block_states, k, v, log_decay, None, False, block, tile)
+            walk_ms = time_ms(walk, args.warmup, args.iters)
+            rows.append([f"block {block}, state tile {tile}", f"{walk_ms:.2f}"])
     return rows
 
 
@@ -244,6 +245,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--launch", type=parse_variant, nargs="+", default=[parse_variant(v) for v in DEFAULT_SWEEP]
     )
     parser.add_argument("--state-tiles", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument(
+        "--walk-blocks", type=int, nargs="+", default=[64, 128], help="walks part: block sizes"
+    )
     parser.add_argument("--check-seq", type=int, default=2048, help="tokens of each variant's fp64 check")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
