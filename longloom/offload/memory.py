@@ -30,6 +30,7 @@ import torch
 from longloom.attention.linear_chunked import DEFAULT_BLOCK_SIZE
 from longloom.config import ConfigError, LongloomConfig, ModelConfig
 from longloom.offload.activations import kept_token_counts, pool_block_bytes
+from longloom.parallel.lasp2 import BLOCKS_MAX_HEAD_DIM
 from longloom.parallel.loss import FUSED_CHUNK_ELEMENTS
 
 GIB = 1 << 30
@@ -147,7 +148,7 @@ def _activation_bytes(cfg: LongloomConfig, plan: PlannedRun) -> dict[str, float]
     # (6 x width, for one tile of tokens). Against the peaks measured on an H200 (8-layer Llama-3-8B
     # width, 64K-512K tokens, BENCHMARKS.md) this comes out 12-23% high: safe for planning.
     layer_working = (tokens * (7 * m.hidden + kv_width) + mlp_tokens * 6 * m.mlp_width) * b
-    if plan.device_type == "cuda" and "L" in m.layer_kinds():
+    if plan.device_type == "cuda" and "L" in m.layer_kinds() and m.head_dim <= BLOCKS_MAX_HEAD_DIM:
         # A linear-attention layer's backward on CUDA (attention/triton_linear_blocks.py, LASP-2's default
         # there) holds the state entering every block twice, d x d per head in the model dtype: the
         # forward walk's and the gradient's reverse walk's (at H = 32, d = 128: 4 x hidden per token).

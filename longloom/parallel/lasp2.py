@@ -58,11 +58,20 @@ from longloom.parallel.sharding import chunks_per_rank, local_chunk_ids
 BACKENDS = ("torch", "triton", "triton-blocks")
 
 
-def resolve_backend(q: torch.Tensor, backend: str | None) -> str:
-    """`backend` as given, or for None: "triton-blocks" on CUDA (when Triton imports), "torch" otherwise."""
+# The block kernels hold whole [d_k, d_v] states per program (the backward kernel two of them beside
+# four [block, d] tiles): compiled and measured at d <= 128 only. Wider heads keep the scan, which tiles d.
+BLOCKS_MAX_HEAD_DIM = 128
+
+
+def resolve_backend(q: torch.Tensor, backend: str | None, head_dim_v: int | None = None) -> str:
+    """`backend` as given, or for None: on CUDA (when Triton imports) "triton-blocks" for head dims up to
+    BLOCKS_MAX_HEAD_DIM and "triton" above; "torch" otherwise. `head_dim_v`: v's, when it differs from q's."""
     if backend is not None:
         return backend
-    return "triton-blocks" if q.is_cuda and _triton_available() else "torch"
+    if not (q.is_cuda and _triton_available()):
+        return "torch"
+    widest = max(q.size(-1), head_dim_v or 0)
+    return "triton-blocks" if widest <= BLOCKS_MAX_HEAD_DIM else "triton"
 
 
 def select_scan(q: torch.Tensor, backend: str | None = None) -> Scan:
@@ -220,7 +229,7 @@ class _LASP2(torch.autograd.Function):
         check_document_ids_once(document_ids, q, "lasp2_linear_attention", document_plans)
         layout = _scanned_layout(layout, world_size)
         chunks = chunks_per_rank(layout)
-        backend = resolve_backend(q, backend)
+        backend = resolve_backend(q, backend, v.size(-1))
         scan, chunk_edges = select_scan(q, backend), None
         if document_ids is not None:  # once per model call with its plans (every linear layer shares them)
             runs_and_edges = partial(

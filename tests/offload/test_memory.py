@@ -172,6 +172,18 @@ def test_linear_layers_count_the_block_kernels_states_on_cuda(pattern):
     k = torch.zeros(1, 130, 8, 8)  # the layer's keys (and values): [B, S, H, d], fp32 as trained here
     states, _ = block_states(k, k, None, None, False, 64)
     assert added == (2 * states.nbytes if "L" in pattern else 0)
+    # Heads wider than 128 keep the scan (parallel/lasp2.py: BLOCKS_MAX_HEAD_DIM): nothing added.
+    wide_shape = ["model.hidden=256", "model.heads=1", "model.kv_heads=1"]
+    wide = load_config(None, [*MODEL, *wide_shape, "data.seq_len=130", f"model.layer_pattern={pattern}"])
+    wide_plan = build_run_plan(wide, 1)
+    assert wide.model.head_dim == 256
+    working = [
+        estimate_memory(wide, dataclasses.replace(wide_plan, device_type=kind))["activation_detail"][
+            "layer_working"
+        ]
+        for kind in ("cpu", "cuda")
+    ]
+    assert working[0] == working[1]
 
 
 def test_check_refuses_pinned_memory_that_does_not_fit():

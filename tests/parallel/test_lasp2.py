@@ -93,17 +93,23 @@ def test_lasp2_single_device(layout):
     _assert_close([out.detach()] + [leaf.grad for leaf in leaves], _reference(q, k, v, grad_out, decay))
 
 
-def test_default_backend_is_the_block_kernels_on_cuda_and_torch_on_cpu(monkeypatch):
+def test_default_backend_is_the_block_kernels_on_cuda_up_to_head_dim_128_and_torch_on_cpu(monkeypatch):
     # The policy alone (no GPU here): None resolves by the input's device, a named backend is kept.
     from types import SimpleNamespace
 
     from longloom.parallel import lasp2
 
+    def query(is_cuda: bool, head_dim: int) -> SimpleNamespace:
+        return SimpleNamespace(is_cuda=is_cuda, size=lambda dim: {-1: head_dim}[dim])
+
     monkeypatch.setattr(lasp2, "_triton_available", lambda: True)
-    on_gpu, on_cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    on_gpu, on_cpu = query(True, 128), query(False, 128)
     assert lasp2.resolve_backend(on_gpu, None) == "triton-blocks"
     assert lasp2.resolve_backend(on_cpu, None) == "torch"
     assert [lasp2.resolve_backend(on_gpu, name) for name in lasp2.BACKENDS] == list(lasp2.BACKENDS)
+    # Heads wider than the block kernels were measured at keep the scan (q's or v's width).
+    assert lasp2.resolve_backend(query(True, 256), None) == "triton"
+    assert lasp2.resolve_backend(on_gpu, None, head_dim_v=192) == "triton"
     monkeypatch.setattr(lasp2, "_triton_available", lambda: False)
     assert lasp2.resolve_backend(on_gpu, None) == "torch"
 
