@@ -48,6 +48,34 @@ def block_rows(block, seq_len, offs_i, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def walk_block(step, num_blocks, REVERSE: tl.constexpr):
+    """The block a walk visits at `step`: first to last, or last to first when REVERSE."""
+    block = step
+    if REVERSE:
+        block = num_blocks - 1 - step
+    return block
+
+
+@triton.jit
+def load_initial_state(
+    STATE_IN, b, h, stride_ib, stride_ih, stride_ik, stride_iv, offs_k, offs_v, state_mask,
+    HAS_INITIAL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    """[BK, BV] fp32: the (b, h) tile of the state a walk starts from; zeros without one."""
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INITIAL:
+        tile = (
+            STATE_IN
+            + b * stride_ib
+            + h * stride_ih
+            + offs_k[:, None] * stride_ik
+            + offs_v[None, :] * stride_iv
+        )
+        state = tl.load(tile, mask=state_mask, other=0.0).to(tl.float32)
+    return state
+
+
+@triton.jit
 def intra_block_weight(log_decay, offs_i, HAS_DECAY: tl.constexpr, REVERSE: tl.constexpr):
     """[BLOCK, BLOCK]: lam^|i-j| where query row i reads key column j (j <= i; j >= i reversed), else 0."""
     if REVERSE:
@@ -149,11 +177,21 @@ def _linear_scan_kernel(
     state_mask = mask_k[:, None] & mask_v[None, :]
     log_decay = head_log_decay(LOG_DECAY, h, HAS_DECAY)
 
-    state = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_INITIAL:
-        state_in = STATE_IN + b * stride_ib + h * stride_ih
-        state_in += offs_k[:, None] * stride_ik + offs_v[None, :] * stride_iv
-        state = tl.load(state_in, mask=state_mask, other=0.0).to(tl.float32)
+    state = load_initial_state(
+        STATE_IN,
+        b,
+        h,
+        stride_ib,
+        stride_ih,
+        stride_ik,
+        stride_iv,
+        offs_k,
+        offs_v,
+        state_mask,
+        HAS_INITIAL,
+        BK,
+        BV,
+    )
 
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
@@ -164,10 +202,7 @@ def _linear_scan_kernel(
 
     num_blocks = tl.cdiv(seq_len, BLOCK)
     for step in range(num_blocks):
-        if REVERSE:
-            block = num_blocks - 1 - step
-        else:
-            block = step
+        block = walk_block(step, num_blocks, REVERSE)
         length, rows, row_mask = block_rows(block, seq_len, offs_i, BLOCK)
         k = load_block_rows(k_base, rows, stride_ks, offs_k, row_mask, mask_k)
         v = load_block_rows(v_base, rows, stride_vs, offs_v, row_mask, mask_v)

@@ -41,6 +41,8 @@ from longloom.attention.triton_linear import (
     head_log_decay,
     intra_block_weight,
     load_block_rows,
+    load_initial_state,
+    walk_block,
 )
 
 
@@ -64,6 +66,16 @@ class BlockLaunch:
 
     def stage_settings(self) -> dict[str, int]:
         return {} if self.stages is None else {"num_stages": self.stages}
+
+
+@triton.jit
+def load_block_state(
+    STATES, b, h, block, num_blocks, offs_k, offs_v, state_mask,
+    HEADS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, dtype: tl.constexpr,
+):  # fmt: skip
+    """The [d_k tile, d_v tile] of block `block`'s stored state ([B, H, N, DK, DV], as the walk writes it)."""
+    tile = STATES + ((b * HEADS + h) * num_blocks + block) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+    return tl.load(tile, mask=state_mask, other=0.0).to(dtype)
 
 
 @triton.jit
@@ -111,21 +123,27 @@ def _block_states_kernel(
     mask_v = offs_v < DV
     state_mask = mask_k[:, None] & mask_v[None, :]
     log_decay = head_log_decay(LOG_DECAY, h, HAS_DECAY)
-    state = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_INITIAL:
-        state_in = STATE_IN + b * stride_ib + h * stride_ih
-        state = tl.load(
-            state_in + offs_k[:, None] * stride_ik + offs_v[None, :] * stride_iv, mask=state_mask, other=0.0
-        ).to(tl.float32)
+    state = load_initial_state(
+        STATE_IN,
+        b,
+        h,
+        stride_ib,
+        stride_ih,
+        stride_ik,
+        stride_iv,
+        offs_k,
+        offs_v,
+        state_mask,
+        HAS_INITIAL,
+        BK,
+        BV,
+    )
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     states_base = STATES + (b * HEADS + h) * num_blocks * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
     position = offs_i.to(tl.float32)
     for step in range(num_blocks):
-        if REVERSE:
-            block = num_blocks - 1 - step
-        else:
-            block = step
+        block = walk_block(step, num_blocks, REVERSE)
         # The state entering this block (in walk order), as the output and gradient kernels read it.
         tl.store(states_base + block * DK * DV, state.to(STATES.dtype.element_ty), mask=state_mask)
         length, rows, row_mask = block_rows(block, seq_len, offs_i, BLOCK)
@@ -187,10 +205,10 @@ def _block_output_kernel(
     q = load_block_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qs, offs_k, row_mask, mask_k)
     k = load_block_rows(K + b * stride_kb + h * stride_kh, rows, stride_ks, offs_k, row_mask, mask_k)
     v = load_block_rows(V + b * stride_vb + h * stride_vh, rows, stride_vs, offs_v, row_mask, mask_v)
-    entering = STATES + ((b * HEADS + h) * num_blocks + block) * DK * DV
-    state = tl.load(
-        entering + offs_k[:, None] * DV + offs_v[None, :], mask=mask_k[:, None] & mask_v[None, :], other=0.0
-    ).to(k.dtype)
+    state_mask = mask_k[:, None] & mask_v[None, :]
+    state = load_block_state(
+        STATES, b, h, block, num_blocks, offs_k, offs_v, state_mask, HEADS, DK, DV, k.dtype
+    )
     weight = intra_block_weight(log_decay, offs_i, HAS_DECAY, False)  # [i, j]: lam^(i-j), j <= i
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * weight
     out = tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
@@ -255,7 +273,6 @@ def _block_backward_kernel(
     k = tl.load(K + q_rows, mask=qk_mask, other=0.0)
     v = tl.load(V + v_rows, mask=v_mask, other=0.0)
     grad_out = tl.load(DO + v_rows, mask=v_mask, other=0.0)
-    state_offsets = ((b * HEADS + h) * num_blocks + block) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
     state_mask = mask_k[:, None] & mask_v[None, :]
     position = offs_i.to(tl.float32)
     weight = intra_block_weight(log_decay, offs_i, HAS_DECAY, False)  # [i, j]: lam^(i-j), j <= i
@@ -266,7 +283,9 @@ def _block_backward_kernel(
     else:
         to_end = tl.full([BLOCK], 1.0, tl.float32)
         from_start = tl.full([BLOCK], 1.0, tl.float32)
-    grad_state = tl.load(GRAD_STATES + state_offsets, mask=state_mask, other=0.0).to(k.dtype)  # dh_{n+1}
+    grad_state = load_block_state(  # dh_{n+1}
+        GRAD_STATES, b, h, block, num_blocks, offs_k, offs_v, state_mask, HEADS, DK, DV, k.dtype
+    )
 
     # dv_j = sum_{i >= j} lam^(i-j) (q_i . k_j) dO_i + lam^(c-1-j) k_j dh_{n+1}
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * weight
@@ -283,7 +302,9 @@ def _block_backward_kernel(
     tl.store(DK_OUT + q_rows, dk.to(DK_OUT.dtype.element_ty), mask=qk_mask)
 
     # dq_i = sum_{j <= i} lam^(i-j) (dO_i . v_j) k_j + lam^(i+1) dO_i h_n^T
-    state = tl.load(STATES + state_offsets, mask=state_mask, other=0.0).to(k.dtype)  # h_n
+    state = load_block_state(  # h_n
+        STATES, b, h, block, num_blocks, offs_k, offs_v, state_mask, HEADS, DK, DV, k.dtype
+    )
     dq = tl.dot(grad_scores, k, input_precision=PRECISION)
     grad_out_from_start = (grad_out * from_start[:, None]).to(grad_out.dtype)
     dq += tl.dot(grad_out_from_start, tl.trans(state), input_precision=PRECISION)
