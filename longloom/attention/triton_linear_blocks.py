@@ -57,15 +57,23 @@ class BlockLaunch:
     latency-bound (one small dot per block, in sequence): `state_tile` is the d_k and d_v tile of its
     programs, B * H * (d_k / tile) * (d_v / tile) of them (128 at H = 32, d = 128, tile 64: one per SM
     of an H200; tile 32 took 1.12 ms per walk, 64 0.93, 128 2.07).
+
+    fp32 operands take exact (ieee) dots on the CUDA cores, and the backward kernel's d = 128 tiles then
+    compile slowly in few warps: 113 s with 4 warps against 33 s with 8 (bf16: 6 s; sm_90, triton 3.6,
+    BENCHMARKS.md session 13), so fp32 has its own backward warp count.
     """
 
     output_warps: int = 4
     backward_warps: int = 4
     stages: int | None = 4
     state_tile: int = 64
+    fp32_backward_warps: int = 8
 
     def stage_settings(self) -> dict[str, int]:
         return {} if self.stages is None else {"num_stages": self.stages}
+
+    def backward_warps_for(self, dtype: torch.dtype) -> int:
+        return self.fp32_backward_warps if dtype == torch.float32 else self.backward_warps
 
 
 @triton.jit
@@ -458,6 +466,6 @@ def block_parallel_backward(
         seq, num_blocks, batch * heads, q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
         HEADS=heads, DK=dim_k, DV=dim_v, BLOCK=block_size, BK=max(16, triton.next_power_of_2(dim_k)),
         BV=max(16, triton.next_power_of_2(dim_v)), HAS_DECAY=log_decay is not None,
-        PRECISION=_precision(k.dtype), num_warps=launch.backward_warps, **launch.stage_settings(),
+        PRECISION=_precision(k.dtype), num_warps=launch.backward_warps_for(q.dtype), **launch.stage_settings(),
     )  # fmt: skip
     return dq, dk, dv, d_initial

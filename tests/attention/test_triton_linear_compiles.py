@@ -3,8 +3,10 @@
 The interpreter (TRITON_INTERPRET=1, every other CPU test) runs the kernels as Python and accepts code
 the compiler refuses (jit helpers' argument kinds, constexpr use, shapes of dots). Triton's own compiler
 and its bundled ptxas need no GPU, so each kernel is compiled here to a cubin at the settings training
-uses: bf16 tensors, H = 32, d = 128, decays, an incoming state. The compile runs in a subprocess without
-TRITON_INTERPRET (under it the kernels are interpreted functions, which do not compile).
+uses: bf16 tensors (and fp32 for the backward, whose exact dots compile apart), H = 32, d = 128, decays, an
+incoming state, the warps and stages the launches pass. The compile runs in a subprocess without TRITON_INTERPRET
+(under it the kernels are interpreted functions, which do not compile). Each kernel's shared memory must fit an
+H100/H200 block (227 KiB): the compiler accepts more, and only the launch on the GPU would refuse it.
 """
 
 import inspect
@@ -16,29 +18,50 @@ import pytest
 
 pytest.importorskip("triton")
 
+import torch
+
+from longloom.attention.triton_linear_blocks import BlockLaunch
+
 BF16, FP32 = "*bf16", "*fp32"
+SM90_MAX_SHARED_BYTES = 227 * 1024
+LAUNCH = BlockLaunch()
 SHAPE = {"HEADS": 32, "DK": 128, "DV": 128, "BLOCK": 64, "HAS_DECAY": True, "PRECISION": None}
 BACKWARD_POINTERS = ("Q", "K", "V", "DO", "DQ", "DK_OUT", "DV_OUT", "STATES", "GRAD_STATES")
 
-# name: (module, kernel, its constexprs beyond SHAPE, its pointer arguments' types)
+# name: (module, kernel, its constexprs beyond SHAPE, its pointer arguments' types, its launch's num_warps,
+# whether the launch passes BlockLaunch's stages)
 KERNELS = {
     "block states (reverse, incoming state)": (
         "triton_linear_blocks",
         "_block_states_kernel",
         {"BK": 64, "BV": 64, "HAS_INITIAL": True, "REVERSE": True},
         {"K": BF16, "V": BF16, "LOG_DECAY": FP32, "STATE_IN": FP32, "STATES": BF16, "FINAL": FP32},
+        4,
+        False,
     ),
     "block output": (
         "triton_linear_blocks",
         "_block_output_kernel",
         {"BK": 128, "BV": 64},
         {"Q": BF16, "K": BF16, "V": BF16, "O": BF16, "STATES": BF16, "LOG_DECAY": FP32},
+        LAUNCH.output_warps,
+        True,
     ),
     "block backward": (
         "triton_linear_blocks",
         "_block_backward_kernel",
         {"BK": 128, "BV": 128},
         {**dict.fromkeys(BACKWARD_POINTERS, BF16), "LOG_DECAY": FP32},
+        LAUNCH.backward_warps_for(torch.bfloat16),
+        True,
+    ),
+    "block backward, fp32 (ieee dots)": (
+        "triton_linear_blocks",
+        "_block_backward_kernel",
+        {"BK": 128, "BV": 128, "PRECISION": "ieee"},
+        dict.fromkeys((*BACKWARD_POINTERS, "LOG_DECAY"), FP32),
+        LAUNCH.backward_warps_for(torch.float32),
+        True,
     ),
     "scan (outputs and final state)": (
         "triton_linear",
@@ -52,6 +75,8 @@ KERNELS = {
             "REVERSE": False,
         },
         {"Q": BF16, "K": BF16, "V": BF16, "O": BF16, "STATE_IN": FP32, "STATE_OUT": FP32, "LOG_DECAY": FP32},
+        4,
+        False,
     ),
 }
 
@@ -64,7 +89,7 @@ def compile_for_sm90(name: str) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module, kernel_name, constexprs, pointers = KERNELS[name]
+    module, kernel_name, constexprs, pointers, num_warps, takes_stages = KERNELS[name]
     kernel = getattr(importlib.import_module(f"longloom.attention.{module}"), kernel_name)
     constexprs = {**SHAPE, **constexprs}
     parameters = list(inspect.signature(kernel.fn).parameters)
@@ -73,11 +98,14 @@ def compile_for_sm90(name: str) -> None:
     source = ASTSource(
         fn=kernel, signature=signature, constexprs={(parameters.index(k),): v for k, v in constexprs.items()}
     )
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 4}
-    )
+    options = {"num_warps": num_warps, **(LAUNCH.stage_settings() if takes_stages else {})}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     assert compiled.asm["cubin"], f"{name}: no cubin"
     assert ".target sm_90" in compiled.asm["ptx"]
+    assert compiled.metadata.shared <= SM90_MAX_SHARED_BYTES, (
+        f"{name} with {options} needs {compiled.metadata.shared} bytes of shared memory, more than an sm_90 block's"
+        f" {SM90_MAX_SHARED_BYTES}: fewer stages or smaller tiles in its launch"
+    )
 
 
 @pytest.mark.parametrize("name", list(KERNELS))
