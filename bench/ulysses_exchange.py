@@ -1,6 +1,8 @@
 """Ulysses' exchange on its own: NCCL all-to-all vs copy-engine pulls, alone and beside attention (P=2).
 
     torchrun --nproc-per-node 2 bench/ulysses_exchange.py --seq 65536
+    NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=TUNING torchrun --nproc-per-node 2 bench/ulysses_exchange.py --seq 65536 \
+        --nccl-zero-cta     # NCCL's own copy-engine all-to-all instead of our pulls
 
 Why (issue 18 item 4): at 64K on 2 x H200, Ulysses fwd+bwd takes 116.45 ms against one GPU's 111.37 ms
 at equal work (95.6%, target 98%); pipelining head chunks over NCCL made it slower (C=2 94.6%), since
@@ -25,6 +27,15 @@ This probe measures, before any library change, what that buys:
   pull" and a large one for "nccl a2a" means head-chunk pipelining over the copy engines can hide the
   exchange where NCCL could not. `torchrun ... bench/attention.py --exchange copy_engine` then times
   the pipelined Ulysses itself.
+- nccl zero-CTA a2a (--nccl-zero-cta, instead of the ce pull): NCCL >= 2.28 runs ncclAlltoAll on the copy
+  engines, with no CTAs, when its communicator has the zero-CTA policy and both buffers are registered
+  as symmetric windows (NCCL's user guide, "Zero-CTA Optimization"; torch's all_to_all_single calls
+  ncclAlltoAll for equal splits from NCCL 2.28). Here: a second group over the same ranks with
+  `cta_policy = NCCL_CTA_POLICY_ZERO`, send and receive buffers from torch's symmetric-memory pool on its
+  NCCL backend, registered by `rendezvous`. NCCL falls back to its kernels silently when a condition
+  fails: with NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=TUNING its log says "AlltoAll [Copy Engine]" when the
+  copy engines ran it. Its own flag because the symmetric-memory backend is chosen once per process
+  (the ce pull's buffers use the CUDA one).
 Each row is checked (the pulled bytes equal NCCL's result) before it is timed.
 """
 
@@ -51,6 +62,42 @@ from longloom.parallel.ulysses_pipeline import pack_seq_to_heads, seq_to_heads_s
 EXCHANGES_PER_STEP = 4  # q/k/v in, out back (forward); dout in, dq/dk/dv back (backward)
 
 
+def _checked(
+    name: str, exchange: Callable[[], torch.Tensor], want: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    same = torch.equal(exchange(), want)
+    torch.cuda.synchronize()
+    print_rank_zero(f"{name} equals NCCL's all-to-all: {same}")
+    if not same:
+        raise RuntimeError(f"{name} differs from NCCL's all-to-all")
+    return exchange
+
+
+def ce_pull_row(
+    qkv: torch.Tensor, nccl: Callable[[], None], want: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    """The library's CopyEngineExchanger (parallel/ulysses_exchange.py), checked against NCCL."""
+    exchanger = CopyEngineExchanger(dist.group.WORLD)
+
+    def pull() -> torch.Tensor:
+        send = exchanger.send_buffer(qkv.shape, qkv.dtype, qkv.device)
+        send.tensor.copy_(qkv)  # Ulysses packs into the send buffer; here a plain copy stands in
+        return exchanger.start(send).result()
+
+    nccl()
+    return _checked("ce pull", pull, want)
+
+
+def zero_cta_row(
+    qkv: torch.Tensor, nccl: Callable[[], None], want: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    """NCCL's zero-CTA all-to-all between symmetric windows holding qkv, checked against NCCL."""
+    exchange, send = zero_cta_all_to_all(qkv, list(range(dist.get_world_size())))
+    send.copy_(qkv)
+    nccl()
+    return _checked("zero-CTA all-to-all", exchange, want)
+
+
 def _beside(attention: Callable[[], None], exchange: Callable[[], object], side: torch.cuda.Stream):
     """The attention on the current stream with EXCHANGES_PER_STEP exchanges on `side` at the same time."""
 
@@ -65,6 +112,30 @@ def _beside(attention: Callable[[], None], exchange: Callable[[], object], side:
     return run
 
 
+def zero_cta_all_to_all(
+    like: torch.Tensor, ranks: list[int]
+) -> tuple[Callable[[], torch.Tensor], torch.Tensor]:
+    """(exchange, its send buffer): all_to_all_single between two symmetric-window buffers shaped like
+    `like`, on a new NCCL group with the zero-CTA policy. Raises what torch or NCCL raise where either
+    lacks a piece (the caller reports the row as unavailable)."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    options = dist.ProcessGroupNCCL.Options()
+    options.config.cta_policy = dist.ProcessGroupNCCL.NCCL_CTA_POLICY_ZERO
+    group = dist.new_group(ranks, backend="nccl", pg_options=options)
+    symm_mem.set_backend("NCCL")  # windows registered on `group` by rendezvous, not CUDA IPC handles
+    with torch.cuda.use_mem_pool(symm_mem.get_mem_pool(like.device)):
+        send, received = torch.empty_like(like), torch.empty_like(like)
+    for buffer in (send, received):
+        symm_mem.rendezvous(buffer, group.group_name)
+
+    def exchange() -> torch.Tensor:
+        dist.all_to_all_single(received, send, group=group)
+        return received
+
+    return exchange, send
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=65536)
@@ -73,6 +144,11 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--nccl-zero-cta",
+        action="store_true",
+        help="time NCCL's copy-engine all-to-all (zero-CTA group, symmetric windows) instead of our ce pull",
+    )
     args = parser.parse_args()
     world, device = start_bench()
     if device.type != "cuda" or world < 2:
@@ -123,23 +199,13 @@ def main() -> None:
         "pack (row kernel)": pack_rows,
         "nccl a2a": nccl,
     }
+    beside_names = ["nccl a2a", "nccl zero-CTA a2a" if args.nccl_zero_cta else "pack + ce pull"]
     try:
-        exchanger = CopyEngineExchanger(dist.group.WORLD)  # the library's (parallel/ulysses_exchange.py)
-
-        def pull() -> torch.Tensor:
-            send = exchanger.send_buffer(qkv.shape, qkv.dtype, qkv.device)
-            send.tensor.copy_(qkv)  # Ulysses packs into the send buffer; here a plain copy stands in
-            return exchanger.start(send).result()
-
-        nccl()
-        same = torch.equal(pull(), nccl_received)
-        torch.cuda.synchronize()
-        print_rank_zero(f"ce pull equals NCCL's all-to-all: {same}")
-        if not same:
-            raise RuntimeError("copy-engine pull differs from NCCL's result")
-        exchanges["pack + ce pull"] = pull
+        exchanges[beside_names[1]] = (zero_cta_row if args.nccl_zero_cta else ce_pull_row)(
+            qkv, nccl, nccl_received
+        )
     except (RuntimeError, ImportError, AttributeError, TypeError) as error:
-        print_rank_zero(f"ce pull unavailable: {type(error).__name__}: {error}")
+        print_rank_zero(f"{beside_names[1]} unavailable: {type(error).__name__}: {error}")
     gib = qkv.numel() * qkv.element_size() / 2**30
     for name, fn in exchanges.items():
         times[name] = time_ms(fn, args.warmup, args.iters)
@@ -169,7 +235,7 @@ def main() -> None:
     times["attention"] = time_ms(attention, args.warmup, args.iters, before=drop_grads)
     rows.append(["attention fwd+bwd alone", "-", f"{times['attention']:.3f}", "-", "-"])
     side = torch.cuda.Stream(device=device)
-    for name in ("nccl a2a", "pack + ce pull"):
+    for name in beside_names:
         if name not in exchanges:
             continue
         both = time_ms(_beside(attention, exchanges[name], side), args.warmup, args.iters, before=drop_grads)
