@@ -22,10 +22,15 @@ allocations, made once per shape (a collective: every rank asks for them in the 
 pipeline's exchanges are the same on every rank) and reused by later exchanges, layers and steps; a
 buffer goes back to its free list only after the compute stream waited for its exchange, so the next
 packing into it comes after the peers' reads. Results equal NCCL's bit for bit (the same bytes move).
+
+Status: experimental. On 2 x H200 it ran at 16K tokens (C = 2) and passes its checks, but at 64K tokens
+(C = 2) the timed loop hung in sessions 11 and 13 (BENCHMARKS.md), cause not found; creating one logs a
+warning. NCCL is the default exchange.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import torch
@@ -144,6 +149,8 @@ class CopyEngineExchanger:
         self._free[(tuple(send.tensor.shape), send.tensor.dtype, send.tensor.device)].append(send)
 
 
+logger = logging.getLogger(__name__)
+
 _copy_engine_exchangers: dict[tuple[str, int], CopyEngineExchanger] = {}
 
 EXCHANGES = ("nccl", "copy_engine")
@@ -164,5 +171,9 @@ def exchanger_for(
         )
     key = (group.group_name, device.index if device.index is not None else torch.cuda.current_device())
     if key not in _copy_engine_exchangers:  # its send buffers persist: made once, reused every layer
+        logger.warning(
+            "exchange='copy_engine' is experimental: on 2 x H200 its head-chunked pipeline hung at 64K tokens "
+            "(cause not found, BENCHMARKS.md); use exchange='nccl' (the default) for training"
+        )
         _copy_engine_exchangers[key] = CopyEngineExchanger(group)
     return _copy_engine_exchangers[key]
