@@ -47,6 +47,7 @@ from longloom.training.checkpoint_schedule import CheckpointSchedule
 from longloom.training.engine import build_model, deepspeed_config, lr_lambda
 from longloom.training.evaluation import eval_batches, eval_dataset, evaluate_loss
 from longloom.training.failure_injection import FailureInjection
+from longloom.training.gpu_memory_report import gpu_memory_line
 from longloom.training.metrics import MetricsLogger
 from longloom.training.nonfinite import NonFiniteGuard, NonFiniteTrainingError, step_is_finite
 from longloom.training.offload_report import log_activation_offload
@@ -331,6 +332,9 @@ class Trainer:
                     self._phase_done(f"first step ({step})", started)
                     if self.offloader is not None and self.rank == 0:
                         log_activation_offload(self.offloader)
+                    memory_line = gpu_memory_line(self.device) if self.rank == 0 else None
+                    if memory_line is not None:
+                        logger.info("%s", memory_line)
                 eval_s = self._evaluate_if_due(step, result.values)
                 write = (
                     step % t.log_every == 0
