@@ -72,10 +72,35 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return cmd_train(args, extra=["launch.backend=ray"])
 
 
+MACHINE_FLAGS = {
+    "gpus_per_host": "--gpus-per-host",
+    "gpu_memory_gib": "--gpu-memory-gib",
+    "host_memory_gib": "--host-memory-gib",
+}
+
+
+def _planned_machine(args: argparse.Namespace):
+    """The machine `check` plans for: this one, or the one the three machine flags describe."""
+    from longloom.runtime.machine import Machine
+
+    given = {name: getattr(args, name) for name in MACHINE_FLAGS if getattr(args, name) is not None}
+    if not given:
+        return None
+    if len(given) < len(MACHINE_FLAGS):
+        missing = ", ".join(flag for name, flag in MACHINE_FLAGS.items() if name not in given)
+        raise ConfigError(
+            f"planning for another machine needs all three of {', '.join(MACHINE_FLAGS.values())}: add {missing}"
+        )
+    try:
+        return Machine.planned(**given)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """The preflight of `train` without starting anything: OK only when the run can start."""
     cfg = _load(args)
-    report = preflight(cfg)
+    report = preflight(cfg, machine=_planned_machine(args))
     print(cfg.to_yaml(), end="")
     print(report.plan.describe())  # split, dtype, MLP tiles, optimizer GPU share, memory estimate
     print(describe_notes(report), end="")
@@ -151,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="validate a config and estimate memory without starting workers"
     )
     _add_config_arguments(check)
+    planned = check.add_argument_group(
+        "another machine",
+        "plan for hosts other than this one (all three together), e.g. a GPU job from a login node",
+    )
+    planned.add_argument("--gpus-per-host", type=int, help="GPUs of one host (one worker each)")
+    planned.add_argument("--gpu-memory-gib", type=float, help="memory of one GPU, GiB (an H200: 139.8)")
+    planned.add_argument("--host-memory-gib", type=float, help="memory of one host, GiB")
     check.set_defaults(handler=cmd_check)
 
     data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)

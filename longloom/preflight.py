@@ -17,7 +17,9 @@ The checks, in order (`PREFLIGHT_CHECKS`; a new deterministic check is one more 
 - eval data: with train.eval_every, data.eval_source (or held-out synthetic draws) opens the same way;
 - resume: a checkpoint under train.output_dir fits the configured model (training/resume.py);
 - memory: the plan's estimate (offload/memory.py) against the GPU when there is one, against this host when
-  the run trains on its CPU, and the pinned host memory; what could not be checked is said plainly.
+  the run trains on its CPU, and the pinned host memory; what could not be checked is said plainly. The
+  machine is this one unless given (`longloom check --gpus-per-host N --gpu-memory-gib G --host-memory-gib H`
+  plans a GPU run from a machine without GPUs, or for a Ray cluster's hosts).
 What cannot be checked from here (a remote cluster's files and devices) is reported in `notes`.
 """
 
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from longloom.config import ConfigError, LongloomConfig
 
 if TYPE_CHECKING:
+    from longloom.runtime.machine import Machine
     from longloom.training.plan import RunPlan
 
 # The memory estimate comes out 12-23% above the peaks measured on an H200 (offload/memory.py): a run is
@@ -45,6 +48,8 @@ class PreflightReport:
 
     plan: RunPlan | None = None
     notes: list[str] = field(default_factory=list)
+    # The host the run is planned for; None: this machine (`longloom check --gpus-per-host ...` gives one).
+    machine: Machine | None = None
 
     @property
     def split(self) -> tuple[int, int, int] | None:
@@ -69,7 +74,7 @@ def run_plan(cfg: LongloomConfig, report: PreflightReport) -> RunPlan:
     if report.plan is None:
         from longloom.training.plan import build_run_plan
 
-        report.plan = build_run_plan(cfg, cfg.launch.workers)
+        report.plan = build_run_plan(cfg, cfg.launch.workers, machine=report.machine)
     return report.plan
 
 
@@ -176,47 +181,42 @@ def _memory_advice() -> str:
 
 
 def check_memory(cfg: LongloomConfig, report: PreflightReport) -> None:
-    """The memory estimate against the device that will hold it, and the pinned host memory."""
-    import torch  # here, not at the top: `longloom data ...` and config errors need no torch import
-
-    from longloom.offload.memory import check_host_memory, host_memory_bytes, human_bytes
+    """The memory estimate against the GPU of the planned machine, or its host when the run trains on CPUs,
+    and the pinned host memory."""
+    from longloom.offload.memory import check_host_memory, human_bytes
 
     # hf: models: the folder's shapes as model.* (a Llama-like estimate: the families longloom runs are).
     plan = run_plan(cfg, report)
-    estimate = plan.memory
+    estimate, machine = plan.memory, plan.machine
     per_worker = estimate["per_gpu"]["total"]
-    if cfg.launch.address is not None:
+    if cfg.launch.address is not None and report.machine is None:
         report.notes.append(
             f"GPU and host memory not checked: the workers run on the Ray cluster at launch.address="
-            f"{cfg.launch.address}, whose machines this one cannot see"
+            f"{cfg.launch.address}, whose machines this one cannot see (give them to `longloom check` with "
+            "--gpus-per-host, --gpu-memory-gib and --host-memory-gib)"
         )
         return
-    if torch.cuda.is_available():
-        device = min(
-            range(torch.cuda.device_count()), key=lambda i: torch.cuda.get_device_properties(i).total_memory
-        )
-        properties = torch.cuda.get_device_properties(device)
-        if per_worker > ESTIMATE_SLACK * properties.total_memory:
+    if machine.has_gpus:
+        if per_worker > ESTIMATE_SLACK * machine.gpu_bytes:
             raise ConfigError(
                 f"estimated GPU memory per worker: {human_bytes(per_worker)} (activations "
-                f"{human_bytes(estimate['per_gpu']['activations'])}), more than GPU {device} ({properties.name}) "
-                f"has ({human_bytes(properties.total_memory)}): {_memory_advice()}"
+                f"{human_bytes(estimate['per_gpu']['activations'])}), more than {machine.gpu_name} has "
+                f"({human_bytes(machine.gpu_bytes)}): {_memory_advice()}"
             )
-        if per_worker > properties.total_memory:
+        if per_worker > machine.gpu_bytes:
             report.notes.append(
-                f"the estimate ({human_bytes(per_worker)} per GPU) is above GPU {device}'s "
-                f"{human_bytes(properties.total_memory)}; estimates run 12-23% high, so the run may still fit"
+                f"the estimate ({human_bytes(per_worker)} per GPU) is above {machine.gpu_name}'s "
+                f"{human_bytes(machine.gpu_bytes)}; estimates run 12-23% high, so the run may still fit"
             )
     else:
         # Without CUDA the workers train on this machine's CPU: their working memory is host memory.
         needed = per_worker * estimate["workers_per_host"] + estimate["host_pinned_per_host"]
-        total = host_memory_bytes()
-        if needed > ESTIMATE_SLACK * total:
+        if needed > ESTIMATE_SLACK * machine.host_bytes:
             raise ConfigError(
                 f"no GPU here, so the run would train on this machine's CPU: {estimate['workers_per_host']} "
                 f"workers x {human_bytes(per_worker)} (activations {human_bytes(estimate['per_gpu']['activations'])})"
-                f" need {human_bytes(needed)} of memory, this host has {human_bytes(total)}: {_memory_advice()}; "
-                "or run it on GPUs"
+                f" need {human_bytes(needed)} of memory, this host has {human_bytes(machine.host_bytes)}: "
+                f"{_memory_advice()}; or run it on GPUs (`longloom check --gpus-per-host ...` plans for them)"
             )
         report.notes.append(
             "GPU memory not checked: no CUDA device on this machine (the run trains on its CPU)"
@@ -224,7 +224,10 @@ def check_memory(cfg: LongloomConfig, report: PreflightReport) -> None:
     from longloom.training.plan import build_run_plan
 
     check_host_memory(
-        plan.config, plan, estimate, replan=lambda variant: build_run_plan(variant, cfg.launch.workers).memory
+        plan.config,
+        plan,
+        estimate,
+        replan=lambda variant: build_run_plan(variant, cfg.launch.workers, machine=machine).memory,
     )
 
 
@@ -258,9 +261,12 @@ PREFLIGHT_CHECKS: list[PreflightCheck] = [
 ]
 
 
-def preflight(cfg: LongloomConfig, checks: list[PreflightCheck] | None = None) -> PreflightReport:
-    """Runs every check (default PREFLIGHT_CHECKS); ConfigError / ValueError on the first that fails."""
-    report = PreflightReport()
+def preflight(
+    cfg: LongloomConfig, checks: list[PreflightCheck] | None = None, machine: Machine | None = None
+) -> PreflightReport:
+    """Runs every check (default PREFLIGHT_CHECKS); ConfigError / ValueError on the first that fails.
+    `machine`: the host to plan for (default this one, as the workers will see it when started here)."""
+    report = PreflightReport(machine=machine)
     for check in PREFLIGHT_CHECKS if checks is None else checks:
         check(cfg, report)
     return report

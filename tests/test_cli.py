@@ -143,3 +143,41 @@ def test_ckpt_convert_to_a_file_is_one_message(tmp_path, capsys):
         )
         assert "file" in message and "folder was expected" in message
     assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_check_plans_for_another_machine(tmp_path, capsys):
+    # The 8B model on 2 x H200 hosts (140.4 GiB each, 256 GiB of host memory), planned from this CPU machine.
+    base = [
+        "check",
+        "configs/llama8b-1m.yaml",
+        "launch.workers=2",
+        "parallel.ulysses=2",
+        f"train.output_dir={tmp_path / 'run'}",
+        "checkpoint.interval=0",
+    ]
+    h200_x2 = ["--gpus-per-host", "2", "--gpu-memory-gib", "140.4", "--host-memory-gib", "256"]
+    fits = [*base, "data.seq_len=393216", "offload.optimizer=interleaved", "offload.device_activations=0.5"]
+    assert main([*fits, *h200_x2]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "# planned for: hosts with 2 GPUs of 140.40 GiB (the planned GPU) and 256.00 GiB of memory" in printed
+    )
+    assert "per host (2 workers)" in printed and "# config OK" in printed
+    # LASP-2H at 1M tokens: the layer inputs alone exceed what two workers may pin on a 256 GiB host.
+    million = [*base, "data.seq_len=1048576", "model.layer_pattern=LLLS"]
+    refused = _in_process(capsys, *million, *h200_x2)
+    assert "pinned host memory needed:" in refused and "(2 workers x" in refused
+    assert "exceeds the 204.80 GiB allowed (80% of the host's 256.00 GiB)" in refused
+    # On 16 GiB GPUs the GPU estimate refuses first.
+    small = _in_process(
+        capsys, *million, "--gpus-per-host", "1", "--gpu-memory-gib", "16", "--host-memory-gib", "64"
+    )
+    assert "more than the planned GPU has (16.00 GiB)" in small
+    partial = _in_process(capsys, *fits, "--gpus-per-host", "2")
+    assert (
+        "needs all three of --gpus-per-host, --gpu-memory-gib, --host-memory-gib: add --gpu-memory-gib"
+        in partial
+    )
+    negative = _in_process(capsys, *fits, *h200_x2[:3], "-1", *h200_x2[4:])
+    assert "--gpu-memory-gib must be positive; got -1.0" in negative
+    assert not (tmp_path / "run").exists()

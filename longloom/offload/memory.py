@@ -21,17 +21,15 @@ itself in as `plan`); nothing here derives them again.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from typing import Any, Protocol
-
-import torch
 
 from longloom.attention.linear_chunked import DEFAULT_BLOCK_SIZE
 from longloom.config import ConfigError, LongloomConfig, ModelConfig
 from longloom.offload.activations import kept_token_counts, pool_block_bytes
 from longloom.parallel.lasp2 import BLOCKS_MAX_HEAD_DIM
 from longloom.parallel.loss import FUSED_CHUNK_ELEMENTS
+from longloom.runtime.machine import Machine
 
 GIB = 1 << 30
 # Pinned memory cannot be swapped out; leave the rest of the host to the OS, data loading and Python.
@@ -50,6 +48,7 @@ class PlannedRun(Protocol):
     mlp_tiles: int  # model.mlp_tiles resolved for this rank's tokens
     device_layers: int  # layers whose checkpointed input stays on the GPU (offload/activations.py)
     device_type: str  # cuda: the activation pool page-locks its buffers (pool_block_bytes each)
+    machine: Machine  # the host it is planned for: how many workers share its pinned memory
 
     @property
     def dtype_bytes(self) -> int: ...  # bytes of a weight / activation element in the training dtype
@@ -68,19 +67,11 @@ def parameter_count(m: ModelConfig) -> int:
     return total
 
 
-def _workers_per_host(cfg: LongloomConfig) -> int:
-    if torch.cuda.is_available():
-        return max(1, min(cfg.launch.workers, torch.cuda.device_count()))
+def _workers_per_host(cfg: LongloomConfig, machine: Machine) -> int:
+    """One worker per GPU fills a GPU host; without GPUs every worker runs on this host."""
+    if machine.has_gpus:
+        return max(1, min(cfg.launch.workers, machine.gpus_per_host))
     return cfg.launch.workers
-
-
-def host_memory_bytes() -> int:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().total)
-    except ImportError:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _optimizer_bytes(cfg: LongloomConfig, plan: PlannedRun, n: int, gpu_share: float) -> dict[str, float]:
@@ -215,7 +206,7 @@ def estimate_memory(cfg: LongloomConfig, plan: PlannedRun, gpu_share: float | No
     per_gpu["total"] = sum(per_gpu.values())
     host_worker = {"activations": activations["host"], "optimizer": optimizer["host"]}
     host_worker["total"] = host_worker["activations"] + host_worker["optimizer"]
-    workers_per_host = _workers_per_host(cfg)
+    workers_per_host = _workers_per_host(cfg, plan.machine)
     return {
         "parameters_count": n,
         "world_size": plan.world_size,
@@ -240,14 +231,14 @@ def interleaved_share_memory_cap(cfg: LongloomConfig, plan: PlannedRun, device_b
     return float(min(1.0, max(0.0, room / (8 * states_n))))
 
 
-def host_pinned_limit(cfg: LongloomConfig) -> tuple[int, str]:
-    """(bytes that may be pinned on one host, where that number comes from)."""
+def host_pinned_limit(cfg: LongloomConfig, machine: Machine) -> tuple[int, str]:
+    """(bytes that may be pinned on one host of `machine`, where that number comes from)."""
     if cfg.offload.host_memory_limit_gb is not None:
         return int(cfg.offload.host_memory_limit_gb * GIB), "offload.host_memory_limit_gb"
-    total = host_memory_bytes()
+    total = machine.host_bytes
     return int(
         total * DEFAULT_PINNABLE_SHARE
-    ), f"{DEFAULT_PINNABLE_SHARE:.0%} of this host's {human_bytes(total)}"
+    ), f"{DEFAULT_PINNABLE_SHARE:.0%} of the host's {human_bytes(total)}"
 
 
 def check_host_memory(
@@ -263,7 +254,7 @@ def check_host_memory(
     advises. Without it the variants keep this plan and its GPU share.
     """
     needed = estimate["host_pinned_per_host"]
-    limit, source = host_pinned_limit(cfg)
+    limit, source = host_pinned_limit(cfg, plan.machine)
     if needed <= limit:
         return
     if replan is None:
@@ -283,7 +274,7 @@ def check_host_memory(
         f"(offload.activations={cfg.offload.activations}), optimizer {human_bytes(worker['optimizer'])} "
         f"(offload.optimizer={cfg.offload.optimizer})) exceeds the {human_bytes(limit)} allowed "
         f"({source}): {_activation_share_advice(cfg, limit, replan)}{optimizer_advice}, spread the run over "
-        "more hosts, or set offload.host_memory_limit_gb if this host has more to give"
+        "more hosts, or set offload.host_memory_limit_gb if the host has more to give"
     )
 
 

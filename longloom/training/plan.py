@@ -34,6 +34,7 @@ from longloom.offload.memory import (
 )
 from longloom.offload.update_rates import choose_gpu_share
 from longloom.runtime.cpu_threads import usable_cores, worker_cpu_threads
+from longloom.runtime.machine import Machine
 from longloom.training.split import checked_split, resolve_model, sp_layout
 
 # Without a GPU the driver cannot see the workers' speeds; an "auto" share is planned at this.
@@ -60,6 +61,7 @@ class RunPlan:
     gpu_share: float | None  # interleaved optimizer: share of the moments on the GPU; None otherwise
     gpu_share_source: str
     memory: dict[str, Any]  # offload/memory.py's estimate for this plan
+    machine: Machine  # the host it is planned for (GPU memory, GPUs and memory per host)
 
     @property
     def split(self) -> tuple[int, int, int]:
@@ -86,7 +88,14 @@ class RunPlan:
         cores = usable_cores()
         threads = worker_cpu_threads(setting, cores, workers_here)
         why = f"{cores} cores here / {workers_here} workers per host" if setting == "auto" else "as set"
+        machine = self.machine
+        gpus = (
+            f"{machine.gpus_per_host} GPUs of {human_bytes(machine.gpu_bytes)} ({machine.gpu_name})"
+            if machine.has_gpus
+            else "no GPU"
+        )
         lines = [
+            f"# planned for: hosts with {gpus} and {human_bytes(machine.host_bytes)} of memory",
             f"# split: {self.world_size} workers = {split} ({self.layout} layout)",
             (
                 f"# plan: {work}, {tiles}, optimizer GPU share {share}, "
@@ -109,10 +118,10 @@ def resolve_dtype(cfg: LongloomConfig, device: torch.device | str) -> torch.dtyp
     return torch.float32
 
 
-def _device_bytes(device: torch.device | None) -> int | None:
-    """GPU memory of this worker's device, or on the driver of GPU 0 here; None when none is known."""
+def _device_bytes(device: torch.device | None, machine: Machine) -> int | None:
+    """GPU memory of this worker's device, or on the driver the planned machine's; None without a GPU."""
     if device is None:
-        return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+        return machine.gpu_bytes
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
@@ -133,7 +142,7 @@ def _mlp_tiles(cfg: LongloomConfig, partial: RunPlan, device: torch.device | Non
     alst = f"ceil({tokens} tokens / hidden {hidden}) as ALST"
     if tiles == 1:
         return 1, alst
-    device_bytes = _device_bytes(device)
+    device_bytes = _device_bytes(device, partial.machine)
     if device_bytes is None:
         return tiles, f"{alst}, no GPU to size the untiled MLP against"
     if cfg.offload.optimizer == "interleaved" and cfg.offload.gpu_share == "auto":
@@ -157,7 +166,7 @@ def _gpu_share(
         return None, "-"
     if cfg.offload.gpu_share != "auto":
         return float(cfg.offload.gpu_share), "offload.gpu_share"
-    device_bytes = _device_bytes(device)
+    device_bytes = _device_bytes(device, partial.machine)
     if device is None:  # the driver plans: the most the GPU memory allows
         if device_bytes is None:
             return PLANNED_SHARE_WITHOUT_GPU, "auto, planned without a GPU"
@@ -181,7 +190,7 @@ def _device_layers(cfg: LongloomConfig, partial: RunPlan, device: torch.device |
     o = cfg.offload
     if partial.device_type != "cuda" or o.activation_share == 0 or not cfg.model.activation_checkpointing:
         return 0, "-"
-    limit, limit_source = host_pinned_limit(cfg)
+    limit, limit_source = host_pinned_limit(cfg, partial.machine)
 
     def estimate(layers: int) -> dict[str, Any]:
         return estimate_memory(cfg, dataclasses.replace(partial, device_layers=layers), partial.gpu_share)
@@ -189,7 +198,7 @@ def _device_layers(cfg: LongloomConfig, partial: RunPlan, device: torch.device |
     every_input = estimate(0)["host_pinned_per_host"]
     if every_input <= limit:
         return 0, "-"
-    device_bytes = _device_bytes(device)
+    device_bytes = _device_bytes(device, partial.machine)
     if device_bytes is None or (o.optimizer == "interleaved" and o.gpu_share == "auto"):
         return 0, "-"
     usable = DEVICE_USABLE_SHARE * device_bytes
@@ -207,15 +216,19 @@ def _device_layers(cfg: LongloomConfig, partial: RunPlan, device: torch.device |
     return 0, "-"
 
 
-def build_run_plan(cfg: LongloomConfig, world_size: int, device: torch.device | None = None) -> RunPlan:
-    """The plan of `cfg` on `world_size` workers; `device`: this worker's (None on the driver).
+def build_run_plan(
+    cfg: LongloomConfig, world_size: int, device: torch.device | None = None, machine: Machine | None = None
+) -> RunPlan:
+    """The plan of `cfg` on `world_size` workers; `device`: this worker's (None on the driver); `machine`:
+    the host it is planned for (runtime/machine.py; default this one).
 
     Raises ConfigError for a split that cannot work. On a worker with offload.gpu_share=auto this is
     collective (rank 0's measured update rates are broadcast): every rank calls it at the same point.
     """
     cfg = resolve_model(cfg)
     dp, ulysses, ring = checked_split(cfg, world_size)
-    device_type = device.type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    machine = machine if machine is not None else Machine.here()
+    device_type = device.type if device is not None else ("cuda" if machine.has_gpus else "cpu")
     local_tokens = cfg.train.micro_batch_size * cfg.data.seq_len // (ulysses * ring)
     partial = RunPlan(
         config=cfg,
@@ -234,6 +247,7 @@ def build_run_plan(cfg: LongloomConfig, world_size: int, device: torch.device | 
         gpu_share=None,
         gpu_share_source="-",
         memory={},
+        machine=machine,
     )
     tiles, tiles_source = _mlp_tiles(cfg, partial, device)
     partial = dataclasses.replace(partial, mlp_tiles=tiles, mlp_tiles_source=tiles_source)

@@ -54,6 +54,7 @@ def test_the_memory_estimate_uses_the_plans_tiles(no_gpu):
 def _fake_gpu(monkeypatch, total_memory: float) -> None:
     gpu = types.SimpleNamespace(total_memory=int(total_memory), name="Fake GPU")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
 
 
@@ -91,6 +92,7 @@ def test_optimizer_gpu_share(monkeypatch, no_gpu):
     # On the driver with a GPU: the most its memory allows (what the workers' measurement is capped by).
     gpu = types.SimpleNamespace(total_memory=planned.memory["per_gpu"]["total"] * 2, name="Fake GPU")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
     cfg = load_config(None, [*interleaved, "train.dtype=fp32"])
     plan = build_run_plan(cfg, 1)
