@@ -4,6 +4,7 @@
     torchrun --nproc-per-node 2 bench/attention.py --seq 65536 --methods sdpa ulysses --head-chunks 1 2 4 auto
     torchrun --nproc-per-node 2 bench/attention.py --seq 65536 --methods ulysses --head-chunks 1 2 4 \
         --exchange copy_engine          # the all-to-alls as copy-engine reads (parallel/ulysses_exchange.py)
+        --exchange nccl_zero_cta        # NCCL's copy-engine all-to-all between symmetric windows
     python bench/attention.py --nproc 1 --seq 65536          # one GPU: SDPA and Ulysses with P = 1
 
 Methods (all bf16, causal, Hq = 32, Hkv = 8, D = 128 by default; B = 1; S = whole sequence):
@@ -74,6 +75,7 @@ from longloom.parallel.ulysses import (
     sdpa_attention,
     ulysses_attention,
 )
+from longloom.parallel.ulysses_exchange import EXCHANGES
 
 METHODS = ("sdpa", "ulysses", "deepspeed-ulysses", "torch-cp")
 SDPA_BACKENDS = {
@@ -100,7 +102,7 @@ class Setup:
     group: dist.ProcessGroup
     world_size: int
     cp_rotate: str
-    exchange: str  # Ulysses' all-to-all: nccl or copy_engine (parallel/ulysses_exchange.py)
+    exchange: str  # Ulysses' all-to-all: one of parallel/ulysses_exchange.py's EXCHANGES
 
     @classmethod
     def from_args(cls, args, device: torch.device, world_size: int) -> Setup:
@@ -182,6 +184,8 @@ def ulysses(setup: Setup, seq: int, head_chunks: int | None = 1) -> Iterator[Cas
     exchange = "fused q/k/v all-to-all" if chunks == 1 else f"{chunks} head chunks, all-to-alls overlapped"
     if setup.exchange == "copy_engine":
         exchange += ", copy-engine reads of the peers' buffers"
+    elif setup.exchange == "nccl_zero_cta":
+        exchange += ", NCCL zero-CTA all-to-all"
     yield Case(
         forward=lambda: ulysses_attention(
             q, k, v, setup.group, causal=setup.causal, head_chunks=chunks, exchange=setup.exchange
@@ -459,9 +463,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--exchange",
-        choices=("nccl", "copy_engine"),
+        choices=EXCHANGES,
         default="nccl",
-        help="Ulysses' all-to-all: NCCL, or copy-engine reads of the peers' buffers (CUDA, one node)",
+        help="Ulysses' all-to-all: NCCL, copy-engine reads of the peers' buffers, or NCCL's zero-CTA "
+        "copy-engine all-to-all (parallel/ulysses_exchange.py)",
     )
     parser.add_argument("--check-seq", type=int, default=2048, help="S of the correctness check (0: skip)")
     parser.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")

@@ -287,10 +287,11 @@ def ulysses_attention(
     module docstring) is the unpipelined path; None chooses (`choose_head_chunks`: 4 or 2 at long
     sequences, 1 at short ones). The result is the same for every C.
 
-    `exchange`: "nccl" (all_to_all_single) or "copy_engine" (CUDA, one NVLink node: the peers' send
-    buffers are read by the copy engines, so an exchange running beside attention takes no SMs;
-    parallel/ulysses_exchange.py); the result is the same bit for bit. Not measured faster yet: "nccl"
-    is the default.
+    `exchange`: "nccl" (all_to_all_single), "copy_engine" (experimental, CUDA, one NVLink node: the peers'
+    send buffers are read by the copy engines) or "nccl_zero_cta" (NCCL's copy-engine all-to-all between
+    symmetric windows; CUDA with the Ulysses group the whole world, or CPU); both keep exchanges running
+    beside attention off the SMs (parallel/ulysses_exchange.py); the result is the same bit for bit.
+    Neither is measured faster yet: "nccl" is the default.
     """
     check_document_ids_once(document_ids, q, "ulysses_attention", document_plans)
     if exchange not in EXCHANGES:

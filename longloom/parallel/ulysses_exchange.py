@@ -23,7 +23,23 @@ pipeline's exchanges are the same on every rank) and reused by later exchanges, 
 buffer goes back to its free list only after the compute stream waited for its exchange, so the next
 packing into it comes after the peers' reads. Results equal NCCL's bit for bit (the same bytes move).
 
-Status: experimental. On 2 x H200 it ran at 16K tokens (C = 2) and passes its checks, but at 64K tokens
+`ZeroCtaExchanger` (exchange="nccl_zero_cta", CUDA, NCCL >= 2.28, one NVLink node): NCCL's own
+copy-engine all-to-all. NCCL runs ncclAlltoAll on the copy engines, with no CTAs, when the communicator
+has the zero-CTA policy and both buffers are symmetric windows (NCCL user guide, "Zero-CTA
+Optimization"); torch's all_to_all_single calls ncclAlltoAll for equal splits from NCCL 2.28. The
+exchanger makes that communicator (a second NCCL group over the Ulysses group's ranks, created with
+`cta_policy=NCCL_CTA_POLICY_ZERO`) and keeps, per shape, pairs of windows (send, receive) from torch's
+symmetric-memory pool on its NCCL backend, registered once by `rendezvous` and reused. The pipeline packs
+into the send window; the received rows are copied out of the receive window on a side stream (a
+contiguous device copy: the copy engines again) so the window can serve the next exchange while the
+copy is what the attention keeps. NCCL falls back to its kernels silently when a condition fails;
+`NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=TUNING` logs "AlltoAll [Copy Engine]" when it did not.
+Its group is created lazily at the first exchange, and creating a group is a collective over every rank of
+the world: it is supported when the Ulysses group is the whole world (dp = ring = 1; bench/attention.py).
+On CPU tensors (gloo, the tests) the same bookkeeping runs with plain buffers and synchronous copies.
+Not measured yet (bench/ulysses_exchange.py --nccl-zero-cta probes the all-to-all beside attention).
+
+Status of `CopyEngineExchanger`: experimental. On 2 x H200 it ran at 16K tokens (C = 2) and passes its checks, but at 64K tokens
 (C = 2) the timed loop hung in sessions 11 and 13 (BENCHMARKS.md), cause not found; creating one logs a
 warning. NCCL is the default exchange.
 """
@@ -149,21 +165,121 @@ class CopyEngineExchanger:
         self._free[(tuple(send.tensor.shape), send.tensor.dtype, send.tensor.device)].append(send)
 
 
+class _WindowPair(SendBuffer):
+    """A send window (the pipeline packs into `tensor`) and the receive window of one exchange shape."""
+
+    def __init__(self, send: torch.Tensor, receive: torch.Tensor):
+        super().__init__(send)
+        self.receive = receive
+
+
+class _ZeroCtaExchange:
+    def __init__(self, exchanger: ZeroCtaExchanger, pair: _WindowPair):
+        self.exchanger, self.pair = exchanger, pair
+        # The NCCL stream waits for the compute stream (the packing into the send window) by itself.
+        work = dist.all_to_all_single(pair.receive, pair.tensor, group=exchanger.group, async_op=True)
+        self.received = torch.empty_like(pair.receive)  # on the compute stream: cached for it
+        side = exchanger.stream
+        if side is None:  # CPU: gloo's work, then a plain copy
+            work.wait()
+            self.received.copy_(pair.receive)
+            self.done = None
+            exchanger.release(pair)
+            return
+        with torch.cuda.stream(side):
+            work.wait()  # the side stream waits for the all-to-all
+            self.received.copy_(pair.receive)  # contiguous device copy: cudaMemcpyAsync, a copy engine
+            self.done = torch.cuda.Event()
+            self.done.record(side)
+        self.received.record_stream(side)
+
+    def result(self) -> torch.Tensor:
+        if self.done is not None:
+            torch.cuda.current_stream().wait_event(self.done)
+            self.done = None
+            # Both windows are free now: the all-to-all finished before the copy out, and whatever the
+            # compute stream packs or NCCL receives next is ordered after this wait.
+            self.exchanger.release(self.pair)
+        return self.received
+
+
+def _symmetric_window_pair(shape: torch.Size, dtype: torch.dtype, device: torch.device, group) -> _WindowPair:
+    """Two windows from torch's symmetric-memory pool on its NCCL backend, registered on `group` (collective)."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    if symm_mem.get_backend(device) != "NCCL":
+        symm_mem.set_backend("NCCL")  # once per process, before the first symmetric allocation
+    with torch.cuda.use_mem_pool(symm_mem.get_mem_pool(device)):
+        send, receive = (
+            torch.empty(shape, dtype=dtype, device=device),
+            torch.empty(shape, dtype=dtype, device=device),
+        )
+    for window in (send, receive):
+        symm_mem.rendezvous(window, group.group_name)
+    return _WindowPair(send, receive)
+
+
+def _plain_pair(shape: torch.Size, dtype: torch.dtype, device: torch.device, group) -> _WindowPair:
+    return _WindowPair(
+        torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+    )
+
+
+class ZeroCtaExchanger:
+    """The all-to-all as NCCL's zero-CTA (copy-engine) ncclAlltoAll between reused windows."""
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device):
+        ranks = dist.get_process_group_ranks(group)
+        if device.type == "cuda":
+            if len(ranks) != dist.get_world_size():
+                raise ValueError(
+                    f"exchange='nccl_zero_cta' creates its own NCCL group, a collective over every rank; the "
+                    f"Ulysses group has {len(ranks)} of the {dist.get_world_size()} ranks (dp or ring > 1): use "
+                    "exchange='nccl'"
+                )
+            options = dist.ProcessGroupNCCL.Options()
+            options.config.cta_policy = dist.ProcessGroupNCCL.NCCL_CTA_POLICY_ZERO
+            self.group = dist.new_group(ranks, backend="nccl", pg_options=options)
+            self.stream: torch.cuda.Stream | None = torch.cuda.Stream(device)
+            self._make_pair = _symmetric_window_pair
+        else:  # gloo: the same bookkeeping on plain buffers (no windows, no copy engines)
+            self.group, self.stream, self._make_pair = group, None, _plain_pair
+        self._free: dict[tuple, list[_WindowPair]] = {}
+
+    def send_buffer(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> SendBuffer:
+        free = self._free.setdefault((tuple(shape), dtype, device), [])
+        # Every rank pops or registers at the same point: the pipelines run the same exchanges.
+        return free.pop() if free else self._make_pair(shape, dtype, device, self.group)
+
+    def start(self, send: SendBuffer) -> _ZeroCtaExchange:
+        assert isinstance(send, _WindowPair), "a send buffer from this exchanger's send_buffer()"
+        return _ZeroCtaExchange(self, send)
+
+    def release(self, pair: _WindowPair) -> None:
+        self._free[(tuple(pair.tensor.shape), pair.tensor.dtype, pair.tensor.device)].append(pair)
+
+
 logger = logging.getLogger(__name__)
 
 _copy_engine_exchangers: dict[tuple[str, int], CopyEngineExchanger] = {}
 
-EXCHANGES = ("nccl", "copy_engine")
+EXCHANGES = ("nccl", "copy_engine", "nccl_zero_cta")
+_zero_cta_exchangers: dict[tuple[str, str], ZeroCtaExchanger] = {}
 
 
 def exchanger_for(
     exchange: str, group: dist.ProcessGroup, device: torch.device
-) -> NcclExchanger | CopyEngineExchanger:
-    """The exchanger of `exchange` ("nccl" or "copy_engine") for `group` on `device`."""
+) -> NcclExchanger | CopyEngineExchanger | ZeroCtaExchanger:
+    """The exchanger of `exchange` (one of EXCHANGES) for `group` on `device`."""
     if exchange == "nccl":
         return NcclExchanger(group)
-    if exchange != "copy_engine":
+    if exchange not in EXCHANGES:
         raise ValueError(f"exchange={exchange!r} is not one of {EXCHANGES}")
+    if exchange == "nccl_zero_cta":
+        key = (group.group_name, str(device))
+        if key not in _zero_cta_exchangers:  # its group and windows persist: made once, reused every layer
+            _zero_cta_exchangers[key] = ZeroCtaExchanger(group, device)
+        return _zero_cta_exchangers[key]
     if device.type != "cuda":
         raise ValueError(
             f"exchange='copy_engine' reads the peers' GPU memory (CUDA symmetric memory) but the tensors are "

@@ -50,10 +50,11 @@ from longloom.parallel.ulysses_exchange import (
     NcclExchanger,
     PendingExchange,
     SendBuffer,
+    ZeroCtaExchanger,
     exchanger_for,
 )
 
-Exchanger = NcclExchanger | CopyEngineExchanger
+Exchanger = NcclExchanger | CopyEngineExchanger | ZeroCtaExchanger
 
 # Below this many query rows x heads per attention call the GPU is no longer full (flash attention
 # tiles 128 rows per block: 2^17 rows x heads = 1024 blocks, ~8 waves on 132 SMs) and C stays smaller.
@@ -289,7 +290,7 @@ def head_chunked_attention(
 ) -> torch.Tensor:
     """Ulysses attention of q [B, S/P, Hq, D] and (already replicated) k/v [B, S/P, Hkv, D] in `chunks`
     pipelined head chunks; `attend(q, k, v)` runs on each chunk's gathered [B, S, h, D] tensors.
-    `exchange`: "nccl" or "copy_engine" (parallel/ulysses_exchange.py)."""
+    `exchange`: one of parallel/ulysses_exchange.py's EXCHANGES."""
     exchanger = exchanger_for(exchange, group, q.device)
     build_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return HeadChunkedAttention.apply(q, k, v, attend, exchanger, world_size, chunks, build_graph)
