@@ -108,9 +108,27 @@ class _SymmetricSendBuffer(SendBuffer):
         ]
 
 
-class _PulledExchange:
+class _SideStreamExchange:
+    """An exchange that ends on its exchanger's side stream with the event `done`; `result()` makes the
+    compute stream wait for it and gives `buffer` back to the exchanger (the next packing into it, and
+    whatever the peers do to it next, is ordered after that wait)."""
+
+    exchanger: CopyEngineExchanger | ZeroCtaExchanger
+    buffer: SendBuffer
+    received: torch.Tensor
+    done: torch.cuda.Event | None
+
+    def result(self) -> torch.Tensor:
+        if self.done is not None:
+            torch.cuda.current_stream().wait_event(self.done)
+            self.done = None
+            self.exchanger.release(self.buffer)
+        return self.received
+
+
+class _PulledExchange(_SideStreamExchange):
     def __init__(self, exchanger: CopyEngineExchanger, send: _SymmetricSendBuffer):
-        self.exchanger, self.send = exchanger, send
+        self.exchanger, self.buffer = exchanger, send
         compute = torch.cuda.current_stream()
         self.received = torch.empty_like(send.tensor)
         side = exchanger.stream
@@ -123,13 +141,6 @@ class _PulledExchange:
             self.done = torch.cuda.Event()
             self.done.record(side)
         self.received.record_stream(side)  # made on the compute stream, written on the side stream
-
-    def result(self) -> torch.Tensor:
-        if self.done is not None:
-            torch.cuda.current_stream().wait_event(self.done)
-            self.done = None
-            self.exchanger.release(self.send)
-        return self.received
 
 
 class CopyEngineExchanger:
@@ -173,9 +184,11 @@ class _WindowPair(SendBuffer):
         self.receive = receive
 
 
-class _ZeroCtaExchange:
+class _ZeroCtaExchange(_SideStreamExchange):
+    """Both windows are free once `done`: the all-to-all finished before the copy out."""
+
     def __init__(self, exchanger: ZeroCtaExchanger, pair: _WindowPair):
-        self.exchanger, self.pair = exchanger, pair
+        self.exchanger, self.buffer = exchanger, pair
         # The NCCL stream waits for the compute stream (the packing into the send window) by itself.
         work = dist.all_to_all_single(pair.receive, pair.tensor, group=exchanger.group, async_op=True)
         self.received = torch.empty_like(pair.receive)  # on the compute stream: cached for it
@@ -191,16 +204,7 @@ class _ZeroCtaExchange:
             self.received.copy_(pair.receive)  # contiguous device copy: cudaMemcpyAsync, a copy engine
             self.done = torch.cuda.Event()
             self.done.record(side)
-        self.received.record_stream(side)
-
-    def result(self) -> torch.Tensor:
-        if self.done is not None:
-            torch.cuda.current_stream().wait_event(self.done)
-            self.done = None
-            # Both windows are free now: the all-to-all finished before the copy out, and whatever the
-            # compute stream packs or NCCL receives next is ordered after this wait.
-            self.exchanger.release(self.pair)
-        return self.received
+        self.received.record_stream(side)  # made on the compute stream, written on the side stream
 
 
 def _symmetric_window_pair(shape: torch.Size, dtype: torch.dtype, device: torch.device, group) -> _WindowPair:
