@@ -229,6 +229,23 @@ def _plain_pair(shape: torch.Size, dtype: torch.dtype, device: torch.device, gro
     )
 
 
+ZERO_CTA_MIN_NCCL = (2, 28)  # ncclAlltoAll and its copy-engine path (NCCL 2.28 release notes)
+
+
+def zero_cta_missing(nccl_version: tuple[int, ...] | None, process_group_nccl: object | None) -> list[str]:
+    """What this torch / NCCL lacks for exchange="nccl_zero_cta" (empty: nothing), each as a short phrase.
+
+    nccl_version: torch.cuda.nccl.version(); process_group_nccl: dist.ProcessGroupNCCL (None without it).
+    """
+    missing = []
+    if nccl_version is None or tuple(nccl_version[:2]) < ZERO_CTA_MIN_NCCL:
+        found = "none" if nccl_version is None else ".".join(map(str, nccl_version))
+        missing.append(f"NCCL >= {'.'.join(map(str, ZERO_CTA_MIN_NCCL))} (found {found})")
+    if process_group_nccl is None or not hasattr(process_group_nccl, "NCCL_CTA_POLICY_ZERO"):
+        missing.append("torch's ProcessGroupNCCL.NCCL_CTA_POLICY_ZERO (a newer torch)")
+    return missing
+
+
 class ZeroCtaExchanger:
     """The all-to-all as NCCL's zero-CTA (copy-engine) ncclAlltoAll between reused windows."""
 
@@ -240,6 +257,11 @@ class ZeroCtaExchanger:
                     f"exchange='nccl_zero_cta' creates its own NCCL group, a collective over every rank; the "
                     f"Ulysses group has {len(ranks)} of the {dist.get_world_size()} ranks (dp or ring > 1): use "
                     "exchange='nccl'"
+                )
+            missing = zero_cta_missing(torch.cuda.nccl.version(), getattr(dist, "ProcessGroupNCCL", None))
+            if missing:
+                raise RuntimeError(
+                    f"exchange='nccl_zero_cta' needs {' and '.join(missing)}: use exchange='nccl'"
                 )
             options = dist.ProcessGroupNCCL.Options()
             options.config.cta_policy = dist.ProcessGroupNCCL.NCCL_CTA_POLICY_ZERO

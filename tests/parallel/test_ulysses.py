@@ -507,3 +507,20 @@ def test_zero_cta_exchange_bookkeeping_matches_nccl_bit_for_bit(distributed):
         # makes none (pairs after pass 1 == after pass 2), and each C adds only its own shapes.
         assert pairs[0] > 0 and all(pairs[i] == pairs[i + 1] for i in range(0, len(pairs), 2)), pairs
     assert per_rank[0][1] == per_rank[1][1]  # every rank registered the same windows
+
+
+def test_zero_cta_exchange_names_what_an_older_torch_or_nccl_lacks():
+    from types import SimpleNamespace
+
+    from longloom.parallel.ulysses_exchange import zero_cta_missing
+
+    new_torch = SimpleNamespace(NCCL_CTA_POLICY_ZERO=2)
+    assert zero_cta_missing((2, 28, 9), new_torch) == []
+    assert zero_cta_missing((2, 27, 7), new_torch) == ["NCCL >= 2.28 (found 2.27.7)"]
+    assert zero_cta_missing(None, None) == [
+        "NCCL >= 2.28 (found none)",
+        "torch's ProcessGroupNCCL.NCCL_CTA_POLICY_ZERO (a newer torch)",
+    ]
+    assert zero_cta_missing((3, 0, 1), SimpleNamespace()) == [
+        "torch's ProcessGroupNCCL.NCCL_CTA_POLICY_ZERO (a newer torch)"
+    ]
