@@ -27,15 +27,13 @@ This probe measures, before any library change, what that buys:
   pull" and a large one for "nccl a2a" means head-chunk pipelining over the copy engines can hide the
   exchange where NCCL could not. `torchrun ... bench/attention.py --exchange copy_engine` then times
   the pipelined Ulysses itself.
-- nccl zero-CTA a2a (--nccl-zero-cta, instead of the ce pull): NCCL >= 2.28 runs ncclAlltoAll on the copy
-  engines, with no CTAs, when its communicator has the zero-CTA policy and both buffers are registered
-  as symmetric windows (NCCL's user guide, "Zero-CTA Optimization"; torch's all_to_all_single calls
-  ncclAlltoAll for equal splits from NCCL 2.28). Here: a second group over the same ranks with
-  `cta_policy = NCCL_CTA_POLICY_ZERO`, send and receive buffers from torch's symmetric-memory pool on its
-  NCCL backend, registered by `rendezvous`. NCCL falls back to its kernels silently when a condition
-  fails: with NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=TUNING its log says "AlltoAll [Copy Engine]" when the
-  copy engines ran it. Its own flag because the symmetric-memory backend is chosen once per process
-  (the ce pull's buffers use the CUDA one).
+- nccl zero-CTA a2a (--nccl-zero-cta, instead of the ce pull): the same through the library's ZeroCtaExchanger
+  (`exchange="nccl_zero_cta"`): a copy into its send window, NCCL's ncclAlltoAll between symmetric windows
+  on a zero-CTA communicator (NCCL >= 2.28 runs it on the copy engines, no CTAs: NCCL's user guide,
+  "Zero-CTA Optimization"), and the copy out of the receive window. NCCL falls back to its kernels
+  silently when a condition fails: with NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=TUNING its log says "AlltoAll
+  [Copy Engine]" when the copy engines ran it. Its own flag because the symmetric-memory backend is
+  chosen once per process (the ce pull's buffers use the CUDA one).
 Each row is checked (the pulled bytes equal NCCL's result) before it is timed.
 """
 
@@ -56,46 +54,36 @@ import torch.distributed as dist
 
 from bench.common import markdown_table, print_rank_zero, start_bench, time_ms
 from longloom.parallel.ulysses import sdpa_attention
-from longloom.parallel.ulysses_exchange import CopyEngineExchanger
+from longloom.parallel.ulysses_exchange import CopyEngineExchanger, exchanger_for
 from longloom.parallel.ulysses_pipeline import pack_seq_to_heads, seq_to_heads_send_shape
 
 EXCHANGES_PER_STEP = 4  # q/k/v in, out back (forward); dout in, dq/dk/dv back (backward)
 
 
-def _checked(
-    name: str, exchange: Callable[[], torch.Tensor], want: torch.Tensor
+def library_exchange_row(
+    exchange: str, qkv: torch.Tensor, nccl: Callable[[], None], want: torch.Tensor
 ) -> Callable[[], torch.Tensor]:
-    same = torch.equal(exchange(), want)
-    torch.cuda.synchronize()
-    print_rank_zero(f"{name} equals NCCL's all-to-all: {same}")
-    if not same:
-        raise RuntimeError(f"{name} differs from NCCL's all-to-all")
-    return exchange
+    """One exchange of qkv through the library's exchanger for `exchange` (parallel/ulysses_exchange.py):
+    a plain copy into its send buffer standing in for Ulysses' packing, then the exchange; checked
+    against NCCL's all-to-all before it is returned for timing."""
+    exchanger = (
+        CopyEngineExchanger(dist.group.WORLD)
+        if exchange == "copy_engine"
+        else exchanger_for(exchange, dist.group.WORLD, qkv.device)
+    )
 
-
-def ce_pull_row(
-    qkv: torch.Tensor, nccl: Callable[[], None], want: torch.Tensor
-) -> Callable[[], torch.Tensor]:
-    """The library's CopyEngineExchanger (parallel/ulysses_exchange.py), checked against NCCL."""
-    exchanger = CopyEngineExchanger(dist.group.WORLD)
-
-    def pull() -> torch.Tensor:
+    def run() -> torch.Tensor:
         send = exchanger.send_buffer(qkv.shape, qkv.dtype, qkv.device)
-        send.tensor.copy_(qkv)  # Ulysses packs into the send buffer; here a plain copy stands in
+        send.tensor.copy_(qkv)
         return exchanger.start(send).result()
 
     nccl()
-    return _checked("ce pull", pull, want)
-
-
-def zero_cta_row(
-    qkv: torch.Tensor, nccl: Callable[[], None], want: torch.Tensor
-) -> Callable[[], torch.Tensor]:
-    """NCCL's zero-CTA all-to-all between symmetric windows holding qkv, checked against NCCL."""
-    exchange, send = zero_cta_all_to_all(qkv, list(range(dist.get_world_size())))
-    send.copy_(qkv)
-    nccl()
-    return _checked("zero-CTA all-to-all", exchange, want)
+    same = torch.equal(run(), want)
+    torch.cuda.synchronize()
+    print_rank_zero(f"exchange={exchange} equals NCCL's all-to-all: {same}")
+    if not same:
+        raise RuntimeError(f"exchange={exchange} differs from NCCL's all-to-all")
+    return run
 
 
 def _beside(attention: Callable[[], None], exchange: Callable[[], object], side: torch.cuda.Stream):
@@ -110,30 +98,6 @@ def _beside(attention: Callable[[], None], exchange: Callable[[], object], side:
         torch.cuda.current_stream().wait_stream(side)
 
     return run
-
-
-def zero_cta_all_to_all(
-    like: torch.Tensor, ranks: list[int]
-) -> tuple[Callable[[], torch.Tensor], torch.Tensor]:
-    """(exchange, its send buffer): all_to_all_single between two symmetric-window buffers shaped like
-    `like`, on a new NCCL group with the zero-CTA policy. Raises what torch or NCCL raise where either
-    lacks a piece (the caller reports the row as unavailable)."""
-    import torch.distributed._symmetric_memory as symm_mem
-
-    options = dist.ProcessGroupNCCL.Options()
-    options.config.cta_policy = dist.ProcessGroupNCCL.NCCL_CTA_POLICY_ZERO
-    group = dist.new_group(ranks, backend="nccl", pg_options=options)
-    symm_mem.set_backend("NCCL")  # windows registered on `group` by rendezvous, not CUDA IPC handles
-    with torch.cuda.use_mem_pool(symm_mem.get_mem_pool(like.device)):
-        send, received = torch.empty_like(like), torch.empty_like(like)
-    for buffer in (send, received):
-        symm_mem.rendezvous(buffer, group.group_name)
-
-    def exchange() -> torch.Tensor:
-        dist.all_to_all_single(received, send, group=group)
-        return received
-
-    return exchange, send
 
 
 def main() -> None:
@@ -201,9 +165,8 @@ def main() -> None:
     }
     beside_names = ["nccl a2a", "nccl zero-CTA a2a" if args.nccl_zero_cta else "pack + ce pull"]
     try:
-        exchanges[beside_names[1]] = (zero_cta_row if args.nccl_zero_cta else ce_pull_row)(
-            qkv, nccl, nccl_received
-        )
+        library_exchange = "nccl_zero_cta" if args.nccl_zero_cta else "copy_engine"
+        exchanges[beside_names[1]] = library_exchange_row(library_exchange, qkv, nccl, nccl_received)
     except (RuntimeError, ImportError, AttributeError, TypeError) as error:
         print_rank_zero(f"{beside_names[1]} unavailable: {type(error).__name__}: {error}")
     gib = qkv.numel() * qkv.element_size() / 2**30

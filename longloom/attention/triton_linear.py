@@ -48,6 +48,22 @@ def block_rows(block, seq_len, offs_i, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def state_tile(
+    pid_bh, pid_k, pid_v, HEADS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr
+):  # fmt: skip
+    """(b, h, offs_k, offs_v, mask_k, mask_v, state_mask) of a program's [d_k tile pid_k, d_v tile pid_v] of
+    the state of (batch row, head) pid_bh: b and h as int64 (pointer arithmetic), the tile's offsets, which
+    of them are in range, and the in-range [BK, BV] entries."""
+    b = (pid_bh // HEADS).to(tl.int64)
+    h = (pid_bh % HEADS).to(tl.int64)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    mask_k = offs_k < DK
+    mask_v = offs_v < DV
+    return b, h, offs_k, offs_v, mask_k, mask_v, mask_k[:, None] & mask_v[None, :]
+
+
+@triton.jit
 def walk_block(step, num_blocks, REVERSE: tl.constexpr):
     """The block a walk visits at `step`: first to last, or last to first when REVERSE."""
     block = step
@@ -167,14 +183,8 @@ def _linear_scan_kernel(
     tiles_v = tl.cdiv(DV, BV)
     pid_v = tl.program_id(0) % tiles_v
     pid_bh = tl.program_id(0) // tiles_v
-    b = (pid_bh // HEADS).to(tl.int64)
-    h = (pid_bh % HEADS).to(tl.int64)
+    b, h, offs_k, offs_v, mask_k, mask_v, state_mask = state_tile(pid_bh, 0, pid_v, HEADS, DK, DV, BK, BV)
     offs_i = tl.arange(0, BLOCK)
-    offs_k = tl.arange(0, BK)
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    mask_k = offs_k < DK
-    mask_v = offs_v < DV
-    state_mask = mask_k[:, None] & mask_v[None, :]
     log_decay = head_log_decay(LOG_DECAY, h, HAS_DECAY)
 
     state = load_initial_state(

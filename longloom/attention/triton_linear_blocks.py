@@ -42,6 +42,7 @@ from longloom.attention.triton_linear import (
     intra_block_weight,
     load_block_rows,
     load_initial_state,
+    state_tile,
     walk_block,
 )
 
@@ -122,14 +123,8 @@ def _block_states_kernel(
     pid_v = tl.program_id(0) % tiles_v
     pid_k = (tl.program_id(0) // tiles_v) % tiles_k
     pid_bh = tl.program_id(0) // (tiles_v * tiles_k)
-    b = (pid_bh // HEADS).to(tl.int64)
-    h = (pid_bh % HEADS).to(tl.int64)
+    b, h, offs_k, offs_v, mask_k, mask_v, state_mask = state_tile(pid_bh, pid_k, pid_v, HEADS, DK, DV, BK, BV)
     offs_i = tl.arange(0, BLOCK)
-    offs_k = pid_k * BK + tl.arange(0, BK)
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    mask_k = offs_k < DK
-    mask_v = offs_v < DV
-    state_mask = mask_k[:, None] & mask_v[None, :]
     log_decay = head_log_decay(LOG_DECAY, h, HAS_DECAY)
     state = load_initial_state(
         STATE_IN,
@@ -201,19 +196,13 @@ def _block_output_kernel(
     pid_v = tl.program_id(0) % tiles_v
     pid_bh = (tl.program_id(0) // tiles_v) % batch_heads
     block = tl.program_id(0) // tiles_v // batch_heads
-    b = (pid_bh // HEADS).to(tl.int64)
-    h = (pid_bh % HEADS).to(tl.int64)
+    b, h, offs_k, offs_v, mask_k, mask_v, state_mask = state_tile(pid_bh, 0, pid_v, HEADS, DK, DV, BK, BV)
     offs_i = tl.arange(0, BLOCK)
-    offs_k = tl.arange(0, BK)
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    mask_k = offs_k < DK
-    mask_v = offs_v < DV
     log_decay = head_log_decay(LOG_DECAY, h, HAS_DECAY)
     _, rows, row_mask = block_rows(block, seq_len, offs_i, BLOCK)
     q = load_block_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qs, offs_k, row_mask, mask_k)
     k = load_block_rows(K + b * stride_kb + h * stride_kh, rows, stride_ks, offs_k, row_mask, mask_k)
     v = load_block_rows(V + b * stride_vb + h * stride_vh, rows, stride_vs, offs_v, row_mask, mask_v)
-    state_mask = mask_k[:, None] & mask_v[None, :]
     state = load_block_state(
         STATES, b, h, block, num_blocks, offs_k, offs_v, state_mask, HEADS, DK, DV, k.dtype
     )
@@ -263,13 +252,8 @@ def _block_backward_kernel(
     # Heads fastest: the programs running side by side cover one stretch of the sequence.
     pid_bh = tl.program_id(0) % batch_heads
     block = tl.program_id(0) // batch_heads
-    b = (pid_bh // HEADS).to(tl.int64)
-    h = (pid_bh % HEADS).to(tl.int64)
+    b, h, offs_k, offs_v, mask_k, mask_v, state_mask = state_tile(pid_bh, 0, 0, HEADS, DK, DV, BK, BV)
     offs_i = tl.arange(0, BLOCK)
-    offs_k = tl.arange(0, BK)
-    offs_v = tl.arange(0, BV)
-    mask_k = offs_k < DK
-    mask_v = offs_v < DV
     log_decay = head_log_decay(LOG_DECAY, h, HAS_DECAY)
     length, rows, row_mask = block_rows(block, seq_len, offs_i, BLOCK)
     qk_mask = row_mask[:, None] & mask_k[None, :]
@@ -281,7 +265,6 @@ def _block_backward_kernel(
     k = tl.load(K + q_rows, mask=qk_mask, other=0.0)
     v = tl.load(V + v_rows, mask=v_mask, other=0.0)
     grad_out = tl.load(DO + v_rows, mask=v_mask, other=0.0)
-    state_mask = mask_k[:, None] & mask_v[None, :]
     position = offs_i.to(tl.float32)
     weight = intra_block_weight(log_decay, offs_i, HAS_DECAY, False)  # [i, j]: lam^(i-j), j <= i
     # lam^(c-1-j): how key j's contribution decays until the block's end (where dh_{n+1} applies).
