@@ -53,8 +53,8 @@ from longloom.parallel.sharding import chunks_per_rank, local_chunk_ids
 
 # "triton-blocks": the outputs and gradients of the local chunks by the block-parallel kernels
 # (attention/triton_linear_blocks.py); the states-only scans and packed documents keep the Triton scan.
-# It is the CUDA default: fwd+bwd at 64K tokens, H = 32, d = 128 on one H200, 7.3-7.6 ms against the
-# scan's 10.7-11.0 in bench/linear.py (BENCHMARKS.md, session 12).
+# It is the CUDA default: fwd+bwd at 64K tokens, H = 32, d = 128 on one H200, 5.21 ms against the
+# scan's 10.78 and flash-linear-attention's 7.03 in bench/linear.py (BENCHMARKS.md, session 13).
 BACKENDS = ("torch", "triton", "triton-blocks")
 
 
