@@ -203,6 +203,12 @@ def report(args) -> int:
                f"mean loss last {args.last}", f"mean abs rel diff vs {REFERENCE} (last {args.last})", "median step s"]  # fmt: skip
     table = markdown_table(headers, rows)
     print(table)
+    # the settings a run changed (train.grad_accum=2: two sequences a step) belong beside its curve
+    lines[:0] = [
+        f"- {name} ran with {' '.join(info['overrides'])}"
+        for name, (_, info) in curves.items()
+        if info.get("overrides")
+    ]
     png = args.out / f"convergence-{next(iter(curves.values()))[1]['preset']}.png"
     plot(curves, png)
     print(f"loss curves: {png}")

@@ -105,7 +105,7 @@ def test_the_report_judges_parallel_curves_and_shows_the_noise_floor_apart(tmp_p
         lines = [json.dumps({"step": step + 1, "loss": loss}) for step, loss in enumerate(losses)]
         (folder / "metrics.jsonl").write_text("\n".join(lines))
         info = {"workers": 1, "parallel": {"ulysses": 1}, "preset": "tiny", "seq_len": 8, "steps": 4,
-                "median_step_s": 0.1, "corpus": {"sha256": "same"}}  # fmt: skip
+                "median_step_s": 0.1, "corpus": {"sha256": "same"}, "overrides": ["train.grad_accum=2"]}  # fmt: skip
         (folder / "run.json").write_text(json.dumps(info))
     args = argparse.Namespace(results=tmp_path / "results", out=tmp_path, last=2, record=False)
     # ulysses2 is 0.5% off: within the 1% target; the noise floor (3%) is reported, not judged.
@@ -113,6 +113,7 @@ def test_the_report_judges_parallel_curves_and_shows_the_noise_floor_apart(tmp_p
     printed = capsys.readouterr().out
     assert f"bf16 noise floor ({NOISE_FLOOR}, model.mlp_tiles=2): 3.000%" in printed
     assert "every parallel curve within 1% of 1gpu: yes" in printed
+    assert "- ulysses2 ran with train.grad_accum=2" in printed  # a changed setting is shown beside its curve
     (tmp_path / "results" / "ulysses2" / "metrics.jsonl").write_text(
         "\n".join(json.dumps({"step": s + 1, "loss": v}) for s, v in enumerate([4.0, 3.0, 2.04, 2.04]))
     )
