@@ -1,7 +1,7 @@
-"""Ulysses' all-to-all exchangers: NCCL's all_to_all_single, or copy-engine reads of peers' buffers.
+"""Ulysses' all-to-all exchangers: NCCL's all_to_all_single, copy-engine reads, or NCCL's zero-CTA ncclAlltoAll.
 
 The head-chunked pipeline (parallel/ulysses_pipeline.py) packs each exchange into a send buffer it gets
-from an exchanger and starts the exchange there; `result()` gives the received rows. Two exchangers:
+from an exchanger and starts the exchange there; `result()` gives the received rows. Three exchangers:
 
 `NcclExchanger`: all_to_all_single through the process group's backend (NCCL on GPUs, gloo on CPU).
 
@@ -26,18 +26,21 @@ packing into it comes after the peers' reads. Results equal NCCL's bit for bit (
 `ZeroCtaExchanger` (exchange="nccl_zero_cta", CUDA, NCCL >= 2.28, one NVLink node): NCCL's own
 copy-engine all-to-all. NCCL runs ncclAlltoAll on the copy engines, with no CTAs, when the communicator
 has the zero-CTA policy and both buffers are symmetric windows (NCCL user guide, "Zero-CTA
-Optimization"); torch's all_to_all_single calls ncclAlltoAll for equal splits from NCCL 2.28. The
-exchanger makes that communicator (a second NCCL group over the Ulysses group's ranks, created with
-`cta_policy=NCCL_CTA_POLICY_ZERO`) and keeps, per shape, pairs of windows (send, receive) from torch's
-symmetric-memory pool on its NCCL backend, registered once by `rendezvous` and reused. The pipeline packs
-into the send window; the received rows are copied out of the receive window on a side stream (a
-contiguous device copy: the copy engines again) so the window can serve the next exchange while the
-copy is what the attention keeps. NCCL falls back to its kernels silently when a condition fails;
-`NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=TUNING` logs "AlltoAll [Copy Engine]" when it did not.
+Optimization"). torch's all_to_all_single does not call ncclAlltoAll with upstream NCCL (grouped
+send/receive instead; session 14 measured no copy-engine path through it), so the exchanger calls it
+itself (parallel/nccl_alltoall.py) on its side stream. It makes that communicator (a second NCCL group
+over the Ulysses group's ranks, created with `cta_policy=NCCL_CTA_POLICY_ZERO`) and keeps, per shape,
+pairs of windows (send, receive) from torch's symmetric-memory pool on its NCCL backend, registered once
+by `rendezvous` and reused. The pipeline packs into the send window; the received rows are copied out of
+the receive window on the same side stream (a contiguous device copy: the copy engines again) so the
+window can serve the next exchange while the copy is what the attention keeps. NCCL falls back to its
+kernels silently when a condition fails; `NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=TUNING` logs
+"AlltoAll [Copy Engine]" when it took the copy engines.
 Its group is created lazily at the first exchange, and creating a group is a collective over every rank of
 the world: it is supported when the Ulysses group is the whole world (dp = ring = 1; bench/attention.py).
-On CPU tensors (gloo, the tests) the same bookkeeping runs with plain buffers and synchronous copies.
-Not measured yet (bench/ulysses_exchange.py --nccl-zero-cta probes the all-to-all beside attention).
+On CPU tensors (gloo, the tests) the same bookkeeping runs with plain buffers, gloo's all_to_all_single
+and synchronous copies. Through all_to_all_single it measured 96.0% of one GPU at equal work at 64K
+(2 x H200, C = 1; plain NCCL 95.6-96.7%); the direct call is not measured yet.
 
 Status of `CopyEngineExchanger`: experimental. On 2 x H200 it ran at 16K tokens (C = 2) and passes its checks, but at 64K tokens
 (C = 2) the timed loop hung in sessions 11 and 13 (BENCHMARKS.md), cause not found; creating one logs a
@@ -51,6 +54,8 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+
+from longloom.parallel.nccl_alltoall import NcclAlltoAll
 
 
 class PendingExchange(Protocol):
@@ -189,18 +194,17 @@ class _ZeroCtaExchange(_SideStreamExchange):
 
     def __init__(self, exchanger: ZeroCtaExchanger, pair: _WindowPair):
         self.exchanger, self.buffer = exchanger, pair
-        # The NCCL stream waits for the compute stream (the packing into the send window) by itself.
-        work = dist.all_to_all_single(pair.receive, pair.tensor, group=exchanger.group, async_op=True)
         self.received = torch.empty_like(pair.receive)  # on the compute stream: cached for it
         side = exchanger.stream
-        if side is None:  # CPU: gloo's work, then a plain copy
-            work.wait()
+        if side is None:  # CPU: gloo's all-to-all, then a plain copy
+            dist.all_to_all_single(pair.receive, pair.tensor, group=exchanger.group)
             self.received.copy_(pair.receive)
             self.done = None
             exchanger.release(pair)
             return
+        side.wait_stream(torch.cuda.current_stream())  # the packing into the send window is done
         with torch.cuda.stream(side):
-            work.wait()  # the side stream waits for the all-to-all
+            exchanger.alltoall(pair.tensor, pair.receive, side)  # ncclAlltoAll on the zero-CTA communicator
             self.received.copy_(pair.receive)  # contiguous device copy: cudaMemcpyAsync, a copy engine
             self.done = torch.cuda.Event()
             self.done.record(side)
@@ -266,6 +270,7 @@ class ZeroCtaExchanger:
             options = dist.ProcessGroupNCCL.Options()
             options.config.cta_policy = dist.ProcessGroupNCCL.NCCL_CTA_POLICY_ZERO
             self.group = dist.new_group(ranks, backend="nccl", pg_options=options)
+            self.alltoall = NcclAlltoAll(self.group, device)
             self.stream: torch.cuda.Stream | None = torch.cuda.Stream(device)
             self._make_pair = _symmetric_window_pair
         else:  # gloo: the same bookkeeping on plain buffers (no windows, no copy engines)
