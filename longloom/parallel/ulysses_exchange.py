@@ -39,8 +39,10 @@ kernels silently when a condition fails; `NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=TUNI
 Its group is created lazily at the first exchange, and creating a group is a collective over every rank of
 the world: it is supported when the Ulysses group is the whole world (dp = ring = 1; bench/attention.py).
 On CPU tensors (gloo, the tests) the same bookkeeping runs with plain buffers, gloo's all_to_all_single
-and synchronous copies. Through all_to_all_single it measured 96.0% of one GPU at equal work at 64K
-(2 x H200, C = 1; plain NCCL 95.6-96.7%); the direct call is not measured yet.
+and synchronous copies. Status: experimental, no measured gain. On 2 x H200 at 64K tokens it gave 96.0% of
+one GPU at equal work through all_to_all_single and 95.2% (C = 1) / 95.0% (C = 2) with the direct call
+(plain NCCL: 95.6-96.7%), exact both times; whether NCCL took the copy engines is not confirmed
+(BENCHMARKS.md, "Session 14"). If a trace shows it did, the exchanger has no reason to stay.
 
 Status of `CopyEngineExchanger`: experimental. On 2 x H200 it ran at 16K tokens (C = 2) and passes its checks, but at 64K tokens
 (C = 2) the timed loop hung in sessions 11 and 13 (BENCHMARKS.md), cause not found; creating one logs a
