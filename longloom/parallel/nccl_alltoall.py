@@ -85,7 +85,8 @@ def communicator_pointer(group: dist.ProcessGroup, device: torch.device) -> int:
         )
     pointer = int(comm_pointer())
     if pointer == 0:  # torch creates communicators lazily: one collective makes it
-        dist.barrier(group=group, device_ids=[device.index])
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        dist.barrier(group=group, device_ids=[index])
         pointer = int(comm_pointer())
     if pointer == 0:
         raise RuntimeError("torch gave a null NCCL communicator for the zero-CTA group: use exchange='nccl'")
