@@ -47,8 +47,10 @@ back to the allocator at once on the compute stream. (`record_stream` would be c
 allocator only notices the end of the copy at a later allocation: the memory stays counted, and reused
 late, which is what this module exists to avoid.) Host->device copies run on a prefetch stream; the
 compute stream waits on their event, and a host buffer goes back to the pool tagged with that event so
-the next step's device->host copy into it waits until it has been read. On CPU the same code runs with
-plain (unpinned) buffers and no streams.
+the next step's device->host copy into it waits until it has been read. The device tensor a copy lands in
+is allocated on the compute stream, which frees it, and the copy first waits for the compute stream: its
+memory is reused in program order however far the host runs ahead of the GPU (`_prefetch`). On CPU the
+same code runs with plain (unpinned) buffers and no streams.
 """
 
 from __future__ import annotations
@@ -176,12 +178,28 @@ class HostCopy:
         self.shape, self.dtype = tensor.shape, tensor.dtype
         self.nbytes = tensor.numel() * tensor.element_size()
         self.buffer = pool.acquire(self.nbytes)
-        weakref.finalize(self, pool.release, self.buffer)
+        self.prefetch = Prefetch()
+        weakref.finalize(self, _return_buffer, pool, self.buffer, self.prefetch)
         self.host = self.buffer.view(tensor.shape, tensor.dtype)
         self.offloaded: torch.cuda.Event | None = None
         self.device_source: torch.Tensor | None = None  # the device tensor, until its copy is known done
-        self.prefetched: torch.Tensor | None = None
-        self.prefetched_event: torch.cuda.Event | None = None
+
+
+class Prefetch:
+    """The device tensor a HostCopy is coming back into, and the event of that copy (None: not under way)."""
+
+    def __init__(self):
+        self.tensor: torch.Tensor | None = None
+        self.event: torch.cuda.Event | None = None
+
+
+def _return_buffer(pool: PinnedHostPool, buffer: HostBuffer, prefetch: Prefetch) -> None:
+    """A HostCopy's end: its buffer back to the pool; a prefetch never loaded (a backward that stopped
+    half way) is freed only after the compute stream waits for its copy, which still writes into it."""
+    if prefetch.tensor is not None and prefetch.event is not None:
+        torch.cuda.current_stream(prefetch.tensor.device).wait_event(prefetch.event)
+    prefetch.tensor = None
+    pool.release(buffer)
 
 
 # What a layer keeps: a HostCopy, or the device tensor itself (the last layer, device-kept tokens).
@@ -382,32 +400,39 @@ class ActivationOffloader:
 
     def _prefetch(self, stored: Stored) -> None:
         """Starts bringing `stored` back (prefetch stream on CUDA); a no-op when already under way."""
-        if not isinstance(stored, HostCopy) or stored.prefetched is not None:
+        if not isinstance(stored, HostCopy) or stored.prefetch.tensor is not None:
             return
         if self.cuda:
-            stream = self.prefetch_stream
+            compute, stream = torch.cuda.current_stream(self.device), self.prefetch_stream
+            # Allocated on the compute stream, which uses and frees it: its block comes back for the
+            # compute stream's next request in program order. From the prefetch stream's own pool it came
+            # back only once the GPU had passed the free (record_stream), and the host runs layers ahead
+            # of the GPU in backward: each prefetch then took a new block. (At 384K tokens on 2 x H200 a
+            # side stream held 30 GiB with nothing in use after step 1, and at 256K the allocator flushed
+            # its cache once a step: BENCHMARKS.md, session 14; which stream it was is not recorded.)
+            restored = torch.empty(stored.shape, dtype=stored.dtype, device=self.device)
+            # The block may still be read by compute work queued before now: the copy waits for it. That
+            # also starts the copy when the GPU reaches this layer's backward, one layer ahead, not sooner.
+            stream.wait_stream(compute)
+            stream.wait_event(stored.offloaded)
             with torch.cuda.stream(stream):
-                stream.wait_event(stored.offloaded)
-                restored = torch.empty(stored.shape, dtype=stored.dtype, device=self.device)
                 restored.copy_(stored.host, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(stream)
-            stored.prefetched_event = event
+            stored.prefetch.event = event
             stored.buffer.last_read = event
         else:
             restored = stored.host.clone()
-        stored.prefetched = restored
+        stored.prefetch.tensor = restored
 
     def _load(self, stored: Stored) -> torch.Tensor:
         """The device tensor of `stored`, for use on the compute stream now."""
         if not isinstance(stored, HostCopy):
             return stored
         self._prefetch(stored)  # normally done one layer earlier; synchronous fallback otherwise
-        restored, stored.prefetched = stored.prefetched, None
         if self.cuda:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(stored.prefetched_event)
-            restored.record_stream(current)  # allocated on the prefetch stream, used on compute
+            torch.cuda.current_stream(self.device).wait_event(stored.prefetch.event)
+        restored, stored.prefetch.tensor = stored.prefetch.tensor, None
         return restored
 
     def _prefetch_layer(self, record: LayerActivations | None) -> None:

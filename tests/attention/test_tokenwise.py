@@ -217,7 +217,7 @@ class LoadRecordingOffloader(ActivationOffloader):
 
     def _load(self, stored):
         if isinstance(stored, HostCopy):
-            self.ready_when_needed.append(stored.prefetched is not None)
+            self.ready_when_needed.append(stored.prefetch.tensor is not None)
         return super()._load(stored)
 
 

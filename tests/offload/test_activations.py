@@ -159,7 +159,7 @@ class RecordingOffloader(ActivationOffloader):
     def _unpack(self, packed):
         swapped_input = getattr(packed, "input", None)
         if isinstance(swapped_input, HostCopy):
-            self.ready_when_needed.append(swapped_input.prefetched is not None)
+            self.ready_when_needed.append(swapped_input.prefetch.tensor is not None)
         return super()._unpack(packed)
 
 
