@@ -21,13 +21,18 @@ from longloom.offload.memory import human_bytes
 
 
 def describe_gpu_memory(
-    stats: Mapping[str, int], segments: Iterable[Mapping[str, Any]], compute_stream: int
+    stats: Mapping[str, int],
+    segments: Iterable[Mapping[str, Any]],
+    compute_stream: int,
+    stream_names: Mapping[int, str] | None = None,
 ) -> str:
     """The line for `torch.cuda.memory_stats()` and the device's segments of `torch.cuda.memory_snapshot()`.
 
     `compute_stream`: the handle (cudaStream_t as an integer) of the stream the model runs on; its
-    segments are listed first as "compute", the others by handle, largest first.
+    segments are listed first as "compute", the others largest first, by `stream_names` (handle -> name:
+    longloom's own side streams) or else by handle (DeepSpeed's, NCCL's).
     """
+    names = {**(stream_names or {}), compute_stream: "compute"}
     reserved: dict[int, int] = {}
     in_use: dict[int, int] = {}
     for segment in segments:
@@ -36,7 +41,7 @@ def describe_gpu_memory(
         in_use[stream] = in_use.get(stream, 0) + int(segment["allocated_size"])
     order = sorted(reserved, key=lambda stream: (stream != compute_stream, -reserved[stream]))
     per_stream = ", ".join(
-        f"{'compute' if stream == compute_stream else f'stream {stream:#x}'} {human_bytes(reserved[stream])} "
+        f"{names.get(stream, f'stream {stream:#x}')} {human_bytes(reserved[stream])} "
         f"({human_bytes(in_use[stream])} in use)"
         for stream in order
     )
@@ -54,11 +59,14 @@ def describe_gpu_memory(
     return line
 
 
-def gpu_memory_line(device: torch.device) -> str | None:
-    """The line for `device` now; None off CUDA."""
+def gpu_memory_line(
+    device: torch.device, streams: Mapping[str, torch.cuda.Stream | None] | None = None
+) -> str | None:
+    """The line for `device` now; None off CUDA. `streams`: name -> side stream, to name their memory."""
     if device.type != "cuda":
         return None
     segments = [s for s in torch.cuda.memory_snapshot() if s.get("device") == device.index]
+    names = {stream.cuda_stream: name for name, stream in (streams or {}).items() if stream is not None}
     return describe_gpu_memory(
-        torch.cuda.memory_stats(device), segments, torch.cuda.current_stream(device).cuda_stream
+        torch.cuda.memory_stats(device), segments, torch.cuda.current_stream(device).cuda_stream, names
     )

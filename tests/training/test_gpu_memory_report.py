@@ -29,6 +29,15 @@ def test_streams_are_summed_and_listed_compute_first_then_largest():
     )
 
 
+def test_named_side_streams_are_shown_by_name():
+    segments = [_segment(COMPUTE, 10, 9), _segment(SIDE, 30, 0), _segment(OFFLOAD, 1, 0)]
+    line = describe_gpu_memory({}, segments, COMPUTE, {SIDE: "activation prefetch", COMPUTE: "ignored"})
+    assert (
+        "reserved now by stream: compute 10.00 GiB (9.00 GiB in use), activation prefetch 30.00 GiB (0 B in use), "
+        "stream 0x30 1.00 GiB (0 B in use)"
+    ) in line
+
+
 def test_retries_name_what_gives_memory_back():
     line = describe_gpu_memory({"num_alloc_retries": 3}, [], COMPUTE)
     assert "reserved now by stream: none; allocator retries 3 (each freed the allocator's cache" in line
