@@ -197,7 +197,10 @@ def _return_buffer(pool: PinnedHostPool, buffer: HostBuffer, prefetch: Prefetch)
     """A HostCopy's end: its buffer back to the pool; a prefetch never loaded (a backward that stopped
     half way) is freed only after the compute stream waits for its copy, which still writes into it."""
     if prefetch.tensor is not None and prefetch.event is not None:
-        torch.cuda.current_stream(prefetch.tensor.device).wait_event(prefetch.event)
+        try:
+            torch.cuda.current_stream(prefetch.tensor.device).wait_event(prefetch.event)
+        except RuntimeError:  # at interpreter exit CUDA may be gone: nothing runs on the device anymore
+            pass
     prefetch.tensor = None
     pool.release(buffer)
 
