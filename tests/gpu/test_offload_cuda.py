@@ -155,3 +155,25 @@ def test_prefetched_activations_live_on_the_compute_stream_however_far_the_host_
     assert reserved == 0 and lagged_reserved == 0
     assert lagged_peak - peak < layer_input, (peak, lagged_peak)
     torch.testing.assert_close(lagged_gradient, gradient, rtol=0, atol=0)  # same stream order, same sums
+
+
+def test_a_prefetch_never_loaded_gives_its_buffer_back_after_its_copy():
+    """A backward that stops between a prefetch and its load: dropping the HostCopy returns its pinned
+    buffer, and the compute stream has waited for the copy still writing the device tensor."""
+    import gc
+
+    from longloom.offload.activations import HostCopy
+
+    offloader = ActivationOffloader(1.0, torch.device("cuda"))
+    source = torch.randn(1 << 20, device="cuda")
+    stored = offloader._store(source, on_device=False)
+    offloader._release_copied(keep=[])
+    offloader._prefetch(stored)
+    assert isinstance(stored, HostCopy) and stored.prefetch.tensor is not None
+    event = stored.prefetch.event
+    in_use = offloader.pool.bytes_in_use
+    del stored
+    gc.collect()
+    assert offloader.pool.bytes_in_use == in_use - (1 << 22)  # 4 MiB of fp32: one granule-rounded buffer
+    torch.cuda.current_stream().synchronize()
+    assert event.query()
