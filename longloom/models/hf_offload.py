@@ -62,6 +62,7 @@ def enable_activation_offload(
         token_wise=token_wise,
         device_share=device_share,
         device_layers=device_layers,
+        layer_kinds=["S"] * len(layers),  # decoder layers of one architecture: the same sizes each
     )
     last = len(layers) - 1
     for index, layer in enumerate(layers):

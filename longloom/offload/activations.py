@@ -55,9 +55,6 @@ same code runs with plain (unpinned) buffers and no streams.
 
 from __future__ import annotations
 
-import math
-import threading
-import time
 import weakref
 from collections.abc import Callable
 
@@ -66,7 +63,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from longloom.attention.tokenwise import AttentionOutputs
-from longloom.runtime.page_locked import page_locked_empty
+from longloom.offload.host_pool import HostBuffer, PinnedHostPool
 
 
 def kept_token_counts(total_tokens: int, share: float, device_share: float) -> tuple[int, int]:
@@ -83,88 +80,6 @@ def kept_token_counts(total_tokens: int, share: float, device_share: float) -> t
 
 def _swapped_of_kept(kept: int, share: float, device_share: float) -> int:
     return kept if device_share == 0.0 else round(kept * share / (share + device_share))
-
-
-def pool_block_bytes(nbytes: float) -> int:
-    """Host bytes the pool holds for one request of `nbytes`: whole granules (PinnedHostPool.GRANULE)."""
-    return -(-math.ceil(nbytes) // PinnedHostPool.GRANULE) * PinnedHostPool.GRANULE if nbytes > 0 else 0
-
-
-class HostBuffer:
-    """One byte buffer of the pool; `last_read` is the host->device copy that must finish before reuse.
-
-    Pinned buffers are page-locked at their exact size (runtime/page_locked.py), not by torch's pinned
-    allocator, which would round each up to a power of two: up to 2x the host memory at lengths that
-    are not powers of two, and host memory is what bounds the longest sequence on one GPU.
-    """
-
-    def __init__(self, capacity: int, pin: bool, device: torch.device | None = None):
-        if pin:
-            self.data = page_locked_empty(capacity, device)
-        else:
-            self.data = torch.empty(capacity, dtype=torch.uint8)
-        self.capacity = capacity
-        self.last_read: torch.cuda.Event | None = None
-
-    def view(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        return self.data[:nbytes].view(dtype).view(shape)
-
-
-class PinnedHostPool:
-    """Host buffers handed out per offloaded tensor and returned after use; grown only when none fits.
-
-    Page-locking costs milliseconds per buffer and pinned memory is a scarce host resource, so
-    buffers are kept for the next step: after the first step every request finds a free buffer of its
-    size and the pool stops growing. Thread-safe: forward packs on the main thread, backward unpacks on
-    autograd's device threads.
-    """
-
-    # Rounding sizes up lets slightly different requests (last micro batch, other shares) share buffers.
-    GRANULE = 1 << 20
-
-    def __init__(self, pin: bool, device: torch.device | None = None):
-        self.pin, self.device = pin, device
-        self._free: list[HostBuffer] = []
-        self._lock = threading.Lock()
-        self.total_bytes = 0
-        self.num_buffers = 0
-        self.bytes_in_use = 0
-        self.peak_bytes_in_use = 0
-        # Seconds spent creating buffers (page-locking them on GPU): all of it in the first step, which it
-        # lengthens; the offload report shows it as that step's own phase (issue 18, time to first step).
-        self.allocation_seconds = 0.0
-
-    def acquire(self, nbytes: int) -> HostBuffer:
-        with self._lock:
-            fitting = [buffer for buffer in self._free if buffer.capacity >= nbytes]
-            if fitting:
-                buffer = min(fitting, key=lambda candidate: candidate.capacity)  # best fit
-                self._free.remove(buffer)
-            else:
-                capacity = pool_block_bytes(nbytes)
-                started = time.perf_counter()
-                try:
-                    buffer = HostBuffer(capacity, self.pin, self.device)
-                except RuntimeError as error:  # mapping or page-locking refused: the host is out of memory
-                    raise RuntimeError(
-                        f"activation offload could not {'pin' if self.pin else 'allocate'} "
-                        f"{capacity / 2**30:.2f} GiB of host memory with {self.total_bytes / 2**30:.2f} GiB "
-                        f"already in its pool ({error}): lower offload.activations (less of the attention "
-                        "output is kept; offload.device_activations can keep it in GPU memory instead), "
-                        "shorten data.seq_len, or use more workers; `longloom check` estimates it"
-                    ) from error
-                self.allocation_seconds += time.perf_counter() - started
-                self.total_bytes += capacity
-                self.num_buffers += 1
-            self.bytes_in_use += buffer.capacity
-            self.peak_bytes_in_use = max(self.peak_bytes_in_use, self.bytes_in_use)
-            return buffer
-
-    def release(self, buffer: HostBuffer) -> None:
-        with self._lock:
-            self.bytes_in_use -= buffer.capacity
-            self._free.append(buffer)
 
 
 class HostCopy:
@@ -294,12 +209,16 @@ class ActivationOffloader:
         token_wise: bool = True,
         device_share: float = 0.0,
         device_layers: int = 0,
+        layer_kinds: list[str] | None = None,
     ):
         """token_wise: call layers with `attention_outputs=` (attention/tokenwise.py); False for layers
         that do not take it (they then swap their input and recompute in full).
         device_layers: the first layers of each forward whose input stays in GPU memory rather than
         going to the host (the run plan's answer when the host cannot pin every layer input; their
-        attention outputs are kept as in every other layer)."""
+        attention outputs are kept as in every other layer).
+        layer_kinds: the kind of each checkpointed layer in forward order (model.layer_kinds(): "S"
+        softmax, "L" linear); with it the first step page-locks the next layer's host buffers while a
+        layer computes (the sizes a layer of that kind asked for), without it each layer's in turn."""
         if not 0.0 < share <= 1.0:
             raise ValueError(
                 f"activation offload share {share} must be in (0, 1]: set offload.activations to true, "
@@ -316,6 +235,8 @@ class ActivationOffloader:
         self.share = float(share)
         self.device_share = float(device_share)
         self.device_layers = device_layers
+        self.layer_kinds = list(layer_kinds) if layer_kinds is not None else None
+        self._sizes_by_kind: dict[str, list[int]] = {}  # bytes a layer of each kind stored on the host
         self._layer_index = 0  # of the next checkpointed layer in this forward
         self.token_wise = token_wise
         self.device = torch.device(device)
@@ -341,6 +262,7 @@ class ActivationOffloader:
         previous = self._last_layer() if self._last_layer is not None else None
         record = LayerActivations(self, previous, on_device=is_last_layer)
         input_on_device = is_last_layer or self._layer_index < self.device_layers
+        index = self._layer_index
         self._layer_index = 0 if is_last_layer else self._layer_index + 1
 
         def pack(tensor: torch.Tensor):
@@ -353,6 +275,8 @@ class ActivationOffloader:
             output = torch_checkpoint(record.run, layer, *inputs, use_reentrant=False)
         # This layer's compute is queued behind the earlier copies: let go of their device sources.
         self._release_copied(keep=[] if is_last_layer else record.stored())
+        if not is_last_layer:
+            self._read_ahead(index, record)
         # The chain of layers ends at the last one: the next forward starts a new one.
         self._last_layer = weakref.ref(record) if not is_last_layer else None
         if is_last_layer:
@@ -361,6 +285,23 @@ class ActivationOffloader:
         return output
 
     # -- forward: device -> host -------------------------------------------------------------------
+
+    def _read_ahead(self, index: int, record: LayerActivations) -> None:
+        """While the pool grows (first step), page-lock the next layer's buffers on the pool's thread.
+
+        The next layer asks for what the last layer of its kind stored (a softmax layer's input and kept
+        attention outputs, a linear layer's input); a kind not seen yet, or the last layer (nothing goes to
+        the host), gets nothing ahead. Layers of one kind store the same sizes, so every buffer made ahead
+        is then asked for; one that is not (shapes that change between layers of a kind) stays in the pool
+        for later requests that fit it."""
+        if self.layer_kinds is None or index + 1 >= len(self.layer_kinds):
+            return
+        copies = [stored for stored in record.stored() if isinstance(stored, HostCopy)]
+        self._sizes_by_kind[self.layer_kinds[index]] = [copy.nbytes for copy in copies]
+        grew = any(copy.buffer.handed_out == 1 for copy in copies)
+        following = self.layer_kinds[index + 1]
+        if grew and index + 1 < len(self.layer_kinds) - 1 and following in self._sizes_by_kind:
+            self.pool.expect(self._sizes_by_kind[following])
 
     def _store(self, tensor: torch.Tensor, on_device: bool) -> Stored:
         if on_device:

@@ -26,7 +26,8 @@ from typing import Any, Protocol
 
 from longloom.attention.linear_chunked import DEFAULT_BLOCK_SIZE
 from longloom.config import ConfigError, LongloomConfig, ModelConfig
-from longloom.offload.activations import kept_token_counts, pool_block_bytes
+from longloom.offload.activations import kept_token_counts
+from longloom.offload.host_pool import pool_block_bytes
 from longloom.parallel.lasp2 import BLOCKS_MAX_HEAD_DIM
 from longloom.parallel.loss import FUSED_CHUNK_ELEMENTS
 from longloom.runtime.machine import Machine

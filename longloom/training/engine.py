@@ -85,7 +85,13 @@ def build_model(
     share, device_share = cfg.offload.activation_share, cfg.offload.device_activations
     if not cfg.model.is_hf:
         offloader = (
-            ActivationOffloader(share, device, device_share=device_share, device_layers=device_layers)
+            ActivationOffloader(
+                share,
+                device,
+                device_share=device_share,
+                device_layers=device_layers,
+                layer_kinds=cfg.model.layer_kinds(),
+            )
             if share > 0
             else None
         )

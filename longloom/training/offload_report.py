@@ -32,7 +32,8 @@ def activation_offload_line(offloader: ActivationOffloader) -> str:
         f"{human_bytes(offloader.device_kept_bytes)} kept in GPU memory (the attention outputs of "
         f"{100 * offloader.device_share:.0f}% of the tokens, offload.device_activations), {recomputation}; "
         f"pool {human_bytes(offloader.pool.total_bytes)} in {offloader.pool.num_buffers} buffers, "
-        f"{'page-locked' if offloader.pool.pin else 'allocated'} in {offloader.pool.allocation_seconds:.1f} s"
+        f"{'page-locked' if offloader.pool.pin else 'allocated'} in {offloader.pool.allocation_seconds:.1f} s, "
+        f"{offloader.pool.waited_seconds:.1f} s of it holding up the forward (the rest ahead, on the pool's thread)"
     )
 
 

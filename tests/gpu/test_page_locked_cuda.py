@@ -6,7 +6,7 @@ import mmap
 import pytest
 import torch
 
-from longloom.offload.activations import PinnedHostPool, pool_block_bytes
+from longloom.offload.host_pool import PinnedHostPool, pool_block_bytes
 from longloom.runtime.page_locked import page_locked_bytes, page_locked_empty
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -213,3 +213,49 @@ def test_host_memory_exhaustion_names_the_pool_and_the_fix(monkeypatch) -> None:
         RuntimeError, match=r"allocate 0.00 GiB .* 0.00 GiB already .* lower offload.activations"
     ):
         offloader.pool.acquire(5000)
+
+
+def test_first_step_reads_ahead_on_the_pool_thread_without_growing_the_pool(monkeypatch) -> None:
+    """With the layers' kinds the first step page-locks the next layer's buffers on the pool's thread:
+    same results bit for bit, and the pool ends with exactly the buffers it has without reading ahead.
+    Each layer starts once the pool's thread is done, as a GPU run's host waits between layers (ZeRO-3
+    gathers the next layer's weights, kernels are queued ahead)."""
+    import threading
+    import time
+
+    from longloom.offload import host_pool
+
+    made_on: list[str] = []
+
+    class Recorded(host_pool.HostBuffer):
+        def __init__(self, capacity, pin, device=None):
+            made_on.append(threading.current_thread().name)
+            super().__init__(capacity, pin, device)
+
+    monkeypatch.setattr(host_pool, "HostBuffer", Recorded)
+    expected = _train_steps(plain_checkpoint, steps=2, layers=6)
+    pools = {}
+    for kinds in (None, ["S"] * 6):
+        made_on.clear()
+        offloader = ActivationOffloader(1.0, torch.device("cpu"), layer_kinds=kinds)
+
+        def waiting_checkpoint(layer, *inputs, offloader=offloader, **options):
+            deadline = time.monotonic() + 5  # the host's wait, long enough for the pool's thread
+            while (offloader.pool._expected or offloader.pool._being_made) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            return offloader.checkpoint(layer, *inputs, **options)
+
+        _assert_bitwise(expected, _train_steps(waiting_checkpoint, steps=2, layers=6))
+        pools[kinds is not None] = (offloader.pool.num_buffers, offloader.pool.total_bytes, list(made_on))
+    (plain_count, plain_bytes, plain_threads), (ahead_count, ahead_bytes, ahead_threads) = (
+        pools[False],
+        pools[True],
+    )
+    assert (ahead_count, ahead_bytes) == (
+        plain_count,
+        plain_bytes,
+    ) and plain_count == 5  # all but the last layer
+    assert set(plain_threads) == {"MainThread"}
+    # Layer 0 makes its own; layers 1-4 were made ahead with layer 0's sizes (layer 5, the last, stores
+    # nothing on the host).
+    assert ahead_threads == ["MainThread"] + ["longloom-host-pool"] * 4, ahead_threads
