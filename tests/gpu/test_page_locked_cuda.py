@@ -49,3 +49,18 @@ def test_pool_holds_exact_granules_not_powers_of_two():
     pool = PinnedHostPool(pin=True, device=torch.device("cuda", torch.cuda.current_device()))
     buffer = pool.acquire(3 << 29)  # 1.5 GiB, the 8B model's layer input at 196608 tokens on one GPU
     assert buffer.capacity == pool_block_bytes(3 << 29) == 3 << 29 and buffer.data.is_pinned()
+
+
+def test_buffers_page_locked_on_the_pool_thread_take_asynchronous_copies():
+    device = torch.device("cuda", torch.cuda.current_device())
+    pool = PinnedHostPool(pin=True, device=device)
+    pool.expect([64 << 20, 64 << 20])
+    pool._maker.join(timeout=60)
+    assert pool.num_buffers == 2
+    buffer = pool.acquire(64 << 20)
+    assert pool.num_buffers == 2 and buffer.data.is_pinned()  # made ahead, not again
+    source = torch.arange(16 << 20, dtype=torch.float32, device=device)
+    host = buffer.view(source.shape, source.dtype)
+    host.copy_(source, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(host, source.cpu())
