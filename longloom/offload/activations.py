@@ -297,6 +297,8 @@ class ActivationOffloader:
         if self.layer_kinds is None or index + 1 >= len(self.layer_kinds):
             return
         copies = [stored for stored in record.stored() if isinstance(stored, HostCopy)]
+        if not copies:  # a forward without autograd (evaluation) stores nothing: keep what training stored
+            return
         self._sizes_by_kind[self.layer_kinds[index]] = [copy.nbytes for copy in copies]
         grew = any(copy.buffer.handed_out == 1 for copy in copies)
         following = self.layer_kinds[index + 1]
