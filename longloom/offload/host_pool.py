@@ -65,6 +65,7 @@ class PinnedHostPool:
         self._being_made: list[int] = []  # capacities the background thread is making now
         self._changed = threading.Condition(threading.Lock())
         self._maker: threading.Thread | None = None
+        self._maker_running = False  # set and cleared under the lock: a thread about to exit is not running
         self.total_bytes = 0
         self.num_buffers = 0
         self.bytes_in_use = 0
@@ -78,7 +79,8 @@ class PinnedHostPool:
         """Requests of these byte sizes will come: make their buffers now, on a background thread."""
         with self._changed:
             self._expected.extend(pool_block_bytes(n) for n in sizes if n > 0)
-            if self._expected and (self._maker is None or not self._maker.is_alive()):
+            if self._expected and not self._maker_running:
+                self._maker_running = True
                 self._maker = threading.Thread(
                     target=self._make_expected, name="longloom-host-pool", daemon=True
                 )
@@ -141,6 +143,7 @@ class PinnedHostPool:
         while True:
             with self._changed:
                 if not self._expected:
+                    self._maker_running = False
                     return
                 capacity = self._expected.pop(0)
                 self._being_made.append(capacity)
@@ -159,6 +162,7 @@ class PinnedHostPool:
                     self._free.append(buffer)
                 self._changed.notify_all()
                 if buffer is None:
+                    self._maker_running = False
                     return
 
 

@@ -111,3 +111,12 @@ def test_a_failed_request_names_the_fix(monkeypatch):
     pool = PinnedHostPool(pin=True)
     with pytest.raises(RuntimeError, match=r"could not pin 0.00 GiB .* lower offload.activations"):
         pool.acquire(MIB)
+
+
+def test_expecting_again_after_the_thread_ended_starts_it_again():
+    pool = PinnedHostPool(pin=False)
+    for round_ in range(20):  # one thread per round: each ends once nothing is expected
+        pool.expect([MIB])
+        _settle(pool)
+        assert pool.num_buffers == round_ + 1 and not pool._expected
+    assert RecordedBuffer.made_on == [POOL_THREAD] * 20
