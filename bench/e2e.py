@@ -62,6 +62,9 @@ PHASE_MARKERS = [
 ]
 PHASE_LINE = re.compile(r"\bphase[:= ]+([A-Za-z_][\w.-]*)")
 CPU_THREADS_LINE = re.compile(r"CPU threads per worker: (\d+)")  # longloom's runtime/cpu_threads.py
+# longloom's activation offload line (training/offload_report.py): the pool's pinning, and the part of it the
+# forward waited for (the rest was made ahead on the pool's thread)
+PINNING_LINE = re.compile(r"(?:page-locked|allocated) in ([\d.]+) s, ([\d.]+) s of it holding up the forward")
 
 
 class Run:
@@ -80,6 +83,7 @@ class Run:
         self.host_peak = self.gpu_peak = 0.0
         self.tail: list[str] = []
         self.cpu_threads: str | None = None  # what longloom chose, from its log line
+        self.pinning: tuple[float, float] | None = None  # (seconds pinning, of them holding up the forward)
 
     def _mark(self, name: str, at: float) -> None:
         if name not in self.marks:
@@ -129,6 +133,8 @@ class Run:
                     self._mark(found.group(1), at)
                 if self.cpu_threads is None and (found := CPU_THREADS_LINE.search(line)):
                     self.cpu_threads = found.group(1)
+                if self.pinning is None and (found := PINNING_LINE.search(line)):
+                    self.pinning = (float(found.group(1)), float(found.group(2)))
                 if line.startswith("metrics "):
                     self.metrics.append(json.loads(line[len("metrics ") :]))
                     if len(self.metrics) == 1:
@@ -245,6 +251,8 @@ def summarise(system: str, seq_len: int, gpus: int, code: int, run: Run, warmup:
         "pinned_gib": max((row.get("pinned_host_gb", 0.0) for row in rows), default=0.0),
         "loss": f"{rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}" if rows else "-",
         "first_step_s": first, "phases": phases,
+        "pinning_s": run.pinning[0] if run.pinning else None,
+        "pinning_waited_s": run.pinning[1] if run.pinning else None,
     }  # fmt: skip
 
 

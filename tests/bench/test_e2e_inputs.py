@@ -47,12 +47,15 @@ def test_run_timestamps_phases_reads_metrics_and_times_out(tmp_path):
         {"step": s, "loss": 5.0 - s, "tokens_per_s": 100.0 * s, "step_time_s": 1.0 / s} for s in (1, 2, 3)
     ]
     script = "import json\nprint('split: dp=1 ulysses=1 ring=1')\nprint('phase engine_init')\n"
+    script += "print('activation offload: ... pool 2.00 GiB in 3 buffers, page-locked in 4.5 s, 1.2 s of it "
+    script += "holding up the forward (the rest ahead, on the pool thread)')\n"
     script += "".join(f"print({'metrics ' + json.dumps(row)!r})\n" for row in rows)
     run = Run([sys.executable, "-c", script], tmp_path / "out.log", {}, None, timeout=60)
     assert run.run() == 0
     assert list(run.marks)[:4] == ["dist_init", "engine_init", "first_step", "exit"]
     result = summarise("alst", 8, 1, 0, run, warmup=1)
     assert result["tokens_per_s"] == np.median([200.0, 300.0]) and result["loss"] == "4.000 -> 2.000"
+    assert (result["pinning_s"], result["pinning_waited_s"]) == (4.5, 1.2)
     hung = Run(
         [sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "hung.log", {}, None, timeout=1
     )
