@@ -251,6 +251,10 @@ class ActivationOffloader:
         self._forward_bytes = 0
         self._forward_device_bytes = 0
 
+    def side_streams(self) -> dict[str, torch.cuda.Stream | None]:
+        """This offloader's streams by name (None on CPU), for the first step's GPU memory line."""
+        return {"activation offload": self.offload_stream, "activation prefetch": self.prefetch_stream}
+
     def checkpoint(self, layer: nn.Module | Callable, *inputs: torch.Tensor, is_last_layer: bool = False):
         """Like torch.utils.checkpoint(layer, *inputs), with the layer's saved tensors on the host.
 

@@ -150,6 +150,17 @@ class _PulledExchange(_SideStreamExchange):
         self.received.record_stream(side)  # made on the compute stream, written on the side stream
 
 
+def _reuse(free: dict[tuple, list], shape: torch.Size, dtype: torch.dtype, device: torch.device):
+    """A free buffer of this shape from `free` (keyed by shape, dtype, device), or None. Every rank pops or
+    makes one at the same point (the pipelines run the same exchanges), so collective allocations line up."""
+    buffers = free.setdefault((tuple(shape), dtype, device), [])
+    return buffers.pop() if buffers else None
+
+
+def _give_back(free: dict[tuple, list], buffer: SendBuffer) -> None:
+    free[(tuple(buffer.tensor.shape), buffer.tensor.dtype, buffer.tensor.device)].append(buffer)
+
+
 class CopyEngineExchanger:
     """The all-to-all as copy-engine reads of symmetric send buffers; one per (group, device)."""
 
@@ -164,10 +175,8 @@ class CopyEngineExchanger:
         self._free: dict[tuple, list[_SymmetricSendBuffer]] = {}
 
     def send_buffer(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> SendBuffer:
-        free = self._free.setdefault((tuple(shape), dtype, device), [])
-        # Every rank pops or allocates at the same point: the pipelines run the same exchanges.
-        if free:
-            return free.pop()
+        if (buffer := _reuse(self._free, shape, dtype, device)) is not None:
+            return buffer
         # A new symmetric buffer is a rendezvous (the host waits for every peer's host) and its mapping
         # may synchronize the device. Our side stream's barriers wait for work the peers have issued by
         # now; once they are done, no device wait of ours depends on a peer's host that might be waiting
@@ -180,7 +189,7 @@ class CopyEngineExchanger:
         return _PulledExchange(self, send)
 
     def release(self, send: _SymmetricSendBuffer) -> None:
-        self._free[(tuple(send.tensor.shape), send.tensor.dtype, send.tensor.device)].append(send)
+        _give_back(self._free, send)
 
 
 class _WindowPair(SendBuffer):
@@ -280,16 +289,15 @@ class ZeroCtaExchanger:
         self._free: dict[tuple, list[_WindowPair]] = {}
 
     def send_buffer(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> SendBuffer:
-        free = self._free.setdefault((tuple(shape), dtype, device), [])
-        # Every rank pops or registers at the same point: the pipelines run the same exchanges.
-        return free.pop() if free else self._make_pair(shape, dtype, device, self.group)
+        reused = _reuse(self._free, shape, dtype, device)
+        return reused if reused is not None else self._make_pair(shape, dtype, device, self.group)
 
     def start(self, send: SendBuffer) -> _ZeroCtaExchange:
         assert isinstance(send, _WindowPair), "a send buffer from this exchanger's send_buffer()"
         return _ZeroCtaExchange(self, send)
 
     def release(self, pair: _WindowPair) -> None:
-        self._free[(tuple(pair.tensor.shape), pair.tensor.dtype, pair.tensor.device)].append(pair)
+        _give_back(self._free, pair)
 
 
 logger = logging.getLogger(__name__)

@@ -147,15 +147,6 @@ class Trainer:
 
     # -- build ----------------------------------------------------------------------------------------
 
-    def _side_streams(self) -> dict[str, torch.cuda.Stream | None]:
-        """longloom's side streams that allocate GPU memory, by name (the first step's memory line)."""
-        if self.offloader is None:
-            return {}
-        return {
-            "activation offload": self.offloader.offload_stream,
-            "activation prefetch": self.offloader.prefetch_stream,
-        }
-
     def _phase_done(self, what: str, started: float) -> None:
         if self.rank == 0:
             logger.info("%s in %.1f s", what, time.perf_counter() - started)
@@ -342,7 +333,9 @@ class Trainer:
                     if self.offloader is not None and self.rank == 0:
                         log_activation_offload(self.offloader)
                     memory_line = (
-                        gpu_memory_line(self.device, self._side_streams()) if self.rank == 0 else None
+                        gpu_memory_line(self.device, self.offloader.side_streams() if self.offloader else {})
+                        if self.rank == 0
+                        else None
                     )
                     if memory_line is not None:
                         logger.info("%s", memory_line)
