@@ -292,6 +292,11 @@ class DebugConfig(_Section):
     fail_at_step: Whole | None = Field(
         None, ge=1, description="one worker raises at this step, first attempt only"
     )
+    gpu_memory_history: bool = Field(
+        False,
+        description="record the CUDA allocator's events during the first step (slower) and log, for each side "
+        "stream, where its allocations came from",
+    )
 
 
 class LongloomConfig(_Section):

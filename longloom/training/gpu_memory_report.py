@@ -12,8 +12,8 @@ memory back (less offload.device_activations or offload.gpu_share) before it cos
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -70,3 +70,106 @@ def gpu_memory_line(
     return describe_gpu_memory(
         torch.cuda.memory_stats(device), segments, torch.cuda.current_stream(device).cuda_stream, names
     )
+
+
+def deepspeed_streams(engine: object) -> dict[str, torch.cuda.Stream | None]:
+    """ZeRO-3's own side streams by name, where this DeepSpeed version keeps them (private attributes: a
+    version that moved them leaves them unnamed in the line, nothing else)."""
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", None)
+    streams = {
+        "ZeRO-3 gradient reduce": getattr(optimizer, "reduce_and_partition_stream", None),
+        "ZeRO-3 parameter gather": getattr(offload, "_DeepSpeedZeRoOffload__allgather_stream", None),
+    }
+    return {name: stream for name, stream in streams.items() if isinstance(stream, torch.cuda.Stream)}
+
+
+# -- where side streams' memory came from (debug.gpu_memory_history) ------------------------------------
+
+# Ring buffer of allocator events kept while recording: the first step of the 8B model at long sequences
+# makes tens of thousands of allocations; a million entries keep all of them (about 100 B each plus stacks).
+HISTORY_ENTRIES = 1_000_000
+# Frames from these packages say who asked for the memory; torch's own frames only say how.
+_OWNER_PACKAGES = ("/longloom/", "/deepspeed/")
+
+
+class AllocationSite(NamedTuple):
+    where: str  # "package/module.py:line function" of the innermost longloom or DeepSpeed frame
+    count: int
+    total_bytes: int
+    largest_bytes: int
+
+
+def start_allocation_history(device: torch.device) -> bool:
+    """Records the CUDA allocator's events with Python stacks from now on; False (nothing done) off CUDA."""
+    if device.type != "cuda":
+        return False
+    torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=HISTORY_ENTRIES)
+    return True
+
+
+def stop_allocation_history() -> None:
+    torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def _site_of(frames: Sequence[Mapping[str, Any]]) -> str:
+    """The innermost frame of longloom or DeepSpeed (else the innermost frame), as a short location."""
+    owned = [f for f in frames if any(package in str(f.get("filename", "")) for package in _OWNER_PACKAGES)]
+    frame = (owned or list(frames) or [{"filename": "?", "line": 0, "name": "?"}])[0]
+    path = "/".join(str(frame.get("filename", "?")).split("/")[-3:])
+    return f"{path}:{frame.get('line', 0)} {frame.get('name', '?')}"
+
+
+def allocation_sites(
+    traces: Iterable[Mapping[str, Any]], streams: Iterable[int], top: int = 3
+) -> dict[int, list[AllocationSite]]:
+    """For each of `streams`, its `top` allocation sites by bytes among the "alloc" events of `traces`
+    (one device's `torch.cuda.memory._snapshot()["device_traces"]` list)."""
+    wanted = set(streams)
+    by_stream: dict[int, dict[str, list[int]]] = {stream: {} for stream in wanted}
+    for event in traces:
+        stream = int(event.get("stream", -1))
+        if event.get("action") != "alloc" or stream not in wanted:
+            continue
+        sizes = by_stream[stream].setdefault(_site_of(event.get("frames", [])), [])
+        sizes.append(int(event["size"]))
+    return {
+        stream: sorted(
+            (AllocationSite(where, len(sizes), sum(sizes), max(sizes)) for where, sizes in sites.items()),
+            key=lambda site: -site.total_bytes,
+        )[:top]
+        for stream, sites in by_stream.items()
+    }
+
+
+def describe_allocation_sites(
+    sites: Mapping[int, Sequence[AllocationSite]], stream_names: Mapping[int, str] | None = None
+) -> str:
+    """One line: per side stream, where its allocations of the first step came from."""
+    names = stream_names or {}
+    parts = []
+    for stream, stream_sites in sites.items():
+        listed = "; ".join(
+            f"{human_bytes(site.total_bytes)} in {site.count} (largest {human_bytes(site.largest_bytes)}) at "
+            f"{site.where}"
+            for site in stream_sites
+        )
+        parts.append(f"{names.get(stream, f'stream {stream:#x}')}: {listed or 'no allocations recorded'}")
+    return "GPU allocations of the first step on side streams, largest sites: " + (
+        " | ".join(parts) or "none"
+    )
+
+
+def allocation_history_line(
+    device: torch.device, streams: Mapping[str, torch.cuda.Stream | None] | None = None
+) -> str | None:
+    """The side streams' allocation sites since start_allocation_history (recording stops); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    snapshot = torch.cuda.memory._snapshot()
+    stop_allocation_history()
+    traces = snapshot["device_traces"][device.index]
+    compute = torch.cuda.current_stream(device).cuda_stream
+    side = sorted({int(e["stream"]) for e in traces if e.get("action") == "alloc"} - {compute})
+    names = {stream.cuda_stream: name for name, stream in (streams or {}).items() if stream is not None}
+    return describe_allocation_sites(allocation_sites(traces, side), names)

@@ -47,7 +47,12 @@ from longloom.training.checkpoint_schedule import CheckpointSchedule
 from longloom.training.engine import build_model, deepspeed_config, lr_lambda
 from longloom.training.evaluation import eval_batches, eval_dataset, evaluate_loss
 from longloom.training.failure_injection import FailureInjection
-from longloom.training.gpu_memory_report import gpu_memory_line
+from longloom.training.gpu_memory_report import (
+    allocation_history_line,
+    deepspeed_streams,
+    gpu_memory_line,
+    start_allocation_history,
+)
 from longloom.training.metrics import MetricsLogger
 from longloom.training.nonfinite import NonFiniteGuard, NonFiniteTrainingError, step_is_finite
 from longloom.training.offload_report import log_activation_offload
@@ -318,10 +323,26 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------
 
+    def _log_first_step_memory(self, recording_history: bool) -> None:
+        """The GPU memory line (and, under debug.gpu_memory_history, where side streams' memory came from)."""
+        streams = {
+            **(self.offloader.side_streams() if self.offloader else {}),
+            **deepspeed_streams(self.engine),
+        }
+        for line in (
+            gpu_memory_line(self.device, streams),
+            allocation_history_line(self.device, streams) if recording_history else None,
+        ):
+            if line is not None:
+                logger.info("%s", line)
+
     def train(self) -> dict[str, Any]:
         """Steps start_step + 1 .. train.steps; returns the summary (meaningful on rank 0)."""
         t = self.cfg.train
         try:
+            recording_history = (
+                self.cfg.debug.gpu_memory_history and self.rank == 0 and start_allocation_history(self.device)
+            )
             for step in range(self.start_step + 1, t.steps + 1):
                 self.metrics.step_started()
                 started = time.perf_counter()
@@ -332,13 +353,8 @@ class Trainer:
                     self._phase_done(f"first step ({step})", started)
                     if self.offloader is not None and self.rank == 0:
                         log_activation_offload(self.offloader)
-                    memory_line = (
-                        gpu_memory_line(self.device, self.offloader.side_streams() if self.offloader else {})
-                        if self.rank == 0
-                        else None
-                    )
-                    if memory_line is not None:
-                        logger.info("%s", memory_line)
+                    if self.rank == 0:
+                        self._log_first_step_memory(recording_history)
                 eval_s = self._evaluate_if_due(step, result.values)
                 write = (
                     step % t.log_every == 0

@@ -2,7 +2,15 @@
 
 import torch
 
-from longloom.training.gpu_memory_report import describe_gpu_memory, gpu_memory_line
+from longloom.training.gpu_memory_report import (
+    AllocationSite,
+    allocation_sites,
+    deepspeed_streams,
+    describe_allocation_sites,
+    describe_gpu_memory,
+    gpu_memory_line,
+    start_allocation_history,
+)
 
 GIB = 1 << 30
 COMPUTE, SIDE, OFFLOAD = 0x10, 0x20, 0x30
@@ -46,3 +54,51 @@ def test_retries_name_what_gives_memory_back():
 
 def test_no_line_off_cuda():
     assert gpu_memory_line(torch.device("cpu")) is None
+
+
+def _alloc(stream: int, mib: int, frames: list[tuple[str, int, str]], action: str = "alloc") -> dict:
+    return {
+        "action": action,
+        "stream": stream,
+        "size": mib << 20,
+        "frames": [{"filename": f, "line": line, "name": name} for f, line, name in frames],
+    }
+
+
+TORCH_FRAME = ("/site/torch/nn/modules/module.py", 1775, "_call_impl")
+DS_FRAME = ("/site/deepspeed/runtime/zero/stage3.py", 1650, "__avg_scatter_grads")
+OURS_FRAME = ("/repo/longloom/offload/activations.py", 330, "_keep_on_device")
+
+
+def test_allocation_sites_sum_each_streams_allocations_by_the_innermost_owned_frame():
+    traces = [
+        _alloc(SIDE, 256, [TORCH_FRAME, DS_FRAME]),
+        _alloc(SIDE, 512, [TORCH_FRAME, DS_FRAME, OURS_FRAME]),  # DeepSpeed's frame is the innermost owned
+        _alloc(SIDE, 64, [OURS_FRAME]),
+        _alloc(SIDE, 1024, [DS_FRAME], action="free_completed"),  # not an allocation
+        _alloc(COMPUTE, 4096, [OURS_FRAME]),  # not an asked-for stream
+        _alloc(OFFLOAD, 8, [TORCH_FRAME]),  # only torch's frames: the innermost one
+    ]
+    sites = allocation_sites(traces, [SIDE, OFFLOAD])
+    assert sites[SIDE] == [
+        AllocationSite("runtime/zero/stage3.py:1650 __avg_scatter_grads", 2, 768 << 20, 512 << 20),
+        AllocationSite("longloom/offload/activations.py:330 _keep_on_device", 1, 64 << 20, 64 << 20),
+    ]
+    assert sites[OFFLOAD] == [AllocationSite("nn/modules/module.py:1775 _call_impl", 1, 8 << 20, 8 << 20)]
+
+
+def test_allocation_sites_keep_the_top_sites_and_name_streams_in_the_line():
+    traces = [_alloc(SIDE, size, [(f"/repo/longloom/m{size}.py", size, "f")]) for size in (1, 2, 3, 4)]
+    sites = allocation_sites(traces, [SIDE, OFFLOAD], top=2)
+    assert [site.total_bytes >> 20 for site in sites[SIDE]] == [4, 3]
+    line = describe_allocation_sites(sites, {SIDE: "ZeRO-3 gradient reduce"})
+    assert line == (
+        "GPU allocations of the first step on side streams, largest sites: ZeRO-3 gradient reduce: 4.00 MiB in 1 "
+        "(largest 4.00 MiB) at repo/longloom/m4.py:4 f; 3.00 MiB in 1 (largest 3.00 MiB) at repo/longloom/m3.py:3 f"
+        " | stream 0x30: no allocations recorded"
+    )
+
+
+def test_deepspeed_streams_are_empty_without_an_engine_that_has_them():
+    assert deepspeed_streams(object()) == {}
+    assert start_allocation_history(torch.device("cpu")) is False
