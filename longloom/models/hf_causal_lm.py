@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from longloom.models.hf import document_kwargs, enable_sequence_parallel, packed_document_ids
 from longloom.models.llama import LanguageModelHead
@@ -100,6 +101,12 @@ class HFCausalLM(nn.Module):
             input_ids=tokens, position_ids=position_ids, use_cache=False, **extra
         ).last_hidden_state
         return self.lm_head(hidden, labels=labels, loss_group=loss_group)
+
+    def decoder_layers(self) -> list[nn.Module]:
+        """The HF model's decoder layers (transformers' GradientCheckpointingLayer modules), in order."""
+        return [
+            module for module in self.causal_lm.modules() if isinstance(module, GradientCheckpointingLayer)
+        ]
 
     def num_parameters(self) -> int:
         """Distinct parameters (a tied head counted once); under ZeRO-3 the full sizes, not the partitions."""

@@ -304,6 +304,9 @@ class LlamaModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def decoder_layers(self) -> list[nn.Module]:
+        return list(self.layers)
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 x matmul params + causal attention (Megatron convention)."""
         matmul_params = self.num_parameters() - self.embed_tokens.weight.numel()

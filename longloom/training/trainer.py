@@ -57,6 +57,7 @@ from longloom.training.metrics import MetricsLogger
 from longloom.training.nonfinite import NonFiniteGuard, NonFiniteTrainingError, step_is_finite
 from longloom.training.offload_report import log_activation_offload
 from longloom.training.plan import RunPlan, build_run_plan, global_tokens_per_step, resolve_dtype
+from longloom.training.run_ahead import limit_run_ahead
 
 logger = logging.getLogger("longloom")
 
@@ -203,6 +204,8 @@ class Trainer:
             self.cfg, self.dims, self.device, plan.dtype, self.ds_config, mlp_tiles=plan.mlp_tiles,
             device_layers=plan.device_layers,
         )  # fmt: skip
+        # Before deepspeed.initialize: the bound's hook then runs before ZeRO-3's gathers for each layer.
+        self.run_ahead = limit_run_ahead(self.model.decoder_layers(), self.device)
         # hf: models: model.* now holds the folder's shape (data checks, config.yaml, checkpoint metadata).
         self.cfg = plan.config
         self.flops_per_token = self.model.flops_per_token(self.cfg.data.seq_len)
