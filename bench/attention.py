@@ -2,9 +2,6 @@
 
     torchrun --nproc-per-node 8 bench/attention.py --seq 65536 262144 1048576 [--record]
     torchrun --nproc-per-node 2 bench/attention.py --seq 65536 --methods sdpa ulysses --head-chunks 1 2 4 auto
-    torchrun --nproc-per-node 2 bench/attention.py --seq 65536 --methods ulysses --head-chunks 1 2 4 \
-        --exchange copy_engine          # the all-to-alls as copy-engine reads (parallel/ulysses_exchange.py)
-        --exchange nccl_zero_cta        # NCCL's copy-engine all-to-all between symmetric windows
     python bench/attention.py --nproc 1 --seq 65536          # one GPU: SDPA and Ulysses with P = 1
 
 Methods (all bf16, causal, Hq = 32, Hkv = 8, D = 128 by default; B = 1; S = whole sequence):
@@ -75,7 +72,6 @@ from longloom.parallel.ulysses import (
     sdpa_attention,
     ulysses_attention,
 )
-from longloom.parallel.ulysses_exchange import EXCHANGES
 
 METHODS = ("sdpa", "ulysses", "deepspeed-ulysses", "torch-cp")
 SDPA_BACKENDS = {
@@ -102,7 +98,6 @@ class Setup:
     group: dist.ProcessGroup
     world_size: int
     cp_rotate: str
-    exchange: str  # Ulysses' all-to-all: one of parallel/ulysses_exchange.py's EXCHANGES
 
     @classmethod
     def from_args(cls, args, device: torch.device, world_size: int) -> Setup:
@@ -118,7 +113,6 @@ class Setup:
             group=dist.group.WORLD,
             world_size=world_size,
             cp_rotate=args.cp_rotate,
-            exchange=getattr(args, "exchange", "nccl"),  # ring.py has no such option
         )
 
     def randn(self, *shape: int) -> torch.Tensor:
@@ -182,14 +176,8 @@ def ulysses(setup: Setup, seq: int, head_chunks: int | None = 1) -> Iterator[Cas
     local_q = q.new_empty(setup.batch, seq, setup.heads // world // chunks, setup.head_dim)
     local_kv = q.new_empty(setup.batch, seq, kv_per_rank // chunks, setup.head_dim)
     exchange = "fused q/k/v all-to-all" if chunks == 1 else f"{chunks} head chunks, all-to-alls overlapped"
-    if setup.exchange == "copy_engine":
-        exchange += ", copy-engine reads of the peers' buffers"
-    elif setup.exchange == "nccl_zero_cta":
-        exchange += ", NCCL zero-CTA all-to-all"
     yield Case(
-        forward=lambda: ulysses_attention(
-            q, k, v, setup.group, causal=setup.causal, head_chunks=chunks, exchange=setup.exchange
-        ),
+        forward=lambda: ulysses_attention(q, k, v, setup.group, causal=setup.causal, head_chunks=chunks),
         inputs=[q, k, v],
         dout=torch.randn_like(q),
         kernel=sdpa_kernel_name(local_q, local_kv, local_kv, setup.causal),
@@ -311,7 +299,6 @@ def measure(
     runner = functools.partial(RUNNERS[method], setup, seq)
     if method == "ulysses":
         label = f"ulysses C={'auto' if head_chunks is None else head_chunks}"
-        label += " (copy engine)" if setup.exchange == "copy_engine" else ""
         runner = functools.partial(ulysses, setup, seq, head_chunks)
     return measure_row(setup, label, runner, seq, warmup, iters, may_fail=method in THIRD_PARTY)
 
@@ -402,18 +389,12 @@ def check_ulysses(setup: Setup, seq: int, head_chunks: int | None = 1) -> list[o
     want = run(functools.partial(reference_attention, causal=setup.causal), torch.float64, shard=False)
     single = run(functools.partial(sdpa_attention, causal=setup.causal), setup.dtype, shard=False)
     got = run(
-        functools.partial(
-            ulysses_attention,
-            group=setup.group,
-            causal=setup.causal,
-            head_chunks=head_chunks,
-            exchange=setup.exchange,
-        ),
+        functools.partial(ulysses_attention, group=setup.group, causal=setup.causal, head_chunks=head_chunks),
         setup.dtype,
         shard=True,
     )
     chunks = "auto" if head_chunks is None else head_chunks
-    what = f"Ulysses check at S={seq}, P={setup.world_size}, C={chunks}, exchange {setup.exchange}"
+    what = f"Ulysses check at S={seq}, P={setup.world_size}, C={chunks}"
     return [check_against_fp64(what, want, single, got)]
 
 
@@ -460,13 +441,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("auto", *SDPA_BACKENDS),
         default="auto",
         help="restrict aten's SDPA kernel choice",
-    )
-    parser.add_argument(
-        "--exchange",
-        choices=EXCHANGES,
-        default="nccl",
-        help="Ulysses' all-to-all: NCCL, copy-engine reads of the peers' buffers, or NCCL's zero-CTA "
-        "copy-engine all-to-all (parallel/ulysses_exchange.py)",
     )
     parser.add_argument("--check-seq", type=int, default=2048, help="S of the correctness check (0: skip)")
     parser.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")

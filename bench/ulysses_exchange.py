@@ -1,40 +1,26 @@
-"""Ulysses' exchange on its own: NCCL all-to-all vs copy-engine pulls, alone and beside attention (P=2).
+"""Ulysses' exchange on its own: the packing copy, and NCCL's all-to-all alone and beside attention (P=2).
 
     torchrun --nproc-per-node 2 bench/ulysses_exchange.py --seq 65536
-    NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=TUNING torchrun --nproc-per-node 2 bench/ulysses_exchange.py --seq 65536 \
-        --nccl-zero-cta     # NCCL's own copy-engine all-to-all instead of our pulls
 
 Why (issue 18 item 4): at 64K on 2 x H200, Ulysses fwd+bwd takes 116.45 ms against one GPU's 111.37 ms
 at equal work (95.6%, target 98%); pipelining head chunks over NCCL made it slower (C=2 94.6%), since
-NCCL's kernels take SMs from the attention they run beside. On NVLink, a peer's buffer mapped through
-torch's symmetric memory can be read with a plain copy (cudaMemcpyAsync: the copy engines, no SMs).
-This probe measures, before any library change, what that buys:
+NCCL's kernels take SMs from the attention they run beside. This probe measures the parts of that gap:
 
-- flip copy: a reversed copy of the q/k/v bytes (one read + one write; the stand-in of session 10, which
-  called it "pack");
+- flip copy: a reversed contiguous copy of the q/k/v bytes (one read + one write), the floor of any pack
+  (session 10 timed it as "pack");
 - pack (torch copy_) / pack (row kernel): Ulysses' real packing of q/k/v [1, S/P, H, D] into the send
   buffer [P, 1, S/P, (Hq + 2 Hkv)/P, D], by torch's strided copy_ and by the row kernel
   (parallel/triton_row_copy.py, what `pack_seq_to_heads` uses on CUDA); checked equal first;
 - nccl a2a: all_to_all_single of the forward q/k/v bytes (the same as the backward's dq/dk/dv);
-- pack + ce pull: the same exchange through parallel/ulysses_exchange.py's CopyEngineExchanger (a copy into
-  its symmetric send buffer standing in for Ulysses' packing, then copy-engine reads of the peers'
-  buffers between two barriers), which `ulysses_attention(exchange="copy_engine")` uses; this row
-  includes the packing copy, which the nccl row leaves out (the "pack" row is its cost);
 - attention: cuDNN fwd+bwd at one rank's equal work ([1, S, Hq/P, D], Hkv/P K/V heads), alone;
-- attention + X: the attention on the compute stream while X runs four times on a side stream (the
-  exchanges of one fwd+bwd: q/k/v in, out back, dout in, dq/dk/dv back; all sized as q/k/v here, an
-  upper bound): the wall time, and how much it exceeds the attention alone. A small excess for "ce
-  pull" and a large one for "nccl a2a" means head-chunk pipelining over the copy engines can hide the
-  exchange where NCCL could not. `torchrun ... bench/attention.py --exchange copy_engine` then times
-  the pipelined Ulysses itself.
-- nccl zero-CTA a2a (--nccl-zero-cta, instead of the ce pull): the same through the library's ZeroCtaExchanger
-  (`exchange="nccl_zero_cta"`): a copy into its send window, NCCL's ncclAlltoAll between symmetric windows
-  on a zero-CTA communicator (NCCL >= 2.28 runs it on the copy engines, no CTAs: NCCL's user guide,
-  "Zero-CTA Optimization"), and the copy out of the receive window. NCCL falls back to its kernels
-  silently when a condition fails: with NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=TUNING its log says "AlltoAll
-  [Copy Engine]" when the copy engines ran it. Its own flag because the symmetric-memory backend is
-  chosen once per process (the ce pull's buffers use the CUDA one).
-Each row is checked (the pulled bytes equal NCCL's result) before it is timed.
+- attention + 4 x nccl a2a: the attention on the compute stream while the all-to-all runs four times on a
+  side stream (the exchanges of one fwd+bwd: q/k/v in, out back, dout in, dq/dk/dv back; all sized as
+  q/k/v here, an upper bound): the wall time, and how much it exceeds the attention alone. An excess
+  near zero would mean head-chunk pipelining can hide the exchange; an excess above the serial cost
+  means NCCL's kernels slow the attention more than overlapping saves.
+
+Exchanges on the copy engines (copy-engine reads of torch symmetric memory, NCCL's zero-CTA
+ncclAlltoAll) had rows here until session 15, when they were removed: no gain (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -43,6 +29,7 @@ import os
 import sys
 from pathlib import Path
 
+# Before torch or NCCL start: NVLink multicast (NVLS) stays off on the lent machines.
 os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,36 +41,9 @@ import torch.distributed as dist
 
 from bench.common import markdown_table, print_rank_zero, start_bench, time_ms
 from longloom.parallel.ulysses import sdpa_attention
-from longloom.parallel.ulysses_exchange import CopyEngineExchanger, exchanger_for
 from longloom.parallel.ulysses_pipeline import pack_seq_to_heads, seq_to_heads_send_shape
 
 EXCHANGES_PER_STEP = 4  # q/k/v in, out back (forward); dout in, dq/dk/dv back (backward)
-
-
-def library_exchange_row(
-    exchange: str, qkv: torch.Tensor, nccl: Callable[[], None], want: torch.Tensor
-) -> Callable[[], torch.Tensor]:
-    """One exchange of qkv through the library's exchanger for `exchange` (parallel/ulysses_exchange.py):
-    a plain copy into its send buffer standing in for Ulysses' packing, then the exchange; checked
-    against NCCL's all-to-all before it is returned for timing."""
-    exchanger = (
-        CopyEngineExchanger(dist.group.WORLD)
-        if exchange == "copy_engine"
-        else exchanger_for(exchange, dist.group.WORLD, qkv.device)
-    )
-
-    def run() -> torch.Tensor:
-        send = exchanger.send_buffer(qkv.shape, qkv.dtype, qkv.device)
-        send.tensor.copy_(qkv)
-        return exchanger.start(send).result()
-
-    nccl()
-    same = torch.equal(run(), want)
-    torch.cuda.synchronize()
-    print_rank_zero(f"exchange={exchange} equals NCCL's all-to-all: {same}")
-    if not same:
-        raise RuntimeError(f"exchange={exchange} differs from NCCL's all-to-all")
-    return run
 
 
 def _beside(attention: Callable[[], None], exchange: Callable[[], object], side: torch.cuda.Stream):
@@ -108,11 +68,6 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument(
-        "--nccl-zero-cta",
-        action="store_true",
-        help="time NCCL's copy-engine all-to-all (zero-CTA group, symmetric windows) instead of our ce pull",
-    )
     args = parser.parse_args()
     world, device = start_bench()
     if device.type != "cuda" or world < 2:
@@ -157,20 +112,14 @@ def main() -> None:
 
     rows: list[list[object]] = []
     times: dict[str, float] = {}
-    exchanges: dict[str, Callable[[], object]] = {
+    alone: dict[str, Callable[[], None]] = {
         "flip copy": flip_copy,
         "pack (torch copy_)": pack_torch,
         "pack (row kernel)": pack_rows,
         "nccl a2a": nccl,
     }
-    beside_names = ["nccl a2a", "nccl zero-CTA a2a" if args.nccl_zero_cta else "pack + ce pull"]
-    try:
-        library_exchange = "nccl_zero_cta" if args.nccl_zero_cta else "copy_engine"
-        exchanges[beside_names[1]] = library_exchange_row(library_exchange, qkv, nccl, nccl_received)
-    except (RuntimeError, ImportError, AttributeError, TypeError) as error:
-        print_rank_zero(f"{beside_names[1]} unavailable: {type(error).__name__}: {error}")
     gib = qkv.numel() * qkv.element_size() / 2**30
-    for name, fn in exchanges.items():
+    for name, fn in alone.items():
         times[name] = time_ms(fn, args.warmup, args.iters)
         rows.append(
             [
@@ -198,23 +147,17 @@ def main() -> None:
     times["attention"] = time_ms(attention, args.warmup, args.iters, before=drop_grads)
     rows.append(["attention fwd+bwd alone", "-", f"{times['attention']:.3f}", "-", "-"])
     side = torch.cuda.Stream(device=device)
-    for name in beside_names:
-        if name not in exchanges:
-            continue
-        both = time_ms(_beside(attention, exchanges[name], side), args.warmup, args.iters, before=drop_grads)
-        serial = times["attention"] + EXCHANGES_PER_STEP * times[name]
-        rows.append(
-            [
-                f"attention + {EXCHANGES_PER_STEP} x {name} beside it",
-                "-",
-                f"{both:.3f}",
-                "-",
-                (
-                    f"+{both - times['attention']:.3f} ms over attention alone (serial would add "
-                    f"{serial - times['attention']:.3f})"
-                ),
-            ]
-        )
+    both = time_ms(_beside(attention, nccl, side), args.warmup, args.iters, before=drop_grads)
+    serial = EXCHANGES_PER_STEP * times["nccl a2a"]
+    rows.append(
+        [
+            f"attention + {EXCHANGES_PER_STEP} x nccl a2a beside it",
+            "-",
+            f"{both:.3f}",
+            "-",
+            f"+{both - times['attention']:.3f} ms over attention alone (serial would add {serial:.3f})",
+        ]
+    )
     print_rank_zero(
         markdown_table(["what", "GiB per rank", "ms (slowest rank, median)", "GiB/s to peers", "note"], rows)
     )

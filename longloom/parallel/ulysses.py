@@ -21,7 +21,8 @@ Hidden communication (`head_chunks`, parallel/ulysses_pipeline.py): the heads ar
 of whole GQA groups and exchanged asynchronously, chunk c+1's q/k/v and chunk c-1's output travelling
 (NCCL's stream) while chunk c is attended (compute stream); only 1/C of the exchange stays exposed.
 Same numbers in, same kernel per head: results equal C = 1. Costs C x more, smaller launches, and
-NCCL's kernels take SMs from attention while they overlap. Measured on 2x H200 (NVLink) at 64K, 32/8
+NCCL's kernels take SMs from attention while they overlap (exchanges on the copy engines were tried
+and removed: parallel/ulysses_pipeline.py says why). Measured on 2x H200 (NVLink) at 64K, 32/8
 heads, fwd+bwd: C = 1 528.7 TFLOP/s/GPU, C = 2 523.1, C = 4 504.5 (BENCHMARKS.md): slower, so the
 default is C = 1 (the path drawn above); `head_chunks=None` picks C by size (`choose_head_chunks`).
 
@@ -51,7 +52,6 @@ import torch.distributed as dist
 from longloom.attention.blocks import document_attention
 from longloom.attention.document_plans import DocumentPlans, cached, check_document_ids_once
 from longloom.attention.local import check_heads, expand_kv_heads, sdpa_attention
-from longloom.parallel.ulysses_exchange import EXCHANGES, NcclExchanger
 from longloom.parallel.ulysses_pipeline import (
     choose_head_chunks,
     exchange_heads_to_seq,
@@ -94,7 +94,7 @@ def _all_to_all_seq_to_heads(
     # Send buffer [P, B, S/P, sum_i H_i/P, D]: row p holds head slice p of every tensor, so one
     # collective moves all of them.
     parts = [tensor.unflatten(2, (world_size, tensor.size(2) // world_size)) for tensor in tensors]
-    received = exchange_seq_to_heads(parts, NcclExchanger(group), world_size).result()
+    received = exchange_seq_to_heads(parts, group, world_size).result()
     # received[p] is rank p's sequence chunk of our head slice; chunks in rank order make the sequence.
     return unpack_seq_to_heads(received, [part.size(3) for part in parts])
 
@@ -104,7 +104,7 @@ def _all_to_all_heads_to_seq(
 ) -> list[torch.Tensor]:
     """[B, S, h_i, D] each -> [B, S/P, P*h_i, D] each, with one all_to_all_single. No autograd."""
     # Send row p: sequence chunk p, which rank p keeps.
-    received = exchange_heads_to_seq(tensors, NcclExchanger(group), world_size).result()
+    received = exchange_heads_to_seq(tensors, group, world_size).result()
     # received[p] holds rank p's heads for our chunk: global head = p * h_i + local head.
     parts = unpack_heads_to_seq(received, [tensor.size(2) for tensor in tensors])
     gathered = [part.new_empty(*part.shape[:2], part.size(2) * part.size(3), part.size(4)) for part in parts]
@@ -264,7 +264,6 @@ def ulysses_attention(
     document_ids: torch.Tensor | None = None,
     head_chunks: int | None = 1,
     document_plans: DocumentPlans | None = None,
-    exchange: str = "nccl",
 ) -> torch.Tensor:
     """Exact attention over the whole sequence from sequence shards, via two all-to-alls.
 
@@ -285,17 +284,10 @@ def ulysses_attention(
     `head_chunks` C pipelines the exchange with attention (parallel/ulysses_pipeline.py): C must divide
     the max(Hkv, P)/P K/V heads per rank; 1 (the default: pipelining measured slower on 2x H200, see the
     module docstring) is the unpipelined path; None chooses (`choose_head_chunks`: 4 or 2 at long
-    sequences, 1 at short ones). The result is the same for every C.
-
-    `exchange`: "nccl" (all_to_all_single), "copy_engine" (experimental, CUDA, one NVLink node: the peers'
-    send buffers are read by the copy engines) or "nccl_zero_cta" (NCCL's copy-engine all-to-all between
-    symmetric windows; CUDA with the Ulysses group the whole world, or CPU); both keep exchanges running
-    beside attention off the SMs (parallel/ulysses_exchange.py); the result is the same bit for bit.
-    Neither is measured faster yet: "nccl" is the default.
+    sequences, 1 at short ones). The result is the same for every C. Every all-to-all is NCCL's
+    all_to_all_single (gloo's on CPU).
     """
     check_document_ids_once(document_ids, q, "ulysses_attention", document_plans)
-    if exchange not in EXCHANGES:
-        raise ValueError(f"ulysses_attention: exchange={exchange!r} is not one of {EXCHANGES}")
     world_size = _world_size(group)
     chunks = 1
     if world_size > 1:
@@ -325,9 +317,9 @@ def ulysses_attention(
             return sdpa_attention(q_heads, k_heads, v_heads, causal, softmax_scale)
         return local_attention(q_heads, k_heads, v_heads)
 
-    if chunks == 1 and (exchange == "nccl" or world_size == 1):
+    if chunks == 1:
         return heads_to_seq(attend(*qkv_seq_to_heads(q, k, v, group)), group)
     _check_same_layout([q, k, v], "ulysses_attention")
     # repeat_interleave is differentiable: the replicas' gradients are summed back onto the K/V head.
     k, v = expand_kv_heads(k, replication), expand_kv_heads(v, replication)
-    return head_chunked_attention(q, k, v, attend, group, world_size, chunks, exchange)
+    return head_chunked_attention(q, k, v, attend, group, world_size, chunks)

@@ -13,10 +13,13 @@ Every collective is issued with async_op=True; on CUDA, NCCL runs it on its own 
 Only A_0 and O_{C-1} stay exposed: 1/C of the communication instead of all of it. The backward is the
 mirror image (dout all-to-all of chunk c+1 and dq/dk/dv all-to-all of chunk c-1 run during the
 attention backward of chunk c). On gloo (CPU tests) the collectives run on gloo's threads: same
-results, same order. Who moves the bytes is the exchanger's business (parallel/ulysses_exchange.py):
-NCCL's all_to_all_single, or copy-engine reads of the peers' symmetric buffers (exchange="copy_engine",
-which takes no SMs from the attention it runs beside); the pipeline only packs into the send buffer
-the exchanger hands it and waits for `result()`.
+results, same order.
+
+Tried and removed in session 15: exchanges on the copy engines, which take no SMs from the attention
+they run beside (copy-engine reads of the peers' torch symmetric-memory send buffers, and NCCL's
+zero-CTA ncclAlltoAll between symmetric windows). Neither gained at 64K tokens on 2 x H200 (95.0-96.0%
+of one GPU at equal work against 95.6-96.7% for NCCL's all_to_all_single), and the symmetric-memory
+reads hung at 64K, cause not found (BENCHMARKS.md, sessions 10-15).
 
 Chunks follow GQA groups: chunk c of rank r holds K/V heads [c*kv/C, (c+1)*kv/C) of r's kv = Hkv/P
 K/V heads (after replication when Hkv < P) and exactly the query heads that read them, so every
@@ -45,16 +48,6 @@ import torch.distributed as dist
 from torch.autograd.graph import get_gradient_edge
 
 from longloom.parallel.triton_row_copy import copy_rows_
-from longloom.parallel.ulysses_exchange import (
-    CopyEngineExchanger,
-    NcclExchanger,
-    PendingExchange,
-    SendBuffer,
-    ZeroCtaExchanger,
-    exchanger_for,
-)
-
-Exchanger = NcclExchanger | CopyEngineExchanger | ZeroCtaExchanger
 
 # Below this many query rows x heads per attention call the GPU is no longer full (flash attention
 # tiles 128 rows per block: 2^17 rows x heads = 1024 blocks, ~8 waves on 132 SMs) and C stays smaller.
@@ -123,7 +116,22 @@ def unpack_heads_to_seq(received: torch.Tensor, heads: Sequence[int]) -> list[to
     return outputs
 
 
-def _finish(exchanges: Sequence[PendingExchange | None]) -> None:
+class PendingAllToAll:
+    """One all_to_all_single of `send` [P, ...] (row p for rank p) over `group`, started asynchronously."""
+
+    def __init__(self, send: torch.Tensor, group: dist.ProcessGroup):
+        self.received = torch.empty_like(send)
+        self.work = dist.all_to_all_single(self.received, send, group=group, async_op=True)
+
+    def result(self) -> torch.Tensor:
+        """The received [P, ...] rows (row p from rank p), waited for: on CUDA by the compute stream, not the host."""
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.received
+
+
+def _finish(exchanges: Sequence[PendingAllToAll | None]) -> None:
     # On an exception mid-pipeline (out of memory, checkpoint's early stop of a recomputation) the
     # issued collectives still complete before their buffers go, as on every other rank.
     for exchange in exchanges:
@@ -132,31 +140,31 @@ def _finish(exchanges: Sequence[PendingExchange | None]) -> None:
 
 
 def exchange_seq_to_heads(
-    parts: Sequence[torch.Tensor], exchanger: Exchanger, world_size: int
-) -> PendingExchange:
-    """Packs parts[i] [B, S/P, P, h_i, D] into the exchanger's send buffer and starts the exchange;
+    parts: Sequence[torch.Tensor], group: dist.ProcessGroup, world_size: int
+) -> PendingAllToAll:
+    """Packs parts[i] [B, S/P, P, h_i, D] into a send buffer and starts its all-to-all over `group`;
     its result() is [P, B, S/P, sum h_i, D], row p from rank p (unpack_seq_to_heads)."""
-    send = exchanger.send_buffer(seq_to_heads_send_shape(parts, world_size), parts[0].dtype, parts[0].device)
-    pack_seq_to_heads(parts, send.tensor)
-    return exchanger.start(send)
+    send = torch.empty(
+        seq_to_heads_send_shape(parts, world_size), dtype=parts[0].dtype, device=parts[0].device
+    )
+    return PendingAllToAll(pack_seq_to_heads(parts, send), group)
 
 
 def exchange_heads_to_seq(
-    tensors: Sequence[torch.Tensor], exchanger: Exchanger, world_size: int
-) -> PendingExchange:
-    """Packs [B, S, h_i, D] each into the exchanger's send buffer and starts the exchange; its result()
+    tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, world_size: int
+) -> PendingAllToAll:
+    """Packs [B, S, h_i, D] each into a send buffer and starts its all-to-all over `group`; its result()
     is [P, B, S/P, sum h_i, D], row p holding rank p's heads of our chunk (unpack_heads_to_seq)."""
-    if len(tensors) == 1 and isinstance(exchanger, NcclExchanger):
+    if len(tensors) == 1:
         # One [B, S, h, D] tensor, contiguous, with B = 1 (the attention output of a long sequence)
         # is already laid out as its send buffer: NCCL sends from it, without the packing copy.
         rows = tensors[0].unflatten(1, (world_size, -1)).transpose(0, 1)
         if rows.is_contiguous():
-            return exchanger.start(SendBuffer(rows))
-    send = exchanger.send_buffer(
-        heads_to_seq_send_shape(tensors, world_size), tensors[0].dtype, tensors[0].device
+            return PendingAllToAll(rows, group)
+    send = torch.empty(
+        heads_to_seq_send_shape(tensors, world_size), dtype=tensors[0].dtype, device=tensors[0].device
     )
-    pack_heads_to_seq(tensors, send.tensor)
-    return exchanger.start(send)
+    return PendingAllToAll(pack_heads_to_seq(tensors, send), group)
 
 
 def choose_head_chunks(batch: int, seq: int, query_heads_per_rank: int, kv_heads_per_rank: int) -> int:
@@ -193,7 +201,7 @@ class HeadChunkedAttention(torch.autograd.Function):
     """q [B, S/P, Hq, D], k/v [B, S/P, Hkv, D] (Hkv % (P*C) == 0) -> out [B, S/P, Hq, D], pipelined."""
 
     @staticmethod
-    def forward(ctx, q, k, v, attend, exchanger, world_size, chunks, build_graph):
+    def forward(ctx, q, k, v, attend, group, world_size, chunks, build_graph):
         q_chunks, k_chunks, v_chunks = (_chunk_views(t, world_size, chunks) for t in (q, k, v))
         heads = [q_chunks.size(4), k_chunks.size(4), v_chunks.size(4)]
         out = torch.empty_like(q)
@@ -201,9 +209,9 @@ class HeadChunkedAttention(torch.autograd.Function):
         anchor = q.new_zeros((), requires_grad=True)
         edges = []
 
-        def exchange_inputs(c: int) -> PendingExchange:
+        def exchange_inputs(c: int) -> PendingAllToAll:
             parts = (q_chunks[:, :, :, c], k_chunks[:, :, :, c], v_chunks[:, :, :, c])
-            return exchange_seq_to_heads(parts, exchanger, world_size)
+            return exchange_seq_to_heads(parts, group, world_size)
 
         def finish_output(c: int) -> None:
             layout_copy_(out_chunks[:, :, :, c], unpack_heads_to_seq(outputs[c].result(), heads[:1])[0])
@@ -223,21 +231,21 @@ class HeadChunkedAttention(torch.autograd.Function):
                     out_heads = attend(*gathered)
                 if build_graph:
                     edges.append((get_gradient_edge(out_heads), [get_gradient_edge(t) for t in gathered]))
-                outputs.append(exchange_heads_to_seq([out_heads.detach()], exchanger, world_size))
+                outputs.append(exchange_heads_to_seq([out_heads.detach()], group, world_size))
                 del received, gathered, out_heads  # only the graph (through the hooks) keeps them
                 if c > 0:  # chunk c-1's output travelled during attention c: at most 2 buffers held
                     finish_output(c - 1)
             finish_output(chunks - 1)
         finally:
             _finish(inputs + outputs)
-        ctx.edges, ctx.exchanger, ctx.world_size, ctx.chunks = edges, exchanger, world_size, chunks
+        ctx.edges, ctx.group, ctx.world_size, ctx.chunks = edges, group, world_size, chunks
         ctx.heads = heads
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        world_size, chunks, exchanger = ctx.world_size, ctx.chunks, ctx.exchanger
+        world_size, chunks, group = ctx.world_size, ctx.chunks, ctx.group
         if any(edge is None for edge in ctx.edges):  # before any collective: every rank stops here
             raise RuntimeError(
                 "ulysses_attention with head_chunks > 1 frees each chunk's graph in its first backward; "
@@ -250,8 +258,8 @@ class HeadChunkedAttention(torch.autograd.Function):
         ]
         grad_views = [_chunk_views(grad, world_size, chunks) for grad in grads]
 
-        def exchange_grad_out(c: int) -> PendingExchange:
-            return exchange_seq_to_heads([grad_chunks[:, :, :, c]], exchanger, world_size)
+        def exchange_grad_out(c: int) -> PendingAllToAll:
+            return exchange_seq_to_heads([grad_chunks[:, :, :, c]], group, world_size)
 
         def finish_grads(c: int) -> None:
             for view, part in zip(grad_views, unpack_heads_to_seq(outgoing[c].result(), ctx.heads)):
@@ -267,7 +275,7 @@ class HeadChunkedAttention(torch.autograd.Function):
                     incoming.append(exchange_grad_out(c + 1))  # travels during chunk c's backward
                 out_edge, input_edges = ctx.edges[c]
                 chunk_grads = torch.autograd.grad([out_edge], input_edges, [grad_heads])
-                outgoing.append(exchange_heads_to_seq(chunk_grads, exchanger, world_size))
+                outgoing.append(exchange_heads_to_seq(chunk_grads, group, world_size))
                 ctx.edges[c] = None  # frees chunk c's graph
                 del grad_heads, chunk_grads
                 if c > 0:
@@ -286,11 +294,8 @@ def head_chunked_attention(
     group: dist.ProcessGroup,
     world_size: int,
     chunks: int,
-    exchange: str = "nccl",
 ) -> torch.Tensor:
     """Ulysses attention of q [B, S/P, Hq, D] and (already replicated) k/v [B, S/P, Hkv, D] in `chunks`
-    pipelined head chunks; `attend(q, k, v)` runs on each chunk's gathered [B, S, h, D] tensors.
-    `exchange`: one of parallel/ulysses_exchange.py's EXCHANGES."""
-    exchanger = exchanger_for(exchange, group, q.device)
+    pipelined head chunks; `attend(q, k, v)` runs on each chunk's gathered [B, S, h, D] tensors."""
     build_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return HeadChunkedAttention.apply(q, k, v, attend, exchanger, world_size, chunks, build_graph)
+    return HeadChunkedAttention.apply(q, k, v, attend, group, world_size, chunks, build_graph)

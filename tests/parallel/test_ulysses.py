@@ -14,7 +14,6 @@ from longloom.parallel.ulysses import (
     seq_to_heads,
     ulysses_attention,
 )
-from longloom.parallel.ulysses_exchange import exchanger_for
 from tests.parallel.documents import packed_document_ids
 
 QUERY_HEADS, SEQ, HEAD_DIM, BATCH = 8, 64, 8, 2
@@ -457,70 +456,3 @@ def _second_backward_worker():
 
 def test_head_chunks_second_backward_says_what_to_do(distributed):
     assert distributed(2, _second_backward_worker) == [True, True]
-
-
-def _bad_exchange_worker():
-    q = torch.randn(1, 4, 8, 8)
-    # The copy-engine exchange reads peers' GPU memory: on CPU tensors it says to use NCCL's.
-    with pytest.raises(ValueError, match=r"exchange='copy_engine' .* on cpu: use exchange='nccl'"):
-        ulysses_attention(q, q, q, dist.group.WORLD, exchange="copy_engine")
-    with pytest.raises(
-        ValueError,
-        match=r"exchange='carrier pigeon' is not one of \('nccl', 'copy_engine', 'nccl_zero_cta'\)",
-    ):
-        ulysses_attention(q, q, q, dist.group.WORLD, exchange="carrier pigeon")
-    return True
-
-
-def test_exchange_choices_and_where_copy_engines_cannot_run(distributed):
-    assert distributed(2, _bad_exchange_worker) == [True, True]
-
-
-def _zero_cta_worker(full, chunk_choices):
-    """ulysses_attention with exchange="nccl_zero_cta" (on gloo: its window bookkeeping on plain buffers),
-    twice per C, against NCCL's C = 1; and how many window pairs exist after each pass."""
-    group = dist.group.WORLD
-    exchanger = exchanger_for("nccl_zero_cta", group, torch.device("cpu"))
-    results, pairs = {}, []
-    for exchange, chunks in [("nccl", 1)] + [("nccl_zero_cta", c) for c in chunk_choices for _ in range(2)]:
-        q, k, v, dout = (shard_sequence(t, 1, group) for t in full)
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
-        out = ulysses_attention(q, k, v, group, True, head_chunks=chunks, exchange=exchange)
-        out.backward(dout)
-        results.setdefault((exchange, chunks), []).append([t.detach() for t in (out, q.grad, k.grad, v.grad)])
-        if exchange == "nccl_zero_cta":  # every exchange has finished: every pair is back on a free list
-            pairs.append(sum(len(free) for free in exchanger._free.values()))
-    return results, pairs
-
-
-def test_zero_cta_exchange_bookkeeping_matches_nccl_bit_for_bit(distributed):
-    full = _inputs(8, seed=33)
-    chunk_choices = (1, 2, 4)
-    per_rank = distributed(2, _zero_cta_worker, full, chunk_choices)
-    for rank, (results, pairs) in enumerate(per_rank):
-        (plain,) = results[("nccl", 1)]
-        for chunks in chunk_choices:
-            for attempt in results[("nccl_zero_cta", chunks)]:
-                for name, got, want in zip(("out", "dq", "dk", "dv"), attempt, plain):
-                    assert torch.equal(got, want), f"rank {rank} C={chunks} {name} differs from NCCL's"
-        # Windows are registered once per shape in flight and reused: a second pass with the same C
-        # makes none (pairs after pass 1 == after pass 2), and each C adds only its own shapes.
-        assert pairs[0] > 0 and all(pairs[i] == pairs[i + 1] for i in range(0, len(pairs), 2)), pairs
-    assert per_rank[0][1] == per_rank[1][1]  # every rank registered the same windows
-
-
-def test_zero_cta_exchange_names_what_an_older_torch_or_nccl_lacks():
-    from types import SimpleNamespace
-
-    from longloom.parallel.ulysses_exchange import zero_cta_missing
-
-    new_torch = SimpleNamespace(NCCL_CTA_POLICY_ZERO=2)
-    assert zero_cta_missing((2, 28, 9), new_torch) == []
-    assert zero_cta_missing((2, 27, 7), new_torch) == ["NCCL >= 2.28 (found 2.27.7)"]
-    assert zero_cta_missing(None, None) == [
-        "NCCL >= 2.28 (found none)",
-        "torch's ProcessGroupNCCL.NCCL_CTA_POLICY_ZERO (a newer torch)",
-    ]
-    assert zero_cta_missing((3, 0, 1), SimpleNamespace()) == [
-        "torch's ProcessGroupNCCL.NCCL_CTA_POLICY_ZERO (a newer torch)"
-    ]
