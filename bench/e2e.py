@@ -65,6 +65,22 @@ CPU_THREADS_LINE = re.compile(r"CPU threads per worker: (\d+)")  # longloom's ru
 # longloom's activation offload line (training/offload_report.py): the pool's pinning, and the part of it the
 # forward waited for (the rest was made ahead on the pool's thread)
 PINNING_LINE = re.compile(r"(?:page-locked|allocated) in ([\d.]+) s, ([\d.]+) s of it holding up the forward")
+# longloom's first-step GPU memory line (training/gpu_memory_report.py): what each stream reserves
+STREAMS_LINE = re.compile(r"reserved now by stream: (.*?); allocator retries")
+STREAM_RESERVED = re.compile(r"(.+?) ([\d.]+) (B|KiB|MiB|GiB|TiB) \(")
+UNIT_GIB = {"B": 2**-30, "KiB": 2**-20, "MiB": 2**-10, "GiB": 1.0, "TiB": 1024.0}
+
+
+def stream_reserved_gib(line: str) -> dict[str, float] | None:
+    """{stream name: GiB reserved} from the memory line, None if `line` is not it."""
+    found = STREAMS_LINE.search(line)
+    if found is None:
+        return None
+    streams = {}
+    for part in found.group(1).split("), "):
+        if entry := STREAM_RESERVED.match(part.strip()):
+            streams[entry.group(1)] = round(float(entry.group(2)) * UNIT_GIB[entry.group(3)], 2)
+    return streams
 
 
 class Run:
@@ -84,6 +100,7 @@ class Run:
         self.tail: list[str] = []
         self.cpu_threads: str | None = None  # what longloom chose, from its log line
         self.pinning: tuple[float, float] | None = None  # (seconds pinning, of them holding up the forward)
+        self.stream_reserved: dict[str, float] | None = None  # GiB each stream reserves after step 1
 
     def _mark(self, name: str, at: float) -> None:
         if name not in self.marks:
@@ -135,6 +152,8 @@ class Run:
                     self.cpu_threads = found.group(1)
                 if self.pinning is None and (found := PINNING_LINE.search(line)):
                     self.pinning = (float(found.group(1)), float(found.group(2)))
+                if self.stream_reserved is None:
+                    self.stream_reserved = stream_reserved_gib(line)
                 if line.startswith("metrics "):
                     self.metrics.append(json.loads(line[len("metrics ") :]))
                     if len(self.metrics) == 1:
@@ -253,6 +272,7 @@ def summarise(system: str, seq_len: int, gpus: int, code: int, run: Run, warmup:
         "first_step_s": first, "phases": phases,
         "pinning_s": run.pinning[0] if run.pinning else None,
         "pinning_waited_s": run.pinning[1] if run.pinning else None,
+        "stream_reserved_gib": run.stream_reserved,
     }  # fmt: skip
 
 

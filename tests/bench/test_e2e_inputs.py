@@ -49,6 +49,9 @@ def test_run_timestamps_phases_reads_metrics_and_times_out(tmp_path):
     script = "import json\nprint('split: dp=1 ulysses=1 ring=1')\nprint('phase engine_init')\n"
     script += "print('activation offload: ... pool 2.00 GiB in 3 buffers, page-locked in 4.5 s, 1.2 s of it "
     script += "holding up the forward (the rest ahead, on the pool thread)')\n"
+    script += "print('GPU memory after the first step: peak allocated 38 GiB, peak reserved 70 GiB; reserved now by "
+    script += "stream: compute 39.38 GiB (21.82 GiB in use), ZeRO-3 parameter gather 30.18 GiB (0 B in use), "
+    script += "stream 0x1cb28550 960.00 MiB (0 B in use); allocator retries 0')\n"
     script += "".join(f"print({'metrics ' + json.dumps(row)!r})\n" for row in rows)
     run = Run([sys.executable, "-c", script], tmp_path / "out.log", {}, None, timeout=60)
     assert run.run() == 0
@@ -56,6 +59,9 @@ def test_run_timestamps_phases_reads_metrics_and_times_out(tmp_path):
     result = summarise("alst", 8, 1, 0, run, warmup=1)
     assert result["tokens_per_s"] == np.median([200.0, 300.0]) and result["loss"] == "4.000 -> 2.000"
     assert (result["pinning_s"], result["pinning_waited_s"]) == (4.5, 1.2)
+    assert result["stream_reserved_gib"] == {
+        "compute": 39.38, "ZeRO-3 parameter gather": 30.18, "stream 0x1cb28550": 0.94
+    }  # fmt: skip
     hung = Run(
         [sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "hung.log", {}, None, timeout=1
     )
