@@ -14,7 +14,8 @@ How: a forward pre-hook on every decoder layer, first among the layer's hooks (s
 for it), records a CUDA event on the compute stream and blocks the host until the event recorded
 `MAX_LAYERS_AHEAD` layers earlier has passed. With activation checkpointing the layers' recomputation in
 backward runs the same hook, which bounds backward too. When the GPU is the faster side (short
-sequences) every event has passed already and nothing waits.
+sequences) every event has passed already and nothing waits. The trainer bounds runs under ZeRO-3 only:
+without its gathers the lead costs no memory.
 """
 
 from __future__ import annotations

@@ -204,8 +204,13 @@ class Trainer:
             self.cfg, self.dims, self.device, plan.dtype, self.ds_config, mlp_tiles=plan.mlp_tiles,
             device_layers=plan.device_layers,
         )  # fmt: skip
-        # Before deepspeed.initialize: the bound's hook then runs before ZeRO-3's gathers for each layer.
-        self.run_ahead = limit_run_ahead(self.model.decoder_layers(), self.device)
+        # ZeRO-3's gathers are what the host's lead costs memory for (training/run_ahead.py). Bound before
+        # deepspeed.initialize: the bound's hook then runs before the gathers for each layer.
+        self.run_ahead = (
+            limit_run_ahead(self.model.decoder_layers(), self.device)
+            if self.cfg.train.zero_stage == 3
+            else None
+        )
         # hf: models: model.* now holds the folder's shape (data checks, config.yaml, checkpoint metadata).
         self.cfg = plan.config
         self.flops_per_token = self.model.flops_per_token(self.cfg.data.seq_len)
