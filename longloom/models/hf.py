@@ -30,7 +30,9 @@ import itertools
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from longloom.attention.document_plans import DocumentPlans
 from longloom.parallel.dims import ParallelDims
@@ -309,3 +311,8 @@ def causal_lm_loss(
     """
     group = dist.group.WORLD if dims.world_size > 1 else None
     return sequence_parallel_cross_entropy(logits, shift_labels, group=group)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """`model`'s decoder layers in order: transformers' GradientCheckpointingLayer modules."""
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]

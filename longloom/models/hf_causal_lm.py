@@ -25,9 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.modeling_layers import GradientCheckpointingLayer
 
-from longloom.models.hf import document_kwargs, enable_sequence_parallel, packed_document_ids
+from longloom.models.hf import decoder_layers, document_kwargs, enable_sequence_parallel, packed_document_ids
 from longloom.models.llama import LanguageModelHead
 from longloom.parallel.dims import ParallelDims
 from longloom.parallel.loss import LossStats
@@ -104,9 +103,7 @@ class HFCausalLM(nn.Module):
 
     def decoder_layers(self) -> list[nn.Module]:
         """The HF model's decoder layers (transformers' GradientCheckpointingLayer modules), in order."""
-        return [
-            module for module in self.causal_lm.modules() if isinstance(module, GradientCheckpointingLayer)
-        ]
+        return decoder_layers(self.causal_lm)
 
     def num_parameters(self) -> int:
         """Distinct parameters (a tied head counted once); under ZeRO-3 the full sizes, not the partitions."""

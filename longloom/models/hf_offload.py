@@ -24,9 +24,8 @@ from functools import partial
 
 import torch
 from transformers import PreTrainedModel
-from transformers.modeling_layers import GradientCheckpointingLayer
 
-from longloom.models.hf import uses_sequence_parallel_attention
+from longloom.models.hf import decoder_layers, uses_sequence_parallel_attention
 from longloom.offload.activations import ActivationOffloader
 
 
@@ -43,7 +42,7 @@ def enable_activation_offload(
     device_share: as `offload.device_activations`, the share whose attention output stays in GPU memory.
     device_layers: the run plan's first layers whose input stays in GPU memory (training/plan.py).
     """
-    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no transformers GradientCheckpointingLayer decoder layers: activation "

@@ -357,9 +357,9 @@ class ActivationOffloader:
             # Allocated on the compute stream, which uses and frees it: its block comes back for the
             # compute stream's next request in program order. From the prefetch stream's own pool it came
             # back only once the GPU had passed the free (record_stream), and the host runs layers ahead
-            # of the GPU in backward: each prefetch then took a new block. (At 384K tokens on 2 x H200 a
-            # side stream held 30 GiB with nothing in use after step 1, and at 256K the allocator flushed
-            # its cache once a step: BENCHMARKS.md, session 14; which stream it was is not recorded.)
+            # of the GPU in backward: each prefetch then took a new block (tests/gpu/test_offload_cuda.py
+            # holds the GPU back and checks the prefetch stream reserves nothing). The same effect on
+            # ZeRO-3's gather stream is bounded in training/run_ahead.py.
             restored = torch.empty(stored.shape, dtype=stored.dtype, device=self.device)
             # The block may still be read by compute work queued before now: the copy waits for it. That
             # also starts the copy when the GPU reaches this layer's backward, one layer ahead, not sooner.

@@ -59,6 +59,11 @@ def describe_gpu_memory(
     return line
 
 
+def _names_by_handle(streams: Mapping[str, torch.cuda.Stream | None] | None) -> dict[int, str]:
+    """name -> stream (None: no such stream here) as cudaStream_t handle -> name, as the allocator reports streams."""
+    return {stream.cuda_stream: name for name, stream in (streams or {}).items() if stream is not None}
+
+
 def gpu_memory_line(
     device: torch.device, streams: Mapping[str, torch.cuda.Stream | None] | None = None
 ) -> str | None:
@@ -66,7 +71,7 @@ def gpu_memory_line(
     if device.type != "cuda":
         return None
     segments = [s for s in torch.cuda.memory_snapshot() if s.get("device") == device.index]
-    names = {stream.cuda_stream: name for name, stream in (streams or {}).items() if stream is not None}
+    names = _names_by_handle(streams)
     return describe_gpu_memory(
         torch.cuda.memory_stats(device), segments, torch.cuda.current_stream(device).cuda_stream, names
     )
@@ -171,5 +176,5 @@ def allocation_history_line(
     traces = snapshot["device_traces"][device.index]
     compute = torch.cuda.current_stream(device).cuda_stream
     side = sorted({int(e["stream"]) for e in traces if e.get("action") == "alloc"} - {compute})
-    names = {stream.cuda_stream: name for name, stream in (streams or {}).items() if stream is not None}
+    names = _names_by_handle(streams)
     return describe_allocation_sites(allocation_sites(traces, side), names)
