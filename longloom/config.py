@@ -297,6 +297,11 @@ class DebugConfig(_Section):
         description="record the CUDA allocator's events during the first step (slower) and log, for each side "
         "stream, where its allocations came from",
     )
+    unbounded_run_ahead: bool = Field(
+        False,
+        description="let the host run any number of decoder layers ahead of the GPU under ZeRO-3 (no "
+        "training/run_ahead.py bound), to measure what the bound saves or costs",
+    )
 
 
 class LongloomConfig(_Section):

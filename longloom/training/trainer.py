@@ -208,7 +208,7 @@ class Trainer:
         # deepspeed.initialize: the bound's hook then runs before the gathers for each layer.
         self.run_ahead = (
             limit_run_ahead(self.model.decoder_layers(), self.device)
-            if self.cfg.train.zero_stage == 3
+            if self.cfg.train.zero_stage == 3 and not self.cfg.debug.unbounded_run_ahead
             else None
         )
         # hf: models: model.* now holds the folder's shape (data checks, config.yaml, checkpoint metadata).
