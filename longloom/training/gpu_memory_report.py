@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 
 from longloom.offload.memory import human_bytes
+from longloom.runtime.page_locked import device_index
 
 
 def describe_gpu_memory(
@@ -70,7 +71,7 @@ def gpu_memory_line(
     """The line for `device` now; None off CUDA. `streams`: name -> side stream, to name their memory."""
     if device.type != "cuda":
         return None
-    segments = [s for s in torch.cuda.memory_snapshot() if s.get("device") == device.index]
+    segments = [s for s in torch.cuda.memory_snapshot() if s.get("device") == device_index(device)]
     names = _names_by_handle(streams)
     return describe_gpu_memory(
         torch.cuda.memory_stats(device), segments, torch.cuda.current_stream(device).cuda_stream, names
@@ -173,7 +174,7 @@ def allocation_history_line(
         return None
     snapshot = torch.cuda.memory._snapshot()
     stop_allocation_history()
-    traces = snapshot["device_traces"][device.index]
+    traces = snapshot["device_traces"][device_index(device)]
     compute = torch.cuda.current_stream(device).cuda_stream
     side = sorted({int(e["stream"]) for e in traces if e.get("action") == "alloc"} - {compute})
     names = _names_by_handle(streams)

@@ -27,7 +27,7 @@ def test_side_stream_allocations_are_named_with_their_site():
     assert "test side stream: 192.00 MiB in 3 (largest 64.00 MiB) at " in line, line
     assert "test_gpu_memory_history_cuda.py" in line and "allocate_on" in line, line
     assert "compute" not in line
-    before = len(torch.cuda.memory._snapshot()["device_traces"][device.index])
+    before = len(torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()])
     kept += allocate_on(side)
-    after = len(torch.cuda.memory._snapshot()["device_traces"][device.index])
+    after = len(torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()])
     assert after == before, "recording stopped: no new events"

@@ -6,6 +6,8 @@ ordering (a copy read before it landed would show up as a wrong gradient). bf16 
 flash kernels: its error against an fp32 reference must stay within twice plain checkpointing's.
 """
 
+import gc
+
 import pytest
 import torch
 
@@ -44,6 +46,7 @@ def run_steps(share: float, dtype: torch.dtype, steps: int = 2, device_share: fl
         tokens = torch.randint(0, 512, (1, TOKENS + 1), device="cuda", generator=generator)
         positions = torch.arange(TOKENS, device="cuda").unsqueeze(0)
         model.zero_grad(set_to_none=True)
+        gc.collect()  # garbage of earlier tests (a failure's traceback) freed mid-forward would skew `held`
         torch.cuda.synchronize()
         before = requested_bytes()
         loss, _ = model(tokens[:, :-1], positions, labels=tokens[:, 1:])
