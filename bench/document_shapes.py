@@ -1,0 +1,216 @@
+"""Packed documents on one GPU: where the masked step's time goes, and what new document lengths cost (issue 16).
+
+    python bench/document_shapes.py [--seq 262144] [--record]
+    python bench/document_shapes.py --seq 2048 --heads 4 --kv-heads 2 --head-dim 16 --draws 2 --iters 1
+        # CPU smoke test: timings mean nothing
+
+`document_attention` fwd+bwd (bf16, causal) with Ulysses' per-rank share at P=2 (16 query / 4 K/V heads
+over all S: bench/documents.py's "1 GPU equal work" row), on the same lognormal (mean 8K) and fixed (2K)
+documents as bench/documents.py. Three questions:
+
+1. Repeated vs fresh lengths. bench/documents.py times one draw over and over; a training run on a real
+   corpus sees new document lengths every step. A document long enough for the dense kernel is one
+   cuDNN call shaped by its length, and torch builds (and caches) a cuDNN graph per shape. Rows: the
+   median over --iters of the same draw; each of --draws new draws timed once when first seen, then once
+   again (now cached).
+2. Where the time of one repeated step goes: torch.profiler's CUDA time by kernel (top --top), the kernels'
+   sum beside the step's wall time (the rest is the GPU waiting for the host).
+3. The dense kernel's cost per new shape on its own: one cuDNN fwd+bwd at a length never used before,
+   then at the same length again.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/...` finds longloom
+
+import argparse
+import functools
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.common import DTYPES, append_record, markdown_table, time_ms
+from bench.documents import causal_pairs, document_lengths, ids_from_lengths
+from longloom.attention.blocks import block_attention_backward, block_attention_forward, document_attention
+from longloom.attention.varlen_plan import DENSE_DOCUMENT_TOKENS
+
+
+def tflops(lengths: list[int], heads: int, head_dim: int, ms: float) -> float:
+    """Unmasked fwd+bwd TFLOP/s (bench/documents.py's convention: 3.5 x 4 x Hq x D x pairs)."""
+    return 3.5 * 4 * heads * head_dim * causal_pairs(lengths) / (ms * 1e-3) / 1e12
+
+
+class Step:
+    """One fwd+bwd of document_attention on fresh bf16 inputs of a draw's total length."""
+
+    def __init__(self, args, device: torch.device):
+        self.args, self.device = args, device
+        self.dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
+        shape = (1, args.seq, args.heads, args.head_dim)
+        kv_shape = (1, args.seq, args.kv_heads, args.head_dim)
+        self.q, self.k, self.v = (
+            torch.randn(s, device=device, dtype=self.dtype).requires_grad_()
+            for s in (shape, kv_shape, kv_shape)
+        )
+        self.dout = torch.randn(shape, device=device, dtype=self.dtype)
+
+    def __call__(self, ids: torch.Tensor) -> None:
+        self.q.grad = self.k.grad = self.v.grad = None
+        document_attention(self.q, self.k, self.v, ids).backward(self.dout)
+
+    def wall_ms(self, ids: torch.Tensor) -> float:
+        """One step's wall time, GPU included (synchronized both ends)."""
+        synchronize(self.device)
+        started = time.perf_counter()
+        self(ids)
+        synchronize(self.device)
+        return (time.perf_counter() - started) * 1e3
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def repeated_and_fresh_rows(args, step: Step) -> list[list[object]]:
+    rows = []
+    for kind in args.documents:
+        first = document_lengths(kind, args.seq, args.mean_doc, args.fixed_doc, seed=0)
+        ids = ids_from_lengths(first, step.device)
+        repeated = time_ms(functools.partial(step, ids), args.warmup, args.iters)
+        rows.append([kind, "repeated (seed 0)", len(first), f"{repeated:.2f}",
+                     f"{tflops(first, args.heads, args.head_dim, repeated):.1f}"])  # fmt: skip
+        if kind != "lognormal":
+            continue  # full and fixed draws are the same every time
+        for seed in range(1, args.draws + 1):
+            lengths = document_lengths(kind, args.seq, args.mean_doc, args.fixed_doc, seed=seed)
+            draw_ids = ids_from_lengths(lengths, step.device)
+            new, again = step.wall_ms(draw_ids), step.wall_ms(draw_ids)
+            dense_docs = sum(length >= DENSE_DOCUMENT_TOKENS for length in lengths)
+            rates = [f"{tflops(lengths, args.heads, args.head_dim, ms):.1f}" for ms in (new, again)]
+            rows.append([kind, f"seed {seed}: new / again ({dense_docs} dense)", len(lengths),
+                         f"{new:.2f} / {again:.2f}", " / ".join(rates)])  # fmt: skip
+    return rows
+
+
+def kernel_profile(args, step: Step, kind: str) -> tuple[str, str]:
+    """(table of the top kernels by CUDA time in one repeated step, a summary line)."""
+    lengths = document_lengths(kind, args.seq, args.mean_doc, args.fixed_doc, seed=0)
+    ids = ids_from_lengths(lengths, step.device)
+    step(ids)  # shapes cached: the profiled step is a repeated one
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if step.device.type == "cuda" else [])
+    synchronize(step.device)
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        step(ids)
+        synchronize(step.device)
+        wall = (time.perf_counter() - started) * 1e3
+    # Kernels on a GPU; on the CPU smoke run, each op's own CPU time stands in for them.
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for event in prof.events():
+        if step.device.type != "cuda":
+            by_name[event.name].append(event.self_cpu_time_total / 1e3)
+        elif event.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[event.name].append(event.device_time / 1e3)
+    total = sum(sum(times) for times in by_name.values())
+    ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))[: args.top]
+    table = markdown_table(
+        ["kernel", "calls", "ms", "share of kernel time"],
+        [[name[:90], len(times), f"{sum(times):.2f}", f"{sum(times) / max(total, 1e-9):.1%}"]
+         for name, times in ranked],
+    )  # fmt: skip
+    summary = (
+        f"{kind}: {len(lengths)} documents, one repeated step: wall {wall:.2f} ms, CUDA kernels {total:.2f} ms "
+        f"in {sum(len(t) for t in by_name.values())} launches, "
+        f"{tflops(lengths, args.heads, args.head_dim, wall):.1f} TFLOP/s unmasked by wall time"
+    )
+    return table, summary
+
+
+def dense_fwd_bwd_ms(q, k, v, dout) -> float:
+    """Wall time of one dense (cuDNN on a GPU) fwd+bwd, GPU included."""
+    synchronize(q.device)
+    started = time.perf_counter()
+    out, lse = block_attention_forward(q, k, v, True, q.size(-1) ** -0.5)
+    block_attention_backward(dout, q, k, v, out, lse, True, q.size(-1) ** -0.5)
+    synchronize(q.device)
+    return (time.perf_counter() - started) * 1e3
+
+
+def dense_shape_rows(args, device: torch.device) -> list[list[object]]:
+    """cuDNN (the dense kernel) fwd+bwd at lengths never used before, then again."""
+    dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
+    rows = []
+    for length in args.dense_lengths:
+        q = torch.randn(1, length, args.heads, args.head_dim, device=device, dtype=dtype)
+        k = torch.randn(1, length, args.kv_heads, args.head_dim, device=device, dtype=dtype)
+        v, dout = torch.randn_like(k), torch.randn_like(q)
+        run = functools.partial(dense_fwd_bwd_ms, q, k, v, dout)
+        new = run()
+        again = statistics.median(run() for _ in range(3))
+        rows.append([length, f"{new:.2f}", f"{again:.2f}", f"{new - again:.2f}"])
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seq", type=int, default=262144)
+    parser.add_argument("--heads", type=int, default=16, help="query heads (Ulysses' share of 32 at P=2)")
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--documents", nargs="+", default=["lognormal", "fixed"])
+    parser.add_argument("--mean-doc", type=int, default=8192)
+    parser.add_argument("--fixed-doc", type=int, default=2048)
+    parser.add_argument(
+        "--draws", type=int, default=4, help="new lognormal draws, each timed when first seen"
+    )
+    parser.add_argument("--dense-lengths", type=int, nargs="*", default=[12289, 20011, 33331])
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        print("no CUDA device: running on CPU as a smoke test; the timings mean nothing")
+    step = Step(args, device)
+    sections = [
+        markdown_table(["documents", "draw", "docs", "fwd+bwd ms", "TFLOP/s (unmasked)"],
+                       repeated_and_fresh_rows(args, step)),
+    ]  # fmt: skip
+    for kind in args.documents:
+        table, summary = kernel_profile(args, step, kind)
+        sections += [summary, table]
+    if args.dense_lengths:
+        rows = dense_shape_rows(args, device)
+        sections.append(
+            markdown_table(["dense length", "first call ms", "again ms", "first - again ms"], rows)
+        )
+    text = "\n\n".join(sections)
+    print(text)
+    if args.record:
+        what = (
+            f"document_attention fwd+bwd on one device, {args.heads} q / {args.kv_heads} K/V heads, D={args.head_dim}, "
+            f"S={args.seq}, {args.dtype}, causal: repeated vs new document lengths, a kernel profile of one "
+            "repeated step, and the dense kernel's first call at a new length."
+        )
+        append_record("Packed documents on one GPU: new lengths and kernel profile (issue 16)", what, text, 1)
+
+
+if __name__ == "__main__":
+    main()

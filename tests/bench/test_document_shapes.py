@@ -1,0 +1,16 @@
+"""bench/document_shapes.py on the CPU: every section comes out, new draws are timed twice each."""
+
+document_shapes = __import__("bench.document_shapes", fromlist=["main"])
+
+
+def test_smoke_run_prints_every_section(capsys):
+    document_shapes.main(
+        ["--seq", "1024", "--heads", "2", "--kv-heads", "1", "--head-dim", "8", "--draws", "2", "--iters", "1",
+         "--warmup", "0", "--mean-doc", "128", "--fixed-doc", "64", "--dense-lengths", "96", "--top", "3"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| lognormal | repeated (seed 0)" in printed
+    assert printed.count("new / again") == 2
+    assert "| fixed     | repeated (seed 0)" in printed
+    assert printed.count("one repeated step: wall") == 2
+    assert "| 96           |" in printed
