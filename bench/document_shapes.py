@@ -12,7 +12,7 @@ documents as bench/documents.py. Three questions:
    corpus sees new document lengths every step. A document long enough for the dense kernel is one
    cuDNN call shaped by its length, and torch builds (and caches) a cuDNN graph per shape. Rows: the
    median over --iters of the same draw; each of --draws new draws timed once when first seen, then once
-   again (now cached).
+   again (now cached), with the growth of host memory over the two.
 2. Where the time of one repeated step goes: torch.profiler's CUDA time by kernel (top --top), the kernels'
    sum beside the step's wall time (the rest is the GPU waiting for the host).
 3. The dense kernel's cost per new shape on its own: one cuDNN fwd+bwd at a length never used before,
@@ -39,8 +39,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.common import DTYPES, append_record, markdown_table, time_ms
 from bench.documents import causal_pairs, document_lengths, ids_from_lengths
+from longloom.attention import varlen_plan
 from longloom.attention.blocks import block_attention_backward, block_attention_forward, document_attention
-from longloom.attention.varlen_plan import DENSE_DOCUMENT_TOKENS
 
 
 def tflops(lengths: list[int], heads: int, head_dim: int, ms: float) -> float:
@@ -75,6 +75,12 @@ class Step:
         return (time.perf_counter() - started) * 1e3
 
 
+def host_rss_mib() -> float:
+    """This process's resident host memory (Linux /proc), to see caches that grow with new shapes."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -87,17 +93,19 @@ def repeated_and_fresh_rows(args, step: Step) -> list[list[object]]:
         ids = ids_from_lengths(first, step.device)
         repeated = time_ms(functools.partial(step, ids), args.warmup, args.iters)
         rows.append([kind, "repeated (seed 0)", len(first), f"{repeated:.2f}",
-                     f"{tflops(first, args.heads, args.head_dim, repeated):.1f}"])  # fmt: skip
+                     f"{tflops(first, args.heads, args.head_dim, repeated):.1f}", "-"])  # fmt: skip
         if kind != "lognormal":
             continue  # full and fixed draws are the same every time
         for seed in range(1, args.draws + 1):
             lengths = document_lengths(kind, args.seq, args.mean_doc, args.fixed_doc, seed=seed)
             draw_ids = ids_from_lengths(lengths, step.device)
+            rss_before = host_rss_mib()
             new, again = step.wall_ms(draw_ids), step.wall_ms(draw_ids)
-            dense_docs = sum(length >= DENSE_DOCUMENT_TOKENS for length in lengths)
+            rss_growth = host_rss_mib() - rss_before
+            dense_docs = sum(length >= varlen_plan.DENSE_DOCUMENT_TOKENS for length in lengths)
             rates = [f"{tflops(lengths, args.heads, args.head_dim, ms):.1f}" for ms in (new, again)]
             rows.append([kind, f"seed {seed}: new / again ({dense_docs} dense)", len(lengths),
-                         f"{new:.2f} / {again:.2f}", " / ".join(rates)])  # fmt: skip
+                         f"{new:.2f} / {again:.2f}", " / ".join(rates), f"{rss_growth:+.0f}"])  # fmt: skip
     return rows
 
 
@@ -176,6 +184,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--draws", type=int, default=4, help="new lognormal draws, each timed when first seen"
     )
     parser.add_argument("--dense-lengths", type=int, nargs="*", default=[12289, 20011, 33331])
+    parser.add_argument(
+        "--lengths-per-octave",
+        type=int,
+        default=None,
+        help="sets attention/varlen_plan.DENSE_LENGTHS_PER_OCTAVE for this run (0: documents at their own length)",
+    )
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
@@ -188,9 +202,14 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda":
         print("no CUDA device: running on CPU as a smoke test; the timings mean nothing")
+    if args.lengths_per_octave is not None:
+        varlen_plan.DENSE_LENGTHS_PER_OCTAVE = args.lengths_per_octave
+    print(
+        f"long causal documents padded to {varlen_plan.DENSE_LENGTHS_PER_OCTAVE} lengths per octave (0: none)"
+    )
     step = Step(args, device)
     sections = [
-        markdown_table(["documents", "draw", "docs", "fwd+bwd ms", "TFLOP/s (unmasked)"],
+        markdown_table(["documents", "draw", "docs", "fwd+bwd ms", "TFLOP/s (unmasked)", "host RSS MiB"],
                        repeated_and_fresh_rows(args, step)),
     ]  # fmt: skip
     for kind in args.documents:

@@ -138,6 +138,46 @@ def _batch(x: torch.Tensor, group: DenseGroup, rows: slice) -> torch.Tensor:
     return x[group.row, rows].unflatten(0, (group.count, -1))
 
 
+# A padded document (DenseGroup.padded_to): one causal document of L rows runs at R > L rows, its own
+# first. Under the causal mask its queries see only keys before them, so rows L..R-1 change nothing of
+# its output (they are the next rows of the block where those exist, zeros past its end). In backward
+# those rows get dout 0 and lse +inf, so no gradient reaches the document's keys from them (either alone
+# would do: lse +inf makes their probabilities exp(s - lse) 0, dout 0 their dP and delta; both, in case a
+# kernel treats one of them differently); their own dq/dk/dv are dropped.
+
+
+def _padded_window(x: torch.Tensor, group: DenseGroup, fill: float = 0.0) -> torch.Tensor:
+    """[1, padded_to, H, D]: the group's document and the rows after it in x [B, S, H, D]; a view where
+    the block has those rows, else a copy filled with `fill` past the document."""
+    start, padded = group.q_rows.start, group.padded_to
+    if start + padded <= x.size(1):
+        return x[group.row : group.row + 1, start : start + padded]
+    window = x.new_full((1, padded, *x.shape[2:]), fill)
+    window[0, : group.q_rows.stop - start] = x[group.row, group.q_rows]
+    return window
+
+
+def _padded_forward(q, k, v, group: DenseGroup, scale: float, dense_forward: DenseForward):
+    """(out [L, Hq, D], lse [Hq, L]) of a padded document."""
+    length = group.q_rows.stop - group.q_rows.start
+    out, lse = dense_forward(*(_padded_window(x, group) for x in (q, k, v)), True, scale)
+    return out[0, :length], lse[0, :, :length]
+
+
+def _padded_backward(dout, q, k, v, out, lse, group: DenseGroup, scale: float, dense_backward: DenseBackward):
+    """(dq, dk, dv), each [L, H, D], of a padded document given the final out and lse."""
+    rows, length, padded = group.q_rows, group.q_rows.stop - group.q_rows.start, group.padded_to
+    dout_window = dout.new_zeros((1, padded, *dout.shape[2:]))
+    dout_window[0, :length] = dout[group.row, rows]
+    out_window = out.new_zeros((1, padded, *out.shape[2:]))
+    out_window[0, :length] = out[group.row, rows]
+    lse_window = lse.new_full((1, lse.size(1), padded), float("inf"))
+    lse_window[0, :, :length] = lse[group.row, :, rows]
+    windows = (_padded_window(x, group) for x in (q, k, v))
+    grads = dense_backward(dout_window, *windows, out_window, lse_window, True, scale)
+    return tuple(grad[0, :length] for grad in grads)
+
+
 def ragged_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -179,6 +219,11 @@ def ragged_forward(
     lse = lse.reshape(heads, batch, seq_q).transpose(0, 1).contiguous()
     out = out.reshape(batch, seq_q, heads, -1)
     for group in plan.dense_groups:
+        if group.padded_to is not None:
+            part_out, part_lse = _padded_forward(q, k, v, group, scale, dense_forward)
+            out[group.row, group.q_rows] = part_out.to(out.dtype)
+            lse[group.row, :, group.q_rows] = part_lse.to(lse.dtype)
+            continue
         part_out, part_lse = dense_forward(
             _batch(q, group, group.q_rows), _batch(k, group, group.k_rows), _batch(v, group, group.k_rows),
             plan.causal, scale,
@@ -246,6 +291,10 @@ def ragged_backward(
     dq, dk, dv = dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
     for group in plan.dense_groups:
         q_rows, k_rows = group.q_rows, group.k_rows
+        if group.padded_to is not None:
+            parts = _padded_backward(dout, q, k, v, out, lse, group, scale, dense_backward)
+            dq[group.row, q_rows], dk[group.row, k_rows], dv[group.row, k_rows] = parts
+            continue
         group_lse = lse[group.row, :, q_rows].unflatten(1, (group.count, -1)).transpose(0, 1).contiguous()
         parts = dense_backward(
             _batch(dout, group, q_rows), _batch(q, group, q_rows), _batch(k, group, k_rows),

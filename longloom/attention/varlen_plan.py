@@ -21,6 +21,10 @@ the plan hands it three kinds of work and leaves the ragged kernel only the rest
   length), viewed as a batch [count, length, H, D] and run as ONE dense call: this replaces a ragged
   call over many short segments, where the ragged kernel is slowest.
 
+A long document of a causal block runs at a length from a fixed grid (`dense_run_length`), so that the
+dense kernel, which torch compiles once per shape, sees a bounded set of shapes however the documents
+of a corpus fall.
+
 The plan is built on the host (from host ids: ring schedules already hold them there), so the kernels
 get max lengths without a device sync.
 """
@@ -40,6 +44,20 @@ DENSE_DOCUMENT_TOKENS = 8192
 # bench/documents.py's fixed-length rows are the test of these numbers.
 DENSE_BATCH_TOKENS = 8192
 DENSE_BATCH_MIN_LENGTH = 128
+# A long causal document runs through the dense kernel at a length from a fixed grid, this many lengths
+# per power of two (rounded up; the extra rows cannot reach the document's own: varlen.py). Why: torch
+# builds a cuDNN graph for every new shape, 76-115 ms each on H200 (bench/document_shapes.py), and a real
+# corpus brings new document lengths every step: at 256K tokens of lognormal documents (mean 8K) a step
+# with new lengths took 0.83-1.15 s against 0.09-0.20 s with the same lengths again. On the grid, shapes
+# are few (32 per octave) and the extra work is at most 6.3% of a document's length (3% on average).
+DENSE_LENGTHS_PER_OCTAVE = 32
+
+
+def dense_run_length(length: int, per_octave: int = DENSE_LENGTHS_PER_OCTAVE) -> int:
+    """`length` rounded up to the grid of `per_octave` lengths per power of two (a multiple of
+    2^(floor(log2 length)) / per_octave, or of 1 where that is smaller)."""
+    granule = max(1, (1 << (length.bit_length() - 1)) // per_octave)
+    return -(-length // granule) * granule
 
 
 @dataclass(frozen=True)
@@ -47,12 +65,15 @@ class DenseGroup:
     """`count` documents of equal length side by side in one batch row, run as one dense batch.
 
     q_rows / k_rows: the group's rows (count x its documents' query / key length), contiguous.
+    padded_to: a single causal document runs at this many rows, its own followed by rows it cannot see
+    (dense_run_length; varlen.py); None: at its own length.
     """
 
     row: int
     q_rows: slice
     k_rows: slice
     count: int
+    padded_to: int | None = None
 
 
 @dataclass(frozen=True)
@@ -139,8 +160,12 @@ def plan_segments(
     dense_from: int = DENSE_DOCUMENT_TOKENS,
     batch_from: int = DENSE_BATCH_TOKENS,
     batch_min_length: int = DENSE_BATCH_MIN_LENGTH,
+    lengths_per_octave: int | None = None,
 ) -> SegmentPlan | None:
     """The segments of a block from host ids q_docs [B, Sq], k_docs [B, Sk] (each row non-decreasing).
+
+    `lengths_per_octave`: the grid long causal documents are padded to (None: DENSE_LENGTHS_PER_OCTAVE,
+    read at the call; 0: every document at its own length).
 
     Documents of a dense group leave two partnerless segments each in their place (so the ragged kernel
     skips them): (queries, no keys) and (no queries, keys).
@@ -149,6 +174,7 @@ def plan_segments(
     sit at the same rows on both sides (the kernels align a segment's causal mask bottom-right, the
     block's is top-left; only diagonal blocks are causal in our schedules, and there they coincide).
     """
+    per_octave = DENSE_LENGTHS_PER_OCTAVE if lengths_per_octave is None else lengths_per_octave
     q_docs, k_docs = q_docs.cpu(), k_docs.cpu()
     batch, seq_q = q_docs.shape
     seq_k = k_docs.size(1)
@@ -179,7 +205,11 @@ def plan_segments(
         for first, count in _dense_groups_of_row(*lengths, dense_from, batch_from, batch_min_length):
             q0, k0 = int(q_start[first]), int(k_start[first])
             q1, k1 = q0 + count * int(q_len[first]), k0 + count * int(k_len[first])
-            dense_groups.append(DenseGroup(row, slice(q0, q1), slice(k0, k1), count))
+            padded_to = None
+            if causal and count == 1 and per_octave > 0:
+                padded_to = dense_run_length(q1 - q0, per_octave)
+                padded_to = None if padded_to == q1 - q0 else padded_to
+            dense_groups.append(DenseGroup(row, slice(q0, q1), slice(k0, k1), count, padded_to))
             dense[first : first + count] = True
         if bool(dense.any()):  # split each dense document into (queries, no keys) + (no queries, keys)
             copies = 1 + dense.long()

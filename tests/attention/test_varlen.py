@@ -11,7 +11,7 @@ import torch
 from longloom.attention.blocks import block_attention_backward, block_attention_forward
 from longloom.attention.reference import attention_with_lse
 from longloom.attention.varlen import EMULATED, ragged_backward, ragged_forward
-from longloom.attention.varlen_plan import DenseGroup, plan_segments
+from longloom.attention.varlen_plan import DenseGroup, dense_run_length, plan_segments
 from longloom.parallel import sharding
 from longloom.parallel.ring_plan import RingDocuments, plan_pair
 from tests.parallel.documents import lengths_to_ids, packed_document_ids
@@ -206,3 +206,43 @@ def test_equal_length_groups_through_the_dense_kernel_match_the_reference(q_rows
     plan = plan_segments(q_docs, k_docs, causal, dense_from=100, batch_from=8, batch_min_length=2)
     assert plan.rectangle is None and [group.count for group in plan.dense_groups] == [8, 6]
     _check_block(q[:, q_rows], k[:, k_rows], v[:, k_rows], q_docs, k_docs, causal, plan=plan)
+
+
+def test_dense_run_lengths_form_a_coarse_grid():
+    assert [dense_run_length(n) for n in (1, 31, 32, 8192, 8193, 8447, 8448, 262143)] == [
+        1, 31, 32, 8192, 8448, 8448, 8448, 262144,
+    ]  # fmt: skip
+    runs = [dense_run_length(n) for n in range(8192, 262145)]
+    assert len(set(runs)) == 5 * 32 + 1  # 32 lengths per power of two from 8K to 256K
+    for length, run in zip(range(8192, 262145), runs):
+        assert length <= run < length * (1 + 1 / 32) and dense_run_length(run) == run
+    assert [dense_run_length(n, per_octave=2) for n in (5, 9, 13, 33)] == [6, 12, 16, 48]
+
+
+def test_long_causal_documents_are_padded_to_the_grid_only_when_alone_and_off_it():
+    ids = lengths_to_ids([3, 5, 4, 4])[None]
+    plan = plan_segments(ids, ids, True, dense_from=5, batch_from=100, lengths_per_octave=2)
+    assert plan.dense_groups == (DenseGroup(0, slice(3, 8), slice(3, 8), 1, padded_to=6),)
+    exact = plan_segments(ids, ids, True, dense_from=5, batch_from=100, lengths_per_octave=0)
+    assert exact.dense_groups == (DenseGroup(0, slice(3, 8), slice(3, 8), 1),)
+    batched = plan_segments(ids, ids, True, dense_from=4, batch_from=8, lengths_per_octave=2)
+    assert [group.padded_to for group in batched.dense_groups] == [6, None]  # 4 + 4: one batch of 2
+    q_docs, k_docs = torch.tensor([[1] * 5 + [2] * 3]), torch.tensor([[0] * 4 + [1] * 5])
+    rectangle = plan_segments(q_docs, k_docs, False, dense_from=5, lengths_per_octave=2)
+    assert all(group.padded_to is None for group in rectangle.dense_groups)  # not causal: exact rows
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_padded_documents_match_the_reference(kv_heads):
+    """Padded runs read the rows after a document where the block has them (a view) and zeros past
+    its end (a copy); neither may change its output or let gradient reach it from the extra rows."""
+    ids = torch.stack([lengths_to_ids([5, 9, 3, 13, 10]), lengths_to_ids([7, 33])])
+    plan = plan_segments(ids, ids, True, dense_from=3, lengths_per_octave=2)
+    padded = [
+        (group.row, group.q_rows.start, group.padded_to) for group in plan.dense_groups if group.padded_to
+    ]
+    # Row 0: 5 -> 6, 9 -> 12, 13 -> 16 as views, 10 -> 12 past the block's end; row 1: 7 -> 8, 33 -> 48.
+    assert padded == [(0, 0, 6), (0, 5, 12), (0, 17, 16), (0, 30, 12), (1, 0, 8), (1, 7, 48)]
+    assert not plan.ragged_work
+    q, k, v = _qkv(2, 40, 40, kv_heads=kv_heads)
+    _check_block(q, k, v, ids, ids, True, plan=plan)

@@ -112,6 +112,23 @@ def test_ulysses_shaped_block(name, causal, dense_from):
 
 
 @pytest.mark.parametrize("name", [kernel.name for kernel in varlen.GPU_KERNELS])
+def test_padded_documents_on_the_dense_kernel(name):
+    """Long documents off the length grid run padded through cuDNN: as views of the rows after them, and
+    as zero-padded copies where the block ends first (varlen_plan.dense_run_length)."""
+    kernel = _kernel_or_skip(name)
+    torch.manual_seed(2)
+    seq = 4096
+    ids = torch.stack([lengths_to_ids([1500, 2596]), lengths_to_ids([3000, 1096], 10)]).cuda()
+    plan = varlen_plan.plan_segments(ids, ids, True, dense_from=1024)
+    padded = [(group.q_rows.start, group.padded_to) for group in plan.dense_groups]
+    assert padded == [(0, 1504), (1500, 2624), (0, 3008), (3000, 1120)]  # 2nd and 4th: past the end
+    q = torch.randn(2, seq, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, seq, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    bound = [2 * e for e in _dense_error(q, k, v, True, torch.randn_like(q))]
+    _check_block(kernel, q, k, v, ids, ids, True, bound, segments=plan)
+
+
+@pytest.mark.parametrize("name", [kernel.name for kernel in varlen.GPU_KERNELS])
 def test_tokenring_shaped_blocks(name):
     """Every zigzag block pair of a 2-rank ring (diagonal causal, off-diagonal rows without keys)."""
     kernel = _kernel_or_skip(name)
