@@ -15,8 +15,9 @@ documents as bench/documents.py. Three questions:
    again (now cached), with the growth of host memory over the two.
 2. Where the time of one repeated step goes: torch.profiler's CUDA time by kernel (top --top), the kernels'
    sum beside the step's wall time (the rest is the GPU waiting for the host).
-3. The dense kernel's cost per new shape on its own: one cuDNN fwd+bwd at a length never used before,
-   then at the same length again.
+3. The dense kernels' cost per new shape on their own: one fwd+bwd at a shape never used before, then at
+   the same shape again, for causal documents and for non-causal rectangles (a ring block's share of a
+   document), on cuDNN and on flash (compiled kernels, no per-shape build).
 """
 
 from __future__ import annotations
@@ -143,28 +144,70 @@ def kernel_profile(args, step: Step, kind: str) -> tuple[str, str]:
     return table, summary
 
 
-def dense_fwd_bwd_ms(q, k, v, dout) -> float:
-    """Wall time of one dense (cuDNN on a GPU) fwd+bwd, GPU included."""
+def inside_a_block(q, k, v, dout, causal: bool, extra: int = 8):
+    """q/k/v/dout grown by `extra` rows of other documents, and the ids that make the given rows one
+    document's share of that block: causal (the same rows both sides), or a rectangle (the keys of an
+    earlier block's last document, the queries of a later block's first one)."""
+
+    def ids(lengths: list[int], first: int) -> torch.Tensor:
+        counts = torch.tensor(lengths, device=q.device)
+        return torch.repeat_interleave(torch.arange(first, first + len(lengths), device=q.device), counts)[
+            None
+        ]
+
+    queries, keys = q.size(1), k.size(1)
+    q, dout = (torch.cat((x, x[:, :extra]), 1) for x in (q, dout))
+    if causal:
+        k, v = (torch.cat((x, x[:, :extra]), 1) for x in (k, v))
+        documents = {"q_docs": ids([queries, extra], 1), "k_docs": ids([queries, extra], 1)}
+    else:
+        k, v = (torch.cat((x[:, :extra], x), 1) for x in (k, v))
+        documents = {"q_docs": ids([queries, extra], 1), "k_docs": ids([extra, keys], 0)}
+    return q, k, v, dout, documents
+
+
+def dense_fwd_bwd_ms(q, k, v, dout, causal: bool, backend: str | None) -> float:
+    """Wall time of one dense fwd+bwd on `backend` (None: the default, cuDNN on a GPU), GPU included.
+
+    "varlen": the packed-document path (what the ring runs) on a block of 8 more rows each side, in which
+    the queries and keys given are one document's share: a rectangle inside the block, or causal."""
+    documents = {}
+    if backend == "varlen":
+        q, k, v, dout, documents = inside_a_block(q, k, v, dout, causal)
     synchronize(q.device)
     started = time.perf_counter()
-    out, lse = block_attention_forward(q, k, v, True, q.size(-1) ** -0.5)
-    block_attention_backward(dout, q, k, v, out, lse, True, q.size(-1) ** -0.5)
+    out, lse = block_attention_forward(q, k, v, causal, q.size(-1) ** -0.5, backend, **documents)
+    block_attention_backward(dout, q, k, v, out, lse, causal, q.size(-1) ** -0.5, backend, **documents)
     synchronize(q.device)
     return (time.perf_counter() - started) * 1e3
 
 
+def parse_shape(text: str) -> tuple[int, int, bool]:
+    """'L' (a causal document of L tokens) or 'QxK' (a non-causal rectangle: Q queries, K keys)."""
+    try:
+        if "x" in text:
+            queries, keys = (int(part) for part in text.split("x"))
+            return queries, keys, False
+        return int(text), int(text), True
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is L or QxK (e.g. 12289 or 5000x12345); got {text!r}")
+
+
 def dense_shape_rows(args, device: torch.device) -> list[list[object]]:
-    """cuDNN (the dense kernel) fwd+bwd at lengths never used before, then again."""
+    """Each dense backend's fwd+bwd at shapes never used before, then again."""
     dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
+    backends = args.dense_backends if device.type == "cuda" else ["torch"]
     rows = []
-    for length in args.dense_lengths:
-        q = torch.randn(1, length, args.heads, args.head_dim, device=device, dtype=dtype)
-        k = torch.randn(1, length, args.kv_heads, args.head_dim, device=device, dtype=dtype)
+    for queries, keys, causal in args.dense_shapes:
+        q = torch.randn(1, queries, args.heads, args.head_dim, device=device, dtype=dtype)
+        k = torch.randn(1, keys, args.kv_heads, args.head_dim, device=device, dtype=dtype)
         v, dout = torch.randn_like(k), torch.randn_like(q)
-        run = functools.partial(dense_fwd_bwd_ms, q, k, v, dout)
-        new = run()
-        again = statistics.median(run() for _ in range(3))
-        rows.append([length, f"{new:.2f}", f"{again:.2f}", f"{new - again:.2f}"])
+        for backend in backends:
+            run = functools.partial(dense_fwd_bwd_ms, q, k, v, dout, causal, backend)
+            new = run()
+            again = statistics.median(run() for _ in range(3))
+            shape = f"{queries} causal" if causal else f"{queries} x {keys}"
+            rows.append([shape, backend, f"{new:.2f}", f"{again:.2f}", f"{new - again:.2f}"])
     return rows
 
 
@@ -183,7 +226,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--draws", type=int, default=4, help="new lognormal draws, each timed when first seen"
     )
-    parser.add_argument("--dense-lengths", type=int, nargs="*", default=[12289, 20011, 33331])
+    parser.add_argument(
+        "--dense-shapes",
+        type=parse_shape,
+        nargs="*",
+        default=[parse_shape(text) for text in ("12289", "20011", "33331", "5003x12345", "9001x3001")],
+        help="L: a causal document; QxK: a non-causal rectangle (a ring block's document)",
+    )
+    parser.add_argument("--dense-backends", nargs="+", default=["cudnn", "flash", "varlen"])
     parser.add_argument(
         "--lengths-per-octave",
         type=int,
@@ -215,11 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     for kind in args.documents:
         table, summary = kernel_profile(args, step, kind)
         sections += [summary, table]
-    if args.dense_lengths:
+    if args.dense_shapes:
         rows = dense_shape_rows(args, device)
-        sections.append(
-            markdown_table(["dense length", "first call ms", "again ms", "first - again ms"], rows)
-        )
+        headers = ["dense shape", "backend", "first call ms", "again ms", "first - again ms"]
+        sections.append(markdown_table(headers, rows))
     text = "\n\n".join(sections)
     print(text)
     if args.record:

@@ -45,7 +45,7 @@ import torch
 from longloom.attention.document_plans import DocumentPlans, cached
 from longloom.attention.local import attention_scores, check_heads, expand_kv_heads
 from longloom.attention.varlen import ragged_backward, ragged_forward, ragged_kernel
-from longloom.attention.varlen_plan import SegmentPlan, plan_segments
+from longloom.attention.varlen_plan import SegmentPlan, dense_grid_floor, plan_segments
 
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -87,15 +87,29 @@ def _segments_or_none(
     return None if segments is None else segments.to(device)
 
 
-def _dense(q: torch.Tensor) -> tuple:
-    """Dense forward and backward closures on the fused backend, for a document's single rectangle."""
+def _dense(q: torch.Tensor, k: torch.Tensor) -> tuple:
+    """Dense forward and backward closures for a packed-document block (q, k) of the ragged path: its
+    documents' dense work on the fused backend, except where cuDNN would meet a shape drawn by the data
+    off the length grid. torch builds a cuDNN graph per new shape (76-115 ms on H200, and host memory
+    kept for good: BENCHMARKS.md session 16). Causal documents are padded onto the grid
+    (varlen_plan.dense_run_length) and a rectangle's keys are split onto it (varlen.py), so what is
+    left off the grid is a non-causal remnant (a rectangle's last keys, a batch of equal documents off
+    the diagonal): flash runs it, its compiled kernels take any shape. The whole block keeps cuDNN: its
+    shape is the schedule's, not the data's."""
     backend = select_backend(q)
+    block = (q.size(1), k.size(1))
+
+    def backend_for(q_part: torch.Tensor, k_part: torch.Tensor, causal: bool) -> str:
+        shape = (q_part.size(1), k_part.size(1))
+        on_grid = all(dense_grid_floor(length) == length for length in shape)
+        drawn_by_data = not causal and shape != block and not on_grid
+        return "flash" if backend == "cudnn" and drawn_by_data else backend
 
     def forward(q, k, v, causal, scale):
-        return block_attention_forward(q, k, v, causal, scale, backend)
+        return block_attention_forward(q, k, v, causal, scale, backend_for(q, k, causal))
 
     def backward(dout, q, k, v, out, lse, causal, scale):
-        return block_attention_backward(dout, q, k, v, out, lse, causal, scale, backend)
+        return block_attention_backward(dout, q, k, v, out, lse, causal, scale, backend_for(q, k, causal))
 
     return forward, backward
 
@@ -199,7 +213,7 @@ def block_attention_forward(
     if backend == "varlen":
         segments = _segments_or_none(segments, q_docs, k_docs, causal, q.device)
         if segments is not None:
-            dense_forward, _ = _dense(q)
+            dense_forward, _ = _dense(q, k)
             return ragged_forward(q, k, v, segments, scale, ragged_kernel(), dense_forward)
         backend = "triton"
     if backend == "triton":
@@ -259,7 +273,7 @@ def block_attention_backward(
     if backend == "varlen":
         segments = _segments_or_none(segments, q_docs, k_docs, causal, q.device)
         if segments is not None:
-            _, dense_backward = _dense(q)
+            _, dense_backward = _dense(q, k)
             return ragged_backward(dout, q, k, v, out, lse, segments, scale, ragged_kernel(), dense_backward)
         backend = "triton"
     if backend == "triton":

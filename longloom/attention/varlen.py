@@ -21,7 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
-from longloom.attention.varlen_plan import DenseGroup, SegmentPlan, plan_segments
+from longloom.attention.varlen_plan import (
+    DenseGroup,
+    SegmentPlan,
+    dense_grid_floor,
+    dense_run_length,
+    plan_segments,
+)
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,62 @@ def _padded_backward(dout, q, k, v, out, lse, group: DenseGroup, scale: float, d
     return tuple(grad[0, :length] for grad in grads)
 
 
+# A rectangle (a non-causal document share: queries of one block, keys of another) cannot be padded on
+# its keys, which every query sees. It runs in two parts whose shapes cuDNN has seen before: its queries,
+# zero-padded to the grid, against the longest grid run of its keys (dense_grid_floor: at least 97% of
+# them at 32 per octave), and the few keys left on flash (blocks._dense), merged by their lse. The
+# backward of each part, given the final out and lse, is its share of the gradients (as ring blocks are).
+
+
+def _zero_padded(x: torch.Tensor, rows: int, fill: float = 0.0, dim: int = 1) -> torch.Tensor:
+    if x.size(dim) == rows:
+        return x
+    shape = list(x.shape)
+    shape[dim] = rows
+    padded = x.new_full(shape, fill)
+    padded.narrow(dim, 0, x.size(dim)).copy_(x)
+    return padded
+
+
+def _rectangle_forward(q, k, v, scale: float, dense_forward: DenseForward):
+    """(out, lse) of one non-causal rectangle q [1, Lq, H, D] x k/v [1, Lk, Hk, D] on grid shapes."""
+    queries, keys = q.size(1), k.size(1)
+    grid_keys = dense_grid_floor(keys)
+    grid_queries = (
+        dense_run_length(queries) if grid_keys < keys or dense_grid_floor(queries) < queries else queries
+    )
+    out, lse = dense_forward(_zero_padded(q, grid_queries), k[:, :grid_keys], v[:, :grid_keys], False, scale)
+    out, lse = out[:, :queries], lse[:, :, :queries]
+    if grid_keys == keys:
+        return out, lse
+    rest_out, rest_lse = dense_forward(q, k[:, grid_keys:], v[:, grid_keys:], False, scale)
+    accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
+    merged_lse = torch.logaddexp(lse.to(accumulate), rest_lse.to(accumulate))
+    weights = [torch.exp(part - merged_lse).transpose(1, 2).unsqueeze(-1) for part in (lse, rest_lse)]
+    merged = out.to(accumulate) * weights[0] + rest_out.to(accumulate) * weights[1]
+    return merged.to(q.dtype), merged_lse.to(lse.dtype)
+
+
+def _rectangle_backward(dout, q, k, v, out, lse, scale: float, dense_backward: DenseBackward):
+    """(dq, dk, dv) of one rectangle given the final out and lse (the parts of _rectangle_forward)."""
+    queries, keys = q.size(1), k.size(1)
+    grid_keys = dense_grid_floor(keys)
+    grid_queries = (
+        dense_run_length(queries) if grid_keys < keys or dense_grid_floor(queries) < queries else queries
+    )
+    dq, dk, dv = dense_backward(
+        _zero_padded(dout, grid_queries), _zero_padded(q, grid_queries), k[:, :grid_keys], v[:, :grid_keys],
+        _zero_padded(out, grid_queries), _zero_padded(lse, grid_queries, float("inf"), dim=2), False, scale,
+    )  # fmt: skip
+    dq = dq[:, :queries]
+    if grid_keys == keys:
+        return dq, dk, dv
+    rest = dense_backward(dout, q, k[:, grid_keys:], v[:, grid_keys:], out, lse, False, scale)
+    accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = (dq.to(accumulate) + rest[0].to(accumulate)).to(dq.dtype)
+    return dq, torch.cat((dk, rest[1]), 1), torch.cat((dv, rest[2]), 1)
+
+
 def ragged_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -193,7 +255,11 @@ def ragged_forward(
         q_rows, k_rows = plan.rectangle
         if q_rows == slice(0, seq_q) and k_rows == slice(0, k.size(1)):  # one document: the dense kernel
             return dense_forward(q, k, v, plan.causal, scale)
-        part_out, part_lse = dense_forward(q[:, q_rows], k[:, k_rows], v[:, k_rows], plan.causal, scale)
+        part = (q[:, q_rows], k[:, k_rows], v[:, k_rows])
+        if plan.causal or batch > 1:
+            part_out, part_lse = dense_forward(*part, plan.causal, scale)
+        else:
+            part_out, part_lse = _rectangle_forward(*part, scale, dense_forward)
         out = q.new_zeros(batch, seq_q, heads, v.size(-1))
         lse = torch.full((batch, heads, seq_q), float("-inf"), dtype=part_lse.dtype, device=q.device)
         out[:, q_rows] = part_out.to(out.dtype)
@@ -251,10 +317,11 @@ def ragged_backward(
         q_rows, k_rows = plan.rectangle
         if q_rows == slice(0, seq_q) and k_rows == slice(0, k.size(1)):
             return dense_backward(dout, q, k, v, out, lse, plan.causal, scale)
-        parts = dense_backward(
-            dout[:, q_rows], q[:, q_rows], k[:, k_rows], v[:, k_rows], out[:, q_rows], lse[:, :, q_rows],
-            plan.causal, scale,
-        )  # fmt: skip
+        part = (dout[:, q_rows], q[:, q_rows], k[:, k_rows], v[:, k_rows], out[:, q_rows], lse[:, :, q_rows])
+        if plan.causal or batch > 1:
+            parts = dense_backward(*part, plan.causal, scale)
+        else:
+            parts = _rectangle_backward(*part, scale, dense_backward)
         grads = [
             torch.zeros(full.shape, dtype=part.dtype, device=part.device)
             for full, part in zip((q, k, v), parts)

@@ -53,11 +53,28 @@ DENSE_BATCH_MIN_LENGTH = 128
 DENSE_LENGTHS_PER_OCTAVE = 32
 
 
-def dense_run_length(length: int, per_octave: int = DENSE_LENGTHS_PER_OCTAVE) -> int:
+def _granule(length: int, per_octave: int) -> int:
+    return max(1, (1 << (length.bit_length() - 1)) // per_octave)
+
+
+def dense_run_length(length: int, per_octave: int | None = None) -> int:
     """`length` rounded up to the grid of `per_octave` lengths per power of two (a multiple of
-    2^(floor(log2 length)) / per_octave, or of 1 where that is smaller)."""
-    granule = max(1, (1 << (length.bit_length() - 1)) // per_octave)
+    2^(floor(log2 length)) / per_octave, or of 1 where that is smaller). None: DENSE_LENGTHS_PER_OCTAVE
+    at the call; 0: no grid (`length`)."""
+    per_octave = DENSE_LENGTHS_PER_OCTAVE if per_octave is None else per_octave
+    if per_octave == 0:
+        return length
+    granule = _granule(length, per_octave)
     return -(-length // granule) * granule
+
+
+def dense_grid_floor(length: int, per_octave: int | None = None) -> int:
+    """The longest grid length <= `length` (None: DENSE_LENGTHS_PER_OCTAVE at the call; 0: `length`)."""
+    per_octave = DENSE_LENGTHS_PER_OCTAVE if per_octave is None else per_octave
+    if per_octave == 0:
+        return length
+    granule = _granule(length, per_octave)
+    return length // granule * granule
 
 
 @dataclass(frozen=True)
@@ -206,7 +223,7 @@ def plan_segments(
             q0, k0 = int(q_start[first]), int(k_start[first])
             q1, k1 = q0 + count * int(q_len[first]), k0 + count * int(k_len[first])
             padded_to = None
-            if causal and count == 1 and per_octave > 0:
+            if causal and count == 1:
                 padded_to = dense_run_length(q1 - q0, per_octave)
                 padded_to = None if padded_to == q1 - q0 else padded_to
             dense_groups.append(DenseGroup(row, slice(q0, q1), slice(k0, k1), count, padded_to))

@@ -246,3 +246,54 @@ def test_padded_documents_match_the_reference(kv_heads):
     assert not plan.ragged_work
     q, k, v = _qkv(2, 40, 40, kv_heads=kv_heads)
     _check_block(q, k, v, ids, ids, True, plan=plan)
+
+
+def test_document_shaped_non_causal_work_leaves_cudnn_for_flash(monkeypatch):
+    """cuDNN builds a graph per new shape: the ragged path's dense work keeps it for the whole block and
+    for causal (grid-padded) documents, and gives flash the non-causal parts shaped by the documents."""
+    from longloom.attention import blocks
+
+    calls = []
+
+    def record(name):
+        def kernel(*args):
+            calls.append((name, args[-1]))  # (which pass, backend)
+
+        return kernel
+
+    monkeypatch.setattr(blocks, "select_backend", lambda q, documents=False: "cudnn")
+    monkeypatch.setattr(blocks, "block_attention_forward", record("forward"))
+    monkeypatch.setattr(blocks, "block_attention_backward", record("backward"))
+    q, k, _ = _qkv(1, 240, 320, heads=1, kv_heads=1, dim=1)
+    forward, backward = blocks._dense(q, k)
+    forward(q, k, k, False, 1.0)  # the whole block, not causal: the schedule's shape
+    forward(q[:, :101], k[:, 3:206], k[:, 3:206], False, 1.0)  # 101 x 203: off the grid (100, 200)
+    backward(q[:, :101], q[:, :101], k[:, 3:206], k[:, 3:206], q[:, :101], None, False, 1.0)
+    forward(q[:, :100], k[:, :200], k[:, :200], False, 1.0)  # on the grid: cuDNN has seen it
+    forward(q[:, :101], q[:, :101], q[:, :101], True, 1.0)  # causal: padded to the grid before this
+    assert calls == [
+        ("forward", "cudnn"), ("forward", "flash"), ("backward", "flash"), ("forward", "cudnn"), ("forward", "cudnn"),
+    ]  # fmt: skip
+
+
+def test_a_rectangle_runs_on_grid_shapes_and_matches_the_reference(monkeypatch):
+    """Queries padded to the grid against the longest grid run of keys, the last keys apart, merged:
+    exact, forward and gradients (a grid of 2 per octave makes the small case split)."""
+    import sys
+
+    from longloom.attention import varlen_plan
+
+    monkeypatch.setattr(varlen_plan, "DENSE_LENGTHS_PER_OCTAVE", 2)
+    this_module = sys.modules[__name__]
+    shapes, dense_forward = [], _dense_forward
+
+    def recording_forward(q, k, v, causal, scale):
+        shapes.append((q.size(1), k.size(1)))
+        return dense_forward(q, k, v, causal, scale)
+
+    monkeypatch.setattr(this_module, "_dense_forward", recording_forward)
+    ids = lengths_to_ids([4, 30, 6])[None]  # document 1 holds rows 4..33
+    q, k, v = _qkv(1, 20, 19)
+    plan = _check_block(q, k, v, ids[:, 20:40], ids[:, 0:19], False, expect_rectangle=True)
+    assert plan.rectangle == (slice(0, 14), slice(4, 19))  # 14 queries x 15 keys
+    assert shapes == [(16, 12), (14, 3)]  # queries 14 -> 16 (zeros), keys 12 on the grid + the last 3

@@ -6,11 +6,11 @@ document_shapes = __import__("bench.document_shapes", fromlist=["main"])
 def test_smoke_run_prints_every_section(capsys):
     document_shapes.main(
         ["--seq", "1024", "--heads", "2", "--kv-heads", "1", "--head-dim", "8", "--draws", "2", "--iters", "1",
-         "--warmup", "0", "--mean-doc", "128", "--fixed-doc", "64", "--dense-lengths", "96", "--top", "3"]
+         "--warmup", "0", "--mean-doc", "128", "--fixed-doc", "64", "--dense-shapes", "96", "40x72", "--top", "3"]
     )  # fmt: skip
     printed = capsys.readouterr().out
     assert "| lognormal | repeated (seed 0)" in printed
     assert printed.count("new / again") == 2
     assert "| fixed     | repeated (seed 0)" in printed
     assert printed.count("one repeated step: wall") == 2
-    assert "| 96           |" in printed
+    assert "| 96 causal   | torch   |" in printed and "| 40 x 72     | torch   |" in printed

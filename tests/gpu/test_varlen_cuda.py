@@ -129,6 +129,24 @@ def test_padded_documents_on_the_dense_kernel(name):
 
 
 @pytest.mark.parametrize("name", [kernel.name for kernel in varlen.GPU_KERNELS])
+def test_a_rectangle_on_grid_shapes(name):
+    """A ring block's share of one document (1500 queries x 2600 keys, not causal) runs as 1504 x 2560 on
+    cuDNN and 1500 x 40 on flash, merged (varlen.py)."""
+    kernel = _kernel_or_skip(name)
+    torch.manual_seed(3)
+    q_docs = lengths_to_ids([1500, 548], 5)[None].cuda()
+    k_docs = lengths_to_ids([400, 2600], 4)[None].cuda()
+    plan = varlen_plan.plan_segments(q_docs, k_docs, False)
+    assert plan.rectangle == (slice(0, 1500), slice(400, 3000))
+    q = torch.randn(1, 2048, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 3000, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    bound = [
+        2 * e for e in _dense_error(q[:, :1500], k[:, 400:], v[:, 400:], False, torch.randn_like(q[:, :1500]))
+    ]
+    _check_block(kernel, q, k, v, q_docs, k_docs, False, bound, segments=plan)
+
+
+@pytest.mark.parametrize("name", [kernel.name for kernel in varlen.GPU_KERNELS])
 def test_tokenring_shaped_blocks(name):
     """Every zigzag block pair of a 2-rank ring (diagonal causal, off-diagonal rows without keys)."""
     kernel = _kernel_or_skip(name)
