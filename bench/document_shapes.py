@@ -144,10 +144,11 @@ def kernel_profile(args, step: Step, kind: str) -> tuple[str, str]:
     return table, summary
 
 
-def inside_a_block(q, k, v, dout, causal: bool, extra: int = 8):
-    """q/k/v/dout grown by `extra` rows of other documents, and the ids that make the given rows one
-    document's share of that block: causal (the same rows both sides), or a rectangle (the keys of an
-    earlier block's last document, the queries of a later block's first one)."""
+def inside_a_block(q, k, v, dout, causal: bool, block_rows: int):
+    """q/k/v/dout placed in blocks of `block_rows` rows (the same for every shape, as a ring schedule's
+    blocks are: cuDNN's graph cache keys on strides too), with ids that make the given rows one
+    document's share of the block: causal (its first rows on both sides), or a rectangle (the first
+    rows of the query block, the last rows of an earlier key block)."""
 
     def ids(lengths: list[int], first: int) -> torch.Tensor:
         counts = torch.tensor(lengths, device=q.device)
@@ -155,25 +156,28 @@ def inside_a_block(q, k, v, dout, causal: bool, extra: int = 8):
             None
         ]
 
+    def placed(x: torch.Tensor, at_end: bool) -> torch.Tensor:
+        block = x.new_zeros(1, block_rows, *x.shape[2:])
+        (block[:, block_rows - x.size(1) :] if at_end else block[:, : x.size(1)]).copy_(x)
+        return block
+
     queries, keys = q.size(1), k.size(1)
-    q, dout = (torch.cat((x, x[:, :extra]), 1) for x in (q, dout))
-    if causal:
-        k, v = (torch.cat((x, x[:, :extra]), 1) for x in (k, v))
-        documents = {"q_docs": ids([queries, extra], 1), "k_docs": ids([queries, extra], 1)}
-    else:
-        k, v = (torch.cat((x[:, :extra], x), 1) for x in (k, v))
-        documents = {"q_docs": ids([queries, extra], 1), "k_docs": ids([extra, keys], 0)}
-    return q, k, v, dout, documents
+    q, dout = placed(q, False), placed(dout, False)
+    k, v = placed(k, not causal), placed(v, not causal)
+    q_docs = ids([queries, block_rows - queries], 1)
+    k_docs = q_docs if causal else ids([block_rows - keys, keys], 0)
+    return q, k, v, dout, {"q_docs": q_docs, "k_docs": k_docs}
 
 
-def dense_fwd_bwd_ms(q, k, v, dout, causal: bool, backend: str | None) -> float:
+def dense_fwd_bwd_ms(q, k, v, dout, causal: bool, backend: str | None, block_rows: int = 0) -> float:
     """Wall time of one dense fwd+bwd on `backend` (None: the default, cuDNN on a GPU), GPU included.
 
-    "varlen": the packed-document path (what the ring runs) on a block of 8 more rows each side, in which
-    the queries and keys given are one document's share: a rectangle inside the block, or causal."""
+    "varlen": the packed-document path (what the ring runs) on blocks of `block_rows` rows in which the
+    queries and keys given are one document's share (inside_a_block)."""
     documents = {}
     if backend == "varlen":
-        q, k, v, dout, documents = inside_a_block(q, k, v, dout, causal)
+        q, k, v, dout, documents = inside_a_block(q, k, v, dout, causal, block_rows)
+        backend = "varlen" if q.is_cuda else "torch"  # CPU smoke run: the masked plain-torch path
     synchronize(q.device)
     started = time.perf_counter()
     out, lse = block_attention_forward(q, k, v, causal, q.size(-1) ** -0.5, backend, **documents)
@@ -196,14 +200,15 @@ def parse_shape(text: str) -> tuple[int, int, bool]:
 def dense_shape_rows(args, device: torch.device) -> list[list[object]]:
     """Each dense backend's fwd+bwd at shapes never used before, then again."""
     dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
-    backends = args.dense_backends if device.type == "cuda" else ["torch"]
+    backends = args.dense_backends if device.type == "cuda" else ["torch", "varlen"]
     rows = []
+    block_rows = max(max(queries, keys) for queries, keys, _ in args.dense_shapes) + 64
     for queries, keys, causal in args.dense_shapes:
         q = torch.randn(1, queries, args.heads, args.head_dim, device=device, dtype=dtype)
         k = torch.randn(1, keys, args.kv_heads, args.head_dim, device=device, dtype=dtype)
         v, dout = torch.randn_like(k), torch.randn_like(q)
         for backend in backends:
-            run = functools.partial(dense_fwd_bwd_ms, q, k, v, dout, causal, backend)
+            run = functools.partial(dense_fwd_bwd_ms, q, k, v, dout, causal, backend, block_rows)
             new = run()
             again = statistics.median(run() for _ in range(3))
             shape = f"{queries} causal" if causal else f"{queries} x {keys}"
@@ -220,7 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--documents", nargs="+", default=["lognormal", "fixed"])
+    parser.add_argument("--documents", nargs="*", default=["lognormal", "fixed"])
     parser.add_argument("--mean-doc", type=int, default=8192)
     parser.add_argument("--fixed-doc", type=int, default=2048)
     parser.add_argument(
@@ -258,10 +263,8 @@ def main(argv: list[str] | None = None) -> None:
         f"long causal documents padded to {varlen_plan.DENSE_LENGTHS_PER_OCTAVE} lengths per octave (0: none)"
     )
     step = Step(args, device)
-    sections = [
-        markdown_table(["documents", "draw", "docs", "fwd+bwd ms", "TFLOP/s (unmasked)", "host RSS MiB"],
-                       repeated_and_fresh_rows(args, step)),
-    ]  # fmt: skip
+    headers = ["documents", "draw", "docs", "fwd+bwd ms", "TFLOP/s (unmasked)", "host RSS MiB"]
+    sections = [markdown_table(headers, repeated_and_fresh_rows(args, step))] if args.documents else []
     for kind in args.documents:
         table, summary = kernel_profile(args, step, kind)
         sections += [summary, table]
