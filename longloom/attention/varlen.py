@@ -152,15 +152,24 @@ def _batch(x: torch.Tensor, group: DenseGroup, rows: slice) -> torch.Tensor:
 # kernel treats one of them differently); their own dq/dk/dv are dropped.
 
 
-def _padded_window(x: torch.Tensor, group: DenseGroup, fill: float = 0.0) -> torch.Tensor:
+def _zero_padded(x: torch.Tensor, rows: int, fill: float = 0.0, dim: int = 1) -> torch.Tensor:
+    """x with `rows` along `dim`: itself if it has them, else a copy with `fill` after its own."""
+    if x.size(dim) == rows:
+        return x
+    shape = list(x.shape)
+    shape[dim] = rows
+    padded = x.new_full(shape, fill)
+    padded.narrow(dim, 0, x.size(dim)).copy_(x)
+    return padded
+
+
+def _padded_window(x: torch.Tensor, group: DenseGroup) -> torch.Tensor:
     """[1, padded_to, H, D]: the group's document and the rows after it in x [B, S, H, D]; a view where
-    the block has those rows, else a copy filled with `fill` past the document."""
+    the block has those rows, else a copy with zeros past the document."""
     start, padded = group.q_rows.start, group.padded_to
     if start + padded <= x.size(1):
         return x[group.row : group.row + 1, start : start + padded]
-    window = x.new_full((1, padded, *x.shape[2:]), fill)
-    window[0, : group.q_rows.stop - start] = x[group.row, group.q_rows]
-    return window
+    return _zero_padded(x[group.row : group.row + 1, group.q_rows], padded)
 
 
 def _padded_forward(q, k, v, group: DenseGroup, scale: float, dense_forward: DenseForward):
@@ -172,16 +181,12 @@ def _padded_forward(q, k, v, group: DenseGroup, scale: float, dense_forward: Den
 
 def _padded_backward(dout, q, k, v, out, lse, group: DenseGroup, scale: float, dense_backward: DenseBackward):
     """(dq, dk, dv), each [L, H, D], of a padded document given the final out and lse."""
-    rows, length, padded = group.q_rows, group.q_rows.stop - group.q_rows.start, group.padded_to
-    dout_window = dout.new_zeros((1, padded, *dout.shape[2:]))
-    dout_window[0, :length] = dout[group.row, rows]
-    out_window = out.new_zeros((1, padded, *out.shape[2:]))
-    out_window[0, :length] = out[group.row, rows]
-    lse_window = lse.new_full((1, lse.size(1), padded), float("inf"))
-    lse_window[0, :, :length] = lse[group.row, :, rows]
+    one, rows, padded = slice(group.row, group.row + 1), group.q_rows, group.padded_to
+    dout_window, out_window = (_zero_padded(x[one, rows], padded) for x in (dout, out))
+    lse_window = _zero_padded(lse[one, :, rows], padded, float("inf"), dim=2)
     windows = (_padded_window(x, group) for x in (q, k, v))
     grads = dense_backward(dout_window, *windows, out_window, lse_window, True, scale)
-    return tuple(grad[0, :length] for grad in grads)
+    return tuple(grad[0, : rows.stop - rows.start] for grad in grads)
 
 
 # A rectangle (a non-causal document share: queries of one block, keys of another) cannot be padded on
@@ -191,29 +196,20 @@ def _padded_backward(dout, q, k, v, out, lse, group: DenseGroup, scale: float, d
 # backward of each part, given the final out and lse, is its share of the gradients (as ring blocks are).
 
 
-def _zero_padded(x: torch.Tensor, rows: int, fill: float = 0.0, dim: int = 1) -> torch.Tensor:
-    if x.size(dim) == rows:
-        return x
-    shape = list(x.shape)
-    shape[dim] = rows
-    padded = x.new_full(shape, fill)
-    padded.narrow(dim, 0, x.size(dim)).copy_(x)
-    return padded
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _rectangle_forward(q, k, v, scale: float, dense_forward: DenseForward):
     """(out, lse) of one non-causal rectangle q [1, Lq, H, D] x k/v [1, Lk, Hk, D] on grid shapes."""
-    queries, keys = q.size(1), k.size(1)
-    grid_keys = dense_grid_floor(keys)
-    grid_queries = (
-        dense_run_length(queries) if grid_keys < keys or dense_grid_floor(queries) < queries else queries
-    )
-    out, lse = dense_forward(_zero_padded(q, grid_queries), k[:, :grid_keys], v[:, :grid_keys], False, scale)
+    queries, grid_keys = q.size(1), dense_grid_floor(k.size(1))
+    padded_q = _zero_padded(q, dense_run_length(queries))
+    out, lse = dense_forward(padded_q, k[:, :grid_keys], v[:, :grid_keys], False, scale)
     out, lse = out[:, :queries], lse[:, :, :queries]
-    if grid_keys == keys:
+    if grid_keys == k.size(1):
         return out, lse
     rest_out, rest_lse = dense_forward(q, k[:, grid_keys:], v[:, grid_keys:], False, scale)
-    accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
+    accumulate = _accumulation_dtype(q)
     merged_lse = torch.logaddexp(lse.to(accumulate), rest_lse.to(accumulate))
     weights = [torch.exp(part - merged_lse).transpose(1, 2).unsqueeze(-1) for part in (lse, rest_lse)]
     merged = out.to(accumulate) * weights[0] + rest_out.to(accumulate) * weights[1]
@@ -222,20 +218,17 @@ def _rectangle_forward(q, k, v, scale: float, dense_forward: DenseForward):
 
 def _rectangle_backward(dout, q, k, v, out, lse, scale: float, dense_backward: DenseBackward):
     """(dq, dk, dv) of one rectangle given the final out and lse (the parts of _rectangle_forward)."""
-    queries, keys = q.size(1), k.size(1)
-    grid_keys = dense_grid_floor(keys)
-    grid_queries = (
-        dense_run_length(queries) if grid_keys < keys or dense_grid_floor(queries) < queries else queries
-    )
+    queries, grid_keys = q.size(1), dense_grid_floor(k.size(1))
+    rows = dense_run_length(queries)
     dq, dk, dv = dense_backward(
-        _zero_padded(dout, grid_queries), _zero_padded(q, grid_queries), k[:, :grid_keys], v[:, :grid_keys],
-        _zero_padded(out, grid_queries), _zero_padded(lse, grid_queries, float("inf"), dim=2), False, scale,
+        _zero_padded(dout, rows), _zero_padded(q, rows), k[:, :grid_keys], v[:, :grid_keys],
+        _zero_padded(out, rows), _zero_padded(lse, rows, float("inf"), dim=2), False, scale,
     )  # fmt: skip
     dq = dq[:, :queries]
-    if grid_keys == keys:
+    if grid_keys == k.size(1):
         return dq, dk, dv
     rest = dense_backward(dout, q, k[:, grid_keys:], v[:, grid_keys:], out, lse, False, scale)
-    accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
+    accumulate = _accumulation_dtype(q)
     dq = (dq.to(accumulate) + rest[0].to(accumulate)).to(dq.dtype)
     return dq, torch.cat((dk, rest[1]), 1), torch.cat((dv, rest[2]), 1)
 
