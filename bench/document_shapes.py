@@ -245,6 +245,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="sets attention/varlen_plan.DENSE_LENGTHS_PER_OCTAVE for this run (0: documents at their own length)",
     )
+    parser.add_argument(
+        "--dense-from",
+        type=int,
+        default=None,
+        help="sets attention/varlen_plan.DENSE_DOCUMENT_TOKENS for this run (documents this long or longer "
+        "run on the dense kernel, shorter ones on the ragged one)",
+    )
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
@@ -259,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         print("no CUDA device: running on CPU as a smoke test; the timings mean nothing")
     if args.lengths_per_octave is not None:
         varlen_plan.DENSE_LENGTHS_PER_OCTAVE = args.lengths_per_octave
+    if args.dense_from is not None:
+        varlen_plan.DENSE_DOCUMENT_TOKENS = args.dense_from
     print(
         f"long causal documents padded to {varlen_plan.DENSE_LENGTHS_PER_OCTAVE} lengths per octave (0: none)"
     )

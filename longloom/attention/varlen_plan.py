@@ -174,14 +174,15 @@ def plan_segments(
     q_docs: torch.Tensor,
     k_docs: torch.Tensor,
     causal: bool,
-    dense_from: int = DENSE_DOCUMENT_TOKENS,
+    dense_from: int | None = None,
     batch_from: int = DENSE_BATCH_TOKENS,
     batch_min_length: int = DENSE_BATCH_MIN_LENGTH,
     lengths_per_octave: int | None = None,
 ) -> SegmentPlan | None:
     """The segments of a block from host ids q_docs [B, Sq], k_docs [B, Sk] (each row non-decreasing).
 
-    `lengths_per_octave`: the grid long causal documents are padded to (None: DENSE_LENGTHS_PER_OCTAVE,
+    `dense_from`: the length from which a document runs on the dense kernel (None:
+    DENSE_DOCUMENT_TOKENS, read at the call). `lengths_per_octave`: the grid long causal documents are padded to (None: DENSE_LENGTHS_PER_OCTAVE,
     read at the call; 0: every document at its own length).
 
     Documents of a dense group leave two partnerless segments each in their place (so the ragged kernel
@@ -192,6 +193,7 @@ def plan_segments(
     block's is top-left; only diagonal blocks are causal in our schedules, and there they coincide).
     """
     per_octave = DENSE_LENGTHS_PER_OCTAVE if lengths_per_octave is None else lengths_per_octave
+    dense_from = DENSE_DOCUMENT_TOKENS if dense_from is None else dense_from
     q_docs, k_docs = q_docs.cpu(), k_docs.cpu()
     batch, seq_q = q_docs.shape
     seq_k = k_docs.size(1)
