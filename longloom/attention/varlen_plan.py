@@ -37,8 +37,11 @@ import torch
 
 # From this many query and key rows on, a document runs through the dense kernel (cuDNN, about 520
 # TFLOP/s fwd+bwd on H200 at 256K) rather than in the ragged call (flash varlen: 331 / 316 / 263 at
-# 128K / 8K / 2K segments). bench/documents.py on lognormal documents is the test of this number.
-DENSE_DOCUMENT_TOKENS = 8192
+# 128K / 8K / 2K segments). Measured on one H200 (BENCHMARKS.md session 16, bench/document_shapes.py:
+# 256K tokens of lognormal documents, 16 / 4 heads), fwd+bwd ms at 8192 / 6144 / 4096 / 2048 / 1024 /
+# 512: 102.5 / 99.3 / 97.1 / 99.2 / 98.9 / 102.8 (medians, 4096 and 8192 the mean of three runs): below
+# 4096 the extra calls cost the host more than cuDNN saves on the GPU.
+DENSE_DOCUMENT_TOKENS = 4096
 # Equal-length documents side by side go to the dense kernel as one batch when they hold this many
 # tokens together and each at least DENSE_BATCH_MIN_LENGTH (shorter rows fill cuDNN's tiles poorly).
 # bench/documents.py's fixed-length rows are the test of these numbers.
