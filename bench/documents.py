@@ -53,6 +53,7 @@ from bench.common import (
     start_bench,
     time_ms,
 )
+from longloom.attention.document_plans import DocumentPlans
 from longloom.parallel import ParallelDims
 from longloom.parallel.document_balance import balanced_document_order, imbalance
 from longloom.parallel.sharding import shard_sequence, unshard_sequence
@@ -192,7 +193,10 @@ def check_methods(args, methods, device: torch.device) -> list[str]:
 
 
 def time_step(attention: Attention, args, seq: int, world: int, ids_local, device, heads: int, kv: int):
-    """Median fwd+bwd milliseconds of `attention` on fresh [1, S/P, H, D] shards."""
+    """Median fwd+bwd milliseconds of `attention` on fresh [1, S/P, H, D] shards.
+
+    With document ids and --layers N, one timed run is N calls sharing one DocumentPlans, as the layers
+    of one model call share it (the ids checked, gathered and planned once), and the time is per call."""
     dtype = DTYPES[args.dtype]
 
     def randn(h: int) -> torch.Tensor:
@@ -204,10 +208,14 @@ def time_step(attention: Attention, args, seq: int, world: int, ids_local, devic
     def drop_grads() -> None:
         q.grad = k.grad = v.grad = None
 
-    def step() -> None:
-        attention(q, k, v, document_ids=ids_local).backward(dout)
+    layers = args.layers if ids_local is not None else 1
 
-    return time_ms(step, args.warmup, args.iters, dist.group.WORLD, before=drop_grads)
+    def step() -> None:
+        plans = DocumentPlans() if ids_local is not None else None  # one model call's cache
+        for _ in range(layers):
+            attention(q, k, v, document_ids=ids_local, document_plans=plans).backward(dout)
+
+    return time_ms(step, args.warmup, args.iters, dist.group.WORLD, before=drop_grads) / layers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -228,6 +236,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mean-doc", type=int, default=8192, help="lognormal: mean document length")
     parser.add_argument("--fixed-doc", type=int, default=2048, help="fixed: document length")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of ulysses, tokenring, '2d UxR'")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=1,
+        help="time document-masked calls in groups of this many sharing one DocumentPlans, as a model's "
+        "layers do (per-call time reported); 1: every call plans for itself",
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--check-seq", type=int, default=4096, help="S of the correctness check (0: skip)")
@@ -320,6 +335,12 @@ def main(argv: list[str] | None = None) -> None:
             else "documents reordered as the trainer does, parallel/document_balance.py; in brackets: as drawn). "
         )
         + f"Median of {args.iters} after {args.warmup} warmup, slowest rank. "
+        + (
+            f"Masked times are per call in groups of {args.layers} calls sharing one DocumentPlans, as the "
+            "layers of one model call do (ids checked, gathered and planned once per group). "
+            if args.layers > 1
+            else "Every masked call plans for itself (no DocumentPlans shared). "
+        )
         + " ".join(notes)
     )
     table = markdown_table(HEADERS, rows)
