@@ -151,10 +151,7 @@ def inside_a_block(q, k, v, dout, causal: bool, block_rows: int):
     rows of the query block, the last rows of an earlier key block)."""
 
     def ids(lengths: list[int], first: int) -> torch.Tensor:
-        counts = torch.tensor(lengths, device=q.device)
-        return torch.repeat_interleave(torch.arange(first, first + len(lengths), device=q.device), counts)[
-            None
-        ]
+        return ids_from_lengths(lengths, q.device) + first
 
     def placed(x: torch.Tensor, at_end: bool) -> torch.Tensor:
         block = x.new_zeros(1, block_rows, *x.shape[2:])

@@ -19,14 +19,21 @@ def _weight(lse_part: torch.Tensor, lse_total: torch.Tensor) -> torch.Tensor:
 
 
 def merge_attention_partials(
-    out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor, block_lse: torch.Tensor
+    out: torch.Tensor | None,
+    lse: torch.Tensor | None,
+    block_out: torch.Tensor,
+    block_lse: torch.Tensor,
+    accumulation: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns the merged (out fp32, lse fp32); `out=None` starts a new accumulation."""
-    block_lse = block_lse.float()
+    """Returns the merged (out, lse) in `accumulation` (fp32; fp64 for fp64 references); `out=None`
+    starts a new accumulation."""
+    block_lse = block_lse.to(accumulation)
     if out is None or lse is None:
-        return block_out.float(), block_lse
-    new_lse = torch.logaddexp(lse, block_lse)
-    merged = out * _weight(lse, new_lse) + block_out.float() * _weight(block_lse, new_lse)
+        return block_out.to(accumulation), block_lse
+    new_lse = torch.logaddexp(lse.to(accumulation), block_lse)
+    merged = out.to(accumulation) * _weight(lse, new_lse) + block_out.to(accumulation) * _weight(
+        block_lse, new_lse
+    )
     return merged, new_lse
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from longloom.attention.linear_chunked import compute_dtype
+from longloom.attention.merge import merge_attention_partials
 from longloom.attention.varlen_plan import (
     DenseGroup,
     SegmentPlan,
@@ -196,10 +198,6 @@ def _padded_backward(dout, q, k, v, out, lse, group: DenseGroup, scale: float, d
 # backward of each part, given the final out and lse, is its share of the gradients (as ring blocks are).
 
 
-def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _rectangle_forward(q, k, v, scale: float, dense_forward: DenseForward):
     """(out, lse) of one non-causal rectangle q [1, Lq, H, D] x k/v [1, Lk, Hk, D] on grid shapes."""
     queries, grid_keys = q.size(1), dense_grid_floor(k.size(1))
@@ -209,10 +207,7 @@ def _rectangle_forward(q, k, v, scale: float, dense_forward: DenseForward):
     if grid_keys == k.size(1):
         return out, lse
     rest_out, rest_lse = dense_forward(q, k[:, grid_keys:], v[:, grid_keys:], False, scale)
-    accumulate = _accumulation_dtype(q)
-    merged_lse = torch.logaddexp(lse.to(accumulate), rest_lse.to(accumulate))
-    weights = [torch.exp(part - merged_lse).transpose(1, 2).unsqueeze(-1) for part in (lse, rest_lse)]
-    merged = out.to(accumulate) * weights[0] + rest_out.to(accumulate) * weights[1]
+    merged, merged_lse = merge_attention_partials(out, lse, rest_out, rest_lse, compute_dtype(q.dtype))
     return merged.to(q.dtype), merged_lse.to(lse.dtype)
 
 
@@ -228,8 +223,8 @@ def _rectangle_backward(dout, q, k, v, out, lse, scale: float, dense_backward: D
     if grid_keys == k.size(1):
         return dq, dk, dv
     rest = dense_backward(dout, q, k[:, grid_keys:], v[:, grid_keys:], out, lse, False, scale)
-    accumulate = _accumulation_dtype(q)
-    dq = (dq.to(accumulate) + rest[0].to(accumulate)).to(dq.dtype)
+    accumulation = compute_dtype(q.dtype)
+    dq = (dq.to(accumulation) + rest[0].to(accumulation)).to(dq.dtype)
     return dq, torch.cat((dk, rest[1]), 1), torch.cat((dv, rest[2]), 1)
 
 

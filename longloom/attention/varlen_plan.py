@@ -56,26 +56,21 @@ DENSE_BATCH_MIN_LENGTH = 128
 DENSE_LENGTHS_PER_OCTAVE = 32
 
 
-def _granule(length: int, per_octave: int) -> int:
-    return max(1, (1 << (length.bit_length() - 1)) // per_octave)
+def _granule(length: int, per_octave: int | None) -> int:
+    """The grid's step at `length`: 2^(floor(log2 length)) / per_octave, at least 1 (None:
+    DENSE_LENGTHS_PER_OCTAVE, read at the call; 0: no grid, step 1)."""
+    per_octave = DENSE_LENGTHS_PER_OCTAVE if per_octave is None else per_octave
+    return 1 if per_octave == 0 else max(1, (1 << (length.bit_length() - 1)) // per_octave)
 
 
 def dense_run_length(length: int, per_octave: int | None = None) -> int:
-    """`length` rounded up to the grid of `per_octave` lengths per power of two (a multiple of
-    2^(floor(log2 length)) / per_octave, or of 1 where that is smaller). None: DENSE_LENGTHS_PER_OCTAVE
-    at the call; 0: no grid (`length`)."""
-    per_octave = DENSE_LENGTHS_PER_OCTAVE if per_octave is None else per_octave
-    if per_octave == 0:
-        return length
+    """`length` rounded up to the grid of `per_octave` lengths per power of two (`_granule`)."""
     granule = _granule(length, per_octave)
     return -(-length // granule) * granule
 
 
 def dense_grid_floor(length: int, per_octave: int | None = None) -> int:
-    """The longest grid length <= `length` (None: DENSE_LENGTHS_PER_OCTAVE at the call; 0: `length`)."""
-    per_octave = DENSE_LENGTHS_PER_OCTAVE if per_octave is None else per_octave
-    if per_octave == 0:
-        return length
+    """The longest grid length <= `length` (`_granule`)."""
     granule = _granule(length, per_octave)
     return length // granule * granule
 
@@ -184,9 +179,9 @@ def plan_segments(
 ) -> SegmentPlan | None:
     """The segments of a block from host ids q_docs [B, Sq], k_docs [B, Sk] (each row non-decreasing).
 
-    `dense_from`: the length from which a document runs on the dense kernel (None:
-    DENSE_DOCUMENT_TOKENS, read at the call). `lengths_per_octave`: the grid long causal documents are padded to (None: DENSE_LENGTHS_PER_OCTAVE,
-    read at the call; 0: every document at its own length).
+    `dense_from`: the length from which a document runs on the dense kernel (None: DENSE_DOCUMENT_TOKENS,
+    read at the call). `lengths_per_octave`: the grid long causal documents are padded to (None:
+    DENSE_LENGTHS_PER_OCTAVE, read at the call; 0: every document at its own length).
 
     Documents of a dense group leave two partnerless segments each in their place (so the ragged kernel
     skips them): (queries, no keys) and (no queries, keys).
@@ -195,7 +190,6 @@ def plan_segments(
     sit at the same rows on both sides (the kernels align a segment's causal mask bottom-right, the
     block's is top-left; only diagonal blocks are causal in our schedules, and there they coincide).
     """
-    per_octave = DENSE_LENGTHS_PER_OCTAVE if lengths_per_octave is None else lengths_per_octave
     dense_from = DENSE_DOCUMENT_TOKENS if dense_from is None else dense_from
     q_docs, k_docs = q_docs.cpu(), k_docs.cpu()
     batch, seq_q = q_docs.shape
@@ -229,7 +223,7 @@ def plan_segments(
             q1, k1 = q0 + count * int(q_len[first]), k0 + count * int(k_len[first])
             padded_to = None
             if causal and count == 1:
-                padded_to = dense_run_length(q1 - q0, per_octave)
+                padded_to = dense_run_length(q1 - q0, lengths_per_octave)
                 padded_to = None if padded_to == q1 - q0 else padded_to
             dense_groups.append(DenseGroup(row, slice(q0, q1), slice(k0, k1), count, padded_to))
             dense[first : first + count] = True
