@@ -42,6 +42,7 @@ from bench.common import DTYPES, append_record, markdown_table, time_ms
 from bench.documents import causal_pairs, document_lengths, ids_from_lengths
 from longloom.attention import varlen_plan
 from longloom.attention.blocks import block_attention_backward, block_attention_forward, document_attention
+from longloom.attention.document_plans import DocumentPlans
 
 
 def tflops(lengths: list[int], heads: int, head_dim: int, ms: float) -> float:
@@ -50,7 +51,9 @@ def tflops(lengths: list[int], heads: int, head_dim: int, ms: float) -> float:
 
 
 class Step:
-    """One fwd+bwd of document_attention on fresh bf16 inputs of a draw's total length."""
+    """`--layers` fwd+bwd calls of document_attention sharing one DocumentPlans (as a model's layers
+    share their call's plans: ids planned once), on fresh bf16 inputs of a draw's total length.
+    Times are per call (`per_call`)."""
 
     def __init__(self, args, device: torch.device):
         self.args, self.device = args, device
@@ -62,18 +65,25 @@ class Step:
             for s in (shape, kv_shape, kv_shape)
         )
         self.dout = torch.randn(shape, device=device, dtype=self.dtype)
+        self.layers = args.layers
 
     def __call__(self, ids: torch.Tensor) -> None:
-        self.q.grad = self.k.grad = self.v.grad = None
-        document_attention(self.q, self.k, self.v, ids).backward(self.dout)
+        plans = DocumentPlans() if self.layers > 1 else None  # 1: each call plans for itself
+        inputs = (self.q, self.k, self.v)
+        for _ in range(self.layers):
+            # autograd.grad, not backward(): a model's layers each have their own inputs, so no call adds into .grad
+            torch.autograd.grad(document_attention(*inputs, ids, document_plans=plans), inputs, self.dout)
+
+    def per_call(self, ms: float) -> float:
+        return ms / self.layers
 
     def wall_ms(self, ids: torch.Tensor) -> float:
-        """One step's wall time, GPU included (synchronized both ends)."""
+        """One step's wall time per call, GPU included (synchronized both ends)."""
         synchronize(self.device)
         started = time.perf_counter()
         self(ids)
         synchronize(self.device)
-        return (time.perf_counter() - started) * 1e3
+        return self.per_call((time.perf_counter() - started) * 1e3)
 
 
 def host_rss_mib() -> float:
@@ -92,7 +102,7 @@ def repeated_and_fresh_rows(args, step: Step) -> list[list[object]]:
     for kind in args.documents:
         first = document_lengths(kind, args.seq, args.mean_doc, args.fixed_doc, seed=0)
         ids = ids_from_lengths(first, step.device)
-        repeated = time_ms(functools.partial(step, ids), args.warmup, args.iters)
+        repeated = step.per_call(time_ms(functools.partial(step, ids), args.warmup, args.iters))
         rows.append([kind, "repeated (seed 0)", len(first), f"{repeated:.2f}",
                      f"{tflops(first, args.heads, args.head_dim, repeated):.1f}", "-"])  # fmt: skip
         if kind != "lognormal":
@@ -121,24 +131,25 @@ def kernel_profile(args, step: Step, kind: str) -> tuple[str, str]:
         started = time.perf_counter()
         step(ids)
         synchronize(step.device)
-        wall = (time.perf_counter() - started) * 1e3
-    # Kernels on a GPU; on the CPU smoke run, each op's own CPU time stands in for them.
+        wall = step.per_call((time.perf_counter() - started) * 1e3)
+    # Kernels on a GPU; on the CPU smoke run, each op's own CPU time stands in for them. Per call.
     by_name: dict[str, list[float]] = defaultdict(list)
     for event in prof.events():
         if step.device.type != "cuda":
-            by_name[event.name].append(event.self_cpu_time_total / 1e3)
+            by_name[event.name].append(step.per_call(event.self_cpu_time_total / 1e3))
         elif event.device_type == torch.autograd.DeviceType.CUDA:
-            by_name[event.name].append(event.device_time / 1e3)
+            by_name[event.name].append(step.per_call(event.device_time / 1e3))
     total = sum(sum(times) for times in by_name.values())
     ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))[: args.top]
     table = markdown_table(
-        ["kernel", "calls", "ms", "share of kernel time"],
-        [[name[:90], len(times), f"{sum(times):.2f}", f"{sum(times) / max(total, 1e-9):.1%}"]
+        ["kernel", "launches per call", "ms per call", "share of kernel time"],
+        [[name[:90], f"{len(times) / step.layers:g}", f"{sum(times):.2f}", f"{sum(times) / max(total, 1e-9):.1%}"]
          for name, times in ranked],
     )  # fmt: skip
+    launches = sum(len(t) for t in by_name.values()) / step.layers
     summary = (
-        f"{kind}: {len(lengths)} documents, one repeated step: wall {wall:.2f} ms, CUDA kernels {total:.2f} ms "
-        f"in {sum(len(t) for t in by_name.values())} launches, "
+        f"{kind}: {len(lengths)} documents, one repeated step of {step.layers} call(s), per call: wall "
+        f"{wall:.2f} ms, CUDA kernels {total:.2f} ms in {launches:g} launches, "
         f"{tflops(lengths, args.heads, args.head_dim, wall):.1f} TFLOP/s unmasked by wall time"
     )
     return table, summary
@@ -249,6 +260,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sets attention/varlen_plan.DENSE_DOCUMENT_TOKENS for this run (documents this long or longer "
         "run on the dense kernel, shorter ones on the ragged one)",
     )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=1,
+        help="calls per step sharing one DocumentPlans, as a model's layers do (times per call); 1: each "
+        "call plans for itself",
+    )
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
@@ -284,7 +302,12 @@ def main(argv: list[str] | None = None) -> None:
         what = (
             f"document_attention fwd+bwd on one device, {args.heads} q / {args.kv_heads} K/V heads, D={args.head_dim}, "
             f"S={args.seq}, {args.dtype}, causal: repeated vs new document lengths, a kernel profile of one "
-            "repeated step, and the dense kernel's first call at a new length."
+            "repeated step, and the dense kernel's first call at a new length. "
+            + (
+                f"Per call, in steps of {args.layers} calls sharing one DocumentPlans."
+                if args.layers > 1
+                else ""
+            )
         )
         append_record("Packed documents on one GPU: new lengths and kernel profile (issue 16)", what, text, 1)
 

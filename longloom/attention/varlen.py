@@ -228,6 +228,16 @@ def _rectangle_backward(dout, q, k, v, out, lse, scale: float, dense_backward: D
     return dq, torch.cat((dk, rest[1]), 1), torch.cat((dv, rest[2]), 1)
 
 
+def _whole_block_group(plan: SegmentPlan, q: torch.Tensor, k: torch.Tensor) -> DenseGroup | None:
+    """The plan's only work where it is one dense group filling the block (B = 1, fixed-length packing
+    cut at document edges), else None: then its results are the block's, as views."""
+    if plan.ragged_work or len(plan.dense_groups) != 1 or q.size(0) != 1:
+        return None
+    group = plan.dense_groups[0]
+    fills = group.q_rows == slice(0, q.size(1)) and group.k_rows == slice(0, k.size(1))
+    return group if fills and group.padded_to is None else None
+
+
 def ragged_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -253,6 +263,13 @@ def ragged_forward(
         out[:, q_rows] = part_out.to(out.dtype)
         lse[:, :, q_rows] = part_lse
         return out, lse
+    whole = _whole_block_group(plan, q, k)
+    if whole is not None:  # no copy into a block-sized output
+        part_out, part_lse = dense_forward(
+            _batch(q, whole, whole.q_rows), _batch(k, whole, whole.k_rows), _batch(v, whole, whole.k_rows),
+            plan.causal, scale,
+        )  # fmt: skip
+        return part_out.flatten(0, 1).unsqueeze(0), part_lse.transpose(0, 1).flatten(1).unsqueeze(0)
     group = 1 if kernel.grouped_kv else heads // k.size(2)
     if plan.ragged_work:
         out, lse = kernel.forward(
@@ -262,10 +279,10 @@ def ragged_forward(
             plan,
             scale,
         )
-    else:
-        out = q.new_zeros(batch * seq_q, heads, v.size(-1))
+    else:  # every row is a dense group's (written below) or has no partner (filled here)
+        out = q.new_empty(batch * seq_q, heads, v.size(-1))
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        lse = torch.full((heads, batch * seq_q), float("-inf"), dtype=lse_dtype, device=q.device)
+        lse = torch.empty((heads, batch * seq_q), dtype=lse_dtype, device=q.device)
     # In place: the kernels' outputs are fresh tensors. Out 0 and lse -inf add nothing to the merge.
     if plan.queries_without_keys is not None:
         out.masked_fill_(plan.queries_without_keys[:, None, None], 0.0)
@@ -316,6 +333,16 @@ def ragged_backward(
         ]
         grads[0][:, q_rows], grads[1][:, k_rows], grads[2][:, k_rows] = parts
         return grads[0], grads[1], grads[2]
+    whole = _whole_block_group(plan, q, k)
+    if whole is not None:
+        q_rows, k_rows = whole.q_rows, whole.k_rows
+        group_lse = lse[0, :, q_rows].unflatten(1, (whole.count, -1)).transpose(0, 1).contiguous()
+        parts = dense_backward(
+            _batch(dout, whole, q_rows), _batch(q, whole, q_rows), _batch(k, whole, k_rows),
+            _batch(v, whole, k_rows), _batch(out, whole, q_rows), group_lse, plan.causal, scale,
+        )  # fmt: skip
+        dq, dk, dv = (part.flatten(0, 1).unsqueeze(0) for part in parts)
+        return dq, dk, dv
     kv_heads = k.size(2)
     group = 1 if kernel.grouped_kv else heads // kv_heads
     flat_q = batch * seq_q
@@ -331,11 +358,11 @@ def ragged_backward(
             plan,
             scale,
         )
-    else:  # every document went to the dense kernel
+    else:  # every row is a dense group's (written below) or has no partner (zeroed here)
         group = 1
-        dq = q.new_zeros(flat_q, heads, dim)
-        dk = k.new_zeros(batch * k.size(1), kv_heads, dim)
-        dv = v.new_zeros(batch * v.size(1), kv_heads, v.size(3))
+        dq = q.new_empty(flat_q, heads, dim)
+        dk = k.new_empty(batch * k.size(1), kv_heads, dim)
+        dv = v.new_empty(batch * v.size(1), kv_heads, v.size(3))
     if group > 1:  # the copies of each K/V head sum back
         dk, dv = (g.unflatten(1, (kv_heads, group)).sum(2) for g in (dk, dv))
     if plan.queries_without_keys is not None:

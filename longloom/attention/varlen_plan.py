@@ -100,8 +100,12 @@ class SegmentPlan:
     max_q: int
     max_k: int
     causal: bool
-    queries_without_keys: torch.Tensor | None  # bool [B * Sq]; None if every query has a key
-    keys_without_queries: torch.Tensor | None  # bool [B * Sk]; None if every key has a query
+    # Rows that need out 0 / lse -inf (queries) or zero gradients (keys) set after the kernels: rows of
+    # no shared document. None where there are none. Rows of dense groups are not in them (their
+    # segments have no partner too, but the dense results overwrite them): a diagonal block whose long
+    # documents went to the dense kernel needs no fill pass over its outputs and gradients.
+    queries_without_keys: torch.Tensor | None  # bool [B * Sq]
+    keys_without_queries: torch.Tensor | None  # bool [B * Sk]
     rectangle: tuple[slice, slice] | None  # (query rows, key rows) of the only work, same in every row
     dense_groups: tuple[DenseGroup, ...] = ()  # documents that run through the dense kernel instead
     ragged_work: bool = True  # whether any segment is left for the ragged kernel
@@ -240,10 +244,14 @@ def plan_segments(
     zero = torch.zeros(1, dtype=torch.int64)
     cu_q = torch.cat((zero, q_len.cumsum(0))).to(torch.int32)
     cu_k = torch.cat((zero, k_len.cumsum(0))).to(torch.int32)
-    # Rows of segments with no partner: a query with no key of its document, a key with no query.
+    # Rows of segments with no partner: a query with no key of its document, a key with no query;
+    # less the rows a dense group writes.
     queries_without_keys = torch.repeat_interleave(k_len == 0, q_len)
     keys_without_queries = torch.repeat_interleave(q_len == 0, k_len)
     assert queries_without_keys.numel() == batch * seq_q and keys_without_queries.numel() == batch * seq_k
+    for group in dense_groups:
+        queries_without_keys[group.row * seq_q :][group.q_rows] = False
+        keys_without_queries[group.row * seq_k :][group.k_rows] = False
     rectangle = None
     if len(rectangles) == 1 and None not in rectangles:
         q0, q1, k0, k1 = rectangles.pop()

@@ -132,6 +132,8 @@ def test_long_documents_leave_the_ragged_call_for_the_dense_kernel():
     # Document 1 becomes (4 queries, no key) + (no query, 4 keys): the ragged kernel skips it.
     assert plan.cu_seqlens_q.tolist() == [0, 1, 5, 5, 7] and plan.cu_seqlens_k.tolist() == [0, 1, 1, 5, 7]
     assert plan.ragged_work and plan.rectangle is None
+    # Every row has a partner or a dense group's result: nothing is left to fill after the kernels.
+    assert plan.queries_without_keys is None and plan.keys_without_queries is None
     only_long = plan_segments(torch.tensor([[3] * 5 + [4] * 5]), torch.tensor([[3] * 5 + [4] * 5]), True, 5)
     # Two long documents of equal length side by side: one dense call over both, as a batch of 2.
     assert not only_long.ragged_work and only_long.dense_groups == (
@@ -193,6 +195,33 @@ def test_equal_length_documents_side_by_side_form_one_dense_batch():
     q_docs, k_docs = torch.tensor([[1, 1, 2, 2, 3]]), torch.tensor([[0, 1, 1, 1, 2, 2, 2]])
     plan = plan_segments(q_docs, k_docs, False, dense_from=100, batch_from=4, batch_min_length=2)
     assert plan.dense_groups == (DenseGroup(0, slice(0, 4), slice(1, 7), 2),)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_equal_length_documents_filling_the_block_return_the_dense_results(causal):
+    """Fixed-length packing cut at document edges: one dense batch is the whole block, and its results
+    come back as they are (no block-sized output to fill and copy into)."""
+    q, k, v = _qkv(1, 24, 24)
+    ids = lengths_to_ids([6] * 4)[None]
+    plan = plan_segments(ids, ids, causal, dense_from=100, batch_from=8, batch_min_length=2)
+    assert plan.dense_groups == (DenseGroup(0, slice(0, 24), slice(0, 24), 4),) and not plan.ragged_work
+    assert plan.queries_without_keys is None and plan.keys_without_queries is None
+    _check_block(q, k, v, ids, ids, causal, plan=plan)
+    results = {}  # the dense kernel's results, contiguous [count, L, H, D] as cuDNN's are
+
+    def dense_forward(*args):
+        out, lse = _dense_forward(*args)
+        results["forward"] = out.contiguous(), lse
+        return results["forward"]
+
+    def dense_backward(*args):
+        results["backward"] = tuple(grad.contiguous() for grad in _dense_backward(*args))
+        return results["backward"]
+
+    out, lse = ragged_forward(q, k, v, plan, 0.5, EMULATED, dense_forward)
+    grads = ragged_backward(torch.randn_like(out), q, k, v, out, lse, plan, 0.5, EMULATED, dense_backward)
+    for got, dense in zip((out, *grads), (results["forward"][0], *results["backward"])):
+        assert got.data_ptr() == dense.data_ptr(), "a view of the dense result, not a copy"
 
 
 @pytest.mark.parametrize("q_rows, k_rows, causal", BLOCKS[:2])
