@@ -132,6 +132,8 @@ def kernel_profile(args, step: Step, kind: str) -> tuple[str, str]:
         step(ids)
         synchronize(step.device)
         wall = step.per_call((time.perf_counter() - started) * 1e3)
+    if args.trace:  # the timeline: where the GPU waits for the host, and for what
+        prof.export_chrome_trace(f"{args.trace}_{kind}.json")
     # Kernels on a GPU; on the CPU smoke run, each op's own CPU time stands in for them. Per call.
     by_name: dict[str, list[float]] = defaultdict(list)
     for event in prof.events():
@@ -268,6 +270,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "call plans for itself",
     )
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument(
+        "--trace", default=None, help="write each profiled step's Chrome trace to TRACE_<documents>.json"
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")

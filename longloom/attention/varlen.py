@@ -149,9 +149,10 @@ def _batch(x: torch.Tensor, group: DenseGroup, rows: slice) -> torch.Tensor:
 # A padded document (DenseGroup.padded_to): one causal document of L rows runs at R > L rows, its own
 # first. Under the causal mask its queries see only keys before them, so rows L..R-1 change nothing of
 # its output (they are the next rows of the block where those exist, zeros past its end). In backward
-# those rows get dout 0 and lse +inf, so no gradient reaches the document's keys from them (either alone
-# would do: lse +inf makes their probabilities exp(s - lse) 0, dout 0 their dP and delta; both, in case a
-# kernel treats one of them differently); their own dq/dk/dv are dropped.
+# those rows get lse +inf: their probabilities exp(s - lse) are 0, so dS = P (dP - delta) and P^T dO are
+# 0 whatever their dout and out hold, and no gradient reaches the document's keys from them. Their dout
+# and out are therefore the block's next rows as they are (views, no copies); only the small lse window
+# is a copy. Their own dq/dk/dv are dropped. tests/gpu/test_varlen_cuda.py holds cuDNN to this.
 
 
 def _zero_padded(x: torch.Tensor, rows: int, fill: float = 0.0, dim: int = 1) -> torch.Tensor:
@@ -184,10 +185,11 @@ def _padded_forward(q, k, v, group: DenseGroup, scale: float, dense_forward: Den
 def _padded_backward(dout, q, k, v, out, lse, group: DenseGroup, scale: float, dense_backward: DenseBackward):
     """(dq, dk, dv), each [L, H, D], of a padded document given the final out and lse."""
     one, rows, padded = slice(group.row, group.row + 1), group.q_rows, group.padded_to
-    dout_window, out_window = (_zero_padded(x[one, rows], padded) for x in (dout, out))
     lse_window = _zero_padded(lse[one, :, rows], padded, float("inf"), dim=2)
-    windows = (_padded_window(x, group) for x in (q, k, v))
-    grads = dense_backward(dout_window, *windows, out_window, lse_window, True, scale)
+    dout_window, q_window, k_window, v_window, out_window = (
+        _padded_window(x, group) for x in (dout, q, k, v, out)
+    )
+    grads = dense_backward(dout_window, q_window, k_window, v_window, out_window, lse_window, True, scale)
     return tuple(grad[0, : rows.stop - rows.start] for grad in grads)
 
 

@@ -3,11 +3,14 @@
 document_shapes = __import__("bench.document_shapes", fromlist=["main"])
 
 
-def test_smoke_run_prints_every_section(capsys):
+def test_smoke_run_prints_every_section(capsys, tmp_path):
     document_shapes.main(
         ["--seq", "1024", "--heads", "2", "--kv-heads", "1", "--head-dim", "8", "--draws", "2", "--iters", "1",
-         "--warmup", "0", "--mean-doc", "128", "--fixed-doc", "64", "--dense-shapes", "96", "40x72", "--top", "3"]
+         "--warmup", "0", "--mean-doc", "128", "--fixed-doc", "64", "--dense-shapes", "96", "40x72", "--top", "3",
+         "--trace", str(tmp_path / "step")]
     )  # fmt: skip
+    for kind in ("lognormal", "fixed"):
+        assert '"traceEvents"' in (tmp_path / f"step_{kind}.json").read_text()
     printed = capsys.readouterr().out
     assert "| lognormal | repeated (seed 0)" in printed
     assert printed.count("new / again") == 2
