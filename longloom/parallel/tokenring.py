@@ -23,16 +23,26 @@ owner is before r) or all of Q on the first half of K/V (Q's owner is after r): 
 every rank at every step. `ring_plan.plan_block` derives this from the chunk ids, so the contiguous layout
 (correct, unbalanced) and non-causal attention come out of the same rule.
 
+Q travels only as far as it is used: every rank plans every block pair (`plan_pair`, the same answer
+on every rank), so at each step the sender and the receiver agree whether any rank further on computes
+with that Q and on which of its rows (`travelling_rows`). Only those rows go (with B = 1; every row
+with B > 1, where a row slice is not contiguous); none where no rank further on needs it. In backward
+the same holds for the (Q, dO, O, lse) that travel. Without documents this spares Q[0] of a contiguous
+causal ring its whole trip (no later rank sees its keys).
+
 Packed documents (`document_ids` [B, S/P], same layout as q): blocks are planned with every rank's
 ids (parallel/ring_plan.RingDocuments): a block pair without a shared document is neither computed
 nor is its partial output (or dQ) sent back, the rest is cut to the rows that can share a document;
-inside a block the kernels mask (and on GPU skip) the other documents' tiles. Q itself still travels
-the whole ring (a later rank may need it).
+inside a block the kernels mask (and on GPU skip) the other documents' tiles. With the travel rule
+above, documents that stay inside one shard cost no communication at all (fixed-length packing), and
+a document crossing shards moves only the query rows that share it.
 
 Shapes: q [B, S/P, Hq, D], k/v [B, S/P, Hkv, D] (GQA: Hq % Hkv == 0); out like q; lse [B, Hq, S/P].
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -75,6 +85,24 @@ def check_ring_inputs(
             f"{world_size} ranks) is not divisible by {per_rank * world_size} ({layout} layout): change "
             f"data.seq_len to a multiple of {per_rank * world_size} or parallel.ring"
         )
+
+
+def travelling_rows(
+    owner: int, hop: int, world: int, plan_of: Callable[[int, int], BlockPlan | None]
+) -> slice | None:
+    """The rows of Q[owner] that must reach the rank `hop` steps past its owner: the span of the query
+    rows that rank and every rank after it on the ring compute with (`plan_of(q_owner, kv_owner)`),
+    None where none of them does. Both ends of a transfer call this with the same arguments."""
+    needed = [plan_of(owner, (owner + later) % world) for later in range(hop, world)]
+    rows = [plan.q_rows for plan in needed if plan is not None]
+    if not rows:
+        return None
+    return slice(min(r.start for r in rows), max(r.stop for r in rows))
+
+
+def _message_rows(rows: slice, x: torch.Tensor) -> slice:
+    """`rows` where x[:, rows] is contiguous (B = 1), else every row (p2p sends contiguous tensors)."""
+    return rows if x.size(0) == 1 else slice(0, x.size(1))
 
 
 def merge_into(
@@ -121,8 +149,15 @@ def _forward(
         q_next = None
         if step + 1 < world:
             q_next = q_buffers[step % 2]  # double buffer: the other one is being computed on
-            sends.append((q_current, comm.next_rank))
-            recvs.append((q_next, comm.prev_rank))
+            # Q[rank - step] goes on to the next rank only if it or a rank after it needs it; mine
+            # comes from the previous rank likewise (rows outside the span are never read there).
+            outgoing_rows = travelling_rows((rank - step) % world, step + 1, world, plan_for)
+            if outgoing_rows is not None:
+                rows = _message_rows(outgoing_rows, q)
+                sends.append((q_current[:, rows], comm.next_rank))
+            incoming_rows = travelling_rows((rank - 1 - step) % world, step + 1, world, plan_for)
+            if incoming_rows is not None:
+                recvs.append((q_next[:, _message_rows(incoming_rows, q)], comm.prev_rank))
         if outgoing is not None:
             block_out, block_lse, owner = outgoing
             sends += [(block_out, comm.global_rank(owner)), (block_lse, comm.global_rank(owner))]
@@ -192,20 +227,33 @@ def _backward(
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     outgoing: tuple[torch.Tensor, int] | None = None  # last step's dq partial, for its owner
+
+    def plan_of(q_owner: int, kv_owner: int) -> BlockPlan | None:
+        return plan_pair(q_owner, kv_owner, world, layout, causal, local_len, documents)
+
+    def messages(bundle_and_lse: tuple[torch.Tensor, torch.Tensor], rows: slice) -> list[torch.Tensor]:
+        # q, dO and O as row slices (contiguous with B = 1), and the whole lse (1/D of one of them).
+        rows = _message_rows(rows, q)
+        return [*(part[:, rows] for part in bundle_and_lse[0].unbind(0)), bundle_and_lse[1]]
+
     for step in range(world + 1):
         sends: list[tuple[torch.Tensor, int]] = []
         recvs: list[tuple[torch.Tensor, int]] = []
         following = None
         if step + 1 < world:
             following = buffers[step % 2]
-            sends += [(current[0], comm.next_rank), (current[1], comm.next_rank)]
-            recvs += [(following[0], comm.prev_rank), (following[1], comm.prev_rank)]
+            outgoing_rows = travelling_rows((rank - step) % world, step + 1, world, plan_of)
+            if outgoing_rows is not None:
+                sends += [(tensor, comm.next_rank) for tensor in messages(current, outgoing_rows)]
+            incoming_rows = travelling_rows((rank - 1 - step) % world, step + 1, world, plan_of)
+            if incoming_rows is not None:
+                recvs += [(tensor, comm.prev_rank) for tensor in messages(following, incoming_rows)]
         if outgoing is not None:
             sends.append((outgoing[0], comm.global_rank(outgoing[1])))
         incoming = None
         if step >= 2:
             source = (rank + step - 1) % world
-            plan = plan_pair(rank, source, world, layout, causal, local_len, documents)
+            plan = plan_of(rank, source)
             if plan is not None:
                 rows = plan.q_rows.stop - plan.q_rows.start
                 incoming = (plan.q_rows, q.new_empty(q.size(0), rows, q.size(2), q.size(3)))
@@ -214,7 +262,7 @@ def _backward(
         outgoing = None
         if step < world:
             owner = (rank - step) % world
-            plan = plan_pair(owner, rank, world, layout, causal, local_len, documents)
+            plan = plan_of(owner, rank)
             if plan is not None:
                 q_block, dout_block, out_block = current[0][:, :, plan.q_rows].unbind(0)
                 dq_part, dk_part, dv_part = block_attention_backward(
