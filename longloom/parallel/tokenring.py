@@ -50,6 +50,7 @@ import torch.distributed as dist
 from longloom.attention import merge
 from longloom.attention.blocks import block_attention_backward, block_attention_forward
 from longloom.attention.document_plans import DocumentPlans, check_document_ids_once
+from longloom.attention.linear_chunked import compute_dtype
 from longloom.attention.tokenwise import AttentionOutputs, tokenwise_attention
 from longloom.parallel import sharding
 from longloom.parallel.p2p import RingComm
@@ -127,7 +128,10 @@ def _forward(
     scale: float | None,
     documents: RingDocuments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, q, Hq, D] fp32, lse [B, Hq, q] fp32) for this rank's queries.
+    """(out [B, q, Hq, D], lse [B, Hq, q] fp32) for this rank's queries: out in fp32 where partials of
+    other ranks' blocks are merged into it, else the own block's as it is (q's dtype on the fused
+    kernels: no fp32 copy and no conversion back when, e.g., every document stays in its shard).
+    fp64 inputs accumulate in fp64 (the test references), so both cases keep their precision.
 
     q may be the first q of the S/P local queries (token-wise recomputation, the same q on every rank):
     only those travel and only their blocks are computed.
@@ -139,24 +143,27 @@ def _forward(
         plan = plan_pair(q_owner, kv_owner, world, layout, causal, local_len, documents)
         return restrict_to_query_prefix(plan, query_rows, local_len)
 
-    q_buffers = [torch.empty_like(q) for _ in range(2 if world > 1 else 0)]
-    q_current = q
+    q_buffers: list[torch.Tensor | None] = [None, None]  # double buffer, allocated when Q arrives
+    q_current: torch.Tensor | None = q
     out = lse = None
+    accumulation = compute_dtype(q.dtype)  # fp32 (fp64 for the fp64 test references)
+    partials_arrive = any(plan_for(rank, source) is not None for source in range(world) if source != rank)
     outgoing: tuple[torch.Tensor, torch.Tensor, int] | None = None  # last step's partial, for its owner
     for step in range(world + 1):
         sends: list[tuple[torch.Tensor, int]] = []
         recvs: list[tuple[torch.Tensor, int]] = []
         q_next = None
         if step + 1 < world:
-            q_next = q_buffers[step % 2]  # double buffer: the other one is being computed on
-            # Q[rank - step] goes on to the next rank only if it or a rank after it needs it; mine
-            # comes from the previous rank likewise (rows outside the span are never read there).
+            # Q[rank - step] goes on to the next rank only if it or a rank after it needs it; the
+            # next Q comes from the previous rank likewise (rows outside the span are never read).
             outgoing_rows = travelling_rows((rank - step) % world, step + 1, world, plan_for)
             if outgoing_rows is not None:
-                rows = _message_rows(outgoing_rows, q)
-                sends.append((q_current[:, rows], comm.next_rank))
+                sends.append((q_current[:, _message_rows(outgoing_rows, q)], comm.next_rank))
             incoming_rows = travelling_rows((rank - 1 - step) % world, step + 1, world, plan_for)
             if incoming_rows is not None:
+                if q_buffers[step % 2] is None:  # the other one is being computed on
+                    q_buffers[step % 2] = torch.empty_like(q)
+                q_next = q_buffers[step % 2]
                 recvs.append((q_next[:, _message_rows(incoming_rows, q)], comm.prev_rank))
         if outgoing is not None:
             block_out, block_lse, owner = outgoing
@@ -170,7 +177,7 @@ def _forward(
                 incoming = (
                     plan.q_rows,
                     q.new_empty(q.size(0), rows, q.size(2), q.size(3)),
-                    torch.empty(q.size(0), q.size(2), rows, dtype=torch.float32, device=q.device),
+                    torch.empty(q.size(0), q.size(2), rows, dtype=accumulation, device=q.device),
                 )
                 recvs += [(incoming[1], comm.global_rank(source)), (incoming[2], comm.global_rank(source))]
         exchange = comm.start(sends, recvs, f"TokenRing forward step {step}")
@@ -188,15 +195,16 @@ def _forward(
                     **block_documents(documents, plan, owner, rank),
                 )
                 if step == 0:  # own block: always every row (diagonal or full), starts the accumulator
-                    out, lse = block_out.float(), block_lse.float().contiguous()
+                    out = block_out.to(accumulation) if partials_arrive else block_out
+                    lse = block_lse.to(accumulation).contiguous()
                 else:
-                    outgoing = (block_out.contiguous(), block_lse.float().contiguous(), owner)
+                    outgoing = (block_out.contiguous(), block_lse.to(accumulation).contiguous(), owner)
         exchange.wait()
         if incoming is not None:
             rows, block_out, block_lse = incoming
             merge_into(out[:, rows], lse[:, :, rows], block_out, block_lse)
-        if q_next is not None:
-            q_current = q_next
+        if step + 1 < world:
+            q_current = q_next  # None where nothing came: then no plan of this rank reads it
     return out, lse
 
 
@@ -213,40 +221,53 @@ def _backward(
     scale: float | None,
     documents: RingDocuments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in fp32; (q, dO, O) travel as one [3, B, S/P, Hq, D] message plus lse."""
+    """(dq, dk, dv): each in fp32 where other blocks add into it, else the own block's as it is (no
+    fp32 zeros, additions and conversion back when no other rank's block meets this rank's rows).
+    (q, dO, O) travel as three messages of the rows needed, plus lse."""
     world, rank, local_len = comm.size, comm.rank, q.size(1)
-    bundle = torch.stack((q, dout.to(q.dtype), out.to(q.dtype)))
-    current = (bundle, lse.contiguous())
-    # Double buffers; the bundle is our own copy, free once sent at step 0, so it is the second one.
-    # The saved lse is never written (a retained graph may run backward again).
-    buffers = []
-    if world > 1:
-        buffers = [(torch.empty_like(bundle), torch.empty_like(lse)), (bundle, torch.empty_like(lse))]
-    del bundle
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    # What travels: (q, dO, O) and lse; at step 0 this rank's own (sent as they are, never written:
+    # a retained graph may run backward again), then double buffers allocated when something arrives.
+    current: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = (
+        tuple(x.to(q.dtype).contiguous() for x in (q, dout, out)),  # copies only where not already
+        lse.contiguous(),
+    )
+    buffers: list[tuple[tuple[torch.Tensor, ...], torch.Tensor] | None] = [None, None]
     outgoing: tuple[torch.Tensor, int] | None = None  # last step's dq partial, for its owner
 
     def plan_of(q_owner: int, kv_owner: int) -> BlockPlan | None:
         return plan_pair(q_owner, kv_owner, world, layout, causal, local_len, documents)
 
-    def messages(bundle_and_lse: tuple[torch.Tensor, torch.Tensor], rows: slice) -> list[torch.Tensor]:
+    # fp32 accumulators only where other ranks' blocks add in; else the own block's gradients are used
+    # as they come (set at step 0, whose block covers every row).
+    others = [other for other in range(world) if other != rank]
+    dq = dk = dv = None
+    if any(plan_of(rank, source) is not None for source in others):
+        dq = torch.zeros(q.shape, dtype=compute_dtype(q.dtype), device=q.device)
+    if any(plan_of(owner, rank) is not None for owner in others):
+        dk = torch.zeros(k.shape, dtype=compute_dtype(k.dtype), device=k.device)
+        dv = torch.zeros(v.shape, dtype=compute_dtype(v.dtype), device=v.device)
+
+    def messages(
+        travelling: tuple[tuple[torch.Tensor, ...], torch.Tensor], rows: slice
+    ) -> list[torch.Tensor]:
         # q, dO and O as row slices (contiguous with B = 1), and the whole lse (1/D of one of them).
         rows = _message_rows(rows, q)
-        return [*(part[:, rows] for part in bundle_and_lse[0].unbind(0)), bundle_and_lse[1]]
+        return [*(part[:, rows] for part in travelling[0]), travelling[1]]
 
     for step in range(world + 1):
         sends: list[tuple[torch.Tensor, int]] = []
         recvs: list[tuple[torch.Tensor, int]] = []
         following = None
         if step + 1 < world:
-            following = buffers[step % 2]
             outgoing_rows = travelling_rows((rank - step) % world, step + 1, world, plan_of)
             if outgoing_rows is not None:
                 sends += [(tensor, comm.next_rank) for tensor in messages(current, outgoing_rows)]
             incoming_rows = travelling_rows((rank - 1 - step) % world, step + 1, world, plan_of)
             if incoming_rows is not None:
+                if buffers[step % 2] is None:  # the other one is being computed on
+                    bundle = torch.empty((3, *q.shape), dtype=q.dtype, device=q.device)
+                    buffers[step % 2] = (tuple(bundle.unbind(0)), torch.empty_like(lse))
+                following = buffers[step % 2]
                 recvs += [(tensor, comm.prev_rank) for tensor in messages(following, incoming_rows)]
         if outgoing is not None:
             sends.append((outgoing[0], comm.global_rank(outgoing[1])))
@@ -264,7 +285,7 @@ def _backward(
             owner = (rank - step) % world
             plan = plan_of(owner, rank)
             if plan is not None:
-                q_block, dout_block, out_block = current[0][:, :, plan.q_rows].unbind(0)
+                q_block, dout_block, out_block = (part[:, plan.q_rows] for part in current[0])
                 dq_part, dk_part, dv_part = block_attention_backward(
                     dout_block,
                     q_block,
@@ -276,17 +297,22 @@ def _backward(
                     scale,
                     **block_documents(documents, plan, owner, rank),
                 )
-                dk[:, plan.kv_rows] += dk_part
-                dv[:, plan.kv_rows] += dv_part
-                if step == 0:
+                if dk is None:  # only at step 0: no other block meets these keys
+                    dk, dv = dk_part, dv_part
+                else:
+                    dk[:, plan.kv_rows] += dk_part
+                    dv[:, plan.kv_rows] += dv_part
+                if step == 0 and dq is None:
+                    dq = dq_part
+                elif step == 0:
                     dq[:, plan.q_rows] += dq_part
                 else:
                     outgoing = (dq_part.to(q.dtype).contiguous(), owner)
         exchange.wait()
         if incoming is not None:
             dq[:, incoming[0]] += incoming[1]
-        if following is not None:
-            current = following
+        if step + 1 < world:
+            current = following  # None where nothing came: then no plan of this rank reads it
     return dq, dk, dv
 
 
