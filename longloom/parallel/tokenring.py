@@ -128,7 +128,7 @@ def _forward(
     scale: float | None,
     documents: RingDocuments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, q, Hq, D], lse [B, Hq, q] fp32) for this rank's queries: out in fp32 where partials of
+    """(out [B, q, Hq, D], lse [B, Hq, q] in fp32) for this rank's queries: out in fp32 where partials of
     other ranks' blocks are merged into it, else the own block's as it is (q's dtype on the fused
     kernels: no fp32 copy and no conversion back when, e.g., every document stays in its shard).
     fp64 inputs accumulate in fp64 (the test references), so both cases keep their precision.
@@ -227,9 +227,10 @@ def _backward(
     world, rank, local_len = comm.size, comm.rank, q.size(1)
     # What travels: (q, dO, O) and lse; at step 0 this rank's own (sent as they are, never written:
     # a retained graph may run backward again), then double buffers allocated when something arrives.
+    current_lse = lse.contiguous()
     current: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = (
         tuple(x.to(q.dtype).contiguous() for x in (q, dout, out)),  # copies only where not already
-        lse.contiguous(),
+        current_lse,
     )
     buffers: list[tuple[tuple[torch.Tensor, ...], torch.Tensor] | None] = [None, None]
     outgoing: tuple[torch.Tensor, int] | None = None  # last step's dq partial, for its owner
@@ -266,7 +267,7 @@ def _backward(
             if incoming_rows is not None:
                 if buffers[step % 2] is None:  # the other one is being computed on
                     bundle = torch.empty((3, *q.shape), dtype=q.dtype, device=q.device)
-                    buffers[step % 2] = (tuple(bundle.unbind(0)), torch.empty_like(lse))
+                    buffers[step % 2] = (tuple(bundle.unbind(0)), torch.empty_like(current_lse))
                 following = buffers[step % 2]
                 recvs += [(tensor, comm.prev_rank) for tensor in messages(following, incoming_rows)]
         if outgoing is not None:
