@@ -54,8 +54,8 @@ from bench.common import (
     time_ms,
 )
 from longloom.attention.document_plans import DocumentPlans
-from longloom.parallel import ParallelDims
-from longloom.parallel.document_balance import balanced_document_order, imbalance
+from longloom.parallel import ParallelDims, ulysses_documents
+from longloom.parallel.document_balance import balanced_document_order, imbalance, ulysses_rank_work
 from longloom.parallel.sharding import shard_sequence, unshard_sequence
 from longloom.parallel.tokenring import tokenring_attention
 from longloom.parallel.two_d import sequence_parallel_attention
@@ -109,6 +109,19 @@ def causal_pairs(lengths: list[int]) -> float:
     return sum(length * length for length in lengths) / 2
 
 
+def plain_exchange_ulysses(q, k, v, document_ids=None, document_plans=None) -> torch.Tensor:
+    """ulysses_attention over the world group with the document-local split turned off (its balance
+    bound at 0 refuses every split; the choice is made in forward, the backward follows it)."""
+    bound = ulysses_documents.DOCUMENT_LOCAL_BALANCE
+    ulysses_documents.DOCUMENT_LOCAL_BALANCE = 0.0
+    try:
+        return ulysses_attention(
+            q, k, v, dist.group.WORLD, True, document_ids=document_ids, document_plans=document_plans
+        )
+    finally:
+        ulysses_documents.DOCUMENT_LOCAL_BALANCE = bound
+
+
 def sp_methods(world: int, heads: int, kv_heads: int) -> dict[str, tuple[Attention, str]]:
     """name -> (attention over local shards taking document_ids, layout of the shards)."""
     group = dist.group.WORLD
@@ -125,6 +138,10 @@ def sp_methods(world: int, heads: int, kv_heads: int) -> dict[str, tuple[Attenti
             "zigzag",
         ),
     }
+    if world > 1:
+        # Ulysses without its document-local split (parallel/ulysses_documents.py): every token's heads
+        # exchanged, the A/B of that split.
+        methods["ulysses plain exchange"] = (plain_exchange_ulysses, "contiguous")
     for ulysses in range(1, world + 1):
         if world % ulysses:
             continue
@@ -297,10 +314,23 @@ def main(argv: list[str] | None = None) -> None:
                     balance = f"{imbalance(ordered, world):.3f}"
                     if not args.no_reorder:
                         balance += f" (as drawn {imbalance(lengths, world):.3f})"
-                else:
+                elif name == "ulysses plain exchange" or world == 1:
                     local_ids = shard_sequence(ids, 1, dist.group.WORLD, layout)
                     heads, kv, tokens = args.heads, args.kv_heads, seq
                     balance = "1.000"
+                else:
+                    # Ulysses' document-local split (parallel/ulysses_documents.py): documents reordered as
+                    # the trainer does for it (ParallelDims.balance_documents); it runs where this keeps the
+                    # ranks within its bound, else the plain exchange (balanced by heads) does.
+                    order = (
+                        range(len(lengths))
+                        if args.no_reorder
+                        else balanced_document_order(lengths, world, rank_work=ulysses_rank_work)
+                    )
+                    ordered = [lengths[i] for i in order]
+                    local_ids = shard_sequence(ids_from_lengths(ordered, device), 1, dist.group.WORLD, layout)
+                    heads, kv, tokens = args.heads, args.kv_heads, seq
+                    balance = f"{imbalance(ordered, world, ulysses_rank_work):.3f} (split)"
                 masked_ms = time_step(fn, args, tokens, world, local_ids, device, heads, kv)
                 ratio = masked_ms / full_ms[name]
                 rows.append(
@@ -326,8 +356,10 @@ def main(argv: list[str] | None = None) -> None:
         "TFLOP/s per GPU counts unmasked FLOPs only (3.5 x 4 x Hq x D x sum(len^2)/2 / P / time); time ratio = "
         "masked / full causal of the same method; target ratio = 1.25 x masked/full FLOPs. '1 GPU equal work' "
         "= Ulysses' per-rank share (Hq/P heads, all S) on one GPU with the same ids, no communication. "
-        "Balance = max/mean of the unmasked pairs each rank's queries own (Ulysses-only splits: by heads, "
-        "1.00; zigzag splits: by the zigzag halves, "
+        "Balance = max/mean of the unmasked pairs each rank's queries own (Ulysses' plain exchange: by "
+        "heads, 1.00; Ulysses with its document-local split, '(split)': the pairs of its own documents plus "
+        "1/P of the crossing ones', parallel/document_balance.ulysses_rank_work; zigzag splits: by the "
+        "zigzag halves, "
         + (
             "documents in the order drawn). "
             if args.no_reorder

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from longloom.parallel import sharding
-from longloom.parallel.document_balance import balance_documents
+from longloom.parallel.document_balance import balance_documents, ulysses_rank_work
 
 
 def _grid(dp: int, ring: int, ulysses: int) -> torch.Tensor:
@@ -102,7 +102,10 @@ class ParallelDims:
     def balance_documents(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A [B, S] batch of packed documents reordered so that this split's zigzag layout gives every SP
         rank the same attention work (parallel/document_balance.py); per-token losses do not depend on the
-        order of independent documents. Unchanged without document ids or without a ring (contiguous)."""
-        if self.layout != "zigzag":
-            return batch
-        return balance_documents(batch, self.sp)
+        order of independent documents. Unchanged without document ids. Ulysses alone (contiguous) is
+        balanced for its document-local split (parallel/ulysses_documents.py)."""
+        if self.layout == "zigzag":
+            return balance_documents(batch, self.sp)
+        if self.ulysses > 1:
+            return balance_documents(batch, self.sp, ulysses_rank_work)
+        return batch

@@ -1,4 +1,4 @@
-"""Reorder the documents of a packed sample so the zigzag layout gives every rank the same attention work.
+"""Reorder the documents of a packed sample so the SP layout gives every rank the same attention work.
 
 Why: zigzag (parallel/sharding.py) balances causal attention over a ring for ONE sequence: rank r holds
 chunks r and 2P-1-r of 2P, an early and a late one. With document masking a query only sees the earlier
@@ -20,6 +20,10 @@ applies swaps and moves of single documents that do not increase the spread (sum
 from the mean rank work), stopping at max/mean <= 1.001, after 500 candidates in a row without a lower
 spread, or after 4000 in all.
 
+Ulysses (contiguous shards, no ring): its all-to-all splits heads, so every rank does the same work
+whatever the order, except where parallel/ulysses_documents.py attends documents inside a shard where
+they lie (no exchange); `ulysses_rank_work` is that split's work, and the same search balances it.
+
 Limits: one document much longer than a chunk carries quadratic work that no order can split between
 ranks (splitting each document over the ranks, Megatron's per-sequence zigzag, would); the search then
 does what an order can. Rows with one document are left as they are.
@@ -27,7 +31,7 @@ does what an order can. Rows with one document are left as they are.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -59,21 +63,44 @@ def zigzag_rank_work(lengths: list[int] | np.ndarray, world_size: int) -> np.nda
     return per_chunk[:world_size] + per_chunk[::-1][:world_size]
 
 
-def imbalance(lengths: list[int] | np.ndarray, world_size: int) -> float:
+def ulysses_rank_work(lengths: list[int] | np.ndarray, world_size: int, causal: bool = True) -> np.ndarray:
+    """Document-masked attention work of each rank, [world_size], under Ulysses' document-local split
+    (parallel/ulysses_documents.py) of runs of `lengths` sharded contiguously: the (query, key) pairs of
+    the documents inside its shard (all heads, where they lie) plus 1/P of the pairs of the documents
+    crossing a shard edge (exchanged, split by heads)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    shard = int(lengths.sum()) // world_size
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    first, last = starts // shard, (starts + lengths - 1) // shard
+    pairs = lengths * (lengths + 1) / 2.0 if causal else lengths * lengths * 1.0
+    inside = first == last
+    local = np.bincount(first[inside], weights=pairs[inside], minlength=world_size)
+    return local + pairs[~inside].sum() / world_size
+
+
+RankWork = Callable[[np.ndarray, int], np.ndarray]
+
+
+def imbalance(
+    lengths: list[int] | np.ndarray, world_size: int, rank_work: RankWork = zigzag_rank_work
+) -> float:
     """max / mean of the ranks' work (1.0 = perfectly balanced)."""
-    work = zigzag_rank_work(lengths, world_size)
+    work = rank_work(lengths, world_size)
     return float(work.max() / work.mean())
 
 
-def balanced_document_order(lengths: list[int] | np.ndarray, world_size: int, seed: int = 0) -> list[int]:
-    """An order of the documents (indices into `lengths`) whose zigzag sharding is nearly balanced."""
+def balanced_document_order(
+    lengths: list[int] | np.ndarray, world_size: int, seed: int = 0, rank_work: RankWork = zigzag_rank_work
+) -> list[int]:
+    """An order of the documents (indices into `lengths`) whose sharding is nearly balanced by
+    `rank_work` (zigzag by default)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     count = len(lengths)
     if count < 2 or world_size < 2:
         return list(range(count))
 
     def spread(order: list[int]) -> tuple[float, float]:
-        work = zigzag_rank_work(lengths[order], world_size)
+        work = rank_work(lengths[order], world_size)
         return float(((work - work.mean()) ** 2).sum()), float(work.max() / work.mean())
 
     longest_first = [int(i) for i in np.argsort(-lengths, kind="stable")]
@@ -100,8 +127,11 @@ def balanced_document_order(lengths: list[int] | np.ndarray, world_size: int, se
     return order
 
 
-def balance_documents(batch: Mapping[str, torch.Tensor], world_size: int) -> dict[str, torch.Tensor]:
-    """The batch with each row's documents reordered for zigzag over `world_size` ranks.
+def balance_documents(
+    batch: Mapping[str, torch.Tensor], world_size: int, rank_work: RankWork = zigzag_rank_work
+) -> dict[str, torch.Tensor]:
+    """The batch with each row's documents reordered to balance `rank_work` over `world_size` ranks
+    (zigzag by default).
 
     Every tensor of `batch` is [B, S] along the sequence (tokens, position ids, labels, document ids) and
     moves with the same token permutation; `document_ids` are renumbered 0, 1, ... in the new order.
@@ -111,7 +141,9 @@ def balance_documents(batch: Mapping[str, torch.Tensor], world_size: int) -> dic
         return dict(batch)
     permutations, new_ids = [], []
     for row, runs in zip(ids, document_segments(ids), strict=True):
-        order = balanced_document_order([stop - start for start, stop in runs], world_size)
+        order = balanced_document_order(
+            [stop - start for start, stop in runs], world_size, rank_work=rank_work
+        )
         permutations.append(torch.cat([torch.arange(*runs[i]) for i in order]))
         lengths = torch.tensor([runs[i][1] - runs[i][0] for i in order])
         new_ids.append(torch.repeat_interleave(torch.arange(len(order), dtype=row.dtype), lengths))

@@ -52,6 +52,7 @@ import torch.distributed as dist
 from longloom.attention.blocks import document_attention
 from longloom.attention.document_plans import DocumentPlans, cached, check_document_ids_once
 from longloom.attention.local import check_heads, expand_kv_heads, sdpa_attention
+from longloom.parallel.ulysses_documents import document_local_attention, plan_document_split
 from longloom.parallel.ulysses_pipeline import (
     choose_head_chunks,
     exchange_heads_to_seq,
@@ -305,6 +306,14 @@ def ulysses_attention(
     if document_ids is not None:
         gather = partial(gather_document_ids, document_ids, group)
         gathered_ids = cached(document_plans, document_ids, "ulysses gathered ids", group, gather)
+    if gathered_ids is not None and world_size > 1 and local_attention is None:
+        # Documents inside one shard are attended there, with no exchange (parallel/ulysses_documents.py).
+        plan = partial(plan_document_split, gathered_ids, world_size, dist.get_rank(group), causal)
+        split = cached(document_plans, gathered_ids, "ulysses document split", (group, causal), plan)
+        if split is not None:
+            return document_local_attention(
+                q, k, v, split, group, replication, causal, softmax_scale, document_plans
+            )
 
     def attend(q_heads: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor) -> torch.Tensor:
         if gathered_ids is not None:

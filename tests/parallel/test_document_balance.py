@@ -1,4 +1,5 @@
-"""Documents reordered for the zigzag layout: exact rank work, balance reached, and a pure permutation."""
+"""Documents reordered for the SP layout (zigzag; Ulysses' document-local split): exact rank work,
+balance reached, and a pure permutation."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from longloom.parallel.document_balance import (
     balance_documents,
     balanced_document_order,
     imbalance,
+    ulysses_rank_work,
     zigzag_rank_work,
 )
 from longloom.parallel.sharding import shard_tensor
@@ -90,8 +92,9 @@ def test_batch_is_permuted_by_whole_documents_and_ids_renumbered():
     assert balance_documents(batch, 1)["tokens"] is batch["tokens"]
 
 
-def test_parallel_dims_reorders_only_under_a_ring():
-    """The trainer's call: zigzag splits (a ring) balance over every SP rank; Ulysses-only splits keep the order."""
+def test_parallel_dims_reorders_for_its_layout():
+    """The trainer's call: zigzag splits (a ring) balance zigzag over every SP rank; Ulysses-only splits
+    balance Ulysses' document-local split; without SP the order is kept."""
     from longloom.parallel import ParallelDims
 
     batch = packed_batch([[1, 20, 3, 2, 6]])
@@ -99,4 +102,36 @@ def test_parallel_dims_reorders_only_under_a_ring():
     assert not torch.equal(ring["tokens"], batch["tokens"])
     assert all(torch.equal(ring[name], balance_documents(batch, 4)[name]) for name in batch)
     ulysses_only = ParallelDims(dp=1, ulysses=4, ring=1, rank=0, world_size=4).balance_documents(batch)
-    assert ulysses_only is batch
+    expected = balance_documents(batch, 4, ulysses_rank_work)
+    assert all(torch.equal(ulysses_only[name], expected[name]) for name in batch)
+    assert ParallelDims(dp=4, ulysses=1, ring=1, rank=0, world_size=4).balance_documents(batch) is batch
+
+
+@pytest.mark.parametrize("world_size, causal", [(2, True), (4, True), (4, False), (8, True)])
+def test_ulysses_rank_work_is_the_work_of_the_document_local_split(monkeypatch, world_size, causal):
+    """What the balancer counts is what parallel/ulysses_documents.py runs: each rank's middle documents
+    with all heads, 1/P of the heads of the documents in the exchanged edge rows."""
+    from longloom.parallel import ulysses_documents
+    from longloom.parallel.ulysses_documents import plan_document_split
+    from tests.parallel.documents import lengths_to_ids
+
+    monkeypatch.setattr(ulysses_documents, "DOCUMENT_LOCAL_BALANCE", 1e9)
+    lengths = _lognormal_lengths(4096, 300, seed=world_size)
+    ids = lengths_to_ids(lengths)[None]
+
+    def pairs(ids_row):
+        runs = [(ids_row == value).sum().item() for value in torch.unique(ids_row)]
+        return sum(n * (n + 1) / 2 if causal else n * n for n in runs)
+
+    for rank in range(world_size):
+        split = plan_document_split(ids, world_size, rank, causal)
+        run = pairs(split.local_ids[0]) + pairs(split.edge_ids[0]) / world_size
+        assert ulysses_rank_work(lengths, world_size, causal)[rank] == pytest.approx(run, rel=1e-12)
+
+
+def test_ulysses_balance_evens_out_lognormal_documents():
+    for seed in range(3):
+        lengths = _lognormal_lengths(262144, 8192, seed)
+        order = balanced_document_order(lengths, 2, rank_work=ulysses_rank_work)
+        assert sorted(order) == list(range(len(lengths)))
+        assert imbalance([lengths[i] for i in order], 2, ulysses_rank_work) <= 1.01

@@ -28,6 +28,9 @@ def test_document_masking_losses_equal_across_splits(distributed, tmp_path, pack
     for name, workers, split in (
         ("dp2", 2, ["parallel.dp=2", "train.micro_batch_size=1"]),
         ("ulysses2", 2, ["parallel.ulysses=2"]),
+        # One sequence per micro batch: Ulysses attends documents inside a shard where they lie
+        # (parallel/ulysses_documents.py), after the trainer reorders them for that split.
+        ("ulysses2-b1", 2, ["parallel.ulysses=2", "train.micro_batch_size=1", "train.grad_accum=2"]),
         ("ring2", 2, ["parallel.ring=2"]),
         ("2x2", 4, ["parallel.ulysses=2", "parallel.ring=2"]),
     ):
