@@ -21,8 +21,10 @@ per model call where the caller passes DocumentPlans). It is used only where it 
 DOCUMENT_LOCAL_BALANCE of each other (`document_balance.ulysses_rank_work`: rank r attends its middle
 documents with all heads and 1/P of the heads of the crossing ones), while the plain exchange gives every
 rank the same share. The trainer reorders each sample's documents to balance exactly this
-(ParallelDims.balance_documents). Not for B > 1 (each
-sequence of a batch has its own edges) or when no document lies inside a shard.
+(ParallelDims.balance_documents). Not used for B > 1 (each sequence of a batch has its own edges), when
+no document lies inside a shard, or when the caller brings its own local attention (token-wise
+recomputation under activation offload, the ring of 2D SP): ulysses_attention then exchanges every
+token as before. Where it runs, it replaces the head-chunk pipelining too (there is little left to hide).
 """
 
 from __future__ import annotations
