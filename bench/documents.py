@@ -60,6 +60,7 @@ from longloom.parallel.sharding import shard_sequence, unshard_sequence
 from longloom.parallel.tokenring import tokenring_attention
 from longloom.parallel.two_d import sequence_parallel_attention
 from longloom.parallel.ulysses import kv_head_replication, ulysses_attention
+from longloom.parallel.ulysses_documents import plan_document_split
 
 DISTRIBUTIONS = ("full", "lognormal", "fixed")
 HEADERS = [
@@ -328,9 +329,13 @@ def main(argv: list[str] | None = None) -> None:
                         else balanced_document_order(lengths, world, rank_work=ulysses_rank_work)
                     )
                     ordered = [lengths[i] for i in order]
-                    local_ids = shard_sequence(ids_from_lengths(ordered, device), 1, dist.group.WORLD, layout)
+                    ordered_ids = ids_from_lengths(ordered, device)
+                    local_ids = shard_sequence(ordered_ids, 1, dist.group.WORLD, layout)
                     heads, kv, tokens = args.heads, args.kv_heads, seq
-                    balance = f"{imbalance(ordered, world, ulysses_rank_work):.3f} (split)"
+                    # Which path the call takes: the split, or the plain exchange it gives way to.
+                    split = plan_document_split(ordered_ids, world, dist.get_rank(), True)
+                    path = "split" if split is not None else "plain exchange"
+                    balance = f"{imbalance(ordered, world, ulysses_rank_work):.3f} ({path})"
                 masked_ms = time_step(fn, args, tokens, world, local_ids, device, heads, kv)
                 ratio = masked_ms / full_ms[name]
                 rows.append(
@@ -357,9 +362,10 @@ def main(argv: list[str] | None = None) -> None:
         "masked / full causal of the same method; target ratio = 1.25 x masked/full FLOPs. '1 GPU equal work' "
         "= Ulysses' per-rank share (Hq/P heads, all S) on one GPU with the same ids, no communication. "
         "Balance = max/mean of the unmasked pairs each rank's queries own (Ulysses' plain exchange: by "
-        "heads, 1.00; Ulysses with its document-local split, '(split)': the pairs of its own documents plus "
-        "1/P of the crossing ones', parallel/document_balance.ulysses_rank_work; zigzag splits: by the "
-        "zigzag halves, "
+        "heads, 1.00; other Ulysses rows: as its document-local split counts them, the pairs of a rank's "
+        "own documents plus 1/P of the crossing ones', parallel/document_balance.ulysses_rank_work, and in "
+        "brackets the path taken: the split, or the plain exchange where it would be out of balance or no "
+        "document lies inside a shard; zigzag splits: by the zigzag halves, "
         + (
             "documents in the order drawn). "
             if args.no_reorder
