@@ -27,3 +27,38 @@ def test_masked_calls_share_one_plan_cache_per_group():
     seen.clear()
     documents_bench.time_step(attention, args, 8, 1, None, torch.device("cpu"), 2, 1)
     assert seen == [(False, None)] * 3  # full causal: one call per run, no cache
+
+
+def test_two_rank_run_prints_every_method_and_the_ulysses_path(tmp_path):
+    """bench/documents.py on 2 CPU ranks (gloo): every method's rows come out, checked against fp64, and
+    the Ulysses rows name the path taken (fixed-length documents stay in their shards: the split)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "bench/documents.py", "--seq", "1024", "--heads", "4", "--kv-heads", "2", "--head-dim", "8",
+        "--check-seq", "256", "--iters", "1", "--warmup", "0", "--mean-doc", "128", "--fixed-doc", "64",
+        "--documents", "lognormal", "fixed",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, check=False, cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| fixed")]
+    methods = {row.split("|")[2].strip() for row in rows}
+    assert {
+        "ulysses",
+        "ulysses plain exchange",
+        "tokenring",
+        "2d 1x2",
+        "2d 2x1",
+        "1 GPU equal work",
+    } <= methods
+    ulysses_row = next(row for row in rows if row.split("|")[2].strip() == "ulysses")
+    assert ulysses_row.rstrip(" |").endswith("(split)")
+    assert done.stdout.count("max abs error vs fp64") >= 6
