@@ -1,5 +1,5 @@
-"""bench/documents.py --layers: masked calls come in groups sharing one DocumentPlans (one per group, as
-one model call's layers share it); calls without ids are not grouped."""
+"""bench/documents.py: --layers groups masked calls sharing one DocumentPlans (one per group, as one
+model call's layers share it; calls without ids are not grouped), and a 2-rank run prints every method."""
 
 import argparse
 
