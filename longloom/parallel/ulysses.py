@@ -38,7 +38,10 @@ group) must be handled by the caller's `local_attention` or by permuting around 
 
 Packed documents: `document_ids` [B, S/P] are all-gathered once (they are tiny) into [B, S] in the
 same order as the gathered sequence, so the local attention masks documents on the whole sequence
-(attention/blocks.document_attention: Triton on GPU, skipping other documents' tiles).
+(attention/blocks.document_attention: the ragged and dense fused kernels on GPU, skipping other
+documents' work). With one sequence per micro batch, documents inside one rank's shard are attended
+there and only the ones crossing shard edges are exchanged (parallel/ulysses_documents.py), where that
+keeps the ranks balanced.
 """
 
 from __future__ import annotations
