@@ -240,6 +240,33 @@ def _whole_block_group(plan: SegmentPlan, q: torch.Tensor, k: torch.Tensor) -> D
     return group if fills and group.padded_to is None else None
 
 
+def _dense_group_forward(q, k, v, group: DenseGroup, causal: bool, scale: float, dense_forward: DenseForward):
+    """(out [rows, Hq, D], lse [Hq, rows]) of a dense group's query rows: a padded document, or a batch
+    of equal documents (its results flattened back to rows: views for out)."""
+    if group.padded_to is not None:
+        return _padded_forward(q, k, v, group, scale, dense_forward)
+    out, lse = dense_forward(
+        _batch(q, group, group.q_rows), _batch(k, group, group.k_rows), _batch(v, group, group.k_rows),
+        causal, scale,
+    )  # fmt: skip
+    return out.flatten(0, 1), lse.transpose(0, 1).flatten(1)
+
+
+def _dense_group_backward(
+    dout, q, k, v, out, lse, group: DenseGroup, causal: bool, scale: float, dense_backward: DenseBackward
+):
+    """(dq [q rows, Hq, D], dk / dv [k rows, Hk, D]) of a dense group, given the final out and lse."""
+    if group.padded_to is not None:
+        return _padded_backward(dout, q, k, v, out, lse, group, scale, dense_backward)
+    q_rows, k_rows = group.q_rows, group.k_rows
+    group_lse = lse[group.row, :, q_rows].unflatten(1, (group.count, -1)).transpose(0, 1).contiguous()
+    grads = dense_backward(
+        _batch(dout, group, q_rows), _batch(q, group, q_rows), _batch(k, group, k_rows),
+        _batch(v, group, k_rows), _batch(out, group, q_rows), group_lse, causal, scale,
+    )  # fmt: skip
+    return tuple(grad.flatten(0, 1) for grad in grads)
+
+
 def ragged_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -267,11 +294,8 @@ def ragged_forward(
         return out, lse
     whole = _whole_block_group(plan, q, k)
     if whole is not None:  # no copy into a block-sized output
-        part_out, part_lse = dense_forward(
-            _batch(q, whole, whole.q_rows), _batch(k, whole, whole.k_rows), _batch(v, whole, whole.k_rows),
-            plan.causal, scale,
-        )  # fmt: skip
-        return part_out.flatten(0, 1).unsqueeze(0), part_lse.transpose(0, 1).flatten(1).unsqueeze(0)
+        part_out, part_lse = _dense_group_forward(q, k, v, whole, plan.causal, scale, dense_forward)
+        return part_out.unsqueeze(0), part_lse.unsqueeze(0)
     group = 1 if kernel.grouped_kv else heads // k.size(2)
     if plan.ragged_work:
         out, lse = kernel.forward(
@@ -292,17 +316,9 @@ def ragged_forward(
     lse = lse.reshape(heads, batch, seq_q).transpose(0, 1).contiguous()
     out = out.reshape(batch, seq_q, heads, -1)
     for group in plan.dense_groups:
-        if group.padded_to is not None:
-            part_out, part_lse = _padded_forward(q, k, v, group, scale, dense_forward)
-            out[group.row, group.q_rows] = part_out.to(out.dtype)
-            lse[group.row, :, group.q_rows] = part_lse.to(lse.dtype)
-            continue
-        part_out, part_lse = dense_forward(
-            _batch(q, group, group.q_rows), _batch(k, group, group.k_rows), _batch(v, group, group.k_rows),
-            plan.causal, scale,
-        )  # fmt: skip
-        out[group.row, group.q_rows] = part_out.flatten(0, 1).to(out.dtype)
-        lse[group.row, :, group.q_rows] = part_lse.transpose(0, 1).flatten(1).to(lse.dtype)
+        part_out, part_lse = _dense_group_forward(q, k, v, group, plan.causal, scale, dense_forward)
+        out[group.row, group.q_rows] = part_out.to(out.dtype)
+        lse[group.row, :, group.q_rows] = part_lse.to(lse.dtype)
     return out, lse
 
 
@@ -337,13 +353,8 @@ def ragged_backward(
         return grads[0], grads[1], grads[2]
     whole = _whole_block_group(plan, q, k)
     if whole is not None:
-        q_rows, k_rows = whole.q_rows, whole.k_rows
-        group_lse = lse[0, :, q_rows].unflatten(1, (whole.count, -1)).transpose(0, 1).contiguous()
-        parts = dense_backward(
-            _batch(dout, whole, q_rows), _batch(q, whole, q_rows), _batch(k, whole, k_rows),
-            _batch(v, whole, k_rows), _batch(out, whole, q_rows), group_lse, plan.causal, scale,
-        )  # fmt: skip
-        dq, dk, dv = (part.flatten(0, 1).unsqueeze(0) for part in parts)
+        grads = _dense_group_backward(dout, q, k, v, out, lse, whole, plan.causal, scale, dense_backward)
+        dq, dk, dv = (grad.unsqueeze(0) for grad in grads)
         return dq, dk, dv
     kv_heads = k.size(2)
     group = 1 if kernel.grouped_kv else heads // kv_heads
@@ -374,17 +385,8 @@ def ragged_backward(
         dv.masked_fill_(plan.keys_without_queries[:, None, None], 0.0)
     dq, dk, dv = dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
     for group in plan.dense_groups:
-        q_rows, k_rows = group.q_rows, group.k_rows
-        if group.padded_to is not None:
-            parts = _padded_backward(dout, q, k, v, out, lse, group, scale, dense_backward)
-            dq[group.row, q_rows], dk[group.row, k_rows], dv[group.row, k_rows] = parts
-            continue
-        group_lse = lse[group.row, :, q_rows].unflatten(1, (group.count, -1)).transpose(0, 1).contiguous()
-        parts = dense_backward(
-            _batch(dout, group, q_rows), _batch(q, group, q_rows), _batch(k, group, k_rows),
-            _batch(v, group, k_rows), _batch(out, group, q_rows), group_lse, plan.causal, scale,
-        )  # fmt: skip
-        dq[group.row, q_rows], dk[group.row, k_rows], dv[group.row, k_rows] = (p.flatten(0, 1) for p in parts)
+        parts = _dense_group_backward(dout, q, k, v, out, lse, group, plan.causal, scale, dense_backward)
+        dq[group.row, group.q_rows], dk[group.row, group.k_rows], dv[group.row, group.k_rows] = parts
     return dq, dk, dv
 
 

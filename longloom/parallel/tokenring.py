@@ -147,7 +147,8 @@ def _forward(
     q_current: torch.Tensor | None = q
     out = lse = None
     accumulation = compute_dtype(q.dtype)  # fp32 (fp64 for the fp64 test references)
-    partials_arrive = any(plan_for(rank, source) is not None for source in range(world) if source != rank)
+    # Partials of my queries come back only from ranks my Q travels to.
+    partials_arrive = travelling_rows(rank, 1, world, plan_for) is not None
     outgoing: tuple[torch.Tensor, torch.Tensor, int] | None = None  # last step's partial, for its owner
     for step in range(world + 1):
         sends: list[tuple[torch.Tensor, int]] = []
@@ -240,11 +241,10 @@ def _backward(
 
     # fp32 accumulators only where other ranks' blocks add in; else the own block's gradients are used
     # as they come (set at step 0, whose block covers every row).
-    others = [other for other in range(world) if other != rank]
     dq = dk = dv = None
-    if any(plan_of(rank, source) is not None for source in others):
+    if travelling_rows(rank, 1, world, plan_of) is not None:  # dQ partials come back
         dq = torch.zeros(q.shape, dtype=compute_dtype(q.dtype), device=q.device)
-    if any(plan_of(owner, rank) is not None for owner in others):
+    if any(plan_of(owner, rank) is not None for owner in range(world) if owner != rank):
         dk = torch.zeros(k.shape, dtype=compute_dtype(k.dtype), device=k.device)
         dv = torch.zeros(v.shape, dtype=compute_dtype(v.dtype), device=v.device)
 
